@@ -72,12 +72,7 @@ impl BlobHeader {
 }
 
 /// Encrypts `plaintext` under a key version, binding `context`.
-pub fn encrypt(
-    material: &KeyMaterial,
-    header: BlobHeader,
-    context: &EncryptionContext,
-    plaintext: &[u8],
-) -> Vec<u8> {
+pub fn encrypt(material: &KeyMaterial, header: BlobHeader, context: &EncryptionContext, plaintext: &[u8]) -> Vec<u8> {
     let head = header.encode();
     let sealed = seal::seal(material.0.expose_secret(), BLOB_LABEL, &aad(&head, context), plaintext);
     let mut out = Vec::with_capacity(HEADER_LEN + sealed.len());
@@ -87,11 +82,7 @@ pub fn encrypt(
 }
 
 /// Decrypts a blob made by [`encrypt`] with the material of the version its header names.
-pub fn decrypt(
-    material: &KeyMaterial,
-    blob: &[u8],
-    context: &EncryptionContext,
-) -> Result<SecretBytes, BlobError> {
+pub fn decrypt(material: &KeyMaterial, blob: &[u8], context: &EncryptionContext) -> Result<SecretBytes, BlobError> {
     BlobHeader::parse(blob)?;
     let (head, sealed) = blob.split_at(HEADER_LEN);
     Ok(seal::open(material.0.expose_secret(), BLOB_LABEL, &aad(head, context), sealed)?)

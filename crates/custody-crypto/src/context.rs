@@ -91,10 +91,7 @@ mod tests {
     fn limits() {
         assert_eq!(ctx(&[("", "x")]).unwrap_err(), ContextError::EmptyKey);
         let many: Vec<(String, String)> = (0..65).map(|i| (i.to_string(), String::new())).collect();
-        assert_eq!(
-            EncryptionContext::new(many.into_iter().collect()).unwrap_err(),
-            ContextError::TooManyPairs
-        );
+        assert_eq!(EncryptionContext::new(many.into_iter().collect()).unwrap_err(), ContextError::TooManyPairs);
         let big = "v".repeat(MAX_SERIALIZED_LEN);
         assert_eq!(ctx(&[("k", &big)]).unwrap_err(), ContextError::TooLarge);
         assert!(ctx(&[("k", "")]).is_ok(), "empty values are allowed, as in AWS KMS");

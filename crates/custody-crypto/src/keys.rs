@@ -5,9 +5,9 @@
 
 use std::fmt;
 
+use crate::random;
 use crate::seal::{self, put_field, OpenError};
 use crate::secret::{Secret32, SecretBytes};
-use crate::random;
 
 /// HKDF salt for every key derived from the root key.
 const ROOT_DERIVATION_SALT: &[u8] = b"custody/v1/root-derivation";
@@ -68,11 +68,7 @@ impl RootKey {
     }
 
     /// Unwraps what [`RootKey::wrap_key_material`] made, for the same `aad`.
-    pub fn unwrap_key_material(
-        &self,
-        wrapped: &[u8],
-        aad: &WrapAad<'_>,
-    ) -> Result<KeyMaterial, OpenError> {
+    pub fn unwrap_key_material(&self, wrapped: &[u8], aad: &WrapAad<'_>) -> Result<KeyMaterial, OpenError> {
         let kek = self.key_wrapping_key();
         seal::open(&kek.0, WRAPPED_KEY_LABEL, &aad.encode(), wrapped).map(KeyMaterial)
     }
@@ -229,11 +225,9 @@ mod tests {
         let wrapped = root.wrap_key_material(&material, &aad);
         let back = root.unwrap_key_material(&wrapped, &aad).unwrap();
         assert_eq!(back.expose_secret(), material.expose_secret());
-        for other in [
-            WrapAad { version: 2, ..aad },
-            WrapAad { key_id: "k2", ..aad },
-            WrapAad { tenant: "111122223334", ..aad },
-        ] {
+        for other in
+            [WrapAad { version: 2, ..aad }, WrapAad { key_id: "k2", ..aad }, WrapAad { tenant: "111122223334", ..aad }]
+        {
             assert!(root.unwrap_key_material(&wrapped, &other).is_err());
         }
         assert!(RootKey::generate().unwrap_key_material(&wrapped, &aad).is_err());

@@ -49,23 +49,14 @@ pub(crate) fn seal(master: &[u8], label: &[u8], aad: &[u8], plaintext: &[u8]) ->
 }
 
 /// Opens a value made by [`seal`] with the same `master`, `label` and `aad`.
-pub(crate) fn open(
-    master: &[u8],
-    label: &[u8],
-    aad: &[u8],
-    sealed: &[u8],
-) -> Result<SecretBytes, OpenError> {
+pub(crate) fn open(master: &[u8], label: &[u8], aad: &[u8], sealed: &[u8]) -> Result<SecretBytes, OpenError> {
     if sealed.len() < OVERHEAD {
         return Err(OpenError);
     }
     let (salt, body) = sealed.split_at(SALT_LEN);
     let key = derive(master, salt, label);
     let mut buf = Zeroizing::new(body.to_vec());
-    let len = key
-        .aead
-        .open_in_place(key.nonce(), Aad::from(aad), &mut buf)
-        .map_err(|_| OpenError)?
-        .len();
+    let len = key.aead.open_in_place(key.nonce(), Aad::from(aad), &mut buf).map_err(|_| OpenError)?.len();
     buf.truncate(len);
     Ok(SecretBytes::new(std::mem::take(&mut *buf)))
 }
@@ -97,9 +88,7 @@ fn derive(master: &[u8], salt: &[u8], label: &[u8]) -> DerivedKey {
         .expand(&[label], Len(44))
         .and_then(|o| o.fill(&mut okm[..]))
         .expect("44 bytes is far below HKDF-SHA256's 8160-byte output limit");
-    let aead = LessSafeKey::new(
-        UnboundKey::new(&AES_256_GCM, &okm[..32]).expect("32 bytes is an AES-256 key"),
-    );
+    let aead = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &okm[..32]).expect("32 bytes is an AES-256 key"));
     let mut nonce = [0u8; 12];
     nonce.copy_from_slice(&okm[32..]);
     DerivedKey { aead, nonce }

@@ -172,8 +172,7 @@ mod tests {
         let shares = split(&root, 3, 5).unwrap();
         let two: Vec<_> = shares.iter().take(2).map(|s| UnsealShare::parse(&s.to_text()).unwrap()).collect();
         assert_eq!(combine(&two).unwrap_err(), ShamirError::Inconsistent);
-        let repeated: Vec<_> =
-            [0, 0, 1].iter().map(|&i| UnsealShare::parse(&shares[i].to_text()).unwrap()).collect();
+        let repeated: Vec<_> = [0, 0, 1].iter().map(|&i| UnsealShare::parse(&shares[i].to_text()).unwrap()).collect();
         assert_eq!(combine(&repeated).unwrap_err(), ShamirError::Inconsistent);
     }
 

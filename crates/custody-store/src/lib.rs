@@ -1,1 +1,177 @@
-//! placeholder
+//! custody's storage.
+//!
+//! Two layers, one mechanism:
+//!
+//! - a [`Backend`] is an ordered key-value store of rows `(table, key) -> (revision, value)` with
+//!   atomic batches of conditional writes. SQLite ([`SqliteBackend`]) is the embedded default;
+//!   PostgreSQL will be a second implementation of the same trait.
+//! - the [`Barrier`] seals every row's value under a key derived from the root key, with the
+//!   table and row key as AAD (DESIGN.md §10). The database sees table names, row keys (ids) and
+//!   revisions; a value changed, swapped with another row's, or moved to another table fails to
+//!   open with [`StoreError::Integrity`].
+//!
+//! Only the [`Table::Meta`] table is readable without the root key: it holds what is needed to
+//! unseal (seal method, the root key's check value, share fingerprints), none of it secret.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod barrier;
+mod sqlite;
+
+use std::fmt;
+
+pub use barrier::{Barrier, Versioned};
+pub use sqlite::SqliteBackend;
+
+/// The tables custody keeps. Row keys are chosen so that a prefix scan lists what belongs
+/// together (for example `<tenant>/` in [`Table::Aliases`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Table {
+    /// Unsealed store metadata: store id, seal configuration, root key check value.
+    Meta,
+    /// Key metadata and state, by key id.
+    Keys,
+    /// Wrapped key-version material, by `<key id>/<version, 10 digits>`.
+    Versions,
+    /// Aliases, by `<tenant>/<alias name>`.
+    Aliases,
+    /// Principals, by `<tenant>/<principal name>`.
+    Principals,
+    /// Tenants, by tenant id.
+    Tenants,
+    /// Internal CA and issued certificates.
+    Pki,
+}
+
+impl Table {
+    /// Every table, for migrations and tests.
+    pub const ALL: [Table; 7] =
+        [Table::Meta, Table::Keys, Table::Versions, Table::Aliases, Table::Principals, Table::Tenants, Table::Pki];
+
+    /// The stored name (part of every sealed row's AAD: never rename).
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Meta => "meta",
+            Table::Keys => "keys",
+            Table::Versions => "versions",
+            Table::Aliases => "aliases",
+            Table::Principals => "principals",
+            Table::Tenants => "tenants",
+            Table::Pki => "pki",
+        }
+    }
+}
+
+/// One stored row.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Row {
+    /// Row key.
+    pub key: String,
+    /// Revision: 1 on insert, +1 on each update.
+    pub rev: u64,
+    /// Stored bytes (sealed, except in [`Table::Meta`]).
+    pub value: Vec<u8>,
+}
+
+impl fmt::Debug for Row {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Row").field("key", &self.key).field("rev", &self.rev).field("len", &self.value.len()).finish()
+    }
+}
+
+/// A precondition on a row, checked atomically with the batch it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// No precondition.
+    Any,
+    /// The row must not exist.
+    Absent,
+    /// The row must exist at exactly this revision.
+    Rev(u64),
+}
+
+/// One write in an atomic batch.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Insert or replace a row.
+    Put {
+        /// table
+        table: Table,
+        /// row key
+        key: String,
+        /// stored bytes
+        value: Vec<u8>,
+        /// precondition
+        expect: Expect,
+    },
+    /// Delete a row. The backend overwrites freed space (SQLite `secure_delete`).
+    Delete {
+        /// table
+        table: Table,
+        /// row key
+        key: String,
+        /// precondition
+        expect: Expect,
+    },
+}
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database failed (I/O, corruption, locking).
+    #[error("database error: {0}")]
+    Database(String),
+    /// A precondition of a batch did not hold; nothing in the batch was written.
+    #[error("concurrent modification of {table}/{key}")]
+    Conflict {
+        /// table name
+        table: &'static str,
+        /// row key
+        key: String,
+    },
+    /// A sealed row did not open: it was changed outside custody, or belongs elsewhere.
+    #[error("integrity check failed for {table}/{key}: the row was changed outside custody")]
+    Integrity {
+        /// table name
+        table: &'static str,
+        /// row key
+        key: String,
+    },
+    /// A row opened but its contents did not decode (a bug or an incompatible version).
+    #[error("row {table}/{key} could not be decoded: {reason}")]
+    Decode {
+        /// table name
+        table: &'static str,
+        /// row key
+        key: String,
+        /// decoder message
+        reason: String,
+    },
+    /// The store is newer than this binary.
+    #[error("the store's schema version {found} is newer than this custody supports ({supported}); upgrade custody")]
+    SchemaTooNew {
+        /// found in the database
+        found: u32,
+        /// supported here
+        supported: u32,
+    },
+}
+
+/// An ordered key-value store with atomic, conditional batches.
+///
+/// Implementations must make [`Backend::apply`] atomic and durable before returning, and must
+/// overwrite deleted rows' bytes rather than only unlink them.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// One row.
+    fn get(&self, table: Table, key: &str) -> Result<Option<Row>, StoreError>;
+    /// Rows whose key starts with `prefix`, in key order, strictly after `after` if given, at most
+    /// `limit`.
+    fn scan(&self, table: Table, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<Row>, StoreError>;
+    /// Applies every write or none. Fails with [`StoreError::Conflict`] if a precondition fails.
+    fn apply(&self, writes: &[Write]) -> Result<(), StoreError>;
+    /// Makes sure bytes of deleted rows no longer exist anywhere in the database files (for
+    /// SQLite: checkpoint and truncate the write-ahead log).
+    fn erase_freed(&self) -> Result<(), StoreError>;
+}

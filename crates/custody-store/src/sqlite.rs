@@ -1,0 +1,236 @@
+//! The embedded SQLite backend (WAL, `synchronous=FULL`, `secure_delete=ON`).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::{Backend, Expect, Row, StoreError, Table, Write};
+
+/// Migrations, applied in order, each once. Append only; never edit a released one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the row store.
+    "CREATE TABLE rows (
+        tbl   TEXT    NOT NULL,
+        key   TEXT    NOT NULL,
+        rev   INTEGER NOT NULL,
+        value BLOB    NOT NULL,
+        PRIMARY KEY (tbl, key)
+    ) WITHOUT ROWID;",
+];
+
+/// SQLite-backed [`Backend`]. One connection behind a mutex: SQLite serializes writers anyway,
+/// and custody's rows are small.
+#[derive(Debug)]
+pub struct SqliteBackend {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl SqliteBackend {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db)?;
+        // WAL for concurrent readers; FULL so a committed batch survives power loss;
+        // secure_delete so deleted rows (destroyed key material) are overwritten with zeros.
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
+        conn.pragma_update(None, "secure_delete", "ON").map_err(db)?;
+        let backend = Self { path: path.to_path_buf(), conn: Mutex::new(conn) };
+        backend.migrate()?;
+        Ok(backend)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Schema version this binary writes.
+    pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);",
+        )
+        .map_err(db)?;
+        let current: u32 =
+            tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0)).map_err(db)?;
+        if current > Self::SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew { found: current, supported: Self::SCHEMA_VERSION });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            tx.execute_batch(sql).map_err(db)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, datetime('now'))",
+                params![i as u32 + 1],
+            )
+            .map_err(db)?;
+        }
+        tx.commit().map_err(db)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-applied batch (transactions roll
+        // back on drop), so a poisoned lock is safe to reuse.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Backend for SqliteBackend {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Row>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached("SELECT rev, value FROM rows WHERE tbl = ?1 AND key = ?2").map_err(db)?;
+        stmt.query_row(params![table.name(), key], |r| {
+            Ok(Row { key: key.to_string(), rev: r.get::<_, i64>(0)? as u64, value: r.get(1)? })
+        })
+        .optional()
+        .map_err(db)
+    }
+
+    fn scan(&self, table: Table, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<Row>, StoreError> {
+        let conn = self.lock();
+        // Range scan on the primary key: prefix <= key < prefix + U+10FFFF, which covers every
+        // key starting with `prefix` without LIKE's escaping rules.
+        let upper = format!("{prefix}\u{10FFFF}");
+        let lower = after.filter(|a| *a >= prefix).unwrap_or(prefix);
+        let strict = after.is_some_and(|a| a >= prefix);
+        let sql = if strict {
+            "SELECT key, rev, value FROM rows WHERE tbl = ?1 AND key > ?2 AND key < ?3 ORDER BY key LIMIT ?4"
+        } else {
+            "SELECT key, rev, value FROM rows WHERE tbl = ?1 AND key >= ?2 AND key < ?3 ORDER BY key LIMIT ?4"
+        };
+        let mut stmt = conn.prepare_cached(sql).map_err(db)?;
+        let rows = stmt
+            .query_map(params![table.name(), lower, upper, limit.min(i64::MAX as usize) as i64], |r| {
+                Ok(Row { key: r.get(0)?, rev: r.get::<_, i64>(1)? as u64, value: r.get(2)? })
+            })
+            .map_err(db)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db)
+    }
+
+    fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        for w in writes {
+            let (table, key, expect) = match w {
+                Write::Put { table, key, expect, .. } | Write::Delete { table, key, expect } => (*table, key, *expect),
+            };
+            let current: Option<i64> = tx
+                .prepare_cached("SELECT rev FROM rows WHERE tbl = ?1 AND key = ?2")
+                .map_err(db)?
+                .query_row(params![table.name(), key], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            let ok = match expect {
+                Expect::Any => true,
+                Expect::Absent => current.is_none(),
+                Expect::Rev(rev) => current == Some(rev as i64),
+            };
+            if !ok {
+                return Err(StoreError::Conflict { table: table.name(), key: key.clone() });
+            }
+            match w {
+                Write::Put { value, .. } => {
+                    tx.prepare_cached(
+                        "INSERT INTO rows (tbl, key, rev, value) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (tbl, key) DO UPDATE SET rev = excluded.rev, value = excluded.value",
+                    )
+                    .map_err(db)?
+                    .execute(params![table.name(), key, current.unwrap_or(0) + 1, value])
+                    .map_err(db)?;
+                }
+                Write::Delete { .. } => {
+                    tx.prepare_cached("DELETE FROM rows WHERE tbl = ?1 AND key = ?2")
+                        .map_err(db)?
+                        .execute(params![table.name(), key])
+                        .map_err(db)?;
+                }
+            }
+        }
+        tx.commit().map_err(db)
+    }
+
+    fn erase_freed(&self) -> Result<(), StoreError> {
+        let conn = self.lock();
+        // Copy the WAL's pages (including the zeroed ones secure_delete wrote) into the main file
+        // and truncate the WAL, so old page images with the deleted bytes are gone from it.
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(db)
+    }
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(table: Table, key: &str, value: &[u8], expect: Expect) -> Write {
+        Write::Put { table, key: key.into(), value: value.to_vec(), expect }
+    }
+
+    #[test]
+    fn revisions_and_preconditions() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = SqliteBackend::open(&dir.path().join("s.db")).unwrap();
+        b.apply(&[put(Table::Keys, "a", b"1", Expect::Absent)]).unwrap();
+        assert_eq!(b.get(Table::Keys, "a").unwrap().unwrap().rev, 1);
+        assert!(matches!(b.apply(&[put(Table::Keys, "a", b"x", Expect::Absent)]), Err(StoreError::Conflict { .. })));
+        b.apply(&[put(Table::Keys, "a", b"2", Expect::Rev(1))]).unwrap();
+        let row = b.get(Table::Keys, "a").unwrap().unwrap();
+        assert_eq!((row.rev, row.value.as_slice()), (2, &b"2"[..]));
+        // A failed precondition anywhere in the batch writes nothing.
+        let r = b.apply(&[put(Table::Keys, "b", b"new", Expect::Absent), put(Table::Keys, "a", b"3", Expect::Rev(1))]);
+        assert!(r.is_err());
+        assert!(b.get(Table::Keys, "b").unwrap().is_none());
+        b.apply(&[Write::Delete { table: Table::Keys, key: "a".into(), expect: Expect::Rev(2) }]).unwrap();
+        assert!(b.get(Table::Keys, "a").unwrap().is_none());
+    }
+
+    #[test]
+    fn scans_are_ordered_prefixed_and_paginated() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = SqliteBackend::open(&dir.path().join("s.db")).unwrap();
+        let writes: Vec<_> =
+            ["t1/a", "t1/b", "t1/c", "t2/a", "t1"].iter().map(|k| put(Table::Aliases, k, b"v", Expect::Any)).collect();
+        b.apply(&writes).unwrap();
+        let keys = |rows: Vec<Row>| rows.into_iter().map(|r| r.key).collect::<Vec<_>>();
+        assert_eq!(keys(b.scan(Table::Aliases, "t1/", None, 10).unwrap()), ["t1/a", "t1/b", "t1/c"]);
+        assert_eq!(keys(b.scan(Table::Aliases, "t1/", None, 2).unwrap()), ["t1/a", "t1/b"]);
+        assert_eq!(keys(b.scan(Table::Aliases, "t1/", Some("t1/b"), 10).unwrap()), ["t1/c"]);
+        assert!(b.scan(Table::Keys, "", None, 10).unwrap().is_empty(), "tables are separate");
+    }
+
+    #[test]
+    fn reopening_keeps_data_and_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        SqliteBackend::open(&path).unwrap().apply(&[put(Table::Meta, "m", b"v", Expect::Any)]).unwrap();
+        let b = SqliteBackend::open(&path).unwrap();
+        assert_eq!(b.get(Table::Meta, "m").unwrap().unwrap().value, b"v");
+    }
+
+    #[test]
+    fn deleted_bytes_leave_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let b = SqliteBackend::open(&path).unwrap();
+        let canary = b"canary-0123456789-canary-0123456789";
+        b.apply(&[
+            put(Table::Versions, "k/1", canary, Expect::Any),
+            put(Table::Versions, "k/2", b"other", Expect::Any),
+        ])
+        .unwrap();
+        b.apply(&[Write::Delete { table: Table::Versions, key: "k/1".into(), expect: Expect::Any }]).unwrap();
+        b.erase_freed().unwrap();
+        for f in std::fs::read_dir(dir.path()).unwrap() {
+            let bytes = std::fs::read(f.unwrap().path()).unwrap();
+            assert!(!bytes.windows(canary.len()).any(|w| w == canary));
+        }
+    }
+}
