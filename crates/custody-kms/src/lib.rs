@@ -1,1 +1,168 @@
-//! placeholder
+//! custody's key management service: no HTTP, no TLS, just the service.
+//!
+//! A [`Kms`] owns a store [`Backend`], starts sealed, and is unsealed with Shamir shares or a key
+//! file. Every operation takes an authenticated [`Caller`], resolves the key it names within the
+//! caller's tenant, passes [`authz::authorize`] and the key-state table [`authz::check_state`],
+//! acts, and commits its state change atomically (DESIGN.md §4).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod authz;
+pub mod error;
+pub mod ids;
+pub mod model;
+mod ops;
+mod seal;
+
+use std::sync::{Arc, RwLock};
+
+use custody_crypto::keys::WrapAad;
+use custody_crypto::{KeyMaterial, RootKey};
+use custody_store::{Backend, Barrier, Expect, Table, Versioned, Write};
+
+pub use authz::{Action, Caller};
+pub use error::KmsError;
+pub use ids::{AliasName, KeyId, KeyRef, PrincipalName, TenantId};
+pub use ops::*;
+pub use seal::{InitOptions, InitOutput, InitSeal, SealStatus};
+
+use crate::authz::{Authorized, CreatesMaterial, UsesMaterial};
+use crate::model::{version_row, KeyRecord, VersionRecord};
+
+/// One day, in milliseconds: the unit of deletion windows and rotation periods.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// Service settings (the server fills them from its configuration).
+#[derive(Debug, Clone)]
+pub struct KmsConfig {
+    /// Region in ARNs.
+    pub region: String,
+    /// Length of a "day" for deletion windows and rotation periods, in milliseconds.
+    /// Production: [`DAY_MS`]. Shorter only through `danger_day_length_ms`, for tests.
+    pub day_ms: i64,
+}
+
+impl Default for KmsConfig {
+    fn default() -> Self {
+        Self { region: "us-east-1".into(), day_ms: DAY_MS }
+    }
+}
+
+/// The key management service.
+#[derive(Debug)]
+pub struct Kms {
+    backend: Arc<dyn Backend>,
+    config: KmsConfig,
+    seal: RwLock<seal::SealState>,
+}
+
+/// What exists only while unsealed.
+#[derive(Debug)]
+struct Unsealed {
+    root: RootKey,
+    barrier: Barrier,
+}
+
+impl Kms {
+    /// The service's configuration.
+    pub fn config(&self) -> &KmsConfig {
+        &self.config
+    }
+
+    /// The store backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    fn unsealed(&self) -> Result<Arc<Unsealed>, KmsError> {
+        match &*self.seal.read().unwrap_or_else(|p| p.into_inner()) {
+            seal::SealState::Unsealed(u) => Ok(u.clone()),
+            seal::SealState::Sealed { .. } => Err(KmsError::Sealed),
+        }
+    }
+
+    /// A key's ARN.
+    pub fn key_arn(&self, key: &KeyRecord) -> String {
+        ids::key_arn(&self.config.region, &key.tenant, key.id)
+    }
+
+    /// Finds the key `r` names, in the caller's tenant. A key of another tenant and a key that
+    /// does not exist give the same answer.
+    fn resolve(&self, u: &Unsealed, caller: &Caller, r: &KeyRef) -> Result<Versioned<KeyRecord>, KmsError> {
+        let not_found = |what: &str| KmsError::NotFound(format!("{what} is not found."));
+        let in_scope = |region: &str, tenant: &TenantId| region == self.config.region && *tenant == caller.tenant;
+        let id = match r {
+            KeyRef::Id(id) => *id,
+            KeyRef::KeyArn { region, tenant, id } if in_scope(region, tenant) => *id,
+            KeyRef::KeyArn { region, tenant, id } => return Err(not_found(&ids::key_arn(region, tenant, *id))),
+            KeyRef::Alias(alias) => self.alias_target(u, caller, alias)?,
+            KeyRef::AliasArn { region, tenant, alias } if in_scope(region, tenant) => {
+                self.alias_target(u, caller, alias)?
+            }
+            KeyRef::AliasArn { region, tenant, alias } => {
+                return Err(not_found(&ids::alias_arn(region, tenant, alias)))
+            }
+        };
+        let key = self.key_by_id(u, id)?;
+        match key {
+            Some(k) if k.value.tenant == caller.tenant => Ok(k),
+            _ => Err(not_found(&ids::key_arn(&self.config.region, &caller.tenant, id))),
+        }
+    }
+
+    fn key_by_id(&self, u: &Unsealed, id: KeyId) -> Result<Option<Versioned<KeyRecord>>, KmsError> {
+        Ok(u.barrier.get::<KeyRecord>(Table::Keys, &id.to_string())?)
+    }
+
+    fn alias_target(&self, u: &Unsealed, caller: &Caller, alias: &AliasName) -> Result<KeyId, KmsError> {
+        let row = format!("{}/{}", caller.tenant, alias);
+        u.barrier.get::<model::AliasRecord>(Table::Aliases, &row)?.map(|a| a.value.key_id).ok_or_else(|| {
+            KmsError::NotFound(format!(
+                "Alias {} is not found.",
+                ids::alias_arn(&self.config.region, &caller.tenant, alias)
+            ))
+        })
+    }
+
+    /// Unwraps one version's material. Requires proof of an action that may use it.
+    fn material<A: UsesMaterial>(
+        &self,
+        u: &Unsealed,
+        key: &KeyRecord,
+        version: u32,
+        _proof: &Authorized<A>,
+    ) -> Result<KeyMaterial, KmsError> {
+        let row = u
+            .barrier
+            .get::<VersionRecord>(Table::Versions, &version_row(key.id, version))?
+            .ok_or(KmsError::InvalidCiphertext)?;
+        let aad = WrapAad { tenant: key.tenant.as_str(), key_id: &key.id.to_string(), version };
+        u.root.unwrap_key_material(&row.value.wrapped, &aad).map_err(|_| {
+            tracing::error!(key_id = %key.id, version, "wrapped key version failed its integrity check");
+            KmsError::Integrity
+        })
+    }
+
+    /// Creates version `version` of `key`: fresh material, wrapped under the root key.
+    fn new_version<A: CreatesMaterial>(
+        &self,
+        u: &Unsealed,
+        key: &KeyRecord,
+        version: u32,
+        now: model::Millis,
+        _proof: &Authorized<A>,
+    ) -> Write {
+        let material = KeyMaterial::generate(key.spec.material_len());
+        let aad = WrapAad { tenant: key.tenant.as_str(), key_id: &key.id.to_string(), version };
+        let record = VersionRecord { version, created_at: now, wrapped: u.root.wrap_key_material(&material, &aad) };
+        u.barrier.put(Table::Versions, &version_row(key.id, version), &record, Expect::Absent)
+    }
+
+    /// Writes a changed key record (conditional on the revision read) with `extra` writes,
+    /// atomically.
+    fn save_key(&self, u: &Unsealed, key: &Versioned<KeyRecord>, extra: Vec<Write>) -> Result<(), KmsError> {
+        let mut writes = vec![u.barrier.put(Table::Keys, &key.key, &key.value, Expect::Rev(key.rev))];
+        writes.extend(extra);
+        Ok(u.barrier.apply(&writes)?)
+    }
+}

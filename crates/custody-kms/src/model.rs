@@ -1,0 +1,266 @@
+//! Stored records (sealed by the storage barrier) and the metadata shapes returned to callers.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{KeyId, PrincipalName, TenantId};
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+/// Now, in [`Millis`].
+pub fn now_ms() -> Millis {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// AWS timestamps are seconds since the epoch as a JSON number.
+pub fn aws_time(ms: Millis) -> f64 {
+    ms as f64 / 1000.0
+}
+
+/// A key's lifecycle state (AWS names; `Destroyed` is custody's tombstone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyState {
+    /// Usable.
+    Enabled,
+    /// Not usable for cryptographic operations; can be enabled again.
+    Disabled,
+    /// Scheduled for destruction; not usable; can be cancelled (back to Disabled).
+    PendingDeletion,
+    /// Material erased; metadata kept as a tombstone.
+    Destroyed,
+}
+
+impl KeyState {
+    /// The AWS name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Enabled => "Enabled",
+            KeyState::Disabled => "Disabled",
+            KeyState::PendingDeletion => "PendingDeletion",
+            KeyState::Destroyed => "Destroyed",
+        }
+    }
+}
+
+/// What a key is for. Only symmetric encryption keys exist in this version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeySpec {
+    /// AES-256-GCM with per-call derived keys.
+    SymmetricDefault,
+}
+
+impl KeySpec {
+    /// AWS name.
+    pub fn as_str(self) -> &'static str {
+        "SYMMETRIC_DEFAULT"
+    }
+
+    /// Bytes of material per version.
+    pub fn material_len(self) -> usize {
+        32
+    }
+}
+
+/// How a rotation happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RotationKind {
+    /// By the scheduler.
+    Automatic,
+    /// By RotateKeyOnDemand.
+    OnDemand,
+}
+
+impl RotationKind {
+    /// AWS name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotationKind::Automatic => "AUTOMATIC",
+            RotationKind::OnDemand => "ON_DEMAND",
+        }
+    }
+}
+
+/// One completed rotation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RotationEntry {
+    /// The version that became primary.
+    pub version: u32,
+    /// When.
+    pub at: Millis,
+    /// How.
+    pub kind: RotationKind,
+}
+
+/// Automatic rotation settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RotationSettings {
+    /// Whether the scheduler rotates this key.
+    pub enabled: bool,
+    /// Period in days (90–2560).
+    pub period_days: u32,
+    /// When the scheduler rotates next (if enabled).
+    pub next_rotation: Option<Millis>,
+}
+
+/// A KMS key (table `keys`, row key = key id).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Id.
+    pub id: KeyId,
+    /// Owning tenant.
+    pub tenant: TenantId,
+    /// Free text.
+    pub description: String,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// Creation time.
+    pub created_at: Millis,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// Spec.
+    pub spec: KeySpec,
+    /// Version used for new encryptions.
+    pub primary_version: u32,
+    /// Rotation settings.
+    pub rotation: RotationSettings,
+    /// Completed rotations, oldest first.
+    pub rotations: Vec<RotationEntry>,
+    /// When a pending deletion happens.
+    pub deletion_date: Option<Millis>,
+    /// The waiting period chosen for a pending deletion.
+    pub pending_window_days: Option<u32>,
+    /// When the material was destroyed.
+    pub destroyed_at: Option<Millis>,
+}
+
+/// A wrapped key version (table `versions`, row key = `<key id>/<version:010>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// Version number, from 1.
+    pub version: u32,
+    /// Creation time.
+    pub created_at: Millis,
+    /// Material wrapped under the root key (AAD: tenant, key id, version).
+    #[serde(with = "b64")]
+    pub wrapped: Vec<u8>,
+}
+
+/// Row key of a key version.
+pub fn version_row(id: KeyId, version: u32) -> String {
+    format!("{id}/{version:010}")
+}
+
+/// An alias (table `aliases`, row key = `<tenant>/<alias name>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AliasRecord {
+    /// Full alias name.
+    pub name: String,
+    /// Target key.
+    pub key_id: KeyId,
+    /// Creation time.
+    pub created_at: Millis,
+    /// Last retarget.
+    pub updated_at: Millis,
+}
+
+/// Built-in roles. The foundation has one; the access-control work adds the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// May do everything in its tenant.
+    Administrator,
+}
+
+/// A principal (table `principals`, row key = `<tenant>/<name>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrincipalRecord {
+    /// Tenant.
+    pub tenant: TenantId,
+    /// Name.
+    pub name: PrincipalName,
+    /// Roles.
+    pub roles: Vec<Role>,
+    /// Disabled principals cannot authenticate.
+    pub enabled: bool,
+    /// Creation time.
+    pub created_at: Millis,
+}
+
+/// A tenant (table `tenants`, row key = tenant id).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TenantRecord {
+    /// Id.
+    pub id: TenantId,
+    /// Display name.
+    pub name: String,
+    /// Creation time.
+    pub created_at: Millis,
+}
+
+/// The internal CA (table `pki`, row key `ca`). The row is sealed by the barrier like every other.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct CaRecord {
+    pub cert_pem: String,
+    /// PKCS#8 PEM. Only ever stored inside a sealed row.
+    pub key_pem: String,
+    pub serial: String,
+    pub not_after: Millis,
+}
+
+/// DescribeKey's KeyMetadata, with AWS's field names.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct KeyMetadata {
+    #[serde(rename = "AWSAccountId")]
+    /// Tenant.
+    pub aws_account_id: String,
+    /// Key id.
+    pub key_id: String,
+    /// Key ARN.
+    pub arn: String,
+    /// Seconds since epoch.
+    pub creation_date: f64,
+    /// Whether the key is Enabled.
+    pub enabled: bool,
+    /// Description.
+    pub description: String,
+    /// `ENCRYPT_DECRYPT`.
+    pub key_usage: &'static str,
+    /// State name.
+    pub key_state: &'static str,
+    /// Pending deletion date.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deletion_date: Option<f64>,
+    /// Pending deletion window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_deletion_window_in_days: Option<u32>,
+    /// `AWS_KMS`.
+    pub origin: &'static str,
+    /// `CUSTOMER`.
+    pub key_manager: &'static str,
+    /// Deprecated AWS twin of KeySpec.
+    pub customer_master_key_spec: &'static str,
+    /// Key spec.
+    pub key_spec: &'static str,
+    /// Supported algorithms.
+    pub encryption_algorithms: Vec<&'static str>,
+    /// Always false.
+    pub multi_region: bool,
+}
+
+mod b64 {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}

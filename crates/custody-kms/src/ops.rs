@@ -1,0 +1,824 @@
+//! The operations, one method each, AWS semantics.
+
+use std::collections::BTreeMap;
+
+use custody_crypto::blob::{self, BlobHeader};
+use custody_crypto::{random, EncryptionContext, SecretBytes};
+use custody_store::{Expect, Table, Versioned};
+use serde::Serialize;
+
+use crate::authz::{self, act, authorize, ActionKind, Authorized, Caller};
+use crate::error::KmsError;
+use crate::ids::{self, AliasName, KeyId, KeyRef};
+use crate::model::*;
+use crate::{Kms, Unsealed};
+
+/// Most bytes Encrypt accepts (AWS: 4096).
+pub const MAX_ENCRYPT_PLAINTEXT: usize = 4096;
+/// Most bytes GenerateDataKey / GenerateRandom return (AWS: 1024).
+pub const MAX_GENERATED_BYTES: usize = 1024;
+/// Deletion waiting period bounds and default, in days (AWS).
+pub const DELETION_WINDOW_DAYS: (u32, u32, u32) = (7, 30, 30);
+/// Rotation period bounds and default, in days (AWS).
+pub const ROTATION_PERIOD_DAYS: (u32, u32, u32) = (90, 2560, 365);
+/// Tags per key (AWS: 50).
+pub const MAX_TAGS: usize = 50;
+/// Default and maximum page size of list operations.
+pub const PAGE_LIMIT: (usize, usize) = (100, 1000);
+
+/// What CreateKey takes.
+#[derive(Debug, Clone, Default)]
+pub struct CreateKeyRequest {
+    /// Description (0–8192 characters).
+    pub description: String,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    /// Items.
+    pub items: Vec<T>,
+    /// Marker for the next page, if there is one.
+    pub next_marker: Option<String>,
+}
+
+/// ListKeys entry.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct KeyListEntry {
+    /// Key id.
+    pub key_id: String,
+    /// Key ARN.
+    pub key_arn: String,
+}
+
+/// ListAliases entry.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AliasListEntry {
+    /// `alias/...`
+    pub alias_name: String,
+    /// Alias ARN.
+    pub alias_arn: String,
+    /// Target key id.
+    pub target_key_id: String,
+    /// Seconds since epoch.
+    pub creation_date: f64,
+    /// Seconds since epoch.
+    pub last_updated_date: f64,
+}
+
+/// ListKeyRotations entry.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct RotationListEntry {
+    /// Key ARN... AWS returns the key id here.
+    pub key_id: String,
+    /// Seconds since epoch.
+    pub rotation_date: f64,
+    /// AUTOMATIC or ON_DEMAND.
+    pub rotation_type: &'static str,
+}
+
+/// GetKeyRotationStatus's answer.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct RotationStatus {
+    /// Key ARN.
+    pub key_id: String,
+    /// Automatic rotation on?
+    pub key_rotation_enabled: bool,
+    /// Period, if enabled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotation_period_in_days: Option<u32>,
+    /// Next automatic rotation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_rotation_date: Option<f64>,
+}
+
+/// ScheduleKeyDeletion's answer.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ScheduledDeletion {
+    /// Key ARN.
+    pub key_id: String,
+    /// When.
+    pub deletion_date: f64,
+    /// `PendingDeletion`.
+    pub key_state: &'static str,
+    /// Window chosen.
+    pub pending_window_in_days: u32,
+}
+
+/// Result of an encryption (Encrypt, ReEncrypt, GenerateDataKey*).
+#[derive(Debug)]
+pub struct Encrypted {
+    /// The ciphertext blob.
+    pub ciphertext_blob: Vec<u8>,
+    /// ARN of the key that encrypted.
+    pub key_arn: String,
+    /// The data key, for GenerateDataKey.
+    pub plaintext: Option<SecretBytes>,
+    /// ARN of the source key, for ReEncrypt.
+    pub source_key_arn: Option<String>,
+}
+
+/// Result of Decrypt.
+#[derive(Debug)]
+pub struct Decrypted {
+    /// Recovered plaintext.
+    pub plaintext: SecretBytes,
+    /// ARN of the key that decrypted.
+    pub key_arn: String,
+}
+
+/// What one scheduler pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WorkReport {
+    /// Keys rotated.
+    pub rotated: usize,
+    /// Keys destroyed.
+    pub destroyed: usize,
+}
+
+impl Kms {
+    // ----- keys -----
+
+    /// CreateKey: a new SYMMETRIC_DEFAULT key with its first version.
+    pub fn create_key(&self, caller: &Caller, req: CreateKeyRequest) -> Result<KeyMetadata, KmsError> {
+        let u = self.unsealed()?;
+        let proof = authorize::<act::CreateKey>(caller, None)?;
+        validate_description(&req.description)?;
+        validate_tags(&req.tags)?;
+        let now = now_ms();
+        let key = KeyRecord {
+            id: KeyId::random(),
+            tenant: caller.tenant.clone(),
+            description: req.description,
+            tags: req.tags,
+            created_at: now,
+            state: KeyState::Enabled,
+            spec: KeySpec::SymmetricDefault,
+            primary_version: 1,
+            rotation: RotationSettings { enabled: false, period_days: ROTATION_PERIOD_DAYS.2, next_rotation: None },
+            rotations: Vec::new(),
+            deletion_date: None,
+            pending_window_days: None,
+            destroyed_at: None,
+        };
+        let writes = vec![
+            u.barrier.put(Table::Keys, &key.id.to_string(), &key, Expect::Absent),
+            self.new_version(&u, &key, 1, now, &proof),
+        ];
+        u.barrier.apply(&writes)?;
+        tracing::info!(key_id = %key.id, tenant = %key.tenant, "key created");
+        Ok(self.metadata(&key))
+    }
+
+    /// DescribeKey.
+    pub fn describe_key(&self, caller: &Caller, key: &KeyRef) -> Result<KeyMetadata, KmsError> {
+        let (_, key, _) = self.prepare::<act::DescribeKey>(caller, key)?;
+        Ok(self.metadata(&key.value))
+    }
+
+    /// ListKeys, in key id order.
+    pub fn list_keys(
+        &self,
+        caller: &Caller,
+        limit: Option<usize>,
+        marker: Option<&str>,
+    ) -> Result<Page<KeyListEntry>, KmsError> {
+        let u = self.unsealed()?;
+        let _proof = authorize::<act::ListKeys>(caller, None)?;
+        let limit = page_limit(limit)?;
+        let mut items = Vec::new();
+        let mut after = marker.map(str::to_string);
+        // Keys of all tenants share the table; scan in chunks until the page is full.
+        loop {
+            let chunk = u.barrier.scan::<KeyRecord>(Table::Keys, "", after.as_deref(), 256)?;
+            let exhausted = chunk.len() < 256;
+            for k in chunk {
+                after = Some(k.key.clone());
+                if k.value.tenant == caller.tenant {
+                    if items.len() == limit {
+                        let next = items.last().map(|e: &KeyListEntry| e.key_id.clone());
+                        return Ok(Page { items, next_marker: next });
+                    }
+                    items.push(KeyListEntry { key_id: k.value.id.to_string(), key_arn: self.key_arn(&k.value) });
+                }
+            }
+            if exhausted {
+                return Ok(Page { items, next_marker: None });
+            }
+        }
+    }
+
+    /// EnableKey.
+    pub fn enable_key(&self, caller: &Caller, key: &KeyRef) -> Result<(), KmsError> {
+        self.set_state::<act::EnableKey>(caller, key, KeyState::Enabled)
+    }
+
+    /// DisableKey.
+    pub fn disable_key(&self, caller: &Caller, key: &KeyRef) -> Result<(), KmsError> {
+        self.set_state::<act::DisableKey>(caller, key, KeyState::Disabled)
+    }
+
+    fn set_state<A: ActionKind>(&self, caller: &Caller, r: &KeyRef, state: KeyState) -> Result<(), KmsError> {
+        let (u, mut key, _proof) = self.prepare::<A>(caller, r)?;
+        if key.value.state != state {
+            key.value.state = state;
+            if state == KeyState::Enabled && key.value.rotation.enabled {
+                // Rotation resumes from now (AWS does not rotate disabled keys).
+                let next = key.value.rotation.next_rotation.unwrap_or(0).max(now_ms());
+                key.value.rotation.next_rotation = Some(next);
+            }
+            self.save_key(&u, &key, vec![])?;
+            tracing::info!(key_id = %key.value.id, state = state.as_str(), "key state changed");
+        }
+        Ok(())
+    }
+
+    /// ScheduleKeyDeletion (7–30 days, default 30).
+    pub fn schedule_key_deletion(
+        &self,
+        caller: &Caller,
+        r: &KeyRef,
+        days: Option<u32>,
+    ) -> Result<ScheduledDeletion, KmsError> {
+        let (min, max, default) = DELETION_WINDOW_DAYS;
+        let days = days.unwrap_or(default);
+        if !(min..=max).contains(&days) {
+            return Err(KmsError::validation(
+                "pendingWindowInDays",
+                format!("Member must have value between {min} and {max}"),
+            ));
+        }
+        let (u, mut key, _proof) = self.prepare::<act::ScheduleKeyDeletion>(caller, r)?;
+        let date = now_ms() + i64::from(days) * self.config.day_ms;
+        key.value.state = KeyState::PendingDeletion;
+        key.value.deletion_date = Some(date);
+        key.value.pending_window_days = Some(days);
+        self.save_key(&u, &key, vec![])?;
+        tracing::warn!(key_id = %key.value.id, days, "key scheduled for deletion");
+        Ok(ScheduledDeletion {
+            key_id: self.key_arn(&key.value),
+            deletion_date: aws_time(date),
+            key_state: KeyState::PendingDeletion.as_str(),
+            pending_window_in_days: days,
+        })
+    }
+
+    /// CancelKeyDeletion: back to Disabled, as in AWS.
+    pub fn cancel_key_deletion(&self, caller: &Caller, r: &KeyRef) -> Result<String, KmsError> {
+        let (u, mut key, _proof) = self.prepare::<act::CancelKeyDeletion>(caller, r)?;
+        key.value.state = KeyState::Disabled;
+        key.value.deletion_date = None;
+        key.value.pending_window_days = None;
+        self.save_key(&u, &key, vec![])?;
+        tracing::info!(key_id = %key.value.id, "key deletion cancelled");
+        Ok(self.key_arn(&key.value))
+    }
+
+    /// UpdateKeyDescription.
+    pub fn update_key_description(&self, caller: &Caller, r: &KeyRef, description: String) -> Result<(), KmsError> {
+        validate_description(&description)?;
+        let (u, mut key, _proof) = self.prepare::<act::TagResource>(caller, r)?;
+        key.value.description = description;
+        self.save_key(&u, &key, vec![])
+    }
+
+    // ----- rotation -----
+
+    /// EnableKeyRotation (period 90–2560 days, default 365).
+    pub fn enable_key_rotation(&self, caller: &Caller, r: &KeyRef, period: Option<u32>) -> Result<(), KmsError> {
+        let (min, max, default) = ROTATION_PERIOD_DAYS;
+        let period = period.unwrap_or(default);
+        if !(min..=max).contains(&period) {
+            return Err(KmsError::validation(
+                "rotationPeriodInDays",
+                format!("Member must have value between {min} and {max}"),
+            ));
+        }
+        let (u, mut key, _proof) = self.prepare::<act::EnableKeyRotation>(caller, r)?;
+        let rotation = &mut key.value.rotation;
+        if !rotation.enabled || rotation.period_days != period {
+            rotation.enabled = true;
+            rotation.period_days = period;
+            rotation.next_rotation = Some(now_ms() + i64::from(period) * self.config.day_ms);
+            self.save_key(&u, &key, vec![])?;
+        }
+        Ok(())
+    }
+
+    /// DisableKeyRotation.
+    pub fn disable_key_rotation(&self, caller: &Caller, r: &KeyRef) -> Result<(), KmsError> {
+        let (u, mut key, _proof) = self.prepare::<act::DisableKeyRotation>(caller, r)?;
+        if key.value.rotation.enabled {
+            key.value.rotation.enabled = false;
+            key.value.rotation.next_rotation = None;
+            self.save_key(&u, &key, vec![])?;
+        }
+        Ok(())
+    }
+
+    /// GetKeyRotationStatus.
+    pub fn get_key_rotation_status(&self, caller: &Caller, r: &KeyRef) -> Result<RotationStatus, KmsError> {
+        let (_, key, _) = self.prepare::<act::GetKeyRotationStatus>(caller, r)?;
+        let rot = &key.value.rotation;
+        Ok(RotationStatus {
+            key_id: self.key_arn(&key.value),
+            key_rotation_enabled: rot.enabled,
+            rotation_period_in_days: rot.enabled.then_some(rot.period_days),
+            next_rotation_date: rot.next_rotation.filter(|_| rot.enabled).map(aws_time),
+        })
+    }
+
+    /// RotateKeyOnDemand: a new primary version now. Returns the key id.
+    pub fn rotate_key_on_demand(&self, caller: &Caller, r: &KeyRef) -> Result<String, KmsError> {
+        let (u, key, proof) = self.prepare::<act::RotateKeyOnDemand>(caller, r)?;
+        let id = key.value.id;
+        self.rotate(&u, key, RotationKind::OnDemand, &proof)?;
+        Ok(id.to_string())
+    }
+
+    fn rotate<A: authz::CreatesMaterial>(
+        &self,
+        u: &Unsealed,
+        mut key: Versioned<KeyRecord>,
+        kind: RotationKind,
+        proof: &Authorized<A>,
+    ) -> Result<u32, KmsError> {
+        let now = now_ms();
+        let version = key.value.primary_version + 1;
+        let write = self.new_version(u, &key.value, version, now, proof);
+        key.value.primary_version = version;
+        key.value.rotations.push(RotationEntry { version, at: now, kind });
+        if key.value.rotation.enabled {
+            key.value.rotation.next_rotation =
+                Some(now + i64::from(key.value.rotation.period_days) * self.config.day_ms);
+        }
+        self.save_key(u, &key, vec![write])?;
+        tracing::info!(key_id = %key.value.id, version, kind = kind.as_str(), "key rotated");
+        Ok(version)
+    }
+
+    /// ListKeyRotations, oldest first. The marker is the last version listed.
+    pub fn list_key_rotations(
+        &self,
+        caller: &Caller,
+        r: &KeyRef,
+        limit: Option<usize>,
+        marker: Option<&str>,
+    ) -> Result<Page<RotationListEntry>, KmsError> {
+        let (_, key, _) = self.prepare::<act::ListKeyRotations>(caller, r)?;
+        let limit = page_limit(limit)?;
+        let after: u32 = parse_marker(marker)?;
+        let mut rest = key.value.rotations.iter().filter(|e| e.version > after);
+        let items: Vec<_> = rest
+            .by_ref()
+            .take(limit)
+            .map(|e| RotationListEntry {
+                key_id: key.value.id.to_string(),
+                rotation_date: aws_time(e.at),
+                rotation_type: e.kind.as_str(),
+            })
+            .collect();
+        let last =
+            key.value.rotations.iter().filter(|e| e.version > after).nth(limit.saturating_sub(1)).map(|e| e.version);
+        let next_marker = if rest.next().is_some() { last.map(|v| v.to_string()) } else { None };
+        Ok(Page { items, next_marker })
+    }
+
+    // ----- tags -----
+
+    /// TagResource: adds or replaces tags.
+    pub fn tag_resource(&self, caller: &Caller, r: &KeyRef, tags: BTreeMap<String, String>) -> Result<(), KmsError> {
+        let (u, mut key, _proof) = self.prepare::<act::TagResource>(caller, r)?;
+        key.value.tags.extend(tags);
+        validate_tags(&key.value.tags)?;
+        self.save_key(&u, &key, vec![])
+    }
+
+    /// UntagResource: removes tags by key (absent keys are ignored, as in AWS).
+    pub fn untag_resource(&self, caller: &Caller, r: &KeyRef, keys: &[String]) -> Result<(), KmsError> {
+        let (u, mut key, _proof) = self.prepare::<act::UntagResource>(caller, r)?;
+        for k in keys {
+            key.value.tags.remove(k);
+        }
+        self.save_key(&u, &key, vec![])
+    }
+
+    /// ListResourceTags, in tag-key order. The marker is the last tag key listed.
+    pub fn list_resource_tags(
+        &self,
+        caller: &Caller,
+        r: &KeyRef,
+        limit: Option<usize>,
+        marker: Option<&str>,
+    ) -> Result<Page<(String, String)>, KmsError> {
+        let (_, key, _) = self.prepare::<act::ListResourceTags>(caller, r)?;
+        let limit = page_limit(limit)?;
+        let all: Vec<_> = key.value.tags.into_iter().filter(|(k, _)| marker.is_none_or(|m| k.as_str() > m)).collect();
+        let more = all.len() > limit;
+        let items: Vec<_> = all.into_iter().take(limit).collect();
+        let next_marker = if more { items.last().map(|(k, _)| k.clone()) } else { None };
+        Ok(Page { items, next_marker })
+    }
+
+    // ----- aliases -----
+
+    /// CreateAlias.
+    pub fn create_alias(&self, caller: &Caller, alias: &AliasName, target: &KeyRef) -> Result<(), KmsError> {
+        let (u, key, _proof) = self.prepare::<act::CreateAlias>(caller, target)?;
+        let now = now_ms();
+        let record = AliasRecord { name: alias.to_string(), key_id: key.value.id, created_at: now, updated_at: now };
+        let row = format!("{}/{}", caller.tenant, alias);
+        u.barrier.apply(&[u.barrier.put(Table::Aliases, &row, &record, Expect::Absent)]).map_err(|e| match e {
+            custody_store::StoreError::Conflict { .. } => KmsError::AlreadyExists(format!(
+                "An alias with the name {} already exists",
+                ids::alias_arn(&self.config.region, &caller.tenant, alias)
+            )),
+            other => other.into(),
+        })
+    }
+
+    /// UpdateAlias: points an existing alias at another key.
+    pub fn update_alias(&self, caller: &Caller, alias: &AliasName, target: &KeyRef) -> Result<(), KmsError> {
+        let u = self.unsealed()?;
+        let row = format!("{}/{}", caller.tenant, alias);
+        let mut existing =
+            u.barrier.get::<AliasRecord>(Table::Aliases, &row)?.ok_or_else(|| self.alias_not_found(caller, alias))?;
+        let old = self.key_by_id(&u, existing.value.key_id)?;
+        if let Some(old) = &old {
+            let _proof = authorize::<act::UpdateAlias>(caller, Some(&old.value))?;
+        }
+        let (u, key, _proof) = self.prepare::<act::UpdateAlias>(caller, target)?;
+        existing.value.key_id = key.value.id;
+        existing.value.updated_at = now_ms();
+        Ok(u.barrier.apply(&[u.barrier.put(Table::Aliases, &row, &existing.value, Expect::Rev(existing.rev))])?)
+    }
+
+    /// DeleteAlias.
+    pub fn delete_alias(&self, caller: &Caller, alias: &AliasName) -> Result<(), KmsError> {
+        let u = self.unsealed()?;
+        let row = format!("{}/{}", caller.tenant, alias);
+        let existing =
+            u.barrier.get::<AliasRecord>(Table::Aliases, &row)?.ok_or_else(|| self.alias_not_found(caller, alias))?;
+        if let Some(key) = self.key_by_id(&u, existing.value.key_id)? {
+            let _proof = authorize::<act::DeleteAlias>(caller, Some(&key.value))?;
+        }
+        Ok(u.barrier.apply(&[u.barrier.delete(Table::Aliases, &row, Expect::Rev(existing.rev))])?)
+    }
+
+    fn alias_not_found(&self, caller: &Caller, alias: &AliasName) -> KmsError {
+        KmsError::NotFound(format!(
+            "Alias {} is not found.",
+            ids::alias_arn(&self.config.region, &caller.tenant, alias)
+        ))
+    }
+
+    /// ListAliases, optionally only those of one key. The marker is the last alias name listed.
+    pub fn list_aliases(
+        &self,
+        caller: &Caller,
+        key: Option<&KeyRef>,
+        limit: Option<usize>,
+        marker: Option<&str>,
+    ) -> Result<Page<AliasListEntry>, KmsError> {
+        let limit = page_limit(limit)?;
+        let filter = match key {
+            Some(r) => Some(self.prepare::<act::ListAliases>(caller, r)?.1.value.id),
+            None => None,
+        };
+        let u = self.unsealed()?;
+        let _proof = authorize::<act::ListAliases>(caller, None)?;
+        let prefix = format!("{}/", caller.tenant);
+        let mut after = marker.map(|m| format!("{prefix}{m}"));
+        let mut items = Vec::new();
+        loop {
+            let chunk = u.barrier.scan::<AliasRecord>(Table::Aliases, &prefix, after.as_deref(), 256)?;
+            let exhausted = chunk.len() < 256;
+            for a in chunk {
+                after = Some(a.key.clone());
+                if filter.is_some_and(|id| id != a.value.key_id) {
+                    continue;
+                }
+                if items.len() == limit {
+                    let next = items.last().map(|e: &AliasListEntry| e.alias_name.clone());
+                    return Ok(Page { items, next_marker: next });
+                }
+                let name = AliasName::parse(&a.value.name)?;
+                items.push(AliasListEntry {
+                    alias_arn: ids::alias_arn(&self.config.region, &caller.tenant, &name),
+                    alias_name: a.value.name,
+                    target_key_id: a.value.key_id.to_string(),
+                    creation_date: aws_time(a.value.created_at),
+                    last_updated_date: aws_time(a.value.updated_at),
+                });
+            }
+            if exhausted {
+                return Ok(Page { items, next_marker: None });
+            }
+        }
+    }
+
+    // ----- cryptographic operations -----
+
+    /// Encrypt: at most 4096 bytes under the key's primary version.
+    pub fn encrypt(
+        &self,
+        caller: &Caller,
+        r: &KeyRef,
+        plaintext: &SecretBytes,
+        context: &EncryptionContext,
+    ) -> Result<Encrypted, KmsError> {
+        if plaintext.is_empty() || plaintext.len() > MAX_ENCRYPT_PLAINTEXT {
+            return Err(KmsError::validation(
+                "plaintext",
+                format!("Member must have length between 1 and {MAX_ENCRYPT_PLAINTEXT}"),
+            ));
+        }
+        let (u, key, proof) = self.prepare::<act::Encrypt>(caller, r)?;
+        let blob = self.seal_blob(&u, &key.value, context, plaintext.expose_secret(), &proof)?;
+        Ok(Encrypted {
+            ciphertext_blob: blob,
+            key_arn: self.key_arn(&key.value),
+            plaintext: None,
+            source_key_arn: None,
+        })
+    }
+
+    /// Decrypt: the blob names its key and version; `key`, if given, must be that key.
+    pub fn decrypt(
+        &self,
+        caller: &Caller,
+        ciphertext: &[u8],
+        context: &EncryptionContext,
+        key: Option<&KeyRef>,
+    ) -> Result<Decrypted, KmsError> {
+        let (u, key, proof) = self.prepare_blob::<act::Decrypt>(caller, ciphertext, key)?;
+        let plaintext = self.open_blob(&u, &key.value, ciphertext, context, &proof)?;
+        Ok(Decrypted { plaintext, key_arn: self.key_arn(&key.value) })
+    }
+
+    /// ReEncrypt: decrypts under the source key and encrypts under the destination key, without
+    /// the plaintext leaving the service.
+    pub fn re_encrypt(
+        &self,
+        caller: &Caller,
+        ciphertext: &[u8],
+        source_context: &EncryptionContext,
+        source_key: Option<&KeyRef>,
+        destination_key: &KeyRef,
+        destination_context: &EncryptionContext,
+    ) -> Result<Encrypted, KmsError> {
+        let (u, src, src_proof) = self.prepare_blob::<act::ReEncryptFrom>(caller, ciphertext, source_key)?;
+        let (_, dst, dst_proof) = self.prepare::<act::ReEncryptTo>(caller, destination_key)?;
+        let plaintext = self.open_blob(&u, &src.value, ciphertext, source_context, &src_proof)?;
+        let blob = self.seal_blob(&u, &dst.value, destination_context, plaintext.expose_secret(), &dst_proof)?;
+        Ok(Encrypted {
+            ciphertext_blob: blob,
+            key_arn: self.key_arn(&dst.value),
+            plaintext: None,
+            source_key_arn: Some(self.key_arn(&src.value)),
+        })
+    }
+
+    /// GenerateDataKey (with the plaintext) or GenerateDataKeyWithoutPlaintext.
+    pub fn generate_data_key(
+        &self,
+        caller: &Caller,
+        r: &KeyRef,
+        len: usize,
+        context: &EncryptionContext,
+        with_plaintext: bool,
+    ) -> Result<Encrypted, KmsError> {
+        if len == 0 || len > MAX_GENERATED_BYTES {
+            return Err(KmsError::validation(
+                "numberOfBytes",
+                format!("Member must have value between 1 and {MAX_GENERATED_BYTES}"),
+            ));
+        }
+        let data_key = random::secret(len);
+        let (blob, key) = if with_plaintext {
+            let (u, key, proof) = self.prepare::<act::GenerateDataKey>(caller, r)?;
+            (self.seal_blob(&u, &key.value, context, data_key.expose_secret(), &proof)?, key)
+        } else {
+            let (u, key, proof) = self.prepare::<act::GenerateDataKeyWithoutPlaintext>(caller, r)?;
+            (self.seal_blob(&u, &key.value, context, data_key.expose_secret(), &proof)?, key)
+        };
+        Ok(Encrypted {
+            ciphertext_blob: blob,
+            key_arn: self.key_arn(&key.value),
+            plaintext: with_plaintext.then_some(data_key),
+            source_key_arn: None,
+        })
+    }
+
+    /// GenerateRandom: 1–1024 random bytes.
+    pub fn generate_random(&self, caller: &Caller, len: usize) -> Result<SecretBytes, KmsError> {
+        self.unsealed()?;
+        let _proof = authorize::<act::GenerateRandom>(caller, None)?;
+        if len == 0 || len > MAX_GENERATED_BYTES {
+            return Err(KmsError::validation(
+                "numberOfBytes",
+                format!("Member must have value between 1 and {MAX_GENERATED_BYTES}"),
+            ));
+        }
+        Ok(random::secret(len))
+    }
+
+    fn seal_blob<A: authz::UsesMaterial>(
+        &self,
+        u: &Unsealed,
+        key: &KeyRecord,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+        proof: &Authorized<A>,
+    ) -> Result<Vec<u8>, KmsError> {
+        let version = key.primary_version;
+        let material = self.material(u, key, version, proof)?;
+        Ok(blob::encrypt(&material, BlobHeader { key_id: key.id.to_bytes(), version }, context, plaintext))
+    }
+
+    fn open_blob<A: authz::UsesMaterial>(
+        &self,
+        u: &Unsealed,
+        key: &KeyRecord,
+        ciphertext: &[u8],
+        context: &EncryptionContext,
+        proof: &Authorized<A>,
+    ) -> Result<SecretBytes, KmsError> {
+        let header = BlobHeader::parse(ciphertext).map_err(|_| KmsError::InvalidCiphertext)?;
+        if header.version == 0 || header.version > key.primary_version {
+            return Err(KmsError::InvalidCiphertext);
+        }
+        let material = self.material(u, key, header.version, proof)?;
+        blob::decrypt(&material, ciphertext, context).map_err(|_| KmsError::InvalidCiphertext)
+    }
+
+    /// Resolves the key a blob names (checking an explicit KeyId against it), then authorizes.
+    #[allow(clippy::type_complexity)]
+    fn prepare_blob<A: ActionKind>(
+        &self,
+        caller: &Caller,
+        ciphertext: &[u8],
+        key: Option<&KeyRef>,
+    ) -> Result<(std::sync::Arc<Unsealed>, Versioned<KeyRecord>, Authorized<A>), KmsError> {
+        let header = BlobHeader::parse(ciphertext).map_err(|_| KmsError::InvalidCiphertext)?;
+        let named = KeyId::from_bytes(header.key_id);
+        if let Some(r) = key {
+            let (_, given, _) = self.prepare::<act::DescribeKey>(caller, r)?;
+            if given.value.id != named {
+                return Err(KmsError::IncorrectKey);
+            }
+        }
+        // A blob naming a key the caller cannot see is simply an invalid ciphertext to them.
+        self.prepare::<A>(caller, &KeyRef::Id(named)).map_err(|e| match e {
+            KmsError::NotFound(_) => KmsError::InvalidCiphertext,
+            other => other,
+        })
+    }
+
+    /// Resolve, authorize, check state: the common start of every key operation.
+    #[allow(clippy::type_complexity)]
+    fn prepare<A: ActionKind>(
+        &self,
+        caller: &Caller,
+        r: &KeyRef,
+    ) -> Result<(std::sync::Arc<Unsealed>, Versioned<KeyRecord>, Authorized<A>), KmsError> {
+        let u = self.unsealed()?;
+        let key = self.resolve(&u, caller, r)?;
+        let proof = authorize::<A>(caller, Some(&key.value))?;
+        authz::check_state(&key.value, A::ACTION, &self.key_arn(&key.value))?;
+        Ok((u, key, proof))
+    }
+
+    fn metadata(&self, key: &KeyRecord) -> KeyMetadata {
+        KeyMetadata {
+            aws_account_id: key.tenant.to_string(),
+            key_id: key.id.to_string(),
+            arn: self.key_arn(key),
+            creation_date: aws_time(key.created_at),
+            enabled: key.state == KeyState::Enabled,
+            description: key.description.clone(),
+            key_usage: "ENCRYPT_DECRYPT",
+            key_state: key.state.as_str(),
+            deletion_date: key.deletion_date.filter(|_| key.state == KeyState::PendingDeletion).map(aws_time),
+            pending_deletion_window_in_days: key.pending_window_days.filter(|_| key.state == KeyState::PendingDeletion),
+            origin: "AWS_KMS",
+            key_manager: "CUSTOMER",
+            customer_master_key_spec: key.spec.as_str(),
+            key_spec: key.spec.as_str(),
+            encryption_algorithms: vec!["SYMMETRIC_DEFAULT"],
+            multi_region: false,
+        }
+    }
+
+    // ----- scheduler -----
+
+    /// One pass of the background scheduler: rotates keys whose period is due and destroys keys
+    /// whose deletion date has passed. Safe to run concurrently with requests: every change is a
+    /// conditional write, and a key changed meanwhile is left for the next pass.
+    pub fn run_due_work(&self) -> Result<WorkReport, KmsError> {
+        let u = self.unsealed()?;
+        let now = now_ms();
+        let mut report = WorkReport::default();
+        let mut after: Option<String> = None;
+        loop {
+            let chunk = u.barrier.scan::<KeyRecord>(Table::Keys, "", after.as_deref(), 256)?;
+            let exhausted = chunk.len() < 256;
+            for key in chunk {
+                after = Some(key.key.clone());
+                let result = match key.value.state {
+                    KeyState::Enabled
+                        if key.value.rotation.enabled && key.value.rotation.next_rotation.is_some_and(|t| t <= now) =>
+                    {
+                        let proof = authz::scheduler::<act::RotateKeyOnDemand>();
+                        self.rotate(&u, key, RotationKind::Automatic, &proof).map(|_| report.rotated += 1)
+                    }
+                    KeyState::PendingDeletion if key.value.deletion_date.is_some_and(|t| t <= now) => {
+                        self.destroy(&u, key).map(|_| report.destroyed += 1)
+                    }
+                    _ => Ok(()),
+                };
+                match result {
+                    Ok(()) | Err(KmsError::Conflict) => {}
+                    Err(e) => tracing::error!(error = %e, "scheduled work failed; will retry on the next pass"),
+                }
+            }
+            if exhausted {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// Erases a key's material; keeps the key record as a tombstone; deletes its aliases.
+    fn destroy(&self, u: &Unsealed, mut key: Versioned<KeyRecord>) -> Result<(), KmsError> {
+        let id = key.value.id;
+        let mut writes = Vec::new();
+        for v in 1..=key.value.primary_version {
+            writes.push(u.barrier.delete(Table::Versions, &version_row(id, v), Expect::Any));
+        }
+        let prefix = format!("{}/", key.value.tenant);
+        let mut after = None;
+        loop {
+            let aliases = u.barrier.scan::<AliasRecord>(Table::Aliases, &prefix, after.as_deref(), 256)?;
+            let exhausted = aliases.len() < 256;
+            for a in aliases {
+                after = Some(a.key.clone());
+                if a.value.key_id == id {
+                    writes.push(u.barrier.delete(Table::Aliases, &a.key, Expect::Rev(a.rev)));
+                }
+            }
+            if exhausted {
+                break;
+            }
+        }
+        key.value.state = KeyState::Destroyed;
+        key.value.destroyed_at = Some(now_ms());
+        key.value.rotation.enabled = false;
+        key.value.rotation.next_rotation = None;
+        self.save_key(u, &key, writes)?;
+        u.barrier.backend().erase_freed()?;
+        tracing::warn!(key_id = %id, "key material destroyed");
+        Ok(())
+    }
+}
+
+fn page_limit(limit: Option<usize>) -> Result<usize, KmsError> {
+    let (default, max) = PAGE_LIMIT;
+    match limit {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(_) => Err(KmsError::validation("limit", format!("Member must have value between 1 and {max}"))),
+    }
+}
+
+fn parse_marker(marker: Option<&str>) -> Result<u32, KmsError> {
+    marker.map_or(Ok(0), |m| m.parse().map_err(|_| KmsError::validation("marker", "Invalid marker")))
+}
+
+fn validate_description(d: &str) -> Result<(), KmsError> {
+    if d.chars().count() > 8192 {
+        return Err(KmsError::validation("description", "Member must have length less than or equal to 8192"));
+    }
+    Ok(())
+}
+
+fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), KmsError> {
+    if tags.len() > MAX_TAGS {
+        return Err(KmsError::validation("tags", format!("a key may have at most {MAX_TAGS} tags")));
+    }
+    for (k, v) in tags {
+        if k.is_empty() || k.chars().count() > 128 {
+            return Err(KmsError::validation("tags.member.tagKey", "Member must have length between 1 and 128"));
+        }
+        if v.chars().count() > 256 {
+            return Err(KmsError::validation("tags.member.tagValue", "Member must have length between 0 and 256"));
+        }
+    }
+    Ok(())
+}

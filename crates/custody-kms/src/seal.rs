@@ -1,0 +1,338 @@
+//! Initialization, seal and unseal, and authentication of certificate identities.
+
+use std::sync::{Arc, RwLock};
+
+use custody_crypto::pki::{self, IssuedCert};
+use custody_crypto::shamir::{self, UnsealShare};
+use custody_crypto::{RootKey, RootKeyCheck, SecretBytes};
+use custody_store::{Backend, Barrier, Expect, Table, Write};
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+
+use crate::authz::Caller;
+use crate::error::KmsError;
+use crate::ids::{PrincipalName, TenantId};
+use crate::model::{now_ms, CaRecord, PrincipalRecord, Role, TenantRecord};
+use crate::{Kms, KmsConfig, Unsealed};
+
+/// Row key of the store metadata in [`Table::Meta`].
+const STORE_META: &str = "store";
+/// Lifetime of the internal CA.
+const CA_LIFETIME: Duration = Duration::days(3650);
+/// Lifetime of the server certificate issued at init (renewal comes with the PKI work).
+const SERVER_CERT_LIFETIME: Duration = Duration::days(397);
+/// Lifetime of the first administrator's client certificate.
+const ADMIN_CERT_LIFETIME: Duration = Duration::days(365);
+/// URI SAN scheme of principal certificates: `spiffe://custody/<tenant>/<principal>`.
+pub const IDENTITY_PREFIX: &str = "spiffe://custody/";
+
+/// How the root key is protected.
+#[derive(Debug)]
+pub enum InitSeal {
+    /// Split into `shares` Shamir shares, `threshold` of which unseal.
+    Shamir {
+        /// shares needed
+        threshold: usize,
+        /// shares made
+        shares: usize,
+    },
+    /// The caller keeps the root key in a file (development only).
+    KeyFile(RootKey),
+}
+
+/// What `init` needs.
+#[derive(Debug)]
+pub struct InitOptions {
+    /// Seal method.
+    pub seal: InitSeal,
+    /// The first tenant (random if not given).
+    pub tenant: Option<TenantId>,
+    /// The first administrator's name.
+    pub admin: PrincipalName,
+    /// DNS names and IP addresses for the server certificate.
+    pub server_names: Vec<String>,
+}
+
+/// What `init` produced: everything the operator must keep. The shares exist nowhere else.
+#[derive(Debug)]
+pub struct InitOutput {
+    /// Store id.
+    pub store_id: String,
+    /// First tenant.
+    pub tenant: TenantId,
+    /// First administrator.
+    pub admin: PrincipalName,
+    /// Unseal shares (empty for a key-file seal).
+    pub shares: Vec<UnsealShare>,
+    /// The internal CA certificate (PEM), the trust anchor for clients and the server.
+    pub ca_cert_pem: String,
+    /// The server's certificate and key.
+    pub server_cert: IssuedCert,
+    /// The administrator's client certificate and key.
+    pub admin_cert: IssuedCert,
+}
+
+/// Seal status, as `custody status` and the unseal endpoint report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SealStatus {
+    /// Whether custody is sealed.
+    pub sealed: bool,
+    /// `shamir` or `keyfile`.
+    pub seal_type: &'static str,
+    /// Shares needed (Shamir).
+    pub threshold: usize,
+    /// Shares issued (Shamir).
+    pub shares: usize,
+    /// Distinct valid shares submitted so far.
+    pub progress: usize,
+    /// Store id.
+    pub store_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoreMeta {
+    store_id: String,
+    created_at: i64,
+    seal: SealMeta,
+    #[serde(with = "hex_bytes")]
+    root_check: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum SealMeta {
+    Shamir { threshold: usize, shares: usize, fingerprints: Vec<String> },
+    Keyfile,
+}
+
+#[derive(Debug)]
+pub(crate) enum SealState {
+    Sealed { submitted: Vec<UnsealShare> },
+    Unsealed(Arc<Unsealed>),
+}
+
+impl Kms {
+    /// Initializes an empty store: root key, first tenant and administrator, internal CA and
+    /// server certificate, all in one atomic batch.
+    pub fn init(backend: &Arc<dyn Backend>, opts: InitOptions) -> Result<InitOutput, KmsError> {
+        if backend.get(Table::Meta, STORE_META)?.is_some() {
+            return Err(KmsError::AlreadyExists("this data directory is already initialized".into()));
+        }
+        let (root, shares, seal) = match opts.seal {
+            InitSeal::Shamir { threshold, shares } => {
+                let root = RootKey::generate();
+                let split = shamir::split(&root, threshold, shares)
+                    .map_err(|e| KmsError::validation("shares", e.to_string()))?;
+                let fingerprints = split.iter().map(|s| hex::encode(s.fingerprint())).collect();
+                (root, split, SealMeta::Shamir { threshold, shares, fingerprints })
+            }
+            InitSeal::KeyFile(root) => (root, Vec::new(), SealMeta::Keyfile),
+        };
+        let now = now_ms();
+        let now_dt = OffsetDateTime::now_utc();
+        let store_id = uuid::Uuid::from_bytes(custody_crypto::random::array()).simple().to_string();
+        let tenant = opts.tenant.unwrap_or_else(TenantId::random);
+        let pki_err = |e: pki::PkiError| KmsError::Internal(e.to_string());
+        let ca = pki::new_ca(&format!("custody CA {}", &store_id[..8]), now_dt, CA_LIFETIME).map_err(pki_err)?;
+        let server_cert = pki::issue_server(&ca, &opts.server_names, now_dt, SERVER_CERT_LIFETIME).map_err(pki_err)?;
+        let admin_cert = pki::issue_client(
+            &ca,
+            &identity_uri(&tenant, &opts.admin),
+            opts.admin.as_str(),
+            now_dt,
+            ADMIN_CERT_LIFETIME,
+        )
+        .map_err(pki_err)?;
+
+        let meta = StoreMeta {
+            store_id: store_id.clone(),
+            created_at: now,
+            seal,
+            root_check: root.check_value().as_bytes().to_vec(),
+        };
+        let barrier = Barrier::new(backend.clone(), root.barrier_key());
+        let ca_record = CaRecord {
+            cert_pem: ca.cert_pem.clone(),
+            key_pem: String::from_utf8(ca.key_pem.expose_secret().to_vec())
+                .map_err(|_| KmsError::Internal("CA key is not UTF-8".into()))?,
+            serial: ca.serial.clone(),
+            not_after: ca.not_after.unix_timestamp() * 1000,
+        };
+        let writes = vec![
+            Write::Put {
+                table: Table::Meta,
+                key: STORE_META.into(),
+                value: serde_json::to_vec(&meta).expect("meta serializes"),
+                expect: Expect::Absent,
+            },
+            barrier.put(
+                Table::Tenants,
+                tenant.as_str(),
+                &TenantRecord { id: tenant.clone(), name: "default".into(), created_at: now },
+                Expect::Absent,
+            ),
+            barrier.put(
+                Table::Principals,
+                &format!("{tenant}/{}", opts.admin),
+                &PrincipalRecord {
+                    tenant: tenant.clone(),
+                    name: opts.admin.clone(),
+                    roles: vec![Role::Administrator],
+                    enabled: true,
+                    created_at: now,
+                },
+                Expect::Absent,
+            ),
+            barrier.put(Table::Pki, "ca", &ca_record, Expect::Absent),
+        ];
+        barrier.apply(&writes).map_err(|e| match e {
+            custody_store::StoreError::Conflict { .. } => {
+                KmsError::AlreadyExists("this data directory is already initialized".into())
+            }
+            other => other.into(),
+        })?;
+        Ok(InitOutput {
+            store_id,
+            tenant,
+            admin: opts.admin,
+            shares,
+            ca_cert_pem: ca.cert_pem,
+            server_cert,
+            admin_cert,
+        })
+    }
+
+    /// Opens an initialized store, sealed.
+    pub fn open(backend: Arc<dyn Backend>, config: KmsConfig) -> Result<Self, KmsError> {
+        let kms = Self { backend, config, seal: RwLock::new(SealState::Sealed { submitted: Vec::new() }) };
+        kms.meta()?;
+        Ok(kms)
+    }
+
+    fn meta(&self) -> Result<StoreMeta, KmsError> {
+        let row = self.backend.get(Table::Meta, STORE_META)?.ok_or(KmsError::NotInitialized)?;
+        serde_json::from_slice(&row.value).map_err(|e| KmsError::Internal(format!("store metadata unreadable: {e}")))
+    }
+
+    /// Seal status.
+    pub fn status(&self) -> Result<SealStatus, KmsError> {
+        let meta = self.meta()?;
+        let (sealed, progress) = match &*self.seal.read().unwrap_or_else(|p| p.into_inner()) {
+            SealState::Sealed { submitted } => (true, submitted.len()),
+            SealState::Unsealed(_) => (false, 0),
+        };
+        let (seal_type, threshold, shares) = match meta.seal {
+            SealMeta::Shamir { threshold, shares, .. } => ("shamir", threshold, shares),
+            SealMeta::Keyfile => ("keyfile", 0, 0),
+        };
+        Ok(SealStatus { sealed, seal_type, threshold, shares, progress, store_id: meta.store_id })
+    }
+
+    /// Submits one unseal share. Once `threshold` distinct valid shares are in, custody unseals.
+    ///
+    /// A share this store did not issue is refused at once and changes nothing; submitting the
+    /// same share twice counts once.
+    pub fn submit_share(&self, text: &str) -> Result<SealStatus, KmsError> {
+        let meta = self.meta()?;
+        let SealMeta::Shamir { threshold, fingerprints, .. } = &meta.seal else {
+            return Err(KmsError::InvalidShare("this store is sealed with a key file, not shares".into()));
+        };
+        let share = UnsealShare::parse(text).map_err(|e| KmsError::InvalidShare(e.to_string()))?;
+        let fp = hex::encode(share.fingerprint());
+        // Not secret-dependent timing worth hiding: fingerprints are public values.
+        if !fingerprints.contains(&fp) {
+            return Err(KmsError::InvalidShare("this share was not issued for this store (check for typos)".into()));
+        }
+        {
+            let mut state = self.seal.write().unwrap_or_else(|p| p.into_inner());
+            let SealState::Sealed { submitted } = &mut *state else {
+                drop(state);
+                return self.status();
+            };
+            if !submitted.iter().any(|s| s.index() == share.index()) {
+                submitted.push(share);
+            }
+            if submitted.len() >= *threshold {
+                let shares = std::mem::take(submitted);
+                let root = shamir::combine(&shares).map_err(|e| KmsError::InvalidShare(e.to_string()))?;
+                let unsealed = self.unsealed_with(&meta, root)?;
+                *state = SealState::Unsealed(Arc::new(unsealed));
+                tracing::info!("unsealed with {} shares", shares.len());
+            }
+        }
+        self.status()
+    }
+
+    /// Unseals with the root key itself (key-file seal).
+    pub fn unseal_with_root(&self, root: RootKey) -> Result<(), KmsError> {
+        let meta = self.meta()?;
+        let unsealed = self.unsealed_with(&meta, root)?;
+        *self.seal.write().unwrap_or_else(|p| p.into_inner()) = SealState::Unsealed(Arc::new(unsealed));
+        tracing::info!("unsealed with the key file");
+        Ok(())
+    }
+
+    fn unsealed_with(&self, meta: &StoreMeta, root: RootKey) -> Result<Unsealed, KmsError> {
+        let check = RootKeyCheck::from_bytes(&meta.root_check).ok_or(KmsError::Integrity)?;
+        if !check.matches(&root) {
+            return Err(KmsError::InvalidShare("the key does not unseal this store".into()));
+        }
+        let barrier = Barrier::new(self.backend.clone(), root.barrier_key());
+        Ok(Unsealed { root, barrier })
+    }
+
+    /// Maps a verified client-certificate identity (`spiffe://custody/<tenant>/<principal>`) to a
+    /// caller. Unknown, malformed and disabled identities all fail the same way.
+    pub fn authenticate_certificate(&self, uri: &str) -> Result<Caller, KmsError> {
+        let u = self.unsealed()?;
+        let denied = || KmsError::Unauthenticated("The security token included in the request is invalid.".into());
+        let (tenant, name) = parse_identity(uri).ok_or_else(denied)?;
+        let record =
+            u.barrier.get::<PrincipalRecord>(Table::Principals, &format!("{tenant}/{name}"))?.ok_or_else(denied)?.value;
+        if !record.enabled || record.tenant != tenant {
+            return Err(denied());
+        }
+        Ok(Caller { tenant, name, roles: record.roles })
+    }
+
+    /// The internal CA certificate (PEM).
+    pub fn ca_certificate(&self) -> Result<String, KmsError> {
+        let u = self.unsealed()?;
+        let ca = u.barrier.get::<CaRecord>(Table::Pki, "ca")?.ok_or(KmsError::Integrity)?;
+        Ok(ca.value.cert_pem)
+    }
+
+    /// The internal CA with its key, for issuing certificates.
+    pub fn ca_for_issuing(&self) -> Result<IssuedCert, KmsError> {
+        let u = self.unsealed()?;
+        let ca = u.barrier.get::<CaRecord>(Table::Pki, "ca")?.ok_or(KmsError::Integrity)?.value;
+        Ok(IssuedCert {
+            cert_pem: ca.cert_pem,
+            key_pem: SecretBytes::new(ca.key_pem.into_bytes()),
+            serial: ca.serial,
+            not_after: OffsetDateTime::from_unix_timestamp(ca.not_after / 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        })
+    }
+}
+
+/// `spiffe://custody/<tenant>/<principal>`
+pub fn identity_uri(tenant: &TenantId, name: &PrincipalName) -> String {
+    format!("{IDENTITY_PREFIX}{tenant}/{name}")
+}
+
+fn parse_identity(uri: &str) -> Option<(TenantId, PrincipalName)> {
+    let (tenant, name) = uri.strip_prefix(IDENTITY_PREFIX)?.split_once('/')?;
+    Some((TenantId::parse(tenant)?, PrincipalName::parse(name)?))
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        hex::decode(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}

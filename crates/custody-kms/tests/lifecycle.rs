@@ -1,0 +1,323 @@
+//! The service end to end, without the network: seal, keys, lifecycle, crypto, scheduler.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use custody_crypto::{EncryptionContext, RootKey, SecretBytes};
+use custody_kms::{CreateKeyRequest, InitOptions, InitSeal, KeyRef, Kms, KmsConfig, KmsError, PrincipalName};
+use custody_store::{Backend, SqliteBackend};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    kms: Kms,
+    caller: custody_kms::Caller,
+    identity: String,
+}
+
+fn keyfile_fixture(day_ms: i64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("custody.db");
+    let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&path).unwrap());
+    let root = RootKey::generate();
+    let root_copy = RootKey::from_bytes(root.expose_secret()).unwrap();
+    let out = Kms::init(
+        &backend,
+        InitOptions {
+            seal: InitSeal::KeyFile(root),
+            tenant: None,
+            admin: PrincipalName::parse("admin").unwrap(),
+            server_names: vec!["localhost".into()],
+        },
+    )
+    .unwrap();
+    let kms = Kms::open(backend, KmsConfig { day_ms, ..KmsConfig::default() }).unwrap();
+    kms.unseal_with_root(root_copy).unwrap();
+    let identity = format!("spiffe://custody/{}/admin", out.tenant);
+    let caller = kms.authenticate_certificate(&identity).unwrap();
+    Fixture { _dir: dir, path, kms, caller, identity }
+}
+
+fn ctx(pairs: &[(&str, &str)]) -> EncryptionContext {
+    EncryptionContext::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap()
+}
+
+fn id(s: &str) -> KeyRef {
+    KeyRef::parse(s, "KeyId").unwrap()
+}
+
+#[test]
+fn rotation_keeps_old_ciphertexts_decryptable() {
+    let f = keyfile_fixture(custody_kms::DAY_MS);
+    let key = f.kms.create_key(&f.caller, CreateKeyRequest { description: "t".into(), ..Default::default() }).unwrap();
+    let k = id(&key.key_id);
+    let c = ctx(&[("purpose", "test")]);
+    let secret = SecretBytes::copy_from(b"the first secret");
+    let first = f.kms.encrypt(&f.caller, &k, &secret, &c).unwrap();
+    f.kms.rotate_key_on_demand(&f.caller, &k).unwrap();
+    f.kms.rotate_key_on_demand(&f.caller, &k).unwrap();
+    let third = f.kms.encrypt(&f.caller, &k, &secret, &c).unwrap();
+    assert_ne!(first.ciphertext_blob[17..21], third.ciphertext_blob[17..21], "new version encrypts");
+    for blob in [&first.ciphertext_blob, &third.ciphertext_blob] {
+        let out = f.kms.decrypt(&f.caller, blob, &c, None).unwrap();
+        assert_eq!(out.plaintext.expose_secret(), b"the first secret");
+        assert_eq!(out.key_arn, key.arn);
+    }
+    let rotations = f.kms.list_key_rotations(&f.caller, &k, None, None).unwrap();
+    assert_eq!(rotations.items.len(), 2);
+    assert!(rotations.items.iter().all(|r| r.rotation_type == "ON_DEMAND"));
+    let page = f.kms.list_key_rotations(&f.caller, &k, Some(1), None).unwrap();
+    assert_eq!(page.items.len(), 1);
+    let rest = f.kms.list_key_rotations(&f.caller, &k, Some(1), page.next_marker.as_deref()).unwrap();
+    assert_eq!((rest.items.len(), rest.next_marker), (1, None));
+}
+
+#[test]
+fn wrong_context_tampering_and_wrong_key_are_invalid_ciphertext() {
+    let f = keyfile_fixture(custody_kms::DAY_MS);
+    let a = id(&f.kms.create_key(&f.caller, CreateKeyRequest::default()).unwrap().key_id);
+    let b = id(&f.kms.create_key(&f.caller, CreateKeyRequest::default()).unwrap().key_id);
+    let c = ctx(&[("tenant", "acme")]);
+    let blob = f.kms.encrypt(&f.caller, &a, &SecretBytes::copy_from(b"x"), &c).unwrap().ciphertext_blob;
+    assert!(matches!(
+        f.kms.decrypt(&f.caller, &blob, &ctx(&[("tenant", "evil")]), None),
+        Err(KmsError::InvalidCiphertext)
+    ));
+    assert!(matches!(
+        f.kms.decrypt(&f.caller, &blob, &EncryptionContext::empty(), None),
+        Err(KmsError::InvalidCiphertext)
+    ));
+    for i in 0..blob.len() {
+        let mut t = blob.clone();
+        t[i] ^= 1;
+        assert!(matches!(f.kms.decrypt(&f.caller, &t, &c, None), Err(KmsError::InvalidCiphertext)), "flip at byte {i}");
+    }
+    assert!(matches!(f.kms.decrypt(&f.caller, &blob[..blob.len() - 1], &c, None), Err(KmsError::InvalidCiphertext)));
+    assert!(matches!(f.kms.decrypt(&f.caller, &blob, &c, Some(&b)), Err(KmsError::IncorrectKey)));
+    assert!(f.kms.decrypt(&f.caller, &blob, &c, Some(&a)).is_ok());
+}
+
+#[test]
+fn disabled_and_pending_deletion_keys_refuse_use() {
+    let f = keyfile_fixture(custody_kms::DAY_MS);
+    let k = id(&f.kms.create_key(&f.caller, CreateKeyRequest::default()).unwrap().key_id);
+    let c = EncryptionContext::empty();
+    let pt = SecretBytes::copy_from(b"x");
+    let blob = f.kms.encrypt(&f.caller, &k, &pt, &c).unwrap().ciphertext_blob;
+
+    f.kms.disable_key(&f.caller, &k).unwrap();
+    assert!(matches!(f.kms.encrypt(&f.caller, &k, &pt, &c), Err(KmsError::Disabled(_))));
+    assert!(matches!(f.kms.decrypt(&f.caller, &blob, &c, None), Err(KmsError::Disabled(_))));
+    assert!(matches!(f.kms.generate_data_key(&f.caller, &k, 32, &c, true), Err(KmsError::Disabled(_))));
+    assert_eq!(f.kms.describe_key(&f.caller, &k).unwrap().key_state, "Disabled");
+
+    f.kms.enable_key(&f.caller, &k).unwrap();
+    assert!(f.kms.decrypt(&f.caller, &blob, &c, None).is_ok());
+
+    let sched = f.kms.schedule_key_deletion(&f.caller, &k, Some(7)).unwrap();
+    assert_eq!(sched.key_state, "PendingDeletion");
+    assert!(matches!(f.kms.decrypt(&f.caller, &blob, &c, None), Err(KmsError::InvalidState(_))));
+    assert!(matches!(f.kms.enable_key(&f.caller, &k), Err(KmsError::InvalidState(_))));
+    assert!(matches!(f.kms.schedule_key_deletion(&f.caller, &k, Some(7)), Err(KmsError::InvalidState(_))));
+    f.kms.cancel_key_deletion(&f.caller, &k).unwrap();
+    assert_eq!(f.kms.describe_key(&f.caller, &k).unwrap().key_state, "Disabled", "cancel returns to Disabled");
+    assert!(matches!(f.kms.cancel_key_deletion(&f.caller, &k), Err(KmsError::InvalidState(_))));
+    for bad in [6, 31] {
+        assert!(matches!(f.kms.schedule_key_deletion(&f.caller, &k, Some(bad)), Err(KmsError::Validation { .. })));
+    }
+}
+
+#[test]
+fn scheduler_rotates_due_keys_and_destroys_after_the_window() {
+    // A "day" of 20 ms: a 7-day window is 140 ms, a 90-day period 1.8 s.
+    let f = keyfile_fixture(20);
+    let k = id(&f.kms.create_key(&f.caller, CreateKeyRequest::default()).unwrap().key_id);
+    let doomed_meta = f.kms.create_key(&f.caller, CreateKeyRequest::default()).unwrap();
+    let doomed = id(&doomed_meta.key_id);
+    f.kms.create_alias(&f.caller, &custody_kms::AliasName::parse("alias/doomed").unwrap(), &doomed).unwrap();
+    let secret = b"material-canary";
+    let blob = f.kms.encrypt(&f.caller, &doomed, &SecretBytes::copy_from(secret), &EncryptionContext::empty()).unwrap();
+    f.kms.enable_key_rotation(&f.caller, &k, Some(90)).unwrap();
+    f.kms.schedule_key_deletion(&f.caller, &doomed, Some(7)).unwrap();
+
+    assert_eq!(f.kms.run_due_work().unwrap(), custody_kms::WorkReport::default(), "nothing due yet");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let report = f.kms.run_due_work().unwrap();
+    assert_eq!(report.destroyed, 1);
+    let meta = f.kms.describe_key(&f.caller, &doomed).unwrap();
+    assert_eq!(meta.key_state, "Destroyed", "the tombstone still answers DescribeKey");
+    assert!(matches!(
+        f.kms.decrypt(&f.caller, &blob.ciphertext_blob, &EncryptionContext::empty(), None),
+        Err(KmsError::InvalidState(_))
+    ));
+    assert!(f.kms.list_aliases(&f.caller, None, None, None).unwrap().items.is_empty(), "aliases go with the key");
+
+    std::thread::sleep(std::time::Duration::from_millis(1700));
+    let report = f.kms.run_due_work().unwrap();
+    assert_eq!(report.rotated, 1);
+    let rotations = f.kms.list_key_rotations(&f.caller, &k, None, None).unwrap();
+    assert_eq!(rotations.items[0].rotation_type, "AUTOMATIC");
+    assert_eq!(f.kms.run_due_work().unwrap().rotated, 0, "not again until the next period");
+    drop(f.kms);
+    let _ = &f.path;
+}
+
+#[test]
+fn aliases_resolve_everywhere_a_key_id_is_accepted() {
+    let f = keyfile_fixture(custody_kms::DAY_MS);
+    let k1 = f.kms.create_key(&f.caller, CreateKeyRequest::default()).unwrap();
+    let k2 = f.kms.create_key(&f.caller, CreateKeyRequest::default()).unwrap();
+    let alias = custody_kms::AliasName::parse("alias/app").unwrap();
+    f.kms.create_alias(&f.caller, &alias, &id(&k1.key_id)).unwrap();
+    assert!(matches!(f.kms.create_alias(&f.caller, &alias, &id(&k2.key_id)), Err(KmsError::AlreadyExists(_))));
+    let by_alias = f.kms.describe_key(&f.caller, &id("alias/app")).unwrap();
+    assert_eq!(by_alias.key_id, k1.key_id);
+    let alias_arn = format!("arn:aws:kms:us-east-1:{}:alias/app", f.caller.tenant());
+    assert_eq!(f.kms.describe_key(&f.caller, &id(&alias_arn)).unwrap().key_id, k1.key_id);
+    assert_eq!(f.kms.describe_key(&f.caller, &id(&k1.arn)).unwrap().key_id, k1.key_id);
+    f.kms.update_alias(&f.caller, &alias, &id(&k2.key_id)).unwrap();
+    assert_eq!(f.kms.describe_key(&f.caller, &id("alias/app")).unwrap().key_id, k2.key_id);
+    f.kms.delete_alias(&f.caller, &alias).unwrap();
+    assert!(matches!(f.kms.describe_key(&f.caller, &id("alias/app")), Err(KmsError::NotFound(_))));
+    // An ARN in another account or region is not found, not "forbidden".
+    let foreign = k1.arn.replace(f.caller.tenant().as_str(), "999999999999");
+    assert!(matches!(f.kms.describe_key(&f.caller, &id(&foreign)), Err(KmsError::NotFound(_))));
+    let other_region = k1.arn.replace("us-east-1", "eu-west-1");
+    assert!(matches!(f.kms.describe_key(&f.caller, &id(&other_region)), Err(KmsError::NotFound(_))));
+}
+
+#[test]
+fn list_keys_paginates() {
+    let f = keyfile_fixture(custody_kms::DAY_MS);
+    let mut ids: Vec<String> =
+        (0..5).map(|_| f.kms.create_key(&f.caller, CreateKeyRequest::default()).unwrap().key_id).collect();
+    ids.sort();
+    let mut seen = Vec::new();
+    let mut marker = None;
+    loop {
+        let page = f.kms.list_keys(&f.caller, Some(2), marker.as_deref()).unwrap();
+        seen.extend(page.items.into_iter().map(|e| e.key_id));
+        match page.next_marker {
+            Some(m) => marker = Some(m),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+    assert!(matches!(f.kms.list_keys(&f.caller, Some(0), None), Err(KmsError::Validation { .. })));
+}
+
+#[test]
+fn tags_and_limits() {
+    let f = keyfile_fixture(custody_kms::DAY_MS);
+    let tags = BTreeMap::from([("team".to_string(), "payments".to_string())]);
+    let k = id(&f.kms.create_key(&f.caller, CreateKeyRequest { tags, ..Default::default() }).unwrap().key_id);
+    f.kms.tag_resource(&f.caller, &k, BTreeMap::from([("env".into(), "prod".into())])).unwrap();
+    f.kms.untag_resource(&f.caller, &k, &["team".into()]).unwrap();
+    let tags = f.kms.list_resource_tags(&f.caller, &k, None, None).unwrap();
+    assert_eq!(tags.items, vec![("env".to_string(), "prod".to_string())]);
+    let too_many: BTreeMap<String, String> = (0..51).map(|i| (format!("k{i}"), String::new())).collect();
+    assert!(matches!(f.kms.tag_resource(&f.caller, &k, too_many), Err(KmsError::Validation { .. })));
+    assert_eq!(
+        f.kms.list_resource_tags(&f.caller, &k, None, None).unwrap().items.len(),
+        1,
+        "a refused change changes nothing"
+    );
+    let big = SecretBytes::new(vec![0; 4097]);
+    assert!(matches!(
+        f.kms.encrypt(&f.caller, &k, &big, &EncryptionContext::empty()),
+        Err(KmsError::Validation { .. })
+    ));
+    assert!(matches!(f.kms.generate_random(&f.caller, 1025), Err(KmsError::Validation { .. })));
+    assert_eq!(f.kms.generate_random(&f.caller, 1024).unwrap().len(), 1024);
+}
+
+#[test]
+fn shamir_unseal_three_of_five_and_wrong_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("custody.db");
+    let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&path).unwrap());
+    let out = Kms::init(
+        &backend,
+        InitOptions {
+            seal: InitSeal::Shamir { threshold: 3, shares: 5 },
+            tenant: None,
+            admin: PrincipalName::parse("admin").unwrap(),
+            server_names: vec!["localhost".into()],
+        },
+    )
+    .unwrap();
+    assert_eq!(out.shares.len(), 5);
+    let texts: Vec<String> = out.shares.iter().map(|s| s.to_text().to_string()).collect();
+    let kms = Kms::open(backend.clone(), KmsConfig::default()).unwrap();
+    let identity = format!("spiffe://custody/{}/admin", out.tenant);
+    assert!(matches!(kms.authenticate_certificate(&identity), Err(KmsError::Sealed)));
+
+    // A share of another store is refused and does not count.
+    let dir2 = tempfile::tempdir().unwrap();
+    let other: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&dir2.path().join("c.db")).unwrap());
+    let foreign = Kms::init(
+        &other,
+        InitOptions {
+            seal: InitSeal::Shamir { threshold: 3, shares: 5 },
+            tenant: None,
+            admin: PrincipalName::parse("admin").unwrap(),
+            server_names: vec!["localhost".into()],
+        },
+    )
+    .unwrap();
+    assert!(matches!(kms.submit_share(&foreign.shares[0].to_text()), Err(KmsError::InvalidShare(_))));
+    assert!(matches!(kms.submit_share("not a share"), Err(KmsError::InvalidShare(_))));
+    assert_eq!(kms.status().unwrap().progress, 0);
+
+    assert_eq!(kms.submit_share(&texts[4]).unwrap().progress, 1);
+    assert_eq!(kms.submit_share(&texts[4]).unwrap().progress, 1, "the same share counts once");
+    assert!(kms.submit_share(&texts[1]).unwrap().sealed);
+    let status = kms.submit_share(&texts[2]).unwrap();
+    assert!(!status.sealed);
+    let caller = kms.authenticate_certificate(&identity).unwrap();
+    let key = kms.create_key(&caller, CreateKeyRequest::default()).unwrap();
+
+    // A restart is sealed again; any other three shares unseal.
+    drop(kms);
+    let kms = Kms::open(backend, KmsConfig::default()).unwrap();
+    assert!(kms.status().unwrap().sealed);
+    for t in [&texts[0], &texts[3], &texts[1]] {
+        kms.submit_share(t).unwrap();
+    }
+    let caller = kms.authenticate_certificate(&identity).unwrap();
+    assert_eq!(kms.describe_key(&caller, &id(&key.key_id)).unwrap().key_id, key.key_id);
+}
+
+#[test]
+fn unknown_and_malformed_identities_are_unauthenticated() {
+    let f = keyfile_fixture(custody_kms::DAY_MS);
+    for bad in [
+        "spiffe://custody/111122223333/admin".to_string(),
+        f.identity.replace("/admin", "/nobody"),
+        "spiffe://other/x/y".into(),
+        "".into(),
+    ] {
+        assert!(matches!(f.kms.authenticate_certificate(&bad), Err(KmsError::Unauthenticated(_))), "{bad}");
+    }
+}
+
+#[test]
+fn a_row_changed_in_the_database_is_refused() {
+    let f = keyfile_fixture(custody_kms::DAY_MS);
+    let enabled = f.kms.create_key(&f.caller, CreateKeyRequest::default()).unwrap();
+    let disabled = f.kms.create_key(&f.caller, CreateKeyRequest::default()).unwrap();
+    f.kms.disable_key(&f.caller, &id(&disabled.key_id)).unwrap();
+    // An attacker with write access to the database copies the disabled key's sealed row over the
+    // enabled one (or edits it in any other way).
+    let conn = rusqlite::Connection::open(&f.path).unwrap();
+    conn.execute(
+        "UPDATE rows SET value = (SELECT value FROM rows WHERE tbl = 'keys' AND key = ?1) WHERE tbl = 'keys' AND key = ?2",
+        [&disabled.key_id, &enabled.key_id],
+    )
+    .unwrap();
+    assert!(matches!(f.kms.describe_key(&f.caller, &id(&enabled.key_id)), Err(KmsError::Integrity)));
+    assert!(matches!(
+        f.kms.encrypt(&f.caller, &id(&enabled.key_id), &SecretBytes::copy_from(b"x"), &EncryptionContext::empty()),
+        Err(KmsError::Integrity)
+    ));
+}
