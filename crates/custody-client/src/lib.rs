@@ -1,1 +1,184 @@
-//! placeholder
+//! custody's Rust client: the KMS JSON protocol over TLS 1.3 with a client certificate.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), custody_client::ClientError> {
+//! let profile = custody_client::Profile::load(std::path::Path::new(".custody-dev/profile.toml"))?;
+//! let mut client = custody_client::Client::connect(&profile).await?;
+//! let key = client.call("TrentService.CreateKey", serde_json::json!({})).await?;
+//! println!("{}", key["KeyMetadata"]["Arn"]);
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod profile;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+pub use profile::{Endpoint, Profile};
+
+/// What can go wrong talking to custody.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server answered with an AWS-style error.
+    #[error("{code}: {message}")]
+    Api {
+        /// HTTP status
+        status: u16,
+        /// AWS error name
+        code: String,
+        /// message
+        message: String,
+    },
+    /// Could not reach the server or the connection broke.
+    #[error("cannot reach custody at {endpoint}: {reason}")]
+    Connect {
+        /// endpoint
+        endpoint: String,
+        /// cause
+        reason: String,
+    },
+    /// Local configuration (profile, certificate files) is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The server sent something that is not the protocol.
+    #[error("unexpected response from custody: {0}")]
+    Protocol(String),
+}
+
+/// A connection to custody. Requests reuse one kept-alive TLS connection, reconnecting if the
+/// server closed it.
+pub struct Client {
+    endpoint: Endpoint,
+    connector: TlsConnector,
+    sender: Option<SendRequest<Full<Bytes>>>,
+    kx_group: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("endpoint", &self.endpoint.to_string()).finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects with the profile's endpoint, CA and (optional) client certificate.
+    pub async fn connect(profile: &Profile) -> Result<Self, ClientError> {
+        let endpoint = profile.endpoint()?;
+        let connector = TlsConnector::from(tls_config(profile)?);
+        let mut client = Self { endpoint, connector, sender: None, kx_group: None };
+        client.reconnect().await?;
+        Ok(client)
+    }
+
+    /// The key exchange group negotiated on the current connection (`X25519MLKEM768` when both
+    /// sides support the hybrid post-quantum exchange).
+    pub fn key_exchange_group(&self) -> Option<&str> {
+        self.kx_group.as_deref()
+    }
+
+    async fn reconnect(&mut self) -> Result<(), ClientError> {
+        let connect_err = |reason: String| ClientError::Connect { endpoint: self.endpoint.to_string(), reason };
+        let tcp = TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port)).await.map_err(|e| connect_err(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.endpoint.host.clone()).map_err(|e| connect_err(format!("bad host name: {e}")))?;
+        let tls = self.connector.connect(name, tcp).await.map_err(|e| connect_err(format!("TLS handshake failed: {}", chain(&e))))?;
+        self.kx_group = tls.get_ref().1.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()));
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| connect_err(chain(&e)))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        self.sender = Some(sender);
+        Ok(())
+    }
+
+    /// Calls `target` (`TrentService.Encrypt`, `Custody.GetStatus`, ...) with a JSON body.
+    pub async fn call(&mut self, target: &str, body: Value) -> Result<Value, ClientError> {
+        let bytes = Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize"));
+        let build = |host: &str| {
+            Request::post("/")
+                .header("host", host)
+                .header("content-type", "application/x-amz-json-1.1")
+                .header("x-amz-target", target)
+                .body(Full::new(bytes.clone()))
+                .map_err(|e| ClientError::Protocol(e.to_string()))
+        };
+        let host = self.endpoint.authority();
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            self.reconnect().await?;
+        }
+        let sender = self.sender.as_mut().expect("connected above");
+        sender.ready().await.map_err(|e| ClientError::Connect { endpoint: self.endpoint.to_string(), reason: chain(&e) })?;
+        let resp = sender
+            .send_request(build(&host)?)
+            .await
+            .map_err(|e| ClientError::Connect { endpoint: self.endpoint.to_string(), reason: chain(&e) })?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.map_err(|e| ClientError::Protocol(e.to_string()))?.to_bytes();
+        let value: Value = serde_json::from_slice(&body).map_err(|_| ClientError::Protocol(format!("HTTP {status} with a body that is not JSON")))?;
+        if status == 200 {
+            return Ok(value);
+        }
+        Err(ClientError::Api {
+            status,
+            code: value["__type"].as_str().unwrap_or("UnknownError").to_string(),
+            message: value["message"].as_str().unwrap_or("").to_string(),
+        })
+    }
+}
+
+/// An error and its causes, `outer: inner: innermost` (hyper's own message alone is often just
+/// "connection error").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+fn tls_config(profile: &Profile) -> Result<Arc<ClientConfig>, ClientError> {
+    let cfg_err = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        ClientError::Config(format!("cannot use {what} {}: {e}", path.display()))
+    };
+    let mut roots = RootCertStore::empty();
+    let ca_file = profile.ca_file()?;
+    for cert in CertificateDer::pem_file_iter(&ca_file).map_err(|e| cfg_err("the CA file", &ca_file, &e))? {
+        let cert = cert.map_err(|e| cfg_err("the CA file", &ca_file, &e))?;
+        roots.add(cert).map_err(|e| cfg_err("the CA file", &ca_file, &e))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Config(e.to_string()))?
+        .with_root_certificates(roots);
+    let mut config = match profile.client_cert()? {
+        Some((cert_file, key_file)) => {
+            let certs = CertificateDer::pem_file_iter(&cert_file)
+                .map_err(|e| cfg_err("the certificate", &cert_file, &e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| cfg_err("the certificate", &cert_file, &e))?;
+            let key = PrivateKeyDer::from_pem_file(&key_file).map_err(|e| cfg_err("the private key", &key_file, &e))?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| cfg_err("the certificate", &cert_file, &e))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}

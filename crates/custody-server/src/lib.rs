@@ -1,1 +1,286 @@
-//! placeholder
+//! custody's network front: TLS 1.3 (rustls, mTLS), the AWS KMS JSON protocol, `/healthz`, and
+//! the background scheduler.
+//!
+//! Nothing here decides who may do what or touches key material: a request is authenticated
+//! (the client certificate's URI SAN), translated, and handed to [`custody_kms::Kms`].
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod keyfile;
+pub mod protocol;
+pub mod tls;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use custody_kms::{Kms, KmsConfig};
+use custody_store::{Backend, SqliteBackend};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+pub use config::ServerConfig;
+use protocol::{ApiError, Identity};
+
+/// How long a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The AWS JSON 1.1 content type.
+const AMZ_JSON: &str = "application/x-amz-json-1.1";
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Configuration problem.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// TLS files problem.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Store problem.
+    #[error("{0}")]
+    Store(String),
+    /// Cannot listen.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// address
+        addr: SocketAddr,
+        /// cause
+        source: std::io::Error,
+    },
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    local_addr: SocketAddr,
+    kms: Arc<Kms>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Opens the store, unseals with the key file if so configured, and starts serving.
+    pub async fn start(config: ServerConfig) -> Result<Self, StartError> {
+        let db = config.database_path();
+        if !db.exists() {
+            return Err(StartError::Store(format!(
+                "{} is not initialized: run `custody init --data {}` first",
+                config.data_dir.display(),
+                config.data_dir.display()
+            )));
+        }
+        let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&db).map_err(|e| StartError::Store(e.to_string()))?);
+        let day_ms = i64::try_from(config.danger_day_length_ms).unwrap_or(custody_kms::DAY_MS);
+        if day_ms != custody_kms::DAY_MS {
+            tracing::warn!(day_ms, "danger_day_length_ms is set: deletion windows and rotation periods are shortened (tests only)");
+        }
+        let kms = Arc::new(
+            Kms::open(backend, KmsConfig { region: config.region.clone(), day_ms }).map_err(|e| StartError::Store(e.to_string()))?,
+        );
+        if let config::SealSetting::KeyFile(path) = config.seal_setting()? {
+            tracing::warn!(path = %path.display(), "key-file seal: for development only");
+            let root = keyfile::read(&path).map_err(StartError::Store)?;
+            kms.unseal_with_root(root).map_err(|e| StartError::Store(format!("the key file does not unseal this store: {e}")))?;
+        }
+        let tls = tls::server_config(&config.cert_file(), &config.key_file(), &config.client_ca_file())?;
+        let listener = TcpListener::bind(config.listen).await.map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let state = Arc::new(State { kms: kms.clone(), max_request_bytes: config.max_request_bytes });
+        tokio::spawn(scheduler(kms.clone(), Duration::from_millis(config.scheduler_interval_ms), shutdown_rx.clone()));
+        let task = tokio::spawn(accept_loop(listener, TlsAcceptor::from(tls), state, shutdown_rx));
+        tracing::info!(%local_addr, "custody listening (TLS 1.3)");
+        Ok(Self { local_addr, kms, shutdown, task })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The service behind this server.
+    pub fn kms(&self) -> &Arc<Kms> {
+        &self.kms
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to 10 s), and returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+struct State {
+    kms: Arc<Kms>,
+    max_request_bytes: usize,
+}
+
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    connections.spawn(connection(tcp, peer, acceptor.clone(), state.clone(), shutdown.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while connections.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!("shutdown: connections still open after the drain timeout; closing them");
+        connections.abort_all();
+    }
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    state: Arc<State>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        Some(cert) => match tls::identity_of(cert) {
+            Some(uri) => Identity::Certificate(uri),
+            None => Identity::CertificateWithoutIdentity,
+        },
+        None => Identity::Anonymous,
+    };
+    let identity = Arc::new(identity);
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        let identity = identity.clone();
+        async move { Ok::<_, Infallible>(handle(state, identity, peer, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+async fn handle(state: Arc<State>, identity: Arc<Identity>, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let (action, result) = route(&state, &identity, req).await;
+    let (status, body) = match result {
+        Ok(v) => (200, v),
+        Err(e) => {
+            if e.status >= 500 {
+                tracing::error!(%request_id, action = %action, code = e.code, "request failed");
+            }
+            (e.status, e.body())
+        }
+    };
+    let principal = match &*identity {
+        Identity::Certificate(uri) => uri.as_str(),
+        Identity::CertificateWithoutIdentity => "<certificate without identity>",
+        Identity::Anonymous => "-",
+    };
+    tracing::info!(%request_id, %peer, principal, action = %action, status, ms = started.elapsed().as_millis() as u64, "request");
+    let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize"))));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(AMZ_JSON));
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        headers.insert("x-amzn-requestid", v);
+    }
+    resp
+}
+
+async fn route(state: &Arc<State>, identity: &Arc<Identity>, req: Request<Incoming>) -> (String, Result<serde_json::Value, ApiError>) {
+    if req.uri().path() == "/healthz" && req.method() == Method::GET {
+        return ("healthz".into(), Ok(health(&state.kms)));
+    }
+    if req.method() != Method::POST || req.uri().path() != "/" {
+        return ("-".into(), Err(ApiError::new(404, "UnknownOperationException", "custody answers POST / (AWS JSON protocol) and GET /healthz")));
+    }
+    let Some(target) = req.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).map(str::to_string) else {
+        return ("-".into(), Err(ApiError::new(400, "UnknownOperationException", "missing X-Amz-Target header")));
+    };
+    let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !content_type.starts_with(AMZ_JSON) && !content_type.starts_with("application/json") {
+        return (target, Err(ApiError::new(400, "SerializationException", format!("Content-Type must be {AMZ_JSON}"))));
+    }
+    let body = match Limited::new(req.into_body(), state.max_request_bytes).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            let msg = format!("the request body is larger than {} bytes or was cut off", state.max_request_bytes);
+            return (target, Err(ApiError::new(413, "ValidationException", msg)));
+        }
+    };
+    let kms = state.kms.clone();
+    let identity = identity.clone();
+    let t = target.clone();
+    let result = tokio::task::spawn_blocking(move || protocol::dispatch(&kms, &identity, &t, &body))
+        .await
+        .unwrap_or_else(|_| Err(ApiError::new(500, "KMSInternalException", "The request could not be completed because of an internal error.")));
+    (target, result)
+}
+
+fn health(kms: &Kms) -> serde_json::Value {
+    match kms.status() {
+        Ok(s) => serde_json::json!({ "status": "ok", "sealed": s.sealed, "version": env!("CARGO_PKG_VERSION") }),
+        Err(_) => serde_json::json!({ "status": "error", "sealed": true, "version": env!("CARGO_PKG_VERSION") }),
+    }
+}
+
+async fn scheduler(kms: Arc<Kms>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let kms = kms.clone();
+        match tokio::task::spawn_blocking(move || kms.run_due_work()).await {
+            Ok(Ok(report)) if report.rotated + report.destroyed > 0 => {
+                tracing::info!(rotated = report.rotated, destroyed = report.destroyed, "scheduler pass");
+            }
+            Ok(Ok(_)) | Ok(Err(custody_kms::KmsError::Sealed)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "scheduler pass failed"),
+            Err(e) => tracing::error!(error = %e, "scheduler task panicked"),
+        }
+    }
+}

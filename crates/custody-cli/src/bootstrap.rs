@@ -1,0 +1,145 @@
+//! Laying out a data directory: the store, TLS files and the first administrator's profile.
+//!
+//! ```text
+//! DIR/custody.db            the store (SQLite, WAL)
+//! DIR/tls/ca.crt            internal CA certificate (public; clients trust it)
+//! DIR/tls/server.crt, .key  the server's certificate and key (key 0600)
+//! DIR/admin/admin.crt, .key the first administrator's client certificate and key (key 0600)
+//! DIR/admin/profile.toml    connection profile for the CLI
+//! ```
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use custody_client::Profile;
+use custody_crypto::RootKey;
+use custody_kms::{InitOptions, InitOutput, InitSeal, Kms, PrincipalName, TenantId};
+use custody_store::{Backend, SqliteBackend};
+
+/// What to set up.
+#[derive(Debug)]
+pub struct Bootstrap {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Seal: Shamir shares or a key file to create.
+    pub seal: SealChoice,
+    /// First tenant (random if absent).
+    pub tenant: Option<TenantId>,
+    /// First administrator.
+    pub admin: PrincipalName,
+    /// Names in the server certificate.
+    pub server_names: Vec<String>,
+    /// Endpoint written into the administrator's profile.
+    pub endpoint: String,
+}
+
+/// Seal choice at init.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SealChoice {
+    /// k of n Shamir shares.
+    Shamir {
+        /// threshold
+        threshold: usize,
+        /// shares
+        shares: usize,
+    },
+    /// Development: root key in this file (created, mode 0600).
+    KeyFile(PathBuf),
+}
+
+/// Paths of what was written.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Data directory.
+    pub data_dir: PathBuf,
+}
+
+impl Layout {
+    /// The store file.
+    pub fn database(&self) -> PathBuf {
+        self.data_dir.join("custody.db")
+    }
+    /// CA certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.data_dir.join("tls/ca.crt")
+    }
+    /// Administrator profile.
+    pub fn admin_profile(&self) -> PathBuf {
+        self.data_dir.join("admin/profile.toml")
+    }
+    /// Whether a store exists here.
+    pub fn is_initialized(&self) -> bool {
+        self.database().exists()
+    }
+}
+
+/// Initializes `b.data_dir`. Fails, changing nothing, if it is already initialized.
+pub fn init(b: Bootstrap) -> Result<(Layout, InitOutput), String> {
+    let layout = Layout { data_dir: b.data_dir.clone() };
+    if layout.is_initialized() {
+        return Err(format!("{} is already initialized (custody.db exists); nothing was changed", b.data_dir.display()));
+    }
+    let io = |what: &str, p: &Path, e: std::io::Error| format!("cannot write {what} {}: {e}", p.display());
+    for d in [b.data_dir.clone(), b.data_dir.join("tls"), b.data_dir.join("admin")] {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&d).map_err(|e| io("directory", &d, e))?;
+    }
+    let seal = match &b.seal {
+        SealChoice::Shamir { threshold, shares } => InitSeal::Shamir { threshold: *threshold, shares: *shares },
+        SealChoice::KeyFile(path) => {
+            let root = RootKey::generate();
+            if !path.exists() {
+                custody_server::keyfile::write(path, &root).map_err(|e| io("the key file", path, e))?;
+                InitSeal::KeyFile(root)
+            } else {
+                InitSeal::KeyFile(custody_server::keyfile::read(path)?)
+            }
+        }
+    };
+    let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&layout.database()).map_err(|e| e.to_string())?);
+    let out = Kms::init(
+        &backend,
+        InitOptions { seal, tenant: b.tenant, admin: b.admin.clone(), server_names: b.server_names },
+    )
+    .map_err(|e| e.to_string())?;
+    let tls = b.data_dir.join("tls");
+    let admin = b.data_dir.join("admin");
+    write_file(&tls.join("ca.crt"), out.ca_cert_pem.as_bytes(), 0o644)?;
+    write_file(&tls.join("server.crt"), out.server_cert.cert_pem.as_bytes(), 0o644)?;
+    write_file(&tls.join("server.key"), out.server_cert.key_pem.expose_secret(), 0o600)?;
+    let admin_name = b.admin.as_str();
+    write_file(&admin.join(format!("{admin_name}.crt")), out.admin_cert.cert_pem.as_bytes(), 0o644)?;
+    write_file(&admin.join(format!("{admin_name}.key")), out.admin_cert.key_pem.expose_secret(), 0o600)?;
+    write_profile(&layout, admin_name, &b.endpoint)?;
+    Ok((layout, out))
+}
+
+/// (Re)writes the administrator's profile with `endpoint`.
+pub fn write_profile(layout: &Layout, admin_name: &str, endpoint: &str) -> Result<PathBuf, String> {
+    let admin = layout.data_dir.join("admin");
+    let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let profile = Profile {
+        endpoint: Some(endpoint.to_string()),
+        ca_file: Some(abs(layout.ca_cert())),
+        cert_file: Some(abs(admin.join(format!("{admin_name}.crt")))),
+        key_file: Some(abs(admin.join(format!("{admin_name}.key")))),
+    };
+    let path = layout.admin_profile();
+    profile.save(&path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(path)
+}
+
+/// Writes a file with `mode` (created fresh; an existing file is replaced atomically).
+pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}

@@ -1,0 +1,747 @@
+//! Command implementations.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use clap::{Args, Subcommand};
+use custody_client::{Client, Profile};
+use custody_kms::{PrincipalName, TenantId};
+use serde_json::{json, Value};
+use zeroize::Zeroizing;
+
+use crate::bootstrap::{self, Bootstrap, SealChoice};
+use crate::exit::{self, CliError};
+use crate::{Cli, Command, ConnArgs};
+
+type Result<T> = std::result::Result<T, CliError>;
+
+/// `custody init`
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Data directory to create.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Seal method: `shamir` or `keyfile:PATH` (development only).
+    #[arg(long, default_value = "shamir")]
+    pub seal: String,
+    /// Number of unseal shares (Shamir).
+    #[arg(long, default_value_t = 5)]
+    pub shares: usize,
+    /// Shares needed to unseal (Shamir).
+    #[arg(long, default_value_t = 3)]
+    pub threshold: usize,
+    /// Write each share to DIR/share-N.txt (mode 0600) instead of printing them.
+    #[arg(long, value_name = "DIR")]
+    pub shares_dir: Option<PathBuf>,
+    /// DNS name or IP address for the server certificate (repeatable).
+    #[arg(long = "server-name", value_name = "NAME", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+    pub server_names: Vec<String>,
+    /// First tenant's 12-digit account id (random if omitted).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// First administrator's name.
+    #[arg(long, default_value = "admin")]
+    pub admin: String,
+    /// Endpoint to write into the administrator's profile.
+    #[arg(long = "profile-endpoint", default_value = "https://localhost:8443")]
+    pub profile_endpoint: String,
+}
+
+/// `custody server`
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Configuration file (TOML); see docs/CONFIGURATION.md.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory (overrides the file and CUSTODY_DATA_DIR).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Listen address (overrides the file and CUSTODY_LISTEN).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// `custody unseal`
+#[derive(Debug, Args)]
+pub struct UnsealArgs {
+    /// File holding one share (repeatable). Without it, shares are read from the terminal.
+    #[arg(long = "share-file", value_name = "FILE")]
+    pub share_files: Vec<PathBuf>,
+}
+
+/// `custody key ...`
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create a symmetric key (AES-256-GCM).
+    #[command(after_help = "Example:\n  custody key create --description 'payments' --tag team=payments")]
+    Create {
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Tag as KEY=VALUE (repeatable).
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_pair)]
+        tags: Vec<(String, String)>,
+    },
+    /// List keys.
+    #[command(after_help = "Example:\n  custody key list --json")]
+    List,
+    /// Show a key's metadata.
+    #[command(after_help = "Example:\n  custody key describe alias/payments")]
+    Describe {
+        /// Key id, key ARN, alias name or alias ARN.
+        key: String,
+    },
+    /// Enable a disabled key.
+    #[command(after_help = "Example:\n  custody key enable alias/payments")]
+    Enable {
+        /// Key id, ARN or alias.
+        key: String,
+    },
+    /// Disable a key: every cryptographic operation is refused until it is enabled again.
+    #[command(after_help = "Example:\n  custody key disable alias/payments")]
+    Disable {
+        /// Key id, ARN or alias.
+        key: String,
+    },
+    /// Rotate now: a new version encrypts from now on; older versions still decrypt.
+    #[command(after_help = "Example:\n  custody key rotate alias/payments")]
+    Rotate {
+        /// Key id, ARN or alias.
+        key: String,
+    },
+    /// List a key's completed rotations.
+    #[command(after_help = "Example:\n  custody key rotations alias/payments")]
+    Rotations {
+        /// Key id, ARN or alias.
+        key: String,
+    },
+    /// Schedule destruction after a waiting period (7-30 days, default 30).
+    #[command(name = "schedule-deletion", after_help = "Example:\n  custody key schedule-deletion alias/old --days 7")]
+    ScheduleDeletion {
+        /// Key id, ARN or alias.
+        key: String,
+        /// Waiting period in days.
+        #[arg(long)]
+        days: Option<u32>,
+    },
+    /// Cancel a scheduled deletion (the key becomes Disabled).
+    #[command(name = "cancel-deletion", after_help = "Example:\n  custody key cancel-deletion 1234abcd-...")]
+    CancelDeletion {
+        /// Key id, ARN or alias.
+        key: String,
+    },
+    /// Aliases: friendly names for keys.
+    #[command(subcommand)]
+    Alias(AliasCommand),
+    /// Automatic rotation.
+    #[command(subcommand)]
+    Rotation(RotationCommand),
+    /// Add or replace tags.
+    #[command(after_help = "Example:\n  custody key tag alias/payments env=prod owner=team-a")]
+    Tag {
+        /// Key id, ARN or alias.
+        key: String,
+        /// KEY=VALUE pairs.
+        #[arg(required = true, value_parser = parse_pair)]
+        tags: Vec<(String, String)>,
+    },
+    /// Remove tags.
+    #[command(after_help = "Example:\n  custody key untag alias/payments env")]
+    Untag {
+        /// Key id, ARN or alias.
+        key: String,
+        /// Tag keys.
+        #[arg(required = true)]
+        tag_keys: Vec<String>,
+    },
+    /// List tags.
+    #[command(after_help = "Example:\n  custody key tags alias/payments")]
+    Tags {
+        /// Key id, ARN or alias.
+        key: String,
+    },
+}
+
+/// `custody key alias ...`
+#[derive(Debug, Subcommand)]
+pub enum AliasCommand {
+    /// Create an alias.
+    #[command(after_help = "Example:\n  custody key alias create alias/payments 1234abcd-...")]
+    Create {
+        /// alias/NAME
+        alias: String,
+        /// Target key.
+        key: String,
+    },
+    /// Point an alias at another key.
+    #[command(after_help = "Example:\n  custody key alias update alias/payments 5678efgh-...")]
+    Update {
+        /// alias/NAME
+        alias: String,
+        /// New target key.
+        key: String,
+    },
+    /// Delete an alias (the key is not affected).
+    #[command(after_help = "Example:\n  custody key alias delete alias/payments")]
+    Delete {
+        /// alias/NAME
+        alias: String,
+    },
+    /// List aliases.
+    #[command(after_help = "Example:\n  custody key alias list --key 1234abcd-...")]
+    List {
+        /// Only aliases of this key.
+        #[arg(long)]
+        key: Option<String>,
+    },
+}
+
+/// `custody key rotation ...`
+#[derive(Debug, Subcommand)]
+pub enum RotationCommand {
+    /// Rotate automatically every period (90-2560 days, default 365).
+    #[command(after_help = "Example:\n  custody key rotation enable alias/payments --period-days 90")]
+    Enable {
+        /// Key id, ARN or alias.
+        key: String,
+        /// Rotation period.
+        #[arg(long)]
+        period_days: Option<u32>,
+    },
+    /// Stop automatic rotation.
+    #[command(after_help = "Example:\n  custody key rotation disable alias/payments")]
+    Disable {
+        /// Key id, ARN or alias.
+        key: String,
+    },
+    /// Show the rotation settings.
+    #[command(after_help = "Example:\n  custody key rotation status alias/payments")]
+    Status {
+        /// Key id, ARN or alias.
+        key: String,
+    },
+}
+
+/// `custody encrypt-blob`
+#[derive(Debug, Args)]
+pub struct EncryptBlobArgs {
+    /// Key id, ARN or alias.
+    #[arg(short = 'k', long = "key")]
+    pub key: String,
+    /// Encryption context pair KEY=VALUE (repeatable); needed again to decrypt.
+    #[arg(short = 'c', long = "context", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    pub context: Vec<(String, String)>,
+    /// Write the raw blob here instead of base64 to stdout.
+    #[arg(short = 'o', long = "out")]
+    pub out: Option<PathBuf>,
+    /// Plaintext file, or - for stdin (default).
+    #[arg(default_value = "-")]
+    pub input: String,
+}
+
+/// `custody decrypt-blob`
+#[derive(Debug, Args)]
+pub struct DecryptBlobArgs {
+    /// Require that this key made the blob.
+    #[arg(short = 'k', long = "key")]
+    pub key: Option<String>,
+    /// Encryption context pair KEY=VALUE (repeatable), exactly as at encryption.
+    #[arg(short = 'c', long = "context", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    pub context: Vec<(String, String)>,
+    /// Write the plaintext here instead of stdout.
+    #[arg(short = 'o', long = "out")]
+    pub out: Option<PathBuf>,
+    /// Blob file (raw or base64), or - for stdin (default).
+    #[arg(default_value = "-")]
+    pub input: String,
+}
+
+/// `custody data-key`
+#[derive(Debug, Args)]
+pub struct DataKeyArgs {
+    /// Key id, ARN or alias.
+    #[arg(short = 'k', long = "key")]
+    pub key: String,
+    /// AES_256 (default) or AES_128.
+    #[arg(long, conflicts_with = "bytes")]
+    pub spec: Option<String>,
+    /// Number of bytes (1-1024) instead of a spec.
+    #[arg(long)]
+    pub bytes: Option<u32>,
+    /// Encryption context pair KEY=VALUE (repeatable).
+    #[arg(short = 'c', long = "context", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    pub context: Vec<(String, String)>,
+    /// Only the encrypted data key.
+    #[arg(long)]
+    pub without_plaintext: bool,
+}
+
+fn parse_pair(s: &str) -> std::result::Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    let json = cli.json;
+    match cli.command {
+        Command::Dev(args) => crate::dev::run(args, json).await,
+        Command::Init(args) => init(args, json),
+        Command::Server(args) => server(args).await,
+        Command::Unseal(args) => unseal(&cli.conn, args, json).await,
+        Command::Status => status(&cli.conn, json).await,
+        Command::Key(k) => key(&cli.conn, k, json).await,
+        Command::EncryptBlob(a) => encrypt_blob(&cli.conn, a, json).await,
+        Command::DecryptBlob(a) => decrypt_blob(&cli.conn, a, json).await,
+        Command::DataKey(a) => data_key(&cli.conn, a, json).await,
+    }
+}
+
+fn init(a: InitArgs, json: bool) -> Result<()> {
+    let usage = |m: String| CliError::new(exit::INVALID_REQUEST, m);
+    let seal = match a.seal.as_str() {
+        "shamir" => SealChoice::Shamir { threshold: a.threshold, shares: a.shares },
+        s => match s.strip_prefix("keyfile:") {
+            Some(p) if !p.is_empty() => SealChoice::KeyFile(PathBuf::from(p)),
+            _ => return Err(usage(format!("--seal must be shamir or keyfile:PATH, got {s:?}"))),
+        },
+    };
+    let tenant = a.tenant.as_deref().map(|t| TenantId::parse(t).ok_or_else(|| usage(format!("--tenant must be 12 digits, got {t:?}")))).transpose()?;
+    let admin = PrincipalName::parse(&a.admin).ok_or_else(|| usage(format!("--admin {:?} is not a valid principal name", a.admin)))?;
+    if let Some(dir) = &a.shares_dir {
+        if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            return Err(usage(format!("--shares-dir {} must be a new or empty directory", dir.display())));
+        }
+    }
+    let (layout, out) = bootstrap::init(Bootstrap {
+        data_dir: a.data.clone(),
+        seal: seal.clone(),
+        tenant,
+        admin,
+        server_names: a.server_names,
+        endpoint: a.profile_endpoint,
+    })
+    .map_err(|m| CliError::new(exit::FAILURE, m))?;
+    let shares: Vec<Zeroizing<String>> = out.shares.iter().map(|s| s.to_text()).collect();
+    let mut share_files = Vec::new();
+    if let Some(dir) = &a.shares_dir {
+        std::fs::create_dir_all(dir).map_err(|e| CliError::new(exit::FAILURE, format!("cannot create {}: {e}", dir.display())))?;
+        for (i, s) in shares.iter().enumerate() {
+            let p = dir.join(format!("share-{}.txt", i + 1));
+            bootstrap::write_file(&p, format!("{}\n", s.as_str()).as_bytes(), 0o600).map_err(|m| CliError::new(exit::FAILURE, m))?;
+            share_files.push(p);
+        }
+    }
+    if json {
+        let printed: Vec<&str> = if a.shares_dir.is_none() { shares.iter().map(|s| s.as_str()).collect() } else { Vec::new() };
+        print_json(&json!({
+            "StoreId": out.store_id,
+            "Account": out.tenant.as_str(),
+            "Administrator": out.admin.as_str(),
+            "Profile": layout.admin_profile(),
+            "CaFile": layout.ca_cert(),
+            "Shares": printed,
+            "ShareFiles": share_files,
+        }));
+        return Ok(());
+    }
+    println!("Initialized custody in {} (store {})", a.data.display(), out.store_id);
+    println!("  account:       {}", out.tenant);
+    println!("  administrator: {} (profile {})", out.admin, layout.admin_profile().display());
+    println!("  CA:            {}", layout.ca_cert().display());
+    match &seal {
+        SealChoice::KeyFile(p) => println!("  seal:          key file {} (DEVELOPMENT ONLY)", p.display()),
+        SealChoice::Shamir { threshold, shares: n } => {
+            println!("  seal:          Shamir, {threshold} of {n} shares unseal");
+            if share_files.is_empty() {
+                println!("\nUnseal shares. They are shown ONCE and stored nowhere. Give each to a different person:\n");
+                for (i, s) in shares.iter().enumerate() {
+                    println!("  share {}: {}", i + 1, s.as_str());
+                }
+            } else {
+                println!("\nUnseal shares written to:");
+                for p in &share_files {
+                    println!("  {}", p.display());
+                }
+            }
+        }
+    }
+    println!("\nNext: custody server --data {}   then   custody unseal --profile {}", a.data.display(), layout.admin_profile().display());
+    Ok(())
+}
+
+async fn server(a: ServerArgs) -> Result<()> {
+    let mut config = custody_server::ServerConfig::load(a.config.as_deref()).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    if let Some(d) = a.data {
+        config.data_dir = d;
+    }
+    if let Some(l) = a.listen {
+        config.listen = l;
+    }
+    let server = custody_server::Server::start(config).await.map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+    let sealed = server.kms().status().map(|s| s.sealed).unwrap_or(true);
+    eprintln!("custody listening on https://{}{}", server.local_addr(), if sealed { " (sealed: run `custody unseal`)" } else { "" });
+    wait_for_shutdown().await;
+    eprintln!("custody: shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub(crate) async fn wait_for_shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+/// Resolves the profile: --profile / CUSTODY_PROFILE, else ./.custody-dev/admin/profile.toml,
+/// else ~/.config/custody/profile.toml; then flags and environment variables on top.
+pub(crate) fn profile(conn: &ConnArgs) -> Result<Profile> {
+    let candidates = [
+        conn.profile.clone(),
+        Some(PathBuf::from(".custody-dev/admin/profile.toml")).filter(|p| p.exists()),
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/custody/profile.toml")).filter(|p| p.exists()),
+    ];
+    let base = match candidates.into_iter().flatten().next() {
+        Some(p) => Profile::load(&p)?,
+        None => Profile::default(),
+    };
+    Ok(base.overlay(Profile {
+        endpoint: conn.endpoint.clone(),
+        ca_file: conn.ca_file.clone(),
+        cert_file: conn.cert_file.clone(),
+        key_file: conn.key_file.clone(),
+    }))
+}
+
+async fn connect(conn: &ConnArgs) -> Result<Client> {
+    Ok(Client::connect(&profile(conn)?).await?)
+}
+
+async fn unseal(conn: &ConnArgs, a: UnsealArgs, json: bool) -> Result<()> {
+    let mut client = connect(conn).await?;
+    let mut status = client.call("Custody.GetStatus", json!({})).await?;
+    let interactive = a.share_files.is_empty();
+    let mut files = a.share_files.into_iter();
+    while status["Sealed"] == true {
+        let share = if interactive {
+            let prompt = format!("Unseal share ({} of {} so far): ", status["Progress"], status["Threshold"]);
+            if std::io::stdin().is_terminal() {
+                Zeroizing::new(rpassword::prompt_password(prompt).map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?)
+            } else {
+                let mut line = Zeroizing::new(String::new());
+                if std::io::stdin().read_line(&mut line).map_err(|e| CliError::new(exit::FAILURE, e.to_string()))? == 0 {
+                    break;
+                }
+                line
+            }
+        } else {
+            match files.next() {
+                Some(f) => Zeroizing::new(std::fs::read_to_string(&f).map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", f.display())))?),
+                None => break,
+            }
+        };
+        match client.call("Custody.Unseal", json!({ "Share": share.trim() })).await {
+            Ok(s) => status = s,
+            Err(custody_client::ClientError::Api { code, message, .. }) if code == "InvalidShareException" && interactive => {
+                eprintln!("share refused: {message}");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if json {
+        print_json(&status);
+    } else if status["Sealed"] == true {
+        println!("Still sealed: {} of {} shares submitted.", status["Progress"], status["Threshold"]);
+    } else {
+        println!("Unsealed.");
+    }
+    if status["Sealed"] == true {
+        return Err(CliError::new(exit::SEALED, "not enough shares to unseal"));
+    }
+    Ok(())
+}
+
+async fn status(conn: &ConnArgs, json: bool) -> Result<()> {
+    let profile = profile(conn)?;
+    let mut client = Client::connect(&profile).await?;
+    let status = client.call("Custody.GetStatus", json!({})).await?;
+    let who = if status["Sealed"] == false { client.call("Custody.WhoAmI", json!({})).await.ok() } else { None };
+    let kx = client.key_exchange_group().unwrap_or("unknown").to_string();
+    let endpoint = profile.endpoint()?.to_string();
+    if json {
+        print_json(&json!({ "Endpoint": endpoint, "Status": status, "Identity": who, "KeyExchange": kx }));
+    } else {
+        println!("endpoint:      {endpoint}");
+        println!("version:       {}", status["Version"].as_str().unwrap_or("?"));
+        println!("sealed:        {}", status["Sealed"]);
+        println!("seal:          {}", status["SealType"].as_str().unwrap_or("?"));
+        if status["Sealed"] == true {
+            println!("unseal:        {} of {} shares", status["Progress"], status["Threshold"]);
+        }
+        if let Some(w) = &who {
+            println!("you are:       {}", w["Arn"].as_str().unwrap_or("?"));
+        }
+        println!("TLS:           1.3, key exchange {kx}");
+    }
+    if status["Sealed"] == true {
+        return Err(CliError::new(exit::SEALED, "custody is sealed: run `custody unseal`"));
+    }
+    Ok(())
+}
+
+async fn key(conn: &ConnArgs, cmd: KeyCommand, json: bool) -> Result<()> {
+    let mut c = connect(conn).await?;
+    match cmd {
+        KeyCommand::Create { description, tags } => {
+            let tags: Vec<Value> = tags.into_iter().map(|(k, v)| json!({"TagKey": k, "TagValue": v})).collect();
+            let r = c.call("TrentService.CreateKey", json!({ "Description": description, "Tags": tags })).await?;
+            output(json, &r, || print_metadata(&r["KeyMetadata"]));
+        }
+        KeyCommand::List => {
+            let keys = paginate(&mut c, "TrentService.ListKeys", json!({}), "Keys").await?;
+            output(json, &json!({ "Keys": keys }), || {
+                for k in &keys {
+                    println!("{}  {}", k["KeyId"].as_str().unwrap_or(""), k["KeyArn"].as_str().unwrap_or(""));
+                }
+            });
+        }
+        KeyCommand::Describe { key } => {
+            let r = c.call("TrentService.DescribeKey", json!({ "KeyId": key })).await?;
+            output(json, &r, || print_metadata(&r["KeyMetadata"]));
+        }
+        KeyCommand::Enable { key } => simple(&mut c, json, "TrentService.EnableKey", json!({ "KeyId": key }), &format!("Enabled {key}.")).await?,
+        KeyCommand::Disable { key } => simple(&mut c, json, "TrentService.DisableKey", json!({ "KeyId": key }), &format!("Disabled {key}.")).await?,
+        KeyCommand::Rotate { key } => {
+            let r = c.call("TrentService.RotateKeyOnDemand", json!({ "KeyId": key })).await?;
+            output(json, &r, || println!("Rotated {}: a new version encrypts from now on.", r["KeyId"].as_str().unwrap_or("")));
+        }
+        KeyCommand::Rotations { key } => {
+            let rotations = paginate(&mut c, "TrentService.ListKeyRotations", json!({ "KeyId": key }), "Rotations").await?;
+            output(json, &json!({ "Rotations": rotations }), || {
+                if rotations.is_empty() {
+                    println!("No rotations yet.");
+                }
+                for r in &rotations {
+                    println!("{}  {}", fmt_time(&r["RotationDate"]), r["RotationType"].as_str().unwrap_or(""));
+                }
+            });
+        }
+        KeyCommand::ScheduleDeletion { key, days } => {
+            let mut body = json!({ "KeyId": key });
+            if let Some(d) = days {
+                body["PendingWindowInDays"] = json!(d);
+            }
+            let r = c.call("TrentService.ScheduleKeyDeletion", body).await?;
+            output(json, &r, || {
+                println!("{} will be destroyed at {} ({} days). Cancel with: custody key cancel-deletion {}",
+                    r["KeyId"].as_str().unwrap_or(""), fmt_time(&r["DeletionDate"]), r["PendingWindowInDays"], key)
+            });
+        }
+        KeyCommand::CancelDeletion { key } => {
+            let r = c.call("TrentService.CancelKeyDeletion", json!({ "KeyId": key })).await?;
+            output(json, &r, || println!("Deletion cancelled; {} is now Disabled (enable it with custody key enable).", r["KeyId"].as_str().unwrap_or("")));
+        }
+        KeyCommand::Alias(a) => alias(&mut c, a, json).await?,
+        KeyCommand::Rotation(RotationCommand::Enable { key, period_days }) => {
+            let mut body = json!({ "KeyId": key });
+            if let Some(p) = period_days {
+                body["RotationPeriodInDays"] = json!(p);
+            }
+            simple(&mut c, json, "TrentService.EnableKeyRotation", body, &format!("Automatic rotation enabled for {key}.")).await?
+        }
+        KeyCommand::Rotation(RotationCommand::Disable { key }) => {
+            simple(&mut c, json, "TrentService.DisableKeyRotation", json!({ "KeyId": key }), &format!("Automatic rotation disabled for {key}.")).await?
+        }
+        KeyCommand::Rotation(RotationCommand::Status { key }) => {
+            let r = c.call("TrentService.GetKeyRotationStatus", json!({ "KeyId": key })).await?;
+            output(json, &r, || {
+                if r["KeyRotationEnabled"] == true {
+                    println!("enabled, every {} days, next {}", r["RotationPeriodInDays"], fmt_time(&r["NextRotationDate"]));
+                } else {
+                    println!("disabled");
+                }
+            });
+        }
+        KeyCommand::Tag { key, tags } => {
+            let tags: Vec<Value> = tags.into_iter().map(|(k, v)| json!({"TagKey": k, "TagValue": v})).collect();
+            simple(&mut c, json, "TrentService.TagResource", json!({ "KeyId": key, "Tags": tags }), "Tagged.").await?
+        }
+        KeyCommand::Untag { key, tag_keys } => {
+            simple(&mut c, json, "TrentService.UntagResource", json!({ "KeyId": key, "TagKeys": tag_keys }), "Untagged.").await?
+        }
+        KeyCommand::Tags { key } => {
+            let tags = paginate(&mut c, "TrentService.ListResourceTags", json!({ "KeyId": key }), "Tags").await?;
+            output(json, &json!({ "Tags": tags }), || {
+                for t in &tags {
+                    println!("{}={}", t["TagKey"].as_str().unwrap_or(""), t["TagValue"].as_str().unwrap_or(""));
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn alias(c: &mut Client, a: AliasCommand, json: bool) -> Result<()> {
+    match a {
+        AliasCommand::Create { alias, key } => {
+            simple(c, json, "TrentService.CreateAlias", json!({ "AliasName": alias, "TargetKeyId": key }), &format!("{alias} -> {key}")).await
+        }
+        AliasCommand::Update { alias, key } => {
+            simple(c, json, "TrentService.UpdateAlias", json!({ "AliasName": alias, "TargetKeyId": key }), &format!("{alias} -> {key}")).await
+        }
+        AliasCommand::Delete { alias } => simple(c, json, "TrentService.DeleteAlias", json!({ "AliasName": alias }), &format!("Deleted {alias}.")).await,
+        AliasCommand::List { key } => {
+            let body = key.map_or_else(|| json!({}), |k| json!({ "KeyId": k }));
+            let aliases = paginate(c, "TrentService.ListAliases", body, "Aliases").await?;
+            output(json, &json!({ "Aliases": aliases }), || {
+                for a in &aliases {
+                    println!("{}  {}", a["AliasName"].as_str().unwrap_or(""), a["TargetKeyId"].as_str().unwrap_or(""));
+                }
+            });
+            Ok(())
+        }
+    }
+}
+
+async fn encrypt_blob(conn: &ConnArgs, a: EncryptBlobArgs, json: bool) -> Result<()> {
+    let plaintext = read_input(&a.input)?;
+    if plaintext.len() > 4096 {
+        return Err(CliError::new(exit::INVALID_REQUEST, format!(
+            "{} bytes is more than the 4096 a KMS key encrypts directly; use envelope encryption for files", plaintext.len())));
+    }
+    let mut c = connect(conn).await?;
+    let body = json!({ "KeyId": a.key, "Plaintext": B64.encode(&*plaintext), "EncryptionContext": context(&a.context) });
+    let r = c.call("TrentService.Encrypt", body).await?;
+    let blob = r["CiphertextBlob"].as_str().unwrap_or("");
+    match (&a.out, json) {
+        (Some(path), _) => {
+            let raw = B64.decode(blob).map_err(|_| CliError::new(exit::FAILURE, "the server sent an invalid blob"))?;
+            std::fs::write(path, raw).map_err(|e| CliError::new(exit::FAILURE, format!("cannot write {}: {e}", path.display())))?;
+            if json {
+                print_json(&json!({ "KeyId": r["KeyId"], "Out": path }));
+            }
+        }
+        (None, true) => print_json(&r),
+        (None, false) => println!("{blob}"),
+    }
+    Ok(())
+}
+
+async fn decrypt_blob(conn: &ConnArgs, a: DecryptBlobArgs, json: bool) -> Result<()> {
+    let input = read_input(&a.input)?;
+    // Raw blobs start with the format byte 0x01, which is never base64 text.
+    let blob = match std::str::from_utf8(&input).ok().and_then(|s| B64.decode(s.trim()).ok()) {
+        Some(decoded) => decoded,
+        None => input.to_vec(),
+    };
+    let mut c = connect(conn).await?;
+    let mut body = json!({ "CiphertextBlob": B64.encode(&blob), "EncryptionContext": context(&a.context) });
+    if let Some(k) = a.key {
+        body["KeyId"] = json!(k);
+    }
+    let r = c.call("TrentService.Decrypt", body).await?;
+    if json {
+        print_json(&r);
+        return Ok(());
+    }
+    let plaintext = Zeroizing::new(B64.decode(r["Plaintext"].as_str().unwrap_or("")).map_err(|_| CliError::new(exit::FAILURE, "the server sent invalid plaintext"))?);
+    write_output(a.out.as_deref(), &plaintext)
+}
+
+async fn data_key(conn: &ConnArgs, a: DataKeyArgs, json: bool) -> Result<()> {
+    let mut c = connect(conn).await?;
+    let mut body = json!({ "KeyId": a.key, "EncryptionContext": context(&a.context) });
+    match a.bytes {
+        Some(n) => body["NumberOfBytes"] = json!(n),
+        None => body["KeySpec"] = json!(a.spec.as_deref().unwrap_or("AES_256")),
+    }
+    let action = if a.without_plaintext { "TrentService.GenerateDataKeyWithoutPlaintext" } else { "TrentService.GenerateDataKey" };
+    let r = c.call(action, body).await?;
+    output(json, &r, || {
+        println!("key:        {}", r["KeyId"].as_str().unwrap_or(""));
+        if let Some(p) = r["Plaintext"].as_str() {
+            println!("plaintext:  {p}");
+        }
+        println!("ciphertext: {}", r["CiphertextBlob"].as_str().unwrap_or(""));
+    });
+    Ok(())
+}
+
+async fn simple(c: &mut Client, json: bool, target: &str, body: Value, done: &str) -> Result<()> {
+    let r = c.call(target, body).await?;
+    output(json, &r, || println!("{done}"));
+    Ok(())
+}
+
+async fn paginate(c: &mut Client, target: &str, mut body: Value, field: &str) -> Result<Vec<Value>> {
+    let mut all = Vec::new();
+    loop {
+        let r = c.call(target, body.clone()).await?;
+        all.extend(r[field].as_array().cloned().unwrap_or_default());
+        match r["NextMarker"].as_str() {
+            Some(m) if r["Truncated"] == true => body["Marker"] = json!(m),
+            _ => return Ok(all),
+        }
+    }
+}
+
+fn context(pairs: &[(String, String)]) -> BTreeMap<String, String> {
+    pairs.iter().cloned().collect()
+}
+
+fn read_input(input: &str) -> Result<Zeroizing<Vec<u8>>> {
+    let mut buf = Zeroizing::new(Vec::new());
+    if input == "-" {
+        std::io::stdin().read_to_end(&mut buf).map_err(|e| CliError::new(exit::FAILURE, format!("cannot read stdin: {e}")))?;
+    } else {
+        std::fs::File::open(input)
+            .and_then(|mut f| f.read_to_end(&mut buf))
+            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {input}: {e}")))?;
+    }
+    Ok(buf)
+}
+
+fn write_output(out: Option<&Path>, bytes: &[u8]) -> Result<()> {
+    match out {
+        Some(p) => bootstrap::write_file(p, bytes, 0o600).map_err(|m| CliError::new(exit::FAILURE, m)),
+        None => std::io::stdout().write_all(bytes).map_err(|e| CliError::new(exit::FAILURE, e.to_string())),
+    }
+}
+
+fn output(json: bool, value: &Value, human: impl FnOnce()) {
+    if json {
+        print_json(value);
+    } else {
+        human();
+    }
+}
+
+pub(crate) fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialize"));
+}
+
+fn print_metadata(m: &Value) {
+    let s = |k: &str| m[k].as_str().unwrap_or("").to_string();
+    println!("KeyId:        {}", s("KeyId"));
+    println!("Arn:          {}", s("Arn"));
+    println!("State:        {}", s("KeyState"));
+    println!("Description:  {}", s("Description"));
+    println!("Created:      {}", fmt_time(&m["CreationDate"]));
+    println!("Spec:         {} ({})", s("KeySpec"), s("KeyUsage"));
+    if m.get("DeletionDate").is_some() {
+        println!("Deletion:     {}", fmt_time(&m["DeletionDate"]));
+    }
+}
+
+fn fmt_time(v: &Value) -> String {
+    let Some(secs) = v.as_f64() else { return "-".into() };
+    time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| secs.to_string())
+}

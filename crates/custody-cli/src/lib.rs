@@ -1,0 +1,115 @@
+//! The `custody` command line: thin; every command calls the client or the server library.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod bootstrap;
+mod commands;
+mod dev;
+pub mod exit;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use commands::run;
+
+/// custody: a self-hosted key management service that speaks the AWS KMS protocol.
+#[derive(Debug, Parser)]
+#[command(name = "custody", version, about, long_about = None, after_help = "\
+Examples:
+  custody dev                              start a local server (TLS 1.3, unsealed, embedded store)
+  source .custody-dev/env                  point this shell at it
+  custody key create --description demo    create a key
+  echo -n secret | custody encrypt-blob -k alias/demo > secret.b64
+
+Connection settings come from flags, CUSTODY_* environment variables, or a profile:
+--profile / CUSTODY_PROFILE, else ./.custody-dev/admin/profile.toml if present,
+else ~/.config/custody/profile.toml.")]
+pub struct Cli {
+    #[command(flatten)]
+    /// Connection settings.
+    pub conn: ConnArgs,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    /// The command.
+    pub command: Command,
+}
+
+/// How to reach custody.
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// Profile file with endpoint, CA and client certificate.
+    #[arg(long, global = true, env = "CUSTODY_PROFILE", value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+    /// Server endpoint, e.g. https://127.0.0.1:8443.
+    #[arg(long, global = true, env = "CUSTODY_ENDPOINT", value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// CA certificate that signed the server's certificate.
+    #[arg(long, global = true, env = "CUSTODY_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM).
+    #[arg(long, global = true, env = "CUSTODY_CERT_FILE", value_name = "FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, global = true, env = "CUSTODY_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a local development server: initializes on first use (key-file seal), starts
+    /// unsealed, prints the environment to use it.
+    #[command(after_help = "\
+Examples:
+  custody dev                                   ./.custody-dev, https://127.0.0.1:8443
+  custody dev --data /tmp/kms --listen 127.0.0.1:0   a free port; the real one is printed and written to DIR/env")]
+    Dev(dev::DevArgs),
+    /// Initialize a data directory: root key (Shamir shares or key file), internal CA, server
+    /// certificate, first administrator.
+    #[command(after_help = "\
+Examples:
+  custody init --data /var/lib/custody                      3-of-5 shares, printed once
+  custody init --data ./d --shares 5 --threshold 3 --shares-dir ./shares
+  custody init --data ./d --seal keyfile:./d/root.key       development only")]
+    Init(commands::InitArgs),
+    /// Run the server.
+    #[command(after_help = "\
+Examples:
+  custody server --data /var/lib/custody
+  custody server --config /etc/custody/custody.toml
+  CUSTODY_LISTEN=0.0.0.0:8443 custody server --data ./d")]
+    Server(commands::ServerArgs),
+    /// Submit unseal shares to a sealed server.
+    #[command(after_help = "\
+Examples:
+  custody unseal                                  prompts for shares until unsealed
+  custody unseal --share-file s1 --share-file s2 --share-file s3")]
+    Unseal(commands::UnsealArgs),
+    /// Show the server's seal state, version and your identity.
+    #[command(after_help = "Example:\n  custody status --json")]
+    Status,
+    /// Manage keys.
+    #[command(subcommand)]
+    Key(commands::KeyCommand),
+    /// Encrypt up to 4096 bytes with a KMS key (the raw KMS Encrypt; for files use envelope encryption).
+    #[command(name = "encrypt-blob", after_help = "\
+Examples:
+  echo -n 'db password' | custody encrypt-blob -k alias/app -c app=billing > secret.b64
+  custody encrypt-blob -k 1234abcd-... --out secret.bin secret.txt")]
+    EncryptBlob(commands::EncryptBlobArgs),
+    /// Decrypt a KMS ciphertext blob (base64 or raw).
+    #[command(name = "decrypt-blob", after_help = "\
+Examples:
+  custody decrypt-blob -c app=billing secret.b64
+  custody decrypt-blob -k alias/app --out secret.txt secret.bin")]
+    DecryptBlob(commands::DecryptBlobArgs),
+    /// Generate a data key: plaintext and its ciphertext under a KMS key.
+    #[command(name = "data-key", after_help = "\
+Examples:
+  custody data-key -k alias/app --json
+  custody data-key -k alias/app --bytes 64 --without-plaintext")]
+    DataKey(commands::DataKeyArgs),
+}

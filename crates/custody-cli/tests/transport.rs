@@ -1,0 +1,137 @@
+//! Transport security with a real server on a free port: TLS 1.3 only, post-quantum key exchange
+//! preferred, client certificates from this CA only.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use custody_client::{ClientError, Profile};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::json;
+
+#[tokio::test]
+async fn custody_client_negotiates_x25519mlkem768() {
+    let (dir, layout) = common::keyfile_dir();
+    let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
+    let mut client = common::admin_client(&profile).await;
+    assert_eq!(client.key_exchange_group(), Some("X25519MLKEM768"));
+    let who = client.call("Custody.WhoAmI", json!({})).await.unwrap();
+    assert_eq!(who["Principal"], "admin");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_classical_x25519_client_still_connects() {
+    let (dir, layout) = common::keyfile_dir();
+    let (server, _) = common::start(dir.path(), &layout, |_| {}).await;
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(layout.ca_cert()).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(server.local_addr()).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let group = tls.get_ref().1.negotiated_key_exchange_group().unwrap().name();
+    assert_eq!(group, rustls::NamedGroup::X25519);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn tls12_is_refused() {
+    let (dir, layout) = common::keyfile_dir();
+    let (server, _) = common::start(dir.path(), &layout, |_| {}).await;
+    let addr = server.local_addr();
+    // rustls here has no TLS 1.2 at all, so ask OpenSSL (a Debian base package) for a 1.2-only
+    // handshake, exactly as an operator would check.
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new("openssl")
+            .args(["s_client", "-tls1_2", "-connect", &addr.to_string(), "-servername", "localhost"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("openssl must be installed (scripts/test installs it)");
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "a TLS 1.2 handshake must fail:\n{text}");
+    assert!(text.contains("protocol version") || text.contains("alert number 70"), "{text}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn plaintext_http_gets_no_http_answer() {
+    let (dir, layout) = common::keyfile_dir();
+    let (server, _) = common::start(dir.path(), &layout, |_| {}).await;
+    let addr = server.local_addr();
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        buf
+    })
+    .await
+    .unwrap();
+    assert!(!reply.starts_with(b"HTTP/"), "plaintext HTTP must not be served");
+    assert!(!String::from_utf8_lossy(&reply).contains("sealed"), "no health data over plaintext");
+    // Whatever came back is a TLS alert record (content type 21) or nothing.
+    assert!(reply.is_empty() || reply[0] == 21, "{reply:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_certificate_from_another_ca_is_refused() {
+    let (dir, layout) = common::keyfile_dir();
+    let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
+    // Another CA issues a certificate with the administrator's exact identity.
+    let mut real = common::admin_client(&profile).await;
+    let who = real.call("Custody.WhoAmI", json!({})).await.unwrap();
+    let uri = format!("spiffe://custody/{}/admin", who["Account"].as_str().unwrap());
+    let now = time::OffsetDateTime::now_utc();
+    let evil_ca = custody_crypto::pki::new_ca("evil", now, time::Duration::days(1)).unwrap();
+    let forged = custody_crypto::pki::issue_client(&evil_ca, &uri, "admin", now, time::Duration::days(1)).unwrap();
+    let cert = dir.path().join("forged.crt");
+    let key = dir.path().join("forged.key");
+    std::fs::write(&cert, &forged.cert_pem).unwrap();
+    std::fs::write(&key, forged.key_pem.expose_secret()).unwrap();
+    let forged_profile = Profile { cert_file: Some(cert), key_file: Some(key), ..profile.clone() };
+    // TLS 1.3 clients learn of the rejection on their first read.
+    let result = match custody_client::Client::connect(&forged_profile).await {
+        Ok(mut c) => c.call("TrentService.ListKeys", json!({})).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(ClientError::Connect { reason, .. }) => assert!(reason.contains("UnknownCA"), "{reason}"),
+        other => panic!("a foreign certificate must fail the handshake, got {other:?}"),
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_without_a_certificate_are_unauthenticated_but_health_and_status_answer() {
+    let (dir, layout) = common::keyfile_dir();
+    let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
+    let anonymous = Profile { cert_file: None, key_file: None, ..profile };
+    let mut c = custody_client::Client::connect(&anonymous).await.unwrap();
+    let status = c.call("Custody.GetStatus", json!({})).await.unwrap();
+    assert_eq!(status["Sealed"], false);
+    match c.call("TrentService.ListKeys", json!({})).await {
+        Err(ClientError::Api { status, code, .. }) => assert_eq!((status, code.as_str()), (400, "MissingAuthenticationTokenException")),
+        other => panic!("{other:?}"),
+    }
+    server.shutdown().await;
+}

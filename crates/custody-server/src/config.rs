@@ -1,0 +1,294 @@
+//! Server configuration: one TOML file, every setting also a `CUSTODY_*` environment variable.
+//!
+//! [`SETTINGS`] is the single list of settings: it drives the environment overlay, and a test
+//! keeps docs/CONFIGURATION.md in step with it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// One documented setting.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// Dotted name in the TOML file (`tls.cert_file`).
+    pub name: &'static str,
+    /// Environment variable.
+    pub env: &'static str,
+    /// Value type.
+    pub kind: Kind,
+    /// Default, as documented.
+    pub default: &'static str,
+    /// What it does.
+    pub doc: &'static str,
+}
+
+/// Setting value types (how an environment variable is parsed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Free text or a path.
+    Text,
+    /// Unsigned integer.
+    Integer,
+    /// `true` / `false`.
+    Bool,
+}
+
+/// Every setting custody's server reads.
+pub const SETTINGS: &[Setting] = &[
+    Setting { name: "data_dir", env: "CUSTODY_DATA_DIR", kind: Kind::Text, default: "./custody-data", doc: "Directory with the store (custody.db) and the TLS files written by `custody init`." },
+    Setting { name: "listen", env: "CUSTODY_LISTEN", kind: Kind::Text, default: "127.0.0.1:8443", doc: "Address and port to listen on (port 0 picks a free port)." },
+    Setting { name: "region", env: "CUSTODY_REGION", kind: Kind::Text, default: "us-east-1", doc: "Region named in key and alias ARNs." },
+    Setting { name: "seal", env: "CUSTODY_SEAL", kind: Kind::Text, default: "shamir", doc: "`shamir` (start sealed, unseal with shares) or `keyfile:PATH` (development only: unseal at start with the root key in PATH)." },
+    Setting { name: "scheduler_interval_ms", env: "CUSTODY_SCHEDULER_INTERVAL_MS", kind: Kind::Integer, default: "60000", doc: "How often the scheduler looks for due rotations and deletions." },
+    Setting { name: "max_request_bytes", env: "CUSTODY_MAX_REQUEST_BYTES", kind: Kind::Integer, default: "65536", doc: "Largest request body accepted; larger requests get 413." },
+    Setting { name: "log_format", env: "CUSTODY_LOG_FORMAT", kind: Kind::Text, default: "text", doc: "`text` or `json` (one JSON object per line)." },
+    Setting { name: "tls.cert_file", env: "CUSTODY_TLS_CERT_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.crt", doc: "Server certificate chain (PEM)." },
+    Setting { name: "tls.key_file", env: "CUSTODY_TLS_KEY_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.key", doc: "Server private key (PEM, PKCS#8)." },
+    Setting { name: "tls.client_ca_file", env: "CUSTODY_TLS_CLIENT_CA_FILE", kind: Kind::Text, default: "<data_dir>/tls/ca.crt", doc: "CA whose client certificates are accepted (the internal CA)." },
+    Setting { name: "danger_day_length_ms", env: "CUSTODY_DANGER_DAY_LENGTH_MS", kind: Kind::Integer, default: "86400000", doc: "DANGER, tests only: the length of a \"day\" for deletion waiting periods and rotation periods. Anything below the default shortens the 7-day minimum deletion window and lets a test destroy keys in seconds; the server logs a warning at start when it is set." },
+];
+
+/// Server settings after file and environment are merged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::data_dir")]
+    pub data_dir: PathBuf,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::region")]
+    pub region: String,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::seal")]
+    pub seal: String,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::scheduler_interval_ms")]
+    pub scheduler_interval_ms: u64,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::log_format")]
+    pub log_format: String,
+    /// See [`SETTINGS`].
+    #[serde(default)]
+    pub tls: TlsSettings,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::day_length_ms")]
+    pub danger_day_length_ms: u64,
+}
+
+/// `[tls]` settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Server certificate chain.
+    pub cert_file: Option<PathBuf>,
+    /// Server private key.
+    pub key_file: Option<PathBuf>,
+    /// Client CA.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// How the server unseals itself at start, if at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SealSetting {
+    /// Start sealed; wait for shares.
+    Shamir,
+    /// Read the root key from this file at start.
+    KeyFile(PathBuf),
+}
+
+/// A configuration problem, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+mod defaults {
+    use super::*;
+    pub fn data_dir() -> PathBuf {
+        PathBuf::from("./custody-data")
+    }
+    pub fn listen() -> SocketAddr {
+        "127.0.0.1:8443".parse().expect("valid default address")
+    }
+    pub fn region() -> String {
+        "us-east-1".into()
+    }
+    pub fn seal() -> String {
+        "shamir".into()
+    }
+    pub fn scheduler_interval_ms() -> u64 {
+        60_000
+    }
+    pub fn max_request_bytes() -> usize {
+        65_536
+    }
+    pub fn log_format() -> String {
+        "text".into()
+    }
+    pub fn day_length_ms() -> u64 {
+        custody_kms::DAY_MS as u64
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self::from_toml_and_env("", |_| None).expect("defaults are valid")
+    }
+}
+
+impl ServerConfig {
+    /// Reads `file` (if given), then overlays `CUSTODY_*` variables from the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let text = match file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| ConfigError(format!("cannot read the configuration file {}: {e}", p.display())))?,
+            None => String::new(),
+        };
+        Self::from_toml_and_env(&text, |k| std::env::var(k).ok())
+    }
+
+    /// Parses TOML text and overlays variables from `env` (a lookup, so tests need not touch the
+    /// process environment).
+    pub fn from_toml_and_env(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut table: toml::Table =
+            text.parse().map_err(|e| ConfigError(format!("the configuration file is not valid TOML: {e}")))?;
+        for s in SETTINGS {
+            let Some(raw) = env(s.env) else { continue };
+            let value = match s.kind {
+                Kind::Text => toml::Value::String(raw),
+                Kind::Integer => toml::Value::Integer(
+                    raw.trim().parse().map_err(|_| ConfigError(format!("{} must be a whole number, got {raw:?}", s.env)))?,
+                ),
+                Kind::Bool => toml::Value::Boolean(
+                    raw.trim().parse().map_err(|_| ConfigError(format!("{} must be true or false, got {raw:?}", s.env)))?,
+                ),
+            };
+            let mut parts: Vec<&str> = s.name.split('.').collect();
+            let leaf = parts.pop().expect("names are non-empty");
+            let mut t = &mut table;
+            for p in parts {
+                t = t
+                    .entry(p)
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+                    .as_table_mut()
+                    .ok_or_else(|| ConfigError(format!("{p} must be a table")))?;
+            }
+            t.insert(leaf.to_string(), value);
+        }
+        let config: ServerConfig = table.try_into().map_err(|e: toml::de::Error| ConfigError(format!("invalid configuration: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.seal_setting()?;
+        if self.scheduler_interval_ms == 0 {
+            return Err(ConfigError("scheduler_interval_ms must be at least 1".into()));
+        }
+        if self.danger_day_length_ms == 0 {
+            return Err(ConfigError("danger_day_length_ms must be at least 1".into()));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError(format!("log_format must be text or json, got {:?}", self.log_format)));
+        }
+        if self.max_request_bytes < 1024 {
+            return Err(ConfigError("max_request_bytes must be at least 1024".into()));
+        }
+        Ok(())
+    }
+
+    /// The seal setting, parsed.
+    pub fn seal_setting(&self) -> Result<SealSetting, ConfigError> {
+        match self.seal.as_str() {
+            "shamir" => Ok(SealSetting::Shamir),
+            s => match s.strip_prefix("keyfile:") {
+                Some(p) if !p.is_empty() => Ok(SealSetting::KeyFile(PathBuf::from(p))),
+                _ => Err(ConfigError(format!("seal must be `shamir` or `keyfile:PATH`, got {s:?}"))),
+            },
+        }
+    }
+
+    /// The store database file.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("custody.db")
+    }
+
+    /// Server certificate file.
+    pub fn cert_file(&self) -> PathBuf {
+        self.tls.cert_file.clone().unwrap_or_else(|| self.data_dir.join("tls/server.crt"))
+    }
+
+    /// Server key file.
+    pub fn key_file(&self) -> PathBuf {
+        self.tls.key_file.clone().unwrap_or_else(|| self.data_dir.join("tls/server.key"))
+    }
+
+    /// Client CA file.
+    pub fn client_ca_file(&self) -> PathBuf {
+        self.tls.client_ca_file.clone().unwrap_or_else(|| self.data_dir.join("tls/ca.crt"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_settings_table() {
+        let c = ServerConfig::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(c.seal_setting().unwrap(), SealSetting::Shamir);
+        assert_eq!(c.danger_day_length_ms, 86_400_000);
+        for s in SETTINGS {
+            if s.default.starts_with('<') {
+                continue;
+            }
+            let shown = match s.name {
+                "data_dir" => c.data_dir.display().to_string(),
+                "listen" => c.listen.to_string(),
+                "region" => c.region.clone(),
+                "seal" => c.seal.clone(),
+                "scheduler_interval_ms" => c.scheduler_interval_ms.to_string(),
+                "max_request_bytes" => c.max_request_bytes.to_string(),
+                "log_format" => c.log_format.clone(),
+                "danger_day_length_ms" => c.danger_day_length_ms.to_string(),
+                other => panic!("setting {other} has no default check"),
+            };
+            assert_eq!(shown, s.default, "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let toml = "region = \"eu-west-1\"\nlisten = \"127.0.0.1:9000\"\n[tls]\ncert_file = \"/a\"\n";
+        let env = |k: &str| match k {
+            "CUSTODY_LISTEN" => Some("127.0.0.1:0".to_string()),
+            "CUSTODY_TLS_KEY_FILE" => Some("/k".to_string()),
+            "CUSTODY_SCHEDULER_INTERVAL_MS" => Some("50".to_string()),
+            _ => None,
+        };
+        let c = ServerConfig::from_toml_and_env(toml, env).unwrap();
+        assert_eq!(c.region, "eu-west-1");
+        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.cert_file(), PathBuf::from("/a"));
+        assert_eq!(c.key_file(), PathBuf::from("/k"));
+        assert_eq!(c.scheduler_interval_ms, 50);
+    }
+
+    #[test]
+    fn bad_configuration_is_explained() {
+        let err = |t: &str| ServerConfig::from_toml_and_env(t, |_| None).unwrap_err().0;
+        assert!(err("nonsense = 1").contains("unknown field"));
+        assert!(err("seal = \"hsm\"").contains("keyfile:PATH"));
+        assert!(err("listen = \"nowhere\"").contains("invalid"));
+        assert!(err("[").contains("not valid TOML"));
+        let e = ServerConfig::from_toml_and_env("", |k| (k == "CUSTODY_SCHEDULER_INTERVAL_MS").then(|| "soon".into()));
+        assert!(e.unwrap_err().0.contains("whole number"));
+    }
+}

@@ -1,0 +1,501 @@
+//! The AWS KMS JSON protocol (`POST /`, `X-Amz-Target: TrentService.<Action>`,
+//! `application/x-amz-json-1.1`), and custody's own actions under the `Custody.` prefix.
+//!
+//! Thin by design: parse AWS shapes into the service's typed calls, and map the service's typed
+//! errors to AWS error names in exactly one place ([`ApiError::from`]).
+
+use std::collections::BTreeMap;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use custody_crypto::{EncryptionContext, SecretBytes};
+use custody_kms::{AliasName, Caller, CreateKeyRequest, KeyRef, Kms, KmsError, Page};
+use serde_json::{json, Map, Value};
+
+/// An error as the client sees it: HTTP status, AWS `__type`, message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// AWS error name (`__type`).
+    pub code: &'static str,
+    /// Message shown to the caller.
+    pub message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    fn serialization(message: impl Into<String>) -> Self {
+        Self::new(400, "SerializationException", message)
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        json!({ "__type": self.code, "message": self.message })
+    }
+}
+
+impl From<KmsError> for ApiError {
+    /// The one mapping from service errors to AWS errors.
+    fn from(e: KmsError) -> Self {
+        let message = e.to_string();
+        match e {
+            KmsError::Sealed | KmsError::NotInitialized => ApiError::new(503, "ServiceUnavailableException", message),
+            KmsError::Unauthenticated(_) => ApiError::new(400, "UnrecognizedClientException", message),
+            KmsError::AccessDenied(_) => ApiError::new(400, "AccessDeniedException", message),
+            KmsError::NotFound(_) => ApiError::new(400, "NotFoundException", message),
+            KmsError::AlreadyExists(_) => ApiError::new(400, "AlreadyExistsException", message),
+            KmsError::Validation { .. } => ApiError::new(400, "ValidationException", message),
+            KmsError::InvalidAliasName(_) => ApiError::new(400, "InvalidAliasNameException", message),
+            KmsError::Disabled(_) => ApiError::new(400, "DisabledException", message),
+            KmsError::InvalidState(_) => ApiError::new(400, "KMSInvalidStateException", message),
+            KmsError::InvalidCiphertext => ApiError::new(400, "InvalidCiphertextException", message),
+            KmsError::IncorrectKey => ApiError::new(400, "IncorrectKeyException", message),
+            KmsError::InvalidShare(_) => ApiError::new(400, "InvalidShareException", message),
+            KmsError::UnsupportedOperation(_) => ApiError::new(400, "UnsupportedOperationException", message),
+            KmsError::Conflict => ApiError::new(409, "ConflictException", message),
+            // Generic on purpose: details are in the server log, not for the caller.
+            KmsError::Integrity | KmsError::Internal(_) => {
+                ApiError::new(500, "KMSInternalException", "The request could not be completed because of an internal error.")
+            }
+            _ => ApiError::new(500, "KMSInternalException", "The request could not be completed because of an internal error."),
+        }
+    }
+}
+
+/// Who is calling, as far as the transport could tell.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    /// A verified client certificate with this URI SAN.
+    Certificate(String),
+    /// A verified client certificate without a URI SAN.
+    CertificateWithoutIdentity,
+    /// No credential.
+    Anonymous,
+}
+
+/// AWS KMS actions that custody does not implement (yet). They answer
+/// `UnsupportedOperationException`, never a crash or an empty success.
+const UNSUPPORTED_AWS_ACTIONS: &[&str] = &[
+    "ConnectCustomKeyStore",
+    "CreateCustomKeyStore",
+    "CreateGrant",
+    "DeleteCustomKeyStore",
+    "DeleteImportedKeyMaterial",
+    "DeriveSharedSecret",
+    "DescribeCustomKeyStores",
+    "DisconnectCustomKeyStore",
+    "GenerateDataKeyPair",
+    "GenerateDataKeyPairWithoutPlaintext",
+    "GenerateMac",
+    "GetKeyPolicy",
+    "GetParametersForImport",
+    "GetPublicKey",
+    "ImportKeyMaterial",
+    "ListGrants",
+    "ListKeyPolicies",
+    "ListRetirableGrants",
+    "PutKeyPolicy",
+    "ReplicateKey",
+    "RetireGrant",
+    "RevokeGrant",
+    "Sign",
+    "UpdateCustomKeyStore",
+    "UpdatePrimaryRegion",
+    "Verify",
+    "VerifyMac",
+];
+
+/// Runs one action. Blocking: call from a blocking-capable thread.
+pub fn dispatch(kms: &Kms, identity: &Identity, target: &str, body: &[u8]) -> Result<Value, ApiError> {
+    let (service, action) = target
+        .split_once('.')
+        .ok_or_else(|| ApiError::new(400, "UnknownOperationException", format!("unknown operation {target:?}")))?;
+    let fields = Fields::parse(body)?;
+    match service {
+        "Custody" => custody_action(kms, identity, action, &fields),
+        "TrentService" => {
+            let caller = authenticate(kms, identity)?;
+            kms_action(kms, &caller, action, &fields)
+        }
+        _ => Err(ApiError::new(400, "UnknownOperationException", format!("unknown service {service:?}"))),
+    }
+}
+
+fn authenticate(kms: &Kms, identity: &Identity) -> Result<Caller, ApiError> {
+    match identity {
+        Identity::Certificate(uri) => Ok(kms.authenticate_certificate(uri)?),
+        Identity::CertificateWithoutIdentity => Err(ApiError::new(
+            400,
+            "UnrecognizedClientException",
+            "The client certificate carries no custody identity (URI SAN spiffe://custody/<account>/<principal>).",
+        )),
+        Identity::Anonymous => Err(ApiError::new(
+            400,
+            "MissingAuthenticationTokenException",
+            "Request is missing authentication: present a client certificate issued by this custody.",
+        )),
+    }
+}
+
+fn custody_action(kms: &Kms, identity: &Identity, action: &str, f: &Fields) -> Result<Value, ApiError> {
+    match action {
+        // Unauthenticated: the seal status is not secret, and a share is its own credential.
+        "GetStatus" => Ok(status_json(kms)?),
+        "Unseal" => {
+            let share = f.required_str("Share")?;
+            kms.submit_share(share)?;
+            Ok(status_json(kms)?)
+        }
+        "WhoAmI" => {
+            let caller = authenticate(kms, identity)?;
+            Ok(json!({ "Account": caller.tenant().as_str(), "Principal": caller.name().as_str(), "Arn": caller.arn() }))
+        }
+        other => Err(ApiError::new(400, "UnknownOperationException", format!("unknown custody operation {other:?}"))),
+    }
+}
+
+fn status_json(kms: &Kms) -> Result<Value, KmsError> {
+    let s = kms.status()?;
+    Ok(json!({
+        "Sealed": s.sealed,
+        "SealType": s.seal_type,
+        "Threshold": s.threshold,
+        "Shares": s.shares,
+        "Progress": s.progress,
+        "StoreId": s.store_id,
+        "Version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+fn kms_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Value, ApiError> {
+    let v = match action {
+        "CreateKey" => {
+            for (field, allowed) in [("KeySpec", "SYMMETRIC_DEFAULT"), ("CustomerMasterKeySpec", "SYMMETRIC_DEFAULT"), ("KeyUsage", "ENCRYPT_DECRYPT"), ("Origin", "AWS_KMS")] {
+                if let Some(v) = f.optional_str(field)? {
+                    if v != allowed {
+                        return Err(ApiError::new(400, "UnsupportedOperationException", format!("{field} {v} is not supported by custody yet; only {allowed}")));
+                    }
+                }
+            }
+            if f.optional_bool("MultiRegion")? == Some(true) {
+                return Err(ApiError::new(400, "UnsupportedOperationException", "multi-Region keys are not supported"));
+            }
+            if f.0.contains_key("Policy") {
+                return Err(ApiError::new(400, "UnsupportedOperationException", "key policies are not supported by custody yet; omit Policy"));
+            }
+            if f.0.contains_key("CustomKeyStoreId") || f.0.contains_key("XksKeyId") {
+                return Err(ApiError::new(400, "UnsupportedOperationException", "custom key stores are not supported"));
+            }
+            let req = CreateKeyRequest { description: f.optional_str("Description")?.unwrap_or_default().to_string(), tags: f.tags("Tags")? };
+            json!({ "KeyMetadata": kms.create_key(caller, req)? })
+        }
+        "DescribeKey" => json!({ "KeyMetadata": kms.describe_key(caller, &f.key_ref("KeyId")?)? }),
+        "ListKeys" => {
+            let page = kms.list_keys(caller, f.limit()?, f.optional_str("Marker")?)?;
+            page_json("Keys", page, |e| serde_json::to_value(e).expect("serializable"))
+        }
+        "EnableKey" => empty(kms.enable_key(caller, &f.key_ref("KeyId")?)?),
+        "DisableKey" => empty(kms.disable_key(caller, &f.key_ref("KeyId")?)?),
+        "ScheduleKeyDeletion" => {
+            let days = f.optional_u32("PendingWindowInDays")?;
+            serde_json::to_value(kms.schedule_key_deletion(caller, &f.key_ref("KeyId")?, days)?).expect("serializable")
+        }
+        "CancelKeyDeletion" => json!({ "KeyId": kms.cancel_key_deletion(caller, &f.key_ref("KeyId")?)? }),
+        "UpdateKeyDescription" => {
+            let description = f.required_str("Description")?.to_string();
+            empty(kms.update_key_description(caller, &f.key_ref("KeyId")?, description)?)
+        }
+        "EnableKeyRotation" => {
+            let period = f.optional_u32("RotationPeriodInDays")?;
+            empty(kms.enable_key_rotation(caller, &f.key_ref("KeyId")?, period)?)
+        }
+        "DisableKeyRotation" => empty(kms.disable_key_rotation(caller, &f.key_ref("KeyId")?)?),
+        "GetKeyRotationStatus" => serde_json::to_value(kms.get_key_rotation_status(caller, &f.key_ref("KeyId")?)?).expect("serializable"),
+        "RotateKeyOnDemand" => json!({ "KeyId": kms.rotate_key_on_demand(caller, &f.key_ref("KeyId")?)? }),
+        "ListKeyRotations" => {
+            let page = kms.list_key_rotations(caller, &f.key_ref("KeyId")?, f.limit()?, f.optional_str("Marker")?)?;
+            page_json("Rotations", page, |e| serde_json::to_value(e).expect("serializable"))
+        }
+        "TagResource" => empty(kms.tag_resource(caller, &f.key_ref("KeyId")?, f.tags("Tags")?)?),
+        "UntagResource" => {
+            let keys = f.string_list("TagKeys")?;
+            empty(kms.untag_resource(caller, &f.key_ref("KeyId")?, &keys)?)
+        }
+        "ListResourceTags" => {
+            let page = kms.list_resource_tags(caller, &f.key_ref("KeyId")?, f.limit()?, f.optional_str("Marker")?)?;
+            page_json("Tags", page, |(k, v)| json!({ "TagKey": k, "TagValue": v }))
+        }
+        "CreateAlias" => empty(kms.create_alias(caller, &f.alias("AliasName")?, &f.key_ref("TargetKeyId")?)?),
+        "UpdateAlias" => empty(kms.update_alias(caller, &f.alias("AliasName")?, &f.key_ref("TargetKeyId")?)?),
+        "DeleteAlias" => empty(kms.delete_alias(caller, &f.alias("AliasName")?)?),
+        "ListAliases" => {
+            let key = f.optional_str("KeyId")?.map(|s| KeyRef::parse(s, "keyId")).transpose()?;
+            let page = kms.list_aliases(caller, key.as_ref(), f.limit()?, f.optional_str("Marker")?)?;
+            page_json("Aliases", page, |e| serde_json::to_value(e).expect("serializable"))
+        }
+        "Encrypt" => {
+            f.symmetric_only("EncryptionAlgorithm")?;
+            f.no_recipient()?;
+            let plaintext = f.secret_blob("Plaintext")?;
+            let out = kms.encrypt(caller, &f.key_ref("KeyId")?, &plaintext, &f.context("EncryptionContext")?)?;
+            json!({ "CiphertextBlob": B64.encode(&out.ciphertext_blob), "KeyId": out.key_arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT" })
+        }
+        "Decrypt" => {
+            f.symmetric_only("EncryptionAlgorithm")?;
+            f.no_recipient()?;
+            let blob = f.blob("CiphertextBlob")?;
+            let key = f.optional_str("KeyId")?.map(|s| KeyRef::parse(s, "keyId")).transpose()?;
+            let out = kms.decrypt(caller, &blob, &f.context("EncryptionContext")?, key.as_ref())?;
+            json!({ "KeyId": out.key_arn, "Plaintext": B64.encode(out.plaintext.expose_secret()), "EncryptionAlgorithm": "SYMMETRIC_DEFAULT" })
+        }
+        "ReEncrypt" => {
+            f.symmetric_only("SourceEncryptionAlgorithm")?;
+            f.symmetric_only("DestinationEncryptionAlgorithm")?;
+            let blob = f.blob("CiphertextBlob")?;
+            let source = f.optional_str("SourceKeyId")?.map(|s| KeyRef::parse(s, "sourceKeyId")).transpose()?;
+            let out = kms.re_encrypt(
+                caller,
+                &blob,
+                &f.context("SourceEncryptionContext")?,
+                source.as_ref(),
+                &f.key_ref("DestinationKeyId")?,
+                &f.context("DestinationEncryptionContext")?,
+            )?;
+            json!({
+                "CiphertextBlob": B64.encode(&out.ciphertext_blob),
+                "SourceKeyId": out.source_key_arn,
+                "KeyId": out.key_arn,
+                "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+                "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+            })
+        }
+        "GenerateDataKey" | "GenerateDataKeyWithoutPlaintext" => {
+            let with_plaintext = action == "GenerateDataKey";
+            if with_plaintext {
+                f.no_recipient()?;
+            }
+            let len = f.data_key_len()?;
+            let out = kms.generate_data_key(caller, &f.key_ref("KeyId")?, len, &f.context("EncryptionContext")?, with_plaintext)?;
+            let mut v = json!({ "CiphertextBlob": B64.encode(&out.ciphertext_blob), "KeyId": out.key_arn });
+            if let Some(pt) = out.plaintext {
+                v["Plaintext"] = Value::String(B64.encode(pt.expose_secret()));
+            }
+            v
+        }
+        "GenerateRandom" => {
+            f.no_recipient()?;
+            if f.0.contains_key("CustomKeyStoreId") {
+                return Err(ApiError::new(400, "UnsupportedOperationException", "custom key stores are not supported"));
+            }
+            let n = f.optional_u32("NumberOfBytes")?.ok_or_else(|| KmsError::validation("numberOfBytes", "Member must not be null"))?;
+            json!({ "Plaintext": B64.encode(kms.generate_random(caller, n as usize)?.expose_secret()) })
+        }
+        other if UNSUPPORTED_AWS_ACTIONS.contains(&other) => {
+            return Err(ApiError::new(400, "UnsupportedOperationException", format!("custody does not support {other} yet")))
+        }
+        other => return Err(ApiError::new(400, "UnknownOperationException", format!("unknown operation {other:?}"))),
+    };
+    Ok(v)
+}
+
+fn empty(_: ()) -> Value {
+    json!({})
+}
+
+fn page_json<T>(name: &str, page: Page<T>, item: impl Fn(T) -> Value) -> Value {
+    let mut v = json!({ name: page.items.into_iter().map(item).collect::<Vec<_>>(), "Truncated": page.next_marker.is_some() });
+    if let Some(m) = page.next_marker {
+        v["NextMarker"] = Value::String(m);
+    }
+    v
+}
+
+/// A request body's fields, with typed accessors whose errors name the field as AWS does.
+struct Fields(Map<String, Value>);
+
+impl Fields {
+    fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(Map::new()));
+        }
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(m)) => Ok(Self(m)),
+            Ok(_) => Err(ApiError::serialization("the request body must be a JSON object")),
+            Err(e) => Err(ApiError::serialization(format!("the request body is not valid JSON: {e}"))),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.0.get(name).filter(|v| !v.is_null())
+    }
+
+    fn optional_str(&self, name: &str) -> Result<Option<&str>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(ApiError::serialization(format!("{name} must be a string"))),
+        }
+    }
+
+    fn required_str(&self, name: &str) -> Result<&str, ApiError> {
+        self.optional_str(name)?.ok_or_else(|| KmsError::validation(&lower_first(name), "Member must not be null").into())
+    }
+
+    fn optional_u32(&self, name: &str) -> Result<Option<u32>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| KmsError::validation(&lower_first(name), "Member must be a non-negative integer").into()),
+            Some(_) => Err(ApiError::serialization(format!("{name} must be a number"))),
+        }
+    }
+
+    fn optional_bool(&self, name: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(ApiError::serialization(format!("{name} must be a boolean"))),
+        }
+    }
+
+    fn limit(&self) -> Result<Option<usize>, ApiError> {
+        Ok(self.optional_u32("Limit")?.map(|n| n as usize))
+    }
+
+    fn key_ref(&self, name: &str) -> Result<KeyRef, ApiError> {
+        Ok(KeyRef::parse(self.required_str(name)?, &lower_first(name))?)
+    }
+
+    fn alias(&self, name: &str) -> Result<AliasName, ApiError> {
+        Ok(AliasName::parse(self.required_str(name)?)?)
+    }
+
+    fn blob(&self, name: &str) -> Result<Vec<u8>, ApiError> {
+        let s = self.required_str(name)?;
+        if s.len() > 16 * 1024 {
+            return Err(KmsError::validation(&lower_first(name), "Member must have length less than or equal to 6144").into());
+        }
+        B64.decode(s).map_err(|_| ApiError::serialization(format!("{name} is not valid base64")))
+    }
+
+    fn secret_blob(&self, name: &str) -> Result<SecretBytes, ApiError> {
+        Ok(SecretBytes::new(self.blob(name)?))
+    }
+
+    fn context(&self, name: &str) -> Result<EncryptionContext, ApiError> {
+        let Some(v) = self.get(name) else { return Ok(EncryptionContext::empty()) };
+        let Value::Object(m) = v else { return Err(ApiError::serialization(format!("{name} must be a map of strings"))) };
+        let mut pairs = BTreeMap::new();
+        for (k, v) in m {
+            let Value::String(s) = v else { return Err(ApiError::serialization(format!("{name} values must be strings"))) };
+            pairs.insert(k.clone(), s.clone());
+        }
+        EncryptionContext::new(pairs).map_err(|e| KmsError::validation(&lower_first(name), e.to_string()).into())
+    }
+
+    fn tags(&self, name: &str) -> Result<BTreeMap<String, String>, ApiError> {
+        let Some(v) = self.get(name) else { return Ok(BTreeMap::new()) };
+        let Value::Array(items) = v else { return Err(ApiError::serialization(format!("{name} must be a list"))) };
+        let mut tags = BTreeMap::new();
+        for item in items {
+            let key = item.get("TagKey").and_then(Value::as_str);
+            let value = item.get("TagValue").and_then(Value::as_str);
+            match (key, value) {
+                (Some(k), Some(v)) => {
+                    tags.insert(k.to_string(), v.to_string());
+                }
+                _ => return Err(KmsError::validation("tags", "every tag needs a TagKey and a TagValue string").into()),
+            }
+        }
+        Ok(tags)
+    }
+
+    fn string_list(&self, name: &str) -> Result<Vec<String>, ApiError> {
+        let Some(Value::Array(items)) = self.get(name) else {
+            return Err(KmsError::validation(&lower_first(name), "Member must not be null").into());
+        };
+        items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| ApiError::serialization(format!("{name} must be a list of strings"))))
+            .collect()
+    }
+
+    fn data_key_len(&self) -> Result<usize, ApiError> {
+        match (self.optional_str("KeySpec")?, self.optional_u32("NumberOfBytes")?) {
+            (Some(_), Some(_)) => Err(KmsError::validation("keySpec", "specify either KeySpec or NumberOfBytes, not both").into()),
+            (Some("AES_256"), None) => Ok(32),
+            (Some("AES_128"), None) => Ok(16),
+            (Some(other), None) => Err(KmsError::validation("keySpec", format!("Member must satisfy enum value set: [AES_256, AES_128]; got {other}")).into()),
+            (None, Some(n)) => Ok(n as usize),
+            (None, None) => Err(KmsError::validation("keySpec", "specify either KeySpec or NumberOfBytes").into()),
+        }
+    }
+
+    fn symmetric_only(&self, name: &str) -> Result<(), ApiError> {
+        match self.optional_str(name)? {
+            None | Some("SYMMETRIC_DEFAULT") => Ok(()),
+            Some(other) => Err(KmsError::validation(&lower_first(name), format!("{other} is not valid for a symmetric key; use SYMMETRIC_DEFAULT")).into()),
+        }
+    }
+
+    fn no_recipient(&self) -> Result<(), ApiError> {
+        if self.0.contains_key("Recipient") {
+            return Err(ApiError::new(400, "UnsupportedOperationException", "Recipient (Nitro Enclaves attestation) is not supported"));
+        }
+        if self.optional_bool("DryRun")? == Some(true) {
+            return Err(ApiError::new(400, "UnsupportedOperationException", "DryRun is not supported"));
+        }
+        Ok(())
+    }
+}
+
+/// AWS names fields in validation messages with a lowercase first letter.
+fn lower_first(s: &str) -> String {
+    let mut c = s.chars();
+    c.next().map(|f| f.to_lowercase().chain(c).collect()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_service_error_has_one_aws_name() {
+        let cases: Vec<(KmsError, u16, &str)> = vec![
+            (KmsError::Sealed, 503, "ServiceUnavailableException"),
+            (KmsError::Disabled("k".into()), 400, "DisabledException"),
+            (KmsError::InvalidState("k".into()), 400, "KMSInvalidStateException"),
+            (KmsError::InvalidCiphertext, 400, "InvalidCiphertextException"),
+            (KmsError::NotFound("k".into()), 400, "NotFoundException"),
+            (KmsError::validation("plaintext", "x"), 400, "ValidationException"),
+            (KmsError::Integrity, 500, "KMSInternalException"),
+        ];
+        for (e, status, code) in cases {
+            let api = ApiError::from(e);
+            assert_eq!((api.status, api.code), (status, code));
+        }
+        let internal = ApiError::from(KmsError::Internal("disk /var/secret failed".into()));
+        assert!(!internal.message.contains("secret"), "5xx bodies are generic");
+    }
+
+    #[test]
+    fn malformed_bodies_are_serialization_errors() {
+        for body in [&b"{"[..], b"[1]", b"\"x\""] {
+            assert_eq!(Fields::parse(body).err().unwrap().code, "SerializationException");
+        }
+        assert!(Fields::parse(b"").is_ok());
+        let f = Fields::parse(br#"{"KeyId": 5, "Limit": -1, "EncryptionContext": {"a": 1}}"#).unwrap();
+        assert_eq!(f.key_ref("KeyId").unwrap_err().code, "SerializationException");
+        assert_eq!(f.limit().unwrap_err().code, "ValidationException");
+        assert_eq!(f.context("EncryptionContext").unwrap_err().code, "SerializationException");
+        let e = f.required_str("Missing").unwrap_err();
+        assert!(e.message.contains("'missing'"), "{}", e.message);
+    }
+}
