@@ -79,7 +79,10 @@ impl Layout {
 pub fn init(b: Bootstrap) -> Result<(Layout, InitOutput), String> {
     let layout = Layout { data_dir: b.data_dir.clone() };
     if layout.is_initialized() {
-        return Err(format!("{} is already initialized (custody.db exists); nothing was changed", b.data_dir.display()));
+        return Err(format!(
+            "{} is already initialized (custody.db exists); nothing was changed",
+            b.data_dir.display()
+        ));
     }
     let io = |what: &str, p: &Path, e: std::io::Error| format!("cannot write {what} {}: {e}", p.display());
     for d in [b.data_dir.clone(), b.data_dir.join("tls"), b.data_dir.join("admin")] {

@@ -280,7 +280,9 @@ pub struct DataKeyArgs {
 }
 
 fn parse_pair(s: &str) -> std::result::Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 /// Runs a parsed command line.
@@ -308,8 +310,13 @@ fn init(a: InitArgs, json: bool) -> Result<()> {
             _ => return Err(usage(format!("--seal must be shamir or keyfile:PATH, got {s:?}"))),
         },
     };
-    let tenant = a.tenant.as_deref().map(|t| TenantId::parse(t).ok_or_else(|| usage(format!("--tenant must be 12 digits, got {t:?}")))).transpose()?;
-    let admin = PrincipalName::parse(&a.admin).ok_or_else(|| usage(format!("--admin {:?} is not a valid principal name", a.admin)))?;
+    let tenant = a
+        .tenant
+        .as_deref()
+        .map(|t| TenantId::parse(t).ok_or_else(|| usage(format!("--tenant must be 12 digits, got {t:?}"))))
+        .transpose()?;
+    let admin = PrincipalName::parse(&a.admin)
+        .ok_or_else(|| usage(format!("--admin {:?} is not a valid principal name", a.admin)))?;
     if let Some(dir) = &a.shares_dir {
         if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
             return Err(usage(format!("--shares-dir {} must be a new or empty directory", dir.display())));
@@ -327,15 +334,18 @@ fn init(a: InitArgs, json: bool) -> Result<()> {
     let shares: Vec<Zeroizing<String>> = out.shares.iter().map(|s| s.to_text()).collect();
     let mut share_files = Vec::new();
     if let Some(dir) = &a.shares_dir {
-        std::fs::create_dir_all(dir).map_err(|e| CliError::new(exit::FAILURE, format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot create {}: {e}", dir.display())))?;
         for (i, s) in shares.iter().enumerate() {
             let p = dir.join(format!("share-{}.txt", i + 1));
-            bootstrap::write_file(&p, format!("{}\n", s.as_str()).as_bytes(), 0o600).map_err(|m| CliError::new(exit::FAILURE, m))?;
+            bootstrap::write_file(&p, format!("{}\n", s.as_str()).as_bytes(), 0o600)
+                .map_err(|m| CliError::new(exit::FAILURE, m))?;
             share_files.push(p);
         }
     }
     if json {
-        let printed: Vec<&str> = if a.shares_dir.is_none() { shares.iter().map(|s| s.as_str()).collect() } else { Vec::new() };
+        let printed: Vec<&str> =
+            if a.shares_dir.is_none() { shares.iter().map(|s| s.as_str()).collect() } else { Vec::new() };
         print_json(&json!({
             "StoreId": out.store_id,
             "Account": out.tenant.as_str(),
@@ -368,21 +378,31 @@ fn init(a: InitArgs, json: bool) -> Result<()> {
             }
         }
     }
-    println!("\nNext: custody server --data {}   then   custody unseal --profile {}", a.data.display(), layout.admin_profile().display());
+    println!(
+        "\nNext: custody server --data {}   then   custody unseal --profile {}",
+        a.data.display(),
+        layout.admin_profile().display()
+    );
     Ok(())
 }
 
 async fn server(a: ServerArgs) -> Result<()> {
-    let mut config = custody_server::ServerConfig::load(a.config.as_deref()).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    let mut config = custody_server::ServerConfig::load(a.config.as_deref())
+        .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     if let Some(d) = a.data {
         config.data_dir = d;
     }
     if let Some(l) = a.listen {
         config.listen = l;
     }
-    let server = custody_server::Server::start(config).await.map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+    let server =
+        custody_server::Server::start(config).await.map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
     let sealed = server.kms().status().map(|s| s.sealed).unwrap_or(true);
-    eprintln!("custody listening on https://{}{}", server.local_addr(), if sealed { " (sealed: run `custody unseal`)" } else { "" });
+    eprintln!(
+        "custody listening on https://{}{}",
+        server.local_addr(),
+        if sealed { " (sealed: run `custody unseal`)" } else { "" }
+    );
     wait_for_shutdown().await;
     eprintln!("custody: shutting down");
     server.shutdown().await;
@@ -431,23 +451,31 @@ async fn unseal(conn: &ConnArgs, a: UnsealArgs, json: bool) -> Result<()> {
         let share = if interactive {
             let prompt = format!("Unseal share ({} of {} so far): ", status["Progress"], status["Threshold"]);
             if std::io::stdin().is_terminal() {
-                Zeroizing::new(rpassword::prompt_password(prompt).map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?)
+                Zeroizing::new(
+                    rpassword::prompt_password(prompt).map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?,
+                )
             } else {
                 let mut line = Zeroizing::new(String::new());
-                if std::io::stdin().read_line(&mut line).map_err(|e| CliError::new(exit::FAILURE, e.to_string()))? == 0 {
+                if std::io::stdin().read_line(&mut line).map_err(|e| CliError::new(exit::FAILURE, e.to_string()))? == 0
+                {
                     break;
                 }
                 line
             }
         } else {
             match files.next() {
-                Some(f) => Zeroizing::new(std::fs::read_to_string(&f).map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", f.display())))?),
+                Some(f) => Zeroizing::new(
+                    std::fs::read_to_string(&f)
+                        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", f.display())))?,
+                ),
                 None => break,
             }
         };
         match client.call("Custody.Unseal", json!({ "Share": share.trim() })).await {
             Ok(s) => status = s,
-            Err(custody_client::ClientError::Api { code, message, .. }) if code == "InvalidShareException" && interactive => {
+            Err(custody_client::ClientError::Api { code, message, .. })
+                if code == "InvalidShareException" && interactive =>
+            {
                 eprintln!("share refused: {message}");
             }
             Err(e) => return Err(e.into()),
@@ -514,14 +542,22 @@ async fn key(conn: &ConnArgs, cmd: KeyCommand, json: bool) -> Result<()> {
             let r = c.call("TrentService.DescribeKey", json!({ "KeyId": key })).await?;
             output(json, &r, || print_metadata(&r["KeyMetadata"]));
         }
-        KeyCommand::Enable { key } => simple(&mut c, json, "TrentService.EnableKey", json!({ "KeyId": key }), &format!("Enabled {key}.")).await?,
-        KeyCommand::Disable { key } => simple(&mut c, json, "TrentService.DisableKey", json!({ "KeyId": key }), &format!("Disabled {key}.")).await?,
+        KeyCommand::Enable { key } => {
+            simple(&mut c, json, "TrentService.EnableKey", json!({ "KeyId": key }), &format!("Enabled {key}.")).await?
+        }
+        KeyCommand::Disable { key } => {
+            simple(&mut c, json, "TrentService.DisableKey", json!({ "KeyId": key }), &format!("Disabled {key}."))
+                .await?
+        }
         KeyCommand::Rotate { key } => {
             let r = c.call("TrentService.RotateKeyOnDemand", json!({ "KeyId": key })).await?;
-            output(json, &r, || println!("Rotated {}: a new version encrypts from now on.", r["KeyId"].as_str().unwrap_or("")));
+            output(json, &r, || {
+                println!("Rotated {}: a new version encrypts from now on.", r["KeyId"].as_str().unwrap_or(""))
+            });
         }
         KeyCommand::Rotations { key } => {
-            let rotations = paginate(&mut c, "TrentService.ListKeyRotations", json!({ "KeyId": key }), "Rotations").await?;
+            let rotations =
+                paginate(&mut c, "TrentService.ListKeyRotations", json!({ "KeyId": key }), "Rotations").await?;
             output(json, &json!({ "Rotations": rotations }), || {
                 if rotations.is_empty() {
                     println!("No rotations yet.");
@@ -538,13 +574,23 @@ async fn key(conn: &ConnArgs, cmd: KeyCommand, json: bool) -> Result<()> {
             }
             let r = c.call("TrentService.ScheduleKeyDeletion", body).await?;
             output(json, &r, || {
-                println!("{} will be destroyed at {} ({} days). Cancel with: custody key cancel-deletion {}",
-                    r["KeyId"].as_str().unwrap_or(""), fmt_time(&r["DeletionDate"]), r["PendingWindowInDays"], key)
+                println!(
+                    "{} will be destroyed at {} ({} days). Cancel with: custody key cancel-deletion {}",
+                    r["KeyId"].as_str().unwrap_or(""),
+                    fmt_time(&r["DeletionDate"]),
+                    r["PendingWindowInDays"],
+                    key
+                )
             });
         }
         KeyCommand::CancelDeletion { key } => {
             let r = c.call("TrentService.CancelKeyDeletion", json!({ "KeyId": key })).await?;
-            output(json, &r, || println!("Deletion cancelled; {} is now Disabled (enable it with custody key enable).", r["KeyId"].as_str().unwrap_or("")));
+            output(json, &r, || {
+                println!(
+                    "Deletion cancelled; {} is now Disabled (enable it with custody key enable).",
+                    r["KeyId"].as_str().unwrap_or("")
+                )
+            });
         }
         KeyCommand::Alias(a) => alias(&mut c, a, json).await?,
         KeyCommand::Rotation(RotationCommand::Enable { key, period_days }) => {
@@ -552,16 +598,34 @@ async fn key(conn: &ConnArgs, cmd: KeyCommand, json: bool) -> Result<()> {
             if let Some(p) = period_days {
                 body["RotationPeriodInDays"] = json!(p);
             }
-            simple(&mut c, json, "TrentService.EnableKeyRotation", body, &format!("Automatic rotation enabled for {key}.")).await?
+            simple(
+                &mut c,
+                json,
+                "TrentService.EnableKeyRotation",
+                body,
+                &format!("Automatic rotation enabled for {key}."),
+            )
+            .await?
         }
         KeyCommand::Rotation(RotationCommand::Disable { key }) => {
-            simple(&mut c, json, "TrentService.DisableKeyRotation", json!({ "KeyId": key }), &format!("Automatic rotation disabled for {key}.")).await?
+            simple(
+                &mut c,
+                json,
+                "TrentService.DisableKeyRotation",
+                json!({ "KeyId": key }),
+                &format!("Automatic rotation disabled for {key}."),
+            )
+            .await?
         }
         KeyCommand::Rotation(RotationCommand::Status { key }) => {
             let r = c.call("TrentService.GetKeyRotationStatus", json!({ "KeyId": key })).await?;
             output(json, &r, || {
                 if r["KeyRotationEnabled"] == true {
-                    println!("enabled, every {} days, next {}", r["RotationPeriodInDays"], fmt_time(&r["NextRotationDate"]));
+                    println!(
+                        "enabled, every {} days, next {}",
+                        r["RotationPeriodInDays"],
+                        fmt_time(&r["NextRotationDate"])
+                    );
                 } else {
                     println!("disabled");
                 }
@@ -572,7 +636,14 @@ async fn key(conn: &ConnArgs, cmd: KeyCommand, json: bool) -> Result<()> {
             simple(&mut c, json, "TrentService.TagResource", json!({ "KeyId": key, "Tags": tags }), "Tagged.").await?
         }
         KeyCommand::Untag { key, tag_keys } => {
-            simple(&mut c, json, "TrentService.UntagResource", json!({ "KeyId": key, "TagKeys": tag_keys }), "Untagged.").await?
+            simple(
+                &mut c,
+                json,
+                "TrentService.UntagResource",
+                json!({ "KeyId": key, "TagKeys": tag_keys }),
+                "Untagged.",
+            )
+            .await?
         }
         KeyCommand::Tags { key } => {
             let tags = paginate(&mut c, "TrentService.ListResourceTags", json!({ "KeyId": key }), "Tags").await?;
@@ -589,12 +660,29 @@ async fn key(conn: &ConnArgs, cmd: KeyCommand, json: bool) -> Result<()> {
 async fn alias(c: &mut Client, a: AliasCommand, json: bool) -> Result<()> {
     match a {
         AliasCommand::Create { alias, key } => {
-            simple(c, json, "TrentService.CreateAlias", json!({ "AliasName": alias, "TargetKeyId": key }), &format!("{alias} -> {key}")).await
+            simple(
+                c,
+                json,
+                "TrentService.CreateAlias",
+                json!({ "AliasName": alias, "TargetKeyId": key }),
+                &format!("{alias} -> {key}"),
+            )
+            .await
         }
         AliasCommand::Update { alias, key } => {
-            simple(c, json, "TrentService.UpdateAlias", json!({ "AliasName": alias, "TargetKeyId": key }), &format!("{alias} -> {key}")).await
+            simple(
+                c,
+                json,
+                "TrentService.UpdateAlias",
+                json!({ "AliasName": alias, "TargetKeyId": key }),
+                &format!("{alias} -> {key}"),
+            )
+            .await
         }
-        AliasCommand::Delete { alias } => simple(c, json, "TrentService.DeleteAlias", json!({ "AliasName": alias }), &format!("Deleted {alias}.")).await,
+        AliasCommand::Delete { alias } => {
+            simple(c, json, "TrentService.DeleteAlias", json!({ "AliasName": alias }), &format!("Deleted {alias}."))
+                .await
+        }
         AliasCommand::List { key } => {
             let body = key.map_or_else(|| json!({}), |k| json!({ "KeyId": k }));
             let aliases = paginate(c, "TrentService.ListAliases", body, "Aliases").await?;
@@ -611,17 +699,24 @@ async fn alias(c: &mut Client, a: AliasCommand, json: bool) -> Result<()> {
 async fn encrypt_blob(conn: &ConnArgs, a: EncryptBlobArgs, json: bool) -> Result<()> {
     let plaintext = read_input(&a.input)?;
     if plaintext.len() > 4096 {
-        return Err(CliError::new(exit::INVALID_REQUEST, format!(
-            "{} bytes is more than the 4096 a KMS key encrypts directly; use envelope encryption for files", plaintext.len())));
+        return Err(CliError::new(
+            exit::INVALID_REQUEST,
+            format!(
+                "{} bytes is more than the 4096 a KMS key encrypts directly; use envelope encryption for files",
+                plaintext.len()
+            ),
+        ));
     }
     let mut c = connect(conn).await?;
-    let body = json!({ "KeyId": a.key, "Plaintext": B64.encode(&*plaintext), "EncryptionContext": context(&a.context) });
+    let body =
+        json!({ "KeyId": a.key, "Plaintext": B64.encode(&*plaintext), "EncryptionContext": context(&a.context) });
     let r = c.call("TrentService.Encrypt", body).await?;
     let blob = r["CiphertextBlob"].as_str().unwrap_or("");
     match (&a.out, json) {
         (Some(path), _) => {
             let raw = B64.decode(blob).map_err(|_| CliError::new(exit::FAILURE, "the server sent an invalid blob"))?;
-            std::fs::write(path, raw).map_err(|e| CliError::new(exit::FAILURE, format!("cannot write {}: {e}", path.display())))?;
+            std::fs::write(path, raw)
+                .map_err(|e| CliError::new(exit::FAILURE, format!("cannot write {}: {e}", path.display())))?;
             if json {
                 print_json(&json!({ "KeyId": r["KeyId"], "Out": path }));
             }
@@ -649,7 +744,10 @@ async fn decrypt_blob(conn: &ConnArgs, a: DecryptBlobArgs, json: bool) -> Result
         print_json(&r);
         return Ok(());
     }
-    let plaintext = Zeroizing::new(B64.decode(r["Plaintext"].as_str().unwrap_or("")).map_err(|_| CliError::new(exit::FAILURE, "the server sent invalid plaintext"))?);
+    let plaintext = Zeroizing::new(
+        B64.decode(r["Plaintext"].as_str().unwrap_or(""))
+            .map_err(|_| CliError::new(exit::FAILURE, "the server sent invalid plaintext"))?,
+    );
     write_output(a.out.as_deref(), &plaintext)
 }
 
@@ -660,7 +758,11 @@ async fn data_key(conn: &ConnArgs, a: DataKeyArgs, json: bool) -> Result<()> {
         Some(n) => body["NumberOfBytes"] = json!(n),
         None => body["KeySpec"] = json!(a.spec.as_deref().unwrap_or("AES_256")),
     }
-    let action = if a.without_plaintext { "TrentService.GenerateDataKeyWithoutPlaintext" } else { "TrentService.GenerateDataKey" };
+    let action = if a.without_plaintext {
+        "TrentService.GenerateDataKeyWithoutPlaintext"
+    } else {
+        "TrentService.GenerateDataKey"
+    };
     let r = c.call(action, body).await?;
     output(json, &r, || {
         println!("key:        {}", r["KeyId"].as_str().unwrap_or(""));
@@ -697,7 +799,9 @@ fn context(pairs: &[(String, String)]) -> BTreeMap<String, String> {
 fn read_input(input: &str) -> Result<Zeroizing<Vec<u8>>> {
     let mut buf = Zeroizing::new(Vec::new());
     if input == "-" {
-        std::io::stdin().read_to_end(&mut buf).map_err(|e| CliError::new(exit::FAILURE, format!("cannot read stdin: {e}")))?;
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read stdin: {e}")))?;
     } else {
         std::fs::File::open(input)
             .and_then(|mut f| f.read_to_end(&mut buf))

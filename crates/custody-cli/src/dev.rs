@@ -77,7 +77,10 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
             println!("Initialized a new store in {}.", a.data.display());
         }
         println!("\nIn another shell:\n\n  source {}\n\nor set:\n\n{}", env_file.display(), indent(&env));
-        println!("Try: custody key create --description demo\nStop with Ctrl-C; the keys are kept in {}.", a.data.display());
+        println!(
+            "Try: custody key create --description demo\nStop with Ctrl-C; the keys are kept in {}.",
+            a.data.display()
+        );
     }
     crate::commands::wait_for_shutdown().await;
     server.shutdown().await;

@@ -43,13 +43,19 @@ impl From<ClientError> for CliError {
     fn from(e: ClientError) -> Self {
         let code = match &e {
             ClientError::Api { code, .. } => match code.as_str() {
-                "UnrecognizedClientException" | "AccessDeniedException" | "MissingAuthenticationTokenException" => DENIED,
+                "UnrecognizedClientException" | "AccessDeniedException" | "MissingAuthenticationTokenException" => {
+                    DENIED
+                }
                 "NotFoundException" => NOT_FOUND,
                 "DisabledException" | "KMSInvalidStateException" => KEY_STATE,
                 "InvalidCiphertextException" | "IncorrectKeyException" => INVALID_CIPHERTEXT,
                 "ServiceUnavailableException" => SEALED,
-                "ValidationException" | "AlreadyExistsException" | "InvalidAliasNameException" | "UnsupportedOperationException"
-                | "SerializationException" | "InvalidShareException" => INVALID_REQUEST,
+                "ValidationException"
+                | "AlreadyExistsException"
+                | "InvalidAliasNameException"
+                | "UnsupportedOperationException"
+                | "SerializationException"
+                | "InvalidShareException" => INVALID_REQUEST,
                 _ => FAILURE,
             },
             ClientError::Connect { .. } | ClientError::Config(_) => UNREACHABLE,

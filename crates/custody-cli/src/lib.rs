@@ -95,21 +95,30 @@ Examples:
     #[command(subcommand)]
     Key(commands::KeyCommand),
     /// Encrypt up to 4096 bytes with a KMS key (the raw KMS Encrypt; for files use envelope encryption).
-    #[command(name = "encrypt-blob", after_help = "\
+    #[command(
+        name = "encrypt-blob",
+        after_help = "\
 Examples:
   echo -n 'db password' | custody encrypt-blob -k alias/app -c app=billing > secret.b64
-  custody encrypt-blob -k 1234abcd-... --out secret.bin secret.txt")]
+  custody encrypt-blob -k 1234abcd-... --out secret.bin secret.txt"
+    )]
     EncryptBlob(commands::EncryptBlobArgs),
     /// Decrypt a KMS ciphertext blob (base64 or raw).
-    #[command(name = "decrypt-blob", after_help = "\
+    #[command(
+        name = "decrypt-blob",
+        after_help = "\
 Examples:
   custody decrypt-blob -c app=billing secret.b64
-  custody decrypt-blob -k alias/app --out secret.txt secret.bin")]
+  custody decrypt-blob -k alias/app --out secret.txt secret.bin"
+    )]
     DecryptBlob(commands::DecryptBlobArgs),
     /// Generate a data key: plaintext and its ciphertext under a KMS key.
-    #[command(name = "data-key", after_help = "\
+    #[command(
+        name = "data-key",
+        after_help = "\
 Examples:
   custody data-key -k alias/app --json
-  custody data-key -k alias/app --bytes 64 --without-plaintext")]
+  custody data-key -k alias/app --bytes 64 --without-plaintext"
+    )]
     DataKey(commands::DataKeyArgs),
 }

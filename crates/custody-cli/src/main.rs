@@ -29,7 +29,8 @@ fn main() -> ExitCode {
 /// `CUSTODY_LOG_FORMAT=json` gives one JSON object per line.
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,custody_server=info,custody_kms=info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("warn,custody_server=info,custody_kms=info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if std::env::var("CUSTODY_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();

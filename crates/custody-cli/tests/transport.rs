@@ -130,7 +130,9 @@ async fn requests_without_a_certificate_are_unauthenticated_but_health_and_statu
     let status = c.call("Custody.GetStatus", json!({})).await.unwrap();
     assert_eq!(status["Sealed"], false);
     match c.call("TrentService.ListKeys", json!({})).await {
-        Err(ClientError::Api { status, code, .. }) => assert_eq!((status, code.as_str()), (400, "MissingAuthenticationTokenException")),
+        Err(ClientError::Api { status, code, .. }) => {
+            assert_eq!((status, code.as_str()), (400, "MissingAuthenticationTokenException"))
+        }
         other => panic!("{other:?}"),
     }
     server.shutdown().await;

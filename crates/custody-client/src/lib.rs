@@ -92,12 +92,20 @@ impl Client {
 
     async fn reconnect(&mut self) -> Result<(), ClientError> {
         let connect_err = |reason: String| ClientError::Connect { endpoint: self.endpoint.to_string(), reason };
-        let tcp = TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port)).await.map_err(|e| connect_err(e.to_string()))?;
+        let tcp = TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from(self.endpoint.host.clone()).map_err(|e| connect_err(format!("bad host name: {e}")))?;
-        let tls = self.connector.connect(name, tcp).await.map_err(|e| connect_err(format!("TLS handshake failed: {}", chain(&e))))?;
+        let name =
+            ServerName::try_from(self.endpoint.host.clone()).map_err(|e| connect_err(format!("bad host name: {e}")))?;
+        let tls = self
+            .connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| connect_err(format!("TLS handshake failed: {}", chain(&e))))?;
         self.kx_group = tls.get_ref().1.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()));
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| connect_err(chain(&e)))?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| connect_err(chain(&e)))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -107,7 +115,12 @@ impl Client {
 
     /// Calls `target` (`TrentService.Encrypt`, `Custody.GetStatus`, ...) with a JSON body.
     pub async fn call(&mut self, target: &str, body: Value) -> Result<Value, ClientError> {
-        let bytes = Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize"));
+        self.call_bytes(target, serde_json::to_vec(&body).expect("JSON values serialize")).await
+    }
+
+    /// Like [`Client::call`], with the request body as raw bytes (sent as-is).
+    pub async fn call_bytes(&mut self, target: &str, body: Vec<u8>) -> Result<Value, ClientError> {
+        let bytes = Bytes::from(body);
         let build = |host: &str| {
             Request::post("/")
                 .header("host", host)
@@ -121,14 +134,18 @@ impl Client {
             self.reconnect().await?;
         }
         let sender = self.sender.as_mut().expect("connected above");
-        sender.ready().await.map_err(|e| ClientError::Connect { endpoint: self.endpoint.to_string(), reason: chain(&e) })?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| ClientError::Connect { endpoint: self.endpoint.to_string(), reason: chain(&e) })?;
         let resp = sender
             .send_request(build(&host)?)
             .await
             .map_err(|e| ClientError::Connect { endpoint: self.endpoint.to_string(), reason: chain(&e) })?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.map_err(|e| ClientError::Protocol(e.to_string()))?.to_bytes();
-        let value: Value = serde_json::from_slice(&body).map_err(|_| ClientError::Protocol(format!("HTTP {status} with a body that is not JSON")))?;
+        let value: Value = serde_json::from_slice(&body)
+            .map_err(|_| ClientError::Protocol(format!("HTTP {status} with a body that is not JSON")))?;
         if status == 200 {
             return Ok(value);
         }

@@ -34,7 +34,8 @@ pub struct Endpoint {
 impl Endpoint {
     /// Parses `https://host[:port][/]`.
     pub fn parse(s: &str) -> Result<Self, ClientError> {
-        let bad = |why: &str| ClientError::Config(format!("endpoint {s:?} is invalid: {why} (expected https://host:port)"));
+        let bad =
+            |why: &str| ClientError::Config(format!("endpoint {s:?} is invalid: {why} (expected https://host:port)"));
         let rest = s.strip_prefix("https://").ok_or_else(|| bad("custody only speaks https"))?;
         let authority = rest.trim_end_matches('/');
         if authority.contains('/') || authority.is_empty() {
@@ -110,14 +111,18 @@ impl Profile {
     /// The endpoint, parsed.
     pub fn endpoint(&self) -> Result<Endpoint, ClientError> {
         Endpoint::parse(self.endpoint.as_deref().ok_or_else(|| {
-            ClientError::Config("no endpoint: pass --endpoint, set CUSTODY_ENDPOINT, or use a profile (CUSTODY_PROFILE)".into())
+            ClientError::Config(
+                "no endpoint: pass --endpoint, set CUSTODY_ENDPOINT, or use a profile (CUSTODY_PROFILE)".into(),
+            )
         })?)
     }
 
     /// The CA file.
     pub fn ca_file(&self) -> Result<PathBuf, ClientError> {
         self.ca_file.clone().ok_or_else(|| {
-            ClientError::Config("no CA certificate: pass --ca-file, set CUSTODY_CA_FILE, or use a profile (CUSTODY_PROFILE)".into())
+            ClientError::Config(
+                "no CA certificate: pass --ca-file, set CUSTODY_CA_FILE, or use a profile (CUSTODY_PROFILE)".into(),
+            )
         })
     }
 
@@ -137,7 +142,10 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        assert_eq!(Endpoint::parse("https://127.0.0.1:8443").unwrap(), Endpoint { host: "127.0.0.1".into(), port: 8443 });
+        assert_eq!(
+            Endpoint::parse("https://127.0.0.1:8443").unwrap(),
+            Endpoint { host: "127.0.0.1".into(), port: 8443 }
+        );
         assert_eq!(Endpoint::parse("https://kms.example/").unwrap().port, 443);
         let v6 = Endpoint::parse("https://[::1]:9000").unwrap();
         assert_eq!((v6.host.as_str(), v6.port, v6.authority()), ("::1", 9000, "[::1]:9000".to_string()));

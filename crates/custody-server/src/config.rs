@@ -163,10 +163,14 @@ impl ServerConfig {
             let value = match s.kind {
                 Kind::Text => toml::Value::String(raw),
                 Kind::Integer => toml::Value::Integer(
-                    raw.trim().parse().map_err(|_| ConfigError(format!("{} must be a whole number, got {raw:?}", s.env)))?,
+                    raw.trim()
+                        .parse()
+                        .map_err(|_| ConfigError(format!("{} must be a whole number, got {raw:?}", s.env)))?,
                 ),
                 Kind::Bool => toml::Value::Boolean(
-                    raw.trim().parse().map_err(|_| ConfigError(format!("{} must be true or false, got {raw:?}", s.env)))?,
+                    raw.trim()
+                        .parse()
+                        .map_err(|_| ConfigError(format!("{} must be true or false, got {raw:?}", s.env)))?,
                 ),
             };
             let mut parts: Vec<&str> = s.name.split('.').collect();
@@ -181,7 +185,8 @@ impl ServerConfig {
             }
             t.insert(leaf.to_string(), value);
         }
-        let config: ServerConfig = table.try_into().map_err(|e: toml::de::Error| ConfigError(format!("invalid configuration: {e}")))?;
+        let config: ServerConfig =
+            table.try_into().map_err(|e: toml::de::Error| ConfigError(format!("invalid configuration: {e}")))?;
         config.validate()?;
         Ok(config)
     }

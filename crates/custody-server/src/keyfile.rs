@@ -27,10 +27,14 @@ pub fn read(path: &Path) -> Result<RootKey, String> {
             path.display()
         ));
     }
-    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| format!("cannot read the key file {}: {e}", path.display()))?);
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read the key file {}: {e}", path.display()))?,
+    );
     let line = text.lines().find(|l| !l.starts_with('#') && !l.trim().is_empty()).unwrap_or("");
-    let bytes = Zeroizing::new(hex::decode(line.trim()).map_err(|_| format!("{} is not a custody key file", path.display()))?);
-    RootKey::from_bytes(&bytes).ok_or_else(|| format!("{} is not a custody key file (expected 32 bytes)", path.display()))
+    let bytes =
+        Zeroizing::new(hex::decode(line.trim()).map_err(|_| format!("{} is not a custody key file", path.display()))?);
+    RootKey::from_bytes(&bytes)
+        .ok_or_else(|| format!("{} is not a custody key file (expected 32 bytes)", path.display()))
 }
 
 #[cfg(test)]

@@ -82,21 +82,29 @@ impl Server {
                 config.data_dir.display()
             )));
         }
-        let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&db).map_err(|e| StartError::Store(e.to_string()))?);
+        let backend: Arc<dyn Backend> =
+            Arc::new(SqliteBackend::open(&db).map_err(|e| StartError::Store(e.to_string()))?);
         let day_ms = i64::try_from(config.danger_day_length_ms).unwrap_or(custody_kms::DAY_MS);
         if day_ms != custody_kms::DAY_MS {
-            tracing::warn!(day_ms, "danger_day_length_ms is set: deletion windows and rotation periods are shortened (tests only)");
+            tracing::warn!(
+                day_ms,
+                "danger_day_length_ms is set: deletion windows and rotation periods are shortened (tests only)"
+            );
         }
         let kms = Arc::new(
-            Kms::open(backend, KmsConfig { region: config.region.clone(), day_ms }).map_err(|e| StartError::Store(e.to_string()))?,
+            Kms::open(backend, KmsConfig { region: config.region.clone(), day_ms })
+                .map_err(|e| StartError::Store(e.to_string()))?,
         );
         if let config::SealSetting::KeyFile(path) = config.seal_setting()? {
             tracing::warn!(path = %path.display(), "key-file seal: for development only");
             let root = keyfile::read(&path).map_err(StartError::Store)?;
-            kms.unseal_with_root(root).map_err(|e| StartError::Store(format!("the key file does not unseal this store: {e}")))?;
+            kms.unseal_with_root(root)
+                .map_err(|e| StartError::Store(format!("the key file does not unseal this store: {e}")))?;
         }
         let tls = tls::server_config(&config.cert_file(), &config.key_file(), &config.client_ca_file())?;
-        let listener = TcpListener::bind(config.listen).await.map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state = Arc::new(State { kms: kms.clone(), max_request_bytes: config.max_request_bytes });
@@ -128,7 +136,12 @@ struct State {
     max_request_bytes: usize,
 }
 
-async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    state: Arc<State>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -199,7 +212,12 @@ async fn connection(
     }
 }
 
-async fn handle(state: Arc<State>, identity: Arc<Identity>, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    state: Arc<State>,
+    identity: Arc<Identity>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4().to_string();
     let (action, result) = route(&state, &identity, req).await;
@@ -228,12 +246,23 @@ async fn handle(state: Arc<State>, identity: Arc<Identity>, peer: SocketAddr, re
     resp
 }
 
-async fn route(state: &Arc<State>, identity: &Arc<Identity>, req: Request<Incoming>) -> (String, Result<serde_json::Value, ApiError>) {
+async fn route(
+    state: &Arc<State>,
+    identity: &Arc<Identity>,
+    req: Request<Incoming>,
+) -> (String, Result<serde_json::Value, ApiError>) {
     if req.uri().path() == "/healthz" && req.method() == Method::GET {
         return ("healthz".into(), Ok(health(&state.kms)));
     }
     if req.method() != Method::POST || req.uri().path() != "/" {
-        return ("-".into(), Err(ApiError::new(404, "UnknownOperationException", "custody answers POST / (AWS JSON protocol) and GET /healthz")));
+        return (
+            "-".into(),
+            Err(ApiError::new(
+                404,
+                "UnknownOperationException",
+                "custody answers POST / (AWS JSON protocol) and GET /healthz",
+            )),
+        );
     }
     let Some(target) = req.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).map(str::to_string) else {
         return ("-".into(), Err(ApiError::new(400, "UnknownOperationException", "missing X-Amz-Target header")));
@@ -254,7 +283,13 @@ async fn route(state: &Arc<State>, identity: &Arc<Identity>, req: Request<Incomi
     let t = target.clone();
     let result = tokio::task::spawn_blocking(move || protocol::dispatch(&kms, &identity, &t, &body))
         .await
-        .unwrap_or_else(|_| Err(ApiError::new(500, "KMSInternalException", "The request could not be completed because of an internal error.")));
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                500,
+                "KMSInternalException",
+                "The request could not be completed because of an internal error.",
+            ))
+        });
     (target, result)
 }
 

@@ -58,10 +58,16 @@ impl From<KmsError> for ApiError {
             KmsError::UnsupportedOperation(_) => ApiError::new(400, "UnsupportedOperationException", message),
             KmsError::Conflict => ApiError::new(409, "ConflictException", message),
             // Generic on purpose: details are in the server log, not for the caller.
-            KmsError::Integrity | KmsError::Internal(_) => {
-                ApiError::new(500, "KMSInternalException", "The request could not be completed because of an internal error.")
-            }
-            _ => ApiError::new(500, "KMSInternalException", "The request could not be completed because of an internal error."),
+            KmsError::Integrity | KmsError::Internal(_) => ApiError::new(
+                500,
+                "KMSInternalException",
+                "The request could not be completed because of an internal error.",
+            ),
+            _ => ApiError::new(
+                500,
+                "KMSInternalException",
+                "The request could not be completed because of an internal error.",
+            ),
         }
     }
 }
@@ -174,10 +180,19 @@ fn status_json(kms: &Kms) -> Result<Value, KmsError> {
 fn kms_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Value, ApiError> {
     let v = match action {
         "CreateKey" => {
-            for (field, allowed) in [("KeySpec", "SYMMETRIC_DEFAULT"), ("CustomerMasterKeySpec", "SYMMETRIC_DEFAULT"), ("KeyUsage", "ENCRYPT_DECRYPT"), ("Origin", "AWS_KMS")] {
+            for (field, allowed) in [
+                ("KeySpec", "SYMMETRIC_DEFAULT"),
+                ("CustomerMasterKeySpec", "SYMMETRIC_DEFAULT"),
+                ("KeyUsage", "ENCRYPT_DECRYPT"),
+                ("Origin", "AWS_KMS"),
+            ] {
                 if let Some(v) = f.optional_str(field)? {
                     if v != allowed {
-                        return Err(ApiError::new(400, "UnsupportedOperationException", format!("{field} {v} is not supported by custody yet; only {allowed}")));
+                        return Err(ApiError::new(
+                            400,
+                            "UnsupportedOperationException",
+                            format!("{field} {v} is not supported by custody yet; only {allowed}"),
+                        ));
                     }
                 }
             }
@@ -185,12 +200,19 @@ fn kms_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Va
                 return Err(ApiError::new(400, "UnsupportedOperationException", "multi-Region keys are not supported"));
             }
             if f.0.contains_key("Policy") {
-                return Err(ApiError::new(400, "UnsupportedOperationException", "key policies are not supported by custody yet; omit Policy"));
+                return Err(ApiError::new(
+                    400,
+                    "UnsupportedOperationException",
+                    "key policies are not supported by custody yet; omit Policy",
+                ));
             }
             if f.0.contains_key("CustomKeyStoreId") || f.0.contains_key("XksKeyId") {
                 return Err(ApiError::new(400, "UnsupportedOperationException", "custom key stores are not supported"));
             }
-            let req = CreateKeyRequest { description: f.optional_str("Description")?.unwrap_or_default().to_string(), tags: f.tags("Tags")? };
+            let req = CreateKeyRequest {
+                description: f.optional_str("Description")?.unwrap_or_default().to_string(),
+                tags: f.tags("Tags")?,
+            };
             json!({ "KeyMetadata": kms.create_key(caller, req)? })
         }
         "DescribeKey" => json!({ "KeyMetadata": kms.describe_key(caller, &f.key_ref("KeyId")?)? }),
@@ -214,7 +236,9 @@ fn kms_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Va
             empty(kms.enable_key_rotation(caller, &f.key_ref("KeyId")?, period)?)
         }
         "DisableKeyRotation" => empty(kms.disable_key_rotation(caller, &f.key_ref("KeyId")?)?),
-        "GetKeyRotationStatus" => serde_json::to_value(kms.get_key_rotation_status(caller, &f.key_ref("KeyId")?)?).expect("serializable"),
+        "GetKeyRotationStatus" => {
+            serde_json::to_value(kms.get_key_rotation_status(caller, &f.key_ref("KeyId")?)?).expect("serializable")
+        }
         "RotateKeyOnDemand" => json!({ "KeyId": kms.rotate_key_on_demand(caller, &f.key_ref("KeyId")?)? }),
         "ListKeyRotations" => {
             let page = kms.list_key_rotations(caller, &f.key_ref("KeyId")?, f.limit()?, f.optional_str("Marker")?)?;
@@ -279,7 +303,13 @@ fn kms_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Va
                 f.no_recipient()?;
             }
             let len = f.data_key_len()?;
-            let out = kms.generate_data_key(caller, &f.key_ref("KeyId")?, len, &f.context("EncryptionContext")?, with_plaintext)?;
+            let out = kms.generate_data_key(
+                caller,
+                &f.key_ref("KeyId")?,
+                len,
+                &f.context("EncryptionContext")?,
+                with_plaintext,
+            )?;
             let mut v = json!({ "CiphertextBlob": B64.encode(&out.ciphertext_blob), "KeyId": out.key_arn });
             if let Some(pt) = out.plaintext {
                 v["Plaintext"] = Value::String(B64.encode(pt.expose_secret()));
@@ -291,11 +321,17 @@ fn kms_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Va
             if f.0.contains_key("CustomKeyStoreId") {
                 return Err(ApiError::new(400, "UnsupportedOperationException", "custom key stores are not supported"));
             }
-            let n = f.optional_u32("NumberOfBytes")?.ok_or_else(|| KmsError::validation("numberOfBytes", "Member must not be null"))?;
+            let n = f
+                .optional_u32("NumberOfBytes")?
+                .ok_or_else(|| KmsError::validation("numberOfBytes", "Member must not be null"))?;
             json!({ "Plaintext": B64.encode(kms.generate_random(caller, n as usize)?.expose_secret()) })
         }
         other if UNSUPPORTED_AWS_ACTIONS.contains(&other) => {
-            return Err(ApiError::new(400, "UnsupportedOperationException", format!("custody does not support {other} yet")))
+            return Err(ApiError::new(
+                400,
+                "UnsupportedOperationException",
+                format!("custody does not support {other} yet"),
+            ))
         }
         other => return Err(ApiError::new(400, "UnknownOperationException", format!("unknown operation {other:?}"))),
     };
@@ -307,7 +343,8 @@ fn empty(_: ()) -> Value {
 }
 
 fn page_json<T>(name: &str, page: Page<T>, item: impl Fn(T) -> Value) -> Value {
-    let mut v = json!({ name: page.items.into_iter().map(item).collect::<Vec<_>>(), "Truncated": page.next_marker.is_some() });
+    let mut v =
+        json!({ name: page.items.into_iter().map(item).collect::<Vec<_>>(), "Truncated": page.next_marker.is_some() });
     if let Some(m) = page.next_marker {
         v["NextMarker"] = Value::String(m);
     }
@@ -342,17 +379,16 @@ impl Fields {
     }
 
     fn required_str(&self, name: &str) -> Result<&str, ApiError> {
-        self.optional_str(name)?.ok_or_else(|| KmsError::validation(&lower_first(name), "Member must not be null").into())
+        self.optional_str(name)?
+            .ok_or_else(|| KmsError::validation(&lower_first(name), "Member must not be null").into())
     }
 
     fn optional_u32(&self, name: &str) -> Result<Option<u32>, ApiError> {
         match self.get(name) {
             None => Ok(None),
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .map(Some)
-                .ok_or_else(|| KmsError::validation(&lower_first(name), "Member must be a non-negative integer").into()),
+            Some(Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).map(Some).ok_or_else(|| {
+                KmsError::validation(&lower_first(name), "Member must be a non-negative integer").into()
+            }),
             Some(_) => Err(ApiError::serialization(format!("{name} must be a number"))),
         }
     }
@@ -380,7 +416,9 @@ impl Fields {
     fn blob(&self, name: &str) -> Result<Vec<u8>, ApiError> {
         let s = self.required_str(name)?;
         if s.len() > 16 * 1024 {
-            return Err(KmsError::validation(&lower_first(name), "Member must have length less than or equal to 6144").into());
+            return Err(
+                KmsError::validation(&lower_first(name), "Member must have length less than or equal to 6144").into()
+            );
         }
         B64.decode(s).map_err(|_| ApiError::serialization(format!("{name} is not valid base64")))
     }
@@ -391,10 +429,14 @@ impl Fields {
 
     fn context(&self, name: &str) -> Result<EncryptionContext, ApiError> {
         let Some(v) = self.get(name) else { return Ok(EncryptionContext::empty()) };
-        let Value::Object(m) = v else { return Err(ApiError::serialization(format!("{name} must be a map of strings"))) };
+        let Value::Object(m) = v else {
+            return Err(ApiError::serialization(format!("{name} must be a map of strings")));
+        };
         let mut pairs = BTreeMap::new();
         for (k, v) in m {
-            let Value::String(s) = v else { return Err(ApiError::serialization(format!("{name} values must be strings"))) };
+            let Value::String(s) = v else {
+                return Err(ApiError::serialization(format!("{name} values must be strings")));
+            };
             pairs.insert(k.clone(), s.clone());
         }
         EncryptionContext::new(pairs).map_err(|e| KmsError::validation(&lower_first(name), e.to_string()).into())
@@ -423,16 +465,26 @@ impl Fields {
         };
         items
             .iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| ApiError::serialization(format!("{name} must be a list of strings"))))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| ApiError::serialization(format!("{name} must be a list of strings")))
+            })
             .collect()
     }
 
     fn data_key_len(&self) -> Result<usize, ApiError> {
         match (self.optional_str("KeySpec")?, self.optional_u32("NumberOfBytes")?) {
-            (Some(_), Some(_)) => Err(KmsError::validation("keySpec", "specify either KeySpec or NumberOfBytes, not both").into()),
+            (Some(_), Some(_)) => {
+                Err(KmsError::validation("keySpec", "specify either KeySpec or NumberOfBytes, not both").into())
+            }
             (Some("AES_256"), None) => Ok(32),
             (Some("AES_128"), None) => Ok(16),
-            (Some(other), None) => Err(KmsError::validation("keySpec", format!("Member must satisfy enum value set: [AES_256, AES_128]; got {other}")).into()),
+            (Some(other), None) => Err(KmsError::validation(
+                "keySpec",
+                format!("Member must satisfy enum value set: [AES_256, AES_128]; got {other}"),
+            )
+            .into()),
             (None, Some(n)) => Ok(n as usize),
             (None, None) => Err(KmsError::validation("keySpec", "specify either KeySpec or NumberOfBytes").into()),
         }
@@ -441,13 +493,21 @@ impl Fields {
     fn symmetric_only(&self, name: &str) -> Result<(), ApiError> {
         match self.optional_str(name)? {
             None | Some("SYMMETRIC_DEFAULT") => Ok(()),
-            Some(other) => Err(KmsError::validation(&lower_first(name), format!("{other} is not valid for a symmetric key; use SYMMETRIC_DEFAULT")).into()),
+            Some(other) => Err(KmsError::validation(
+                &lower_first(name),
+                format!("{other} is not valid for a symmetric key; use SYMMETRIC_DEFAULT"),
+            )
+            .into()),
         }
     }
 
     fn no_recipient(&self) -> Result<(), ApiError> {
         if self.0.contains_key("Recipient") {
-            return Err(ApiError::new(400, "UnsupportedOperationException", "Recipient (Nitro Enclaves attestation) is not supported"));
+            return Err(ApiError::new(
+                400,
+                "UnsupportedOperationException",
+                "Recipient (Nitro Enclaves attestation) is not supported",
+            ));
         }
         if self.optional_bool("DryRun")? == Some(true) {
             return Err(ApiError::new(400, "UnsupportedOperationException", "DryRun is not supported"));
