@@ -76,11 +76,14 @@ pub struct UnsealArgs {
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
     /// Create a symmetric key (AES-256-GCM).
-    #[command(after_help = "Example:\n  custody key create --description 'payments' --tag team=payments")]
+    #[command(after_help = "Example:\n  custody key create --description 'payments' --alias alias/payments --tag team=payments")]
     Create {
         /// Description.
         #[arg(long, default_value = "")]
         description: String,
+        /// Also create this alias for the new key (alias/NAME).
+        #[arg(long)]
+        alias: Option<String>,
         /// Tag as KEY=VALUE (repeatable).
         #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_pair)]
         tags: Vec<(String, String)>,
@@ -525,10 +528,23 @@ async fn status(conn: &ConnArgs, json: bool) -> Result<()> {
 async fn key(conn: &ConnArgs, cmd: KeyCommand, json: bool) -> Result<()> {
     let mut c = connect(conn).await?;
     match cmd {
-        KeyCommand::Create { description, tags } => {
+        KeyCommand::Create { description, alias, tags } => {
             let tags: Vec<Value> = tags.into_iter().map(|(k, v)| json!({"TagKey": k, "TagValue": v})).collect();
             let r = c.call("TrentService.CreateKey", json!({ "Description": description, "Tags": tags })).await?;
-            output(json, &r, || print_metadata(&r["KeyMetadata"]));
+            if let Some(alias) = &alias {
+                let id = r["KeyMetadata"]["KeyId"].clone();
+                c.call("TrentService.CreateAlias", json!({ "AliasName": alias, "TargetKeyId": id })).await.map_err(|e| {
+                    let e = CliError::from(e);
+                    let hint = format!("created key {id} but not the alias; fix the name and run: custody key alias create ALIAS {id}");
+                    CliError::new(e.code, format!("{}\n{hint}", e.message))
+                })?;
+            }
+            output(json, &r, || {
+                print_metadata(&r["KeyMetadata"]);
+                if let Some(a) = &alias {
+                    println!("Alias:        {a}");
+                }
+            });
         }
         KeyCommand::List => {
             let keys = paginate(&mut c, "TrentService.ListKeys", json!({}), "Keys").await?;

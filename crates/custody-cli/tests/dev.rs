@@ -19,6 +19,8 @@ impl Drop for Dev {
     }
 }
 
+// The child is moved into `Dev`, whose Drop kills and waits for it.
+#[allow(clippy::zombie_processes)]
 fn start_dev(dir: &std::path::Path, data: &std::path::Path) -> Dev {
     let mut child = custody()
         .current_dir(dir)

@@ -27,3 +27,6 @@ pub use context::{ContextError, EncryptionContext};
 pub use keys::{BarrierKey, KeyMaterial, RootKey, RootKeyCheck};
 pub use seal::OpenError;
 pub use secret::SecretBytes;
+
+#[cfg(test)]
+mod wycheproof;

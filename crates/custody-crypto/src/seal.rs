@@ -11,7 +11,7 @@
 //! label separates uses (blob, row, key wrapping) so that a ciphertext of one kind never opens as
 //! another.
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
 use aws_lc_rs::hkdf;
 use zeroize::Zeroizing;
 
@@ -36,14 +36,10 @@ pub struct OpenError;
 /// Seals `plaintext` under `master`, binding `aad`.
 pub(crate) fn seal(master: &[u8], label: &[u8], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
     let salt: [u8; SALT_LEN] = random::array();
-    let key = derive(master, &salt, label);
-    let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
+    let (key, nonce) = derive(master, &salt, label);
+    let body = gcm_seal(&key[..], nonce, aad, plaintext);
+    let mut out = Vec::with_capacity(SALT_LEN + body.len());
     out.extend_from_slice(&salt);
-    out.extend_from_slice(plaintext);
-    let mut body = out.split_off(SALT_LEN);
-    key.aead
-        .seal_in_place_append_tag(key.nonce(), Aad::from(aad), &mut body)
-        .expect("AES-GCM sealing cannot fail for inputs below 64 GiB");
     out.extend_from_slice(&body);
     out
 }
@@ -54,23 +50,42 @@ pub(crate) fn open(master: &[u8], label: &[u8], aad: &[u8], sealed: &[u8]) -> Re
         return Err(OpenError);
     }
     let (salt, body) = sealed.split_at(SALT_LEN);
-    let key = derive(master, salt, label);
-    let mut buf = Zeroizing::new(body.to_vec());
-    let len = key.aead.open_in_place(key.nonce(), Aad::from(aad), &mut buf).map_err(|_| OpenError)?.len();
+    let (key, nonce) = derive(master, salt, label);
+    gcm_open(&key[..], nonce, aad, body)
+}
+
+/// One-time key and nonce for one seal.
+fn derive(master: &[u8], salt: &[u8], label: &[u8]) -> (Zeroizing<[u8; 32]>, [u8; 12]) {
+    let mut okm = Zeroizing::new([0u8; 44]);
+    hkdf_sha256(master, salt, &[label], &mut okm[..]).expect("44 bytes is far below HKDF-SHA256's 8160-byte output limit");
+    let mut key = Zeroizing::new([0u8; 32]);
+    key.copy_from_slice(&okm[..32]);
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(&okm[32..]);
+    (key, nonce)
+}
+
+/// AES-GCM (128- or 256-bit key, 96-bit nonce, 128-bit tag): `ciphertext || tag`.
+pub(crate) fn gcm_seal(key: &[u8], nonce: [u8; 12], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let mut buf = plaintext.to_vec();
+    gcm_key(key)
+        // The nonce is unique by construction: every derived key is used exactly once.
+        .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
+        .expect("AES-GCM sealing cannot fail for inputs below 64 GiB");
+    buf
+}
+
+/// Opens `ciphertext || tag` made by [`gcm_seal`].
+pub(crate) fn gcm_open(key: &[u8], nonce: [u8; 12], aad: &[u8], sealed: &[u8]) -> Result<SecretBytes, OpenError> {
+    let mut buf = Zeroizing::new(sealed.to_vec());
+    let len = gcm_key(key).open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf).map_err(|_| OpenError)?.len();
     buf.truncate(len);
     Ok(SecretBytes::new(std::mem::take(&mut *buf)))
 }
 
-struct DerivedKey {
-    aead: LessSafeKey,
-    nonce: [u8; 12],
-}
-
-impl DerivedKey {
-    fn nonce(&self) -> Nonce {
-        // Unique by construction: the key itself is used exactly once.
-        Nonce::assume_unique_for_key(self.nonce)
-    }
+fn gcm_key(key: &[u8]) -> LessSafeKey {
+    let alg = if key.len() == 16 { &AES_128_GCM } else { &AES_256_GCM };
+    LessSafeKey::new(UnboundKey::new(alg, key).expect("callers pass 16- or 32-byte keys"))
 }
 
 struct Len(usize);
@@ -81,26 +96,19 @@ impl hkdf::KeyType for Len {
     }
 }
 
-fn derive(master: &[u8], salt: &[u8], label: &[u8]) -> DerivedKey {
-    let mut okm = Zeroizing::new([0u8; 44]);
-    hkdf::Salt::new(hkdf::HKDF_SHA256, salt)
-        .extract(master)
-        .expand(&[label], Len(44))
-        .and_then(|o| o.fill(&mut okm[..]))
-        .expect("44 bytes is far below HKDF-SHA256's 8160-byte output limit");
-    let aead = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &okm[..32]).expect("32 bytes is an AES-256 key"));
-    let mut nonce = [0u8; 12];
-    nonce.copy_from_slice(&okm[32..]);
-    DerivedKey { aead, nonce }
-}
-
-/// HKDF-SHA256 with a fixed salt: derives subkeys from a root or version key.
-pub(crate) fn derive_subkey(ikm: &[u8], salt: &[u8], info: &[&[u8]], out: &mut [u8]) {
+/// HKDF-SHA256 (RFC 5869): extract with `salt`, expand with `info` into `out`. Fails only when
+/// `out` is longer than 255 hash lengths (8160 bytes).
+pub(crate) fn hkdf_sha256(ikm: &[u8], salt: &[u8], info: &[&[u8]], out: &mut [u8]) -> Result<(), ()> {
     hkdf::Salt::new(hkdf::HKDF_SHA256, salt)
         .extract(ikm)
         .expand(info, Len(out.len()))
         .and_then(|o| o.fill(out))
-        .expect("subkeys are far below HKDF-SHA256's output limit");
+        .map_err(|_| ())
+}
+
+/// HKDF-SHA256 with a fixed salt: derives subkeys from a root or version key.
+pub(crate) fn derive_subkey(ikm: &[u8], salt: &[u8], info: &[&[u8]], out: &mut [u8]) {
+    hkdf_sha256(ikm, salt, info, out).expect("subkeys are far below HKDF-SHA256's output limit");
 }
 
 /// Appends a length-prefixed field (u16 big-endian length). Callers bound lengths first.

@@ -38,11 +38,12 @@ pub fn keyfile_dir() -> (tempfile::TempDir, Layout) {
 }
 
 pub fn config(dir: &Path, layout: &Layout) -> ServerConfig {
-    let mut c = ServerConfig::default();
-    c.data_dir = layout.data_dir.clone();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.seal = format!("keyfile:{}", dir.join("root.key").display());
-    c
+    ServerConfig {
+        data_dir: layout.data_dir.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        seal: format!("keyfile:{}", dir.join("root.key").display()),
+        ..ServerConfig::default()
+    }
 }
 
 /// Starts an in-process server and points the admin profile at it.
@@ -89,6 +90,8 @@ impl Running {
 }
 
 /// Runs `custody server` and waits for its "listening" line on stderr.
+// The child is moved into `Running`, whose Drop kills and waits for it.
+#[allow(clippy::zombie_processes)]
 pub fn spawn_server(data: &Path) -> Running {
     let mut child = custody()
         .args(["server", "--data"])
@@ -106,6 +109,7 @@ pub fn spawn_server(data: &Path) -> Running {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap() == 0 {
             let _ = child.kill();
+            let _ = child.wait();
             panic!("server exited before listening: {lines:?}");
         }
         if let Some(rest) = line.trim().strip_prefix("custody listening on https://") {
