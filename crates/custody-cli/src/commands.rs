@@ -76,7 +76,9 @@ pub struct UnsealArgs {
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
     /// Create a symmetric key (AES-256-GCM).
-    #[command(after_help = "Example:\n  custody key create --description 'payments' --alias alias/payments --tag team=payments")]
+    #[command(
+        after_help = "Example:\n  custody key create --description 'payments' --alias alias/payments --tag team=payments"
+    )]
     Create {
         /// Description.
         #[arg(long, default_value = "")]

@@ -43,7 +43,8 @@ fn the_readme_tour_works_verbatim() {
     for (i, line) in tour_lines().iter().enumerate() {
         let (cmd, expect) = match line.split_once("# fails:") {
             Some((cmd, rest)) => {
-                let code: String = rest.split("(exit ").nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
+                let code: String =
+                    rest.split("(exit ").nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
                 (cmd.trim().to_string(), code)
             }
             None => (line.trim().to_string(), "0".to_string()),
@@ -69,6 +70,11 @@ fn the_readme_tour_works_verbatim() {
         .unwrap();
     let _ = dev.kill();
     let _ = dev.wait();
-    assert!(result.status.success(), "{}{}", String::from_utf8_lossy(&result.stdout), String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&result.stdout),
+        String::from_utf8_lossy(&result.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&result.stdout), "my database password");
 }

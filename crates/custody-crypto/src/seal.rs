@@ -57,7 +57,8 @@ pub(crate) fn open(master: &[u8], label: &[u8], aad: &[u8], sealed: &[u8]) -> Re
 /// One-time key and nonce for one seal.
 fn derive(master: &[u8], salt: &[u8], label: &[u8]) -> (Zeroizing<[u8; 32]>, [u8; 12]) {
     let mut okm = Zeroizing::new([0u8; 44]);
-    hkdf_sha256(master, salt, &[label], &mut okm[..]).expect("44 bytes is far below HKDF-SHA256's 8160-byte output limit");
+    hkdf_sha256(master, salt, &[label], &mut okm[..])
+        .expect("44 bytes is far below HKDF-SHA256's 8160-byte output limit");
     let mut key = Zeroizing::new([0u8; 32]);
     key.copy_from_slice(&okm[..32]);
     let mut nonce = [0u8; 12];
@@ -78,7 +79,10 @@ pub(crate) fn gcm_seal(key: &[u8], nonce: [u8; 12], aad: &[u8], plaintext: &[u8]
 /// Opens `ciphertext || tag` made by [`gcm_seal`].
 pub(crate) fn gcm_open(key: &[u8], nonce: [u8; 12], aad: &[u8], sealed: &[u8]) -> Result<SecretBytes, OpenError> {
     let mut buf = Zeroizing::new(sealed.to_vec());
-    let len = gcm_key(key).open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf).map_err(|_| OpenError)?.len();
+    let len = gcm_key(key)
+        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
+        .map_err(|_| OpenError)?
+        .len();
     buf.truncate(len);
     Ok(SecretBytes::new(std::mem::take(&mut *buf)))
 }

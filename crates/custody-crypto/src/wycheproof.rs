@@ -11,7 +11,10 @@ fn vectors(name: &str) -> Value {
         .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testvectors"));
     let path = dir.join("wycheproof").join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("cannot read {} ({e}); the shared test vectors live beside the repository, or set CUSTODY_TESTVECTORS", path.display())
+        panic!(
+            "cannot read {} ({e}); the shared test vectors live beside the repository, or set CUSTODY_TESTVECTORS",
+            path.display()
+        )
     });
     serde_json::from_str(&text).unwrap()
 }
@@ -34,16 +37,23 @@ fn aes_gcm() {
                 unsupported += 1;
                 continue;
             }
-            let (key, iv, aad, msg, ct, tag) = (h(&t["key"]), h(&t["iv"]), h(&t["aad"]), h(&t["msg"]), h(&t["ct"]), h(&t["tag"]));
+            let (key, iv, aad, msg, ct, tag) =
+                (h(&t["key"]), h(&t["iv"]), h(&t["aad"]), h(&t["msg"]), h(&t["ct"]), h(&t["tag"]));
             let nonce: [u8; 12] = iv.try_into().unwrap();
             let expected = [ct, tag].concat();
             let id = t["tcId"].as_u64().unwrap();
             match t["result"].as_str().unwrap() {
                 "valid" => {
                     assert_eq!(gcm_seal(&key, nonce, &aad, &msg), expected, "tcId {id}: encryption");
-                    assert_eq!(gcm_open(&key, nonce, &aad, &expected).unwrap().expose_secret(), msg, "tcId {id}: decryption");
+                    assert_eq!(
+                        gcm_open(&key, nonce, &aad, &expected).unwrap().expose_secret(),
+                        msg,
+                        "tcId {id}: decryption"
+                    );
                 }
-                "invalid" => assert!(gcm_open(&key, nonce, &aad, &expected).is_err(), "tcId {id}: invalid vector accepted"),
+                "invalid" => {
+                    assert!(gcm_open(&key, nonce, &aad, &expected).is_err(), "tcId {id}: invalid vector accepted")
+                }
                 other => panic!("tcId {id}: unexpected result {other}"),
             }
             passed += 1;

@@ -20,7 +20,11 @@ fn the_configuration_doc_matches_the_code() {
         assert_eq!(row[1], s.env, "{}: environment variable", s.name);
         assert_eq!(row[2], s.default, "{}: default", s.name);
         assert_eq!(row[3], s.doc, "{}: description", s.name);
-        assert_eq!(s.env, format!("CUSTODY_{}", s.name.replace('.', "_").to_uppercase()), "variable names follow the setting names");
+        assert_eq!(
+            s.env,
+            format!("CUSTODY_{}", s.name.replace('.', "_").to_uppercase()),
+            "variable names follow the setting names"
+        );
     }
     for r in &rows {
         assert!(SETTINGS.iter().any(|s| s.name == r[0]), "{} is documented but not a setting", r[0]);
