@@ -118,6 +118,17 @@ async fn a_key_row_edited_in_sqlite_is_refused_with_a_generic_error() {
             other => panic!("{action} on a tampered row must fail, got {other:?}"),
         }
     }
+    // The refusal is audited, with the row that failed (detail the caller never sees).
+    let records = server.kms().audit_records(0, 1000).unwrap();
+    let refused: Vec<_> =
+        records.iter().filter(|r| r.event.error_code.as_deref() == Some("KMSInternalException")).collect();
+    assert_eq!(refused.len(), 2, "{records:#?}");
+    for r in refused {
+        assert_eq!(r.event.outcome, custody_kms::Outcome::Failed);
+        assert_eq!(r.event.key_id.as_deref(), Some(a.as_str()));
+        let detail = r.event.detail.as_deref().unwrap();
+        assert!(detail.contains("integrity") && detail.contains(&format!("keys/{a}")), "{detail}");
+    }
     // Flip one byte of b's sealed value in place: also refused.
     conn.execute("UPDATE rows SET value = CAST(substr(value, 1, 40) || X'00' || substr(value, 42) AS BLOB) WHERE tbl='keys' AND key=?1", [&b])
         .unwrap();

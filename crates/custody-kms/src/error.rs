@@ -60,16 +60,25 @@ pub enum KmsError {
     /// A concurrent change won; retry.
     #[error("the resource was changed concurrently; retry the request")]
     Conflict,
-    /// Stored security metadata failed its integrity check. The details go to the server log;
-    /// the caller sees a generic internal error.
+    /// Stored security metadata failed its integrity check. The detail (which row) is for the
+    /// server log and the audit trail; the caller sees a generic internal error.
     #[error("stored data failed its integrity check")]
-    Integrity,
+    Integrity(String),
     /// Anything else internal (database down, bug). Details go to the server log only.
     #[error("internal error")]
     Internal(String),
 }
 
 impl KmsError {
+    /// Detail for the server log and the audit trail, never for the caller.
+    pub fn internal_detail(&self) -> Option<String> {
+        match self {
+            KmsError::Integrity(row) => Some(format!("integrity check failed: {row} was changed outside custody")),
+            KmsError::Internal(detail) => Some(detail.clone()),
+            _ => None,
+        }
+    }
+
     /// A validation error on `field`.
     pub fn validation(field: &str, message: impl Into<String>) -> Self {
         Self::Validation { field: field.to_string(), message: message.into() }
@@ -82,7 +91,7 @@ impl From<StoreError> for KmsError {
             StoreError::Conflict { .. } => KmsError::Conflict,
             StoreError::Integrity { table, key } => {
                 tracing::error!(table, key = %key, "refusing to use a row that failed its integrity check");
-                KmsError::Integrity
+                KmsError::Integrity(format!("{table}/{key}"))
             }
             other => {
                 tracing::error!(error = %other, "store error");

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod authz;
 pub mod error;
 pub mod ids;
@@ -20,6 +21,7 @@ use custody_crypto::keys::WrapAad;
 use custody_crypto::{KeyMaterial, RootKey};
 use custody_store::{Backend, Barrier, Expect, Table, Versioned, Write};
 
+pub use audit::{AuditEvent, AuditRecord, Outcome};
 pub use authz::{Action, Caller};
 pub use error::KmsError;
 pub use ids::{AliasName, KeyId, KeyRef, PrincipalName, TenantId};
@@ -54,6 +56,7 @@ pub struct Kms {
     backend: Arc<dyn Backend>,
     config: KmsConfig,
     seal: RwLock<seal::SealState>,
+    audit_seq: audit::Sequencer,
 }
 
 /// What exists only while unsealed.
@@ -139,7 +142,7 @@ impl Kms {
         let aad = WrapAad { tenant: key.tenant.as_str(), key_id: &key.id.to_string(), version };
         u.root.unwrap_key_material(&row.value.wrapped, &aad).map_err(|_| {
             tracing::error!(key_id = %key.id, version, "wrapped key version failed its integrity check");
-            KmsError::Integrity
+            KmsError::Integrity(format!("versions/{}", version_row(key.id, version)))
         })
     }
 

@@ -204,7 +204,12 @@ impl Kms {
 
     /// Opens an initialized store, sealed.
     pub fn open(backend: Arc<dyn Backend>, config: KmsConfig) -> Result<Self, KmsError> {
-        let kms = Self { backend, config, seal: RwLock::new(SealState::Sealed { submitted: Vec::new() }) };
+        let kms = Self {
+            backend,
+            config,
+            seal: RwLock::new(SealState::Sealed { submitted: Vec::new() }),
+            audit_seq: Default::default(),
+        };
         kms.meta()?;
         Ok(kms)
     }
@@ -273,7 +278,8 @@ impl Kms {
     }
 
     fn unsealed_with(&self, meta: &StoreMeta, root: RootKey) -> Result<Unsealed, KmsError> {
-        let check = RootKeyCheck::from_bytes(&meta.root_check).ok_or(KmsError::Integrity)?;
+        let check =
+            RootKeyCheck::from_bytes(&meta.root_check).ok_or_else(|| KmsError::Integrity("meta/store".into()))?;
         if !check.matches(&root) {
             return Err(KmsError::InvalidShare("the key does not unseal this store".into()));
         }
@@ -298,14 +304,21 @@ impl Kms {
     /// The internal CA certificate (PEM).
     pub fn ca_certificate(&self) -> Result<String, KmsError> {
         let u = self.unsealed()?;
-        let ca = u.barrier.get::<CaRecord>(Table::Pki, "ca")?.ok_or(KmsError::Integrity)?;
+        let ca = u
+            .barrier
+            .get::<CaRecord>(Table::Pki, "ca")?
+            .ok_or_else(|| KmsError::Integrity("pki/ca is missing".into()))?;
         Ok(ca.value.cert_pem)
     }
 
     /// The internal CA with its key, for issuing certificates.
     pub fn ca_for_issuing(&self) -> Result<IssuedCert, KmsError> {
         let u = self.unsealed()?;
-        let ca = u.barrier.get::<CaRecord>(Table::Pki, "ca")?.ok_or(KmsError::Integrity)?.value;
+        let ca = u
+            .barrier
+            .get::<CaRecord>(Table::Pki, "ca")?
+            .ok_or_else(|| KmsError::Integrity("pki/ca is missing".into()))?
+            .value;
         Ok(IssuedCert {
             cert_pem: ca.cert_pem,
             key_pem: SecretBytes::new(ca.key_pem.into_bytes()),

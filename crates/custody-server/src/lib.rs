@@ -219,21 +219,45 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
+    let time = custody_kms::model::now_ms();
     let request_id = uuid::Uuid::new_v4().to_string();
-    let (action, result) = route(&state, &identity, req).await;
-    let (status, body) = match result {
-        Ok(v) => (200, v),
-        Err(e) => {
-            if e.status >= 500 {
-                tracing::error!(%request_id, action = %action, code = e.code, "request failed");
-            }
-            (e.status, e.body())
-        }
-    };
+    let (action, key_hint, result) = route(&state, &identity, req).await;
     let principal = match &*identity {
         Identity::Certificate(uri) => uri.as_str(),
         Identity::CertificateWithoutIdentity => "<certificate without identity>",
         Identity::Anonymous => "-",
+    };
+    let audited = if action == "healthz" {
+        Ok(())
+    } else {
+        let event = audit_event(time, &request_id, peer, &identity, &action, key_hint, &result, started);
+        let kms = state.kms.clone();
+        match tokio::task::spawn_blocking(move || kms.record_audit(event)).await {
+            // While sealed only status and unseal are answered, and only the log can record them.
+            Ok(Ok(_)) | Ok(Err(custody_kms::KmsError::Sealed)) => Ok(()),
+            Ok(Err(e)) => Err(e.internal_detail().unwrap_or_else(|| e.to_string())),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let (status, body) = match (audited, result) {
+        // Fail closed: a request whose record cannot be written gets no answer but this one.
+        (Err(why), _) => {
+            tracing::error!(%request_id, action = %action, error = %why, "audit record could not be written; answering 503");
+            let e = ApiError::new(
+                503,
+                "ServiceUnavailableException",
+                "The audit trail cannot be written, so the request was not answered; retry later.",
+            );
+            (e.status, e.body())
+        }
+        (Ok(()), Ok(v)) => (200, v),
+        (Ok(()), Err(e)) => {
+            if e.status >= 500 {
+                let detail = e.detail.as_deref().unwrap_or("");
+                tracing::error!(%request_id, action = %action, code = e.code, detail, "request failed");
+            }
+            (e.status, e.body())
+        }
     };
     tracing::info!(%request_id, %peer, principal, action = %action, status, ms = started.elapsed().as_millis() as u64, "request");
     let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize"))));
@@ -246,38 +270,38 @@ async fn handle(
     resp
 }
 
-async fn route(
-    state: &Arc<State>,
-    identity: &Arc<Identity>,
-    req: Request<Incoming>,
-) -> (String, Result<serde_json::Value, ApiError>) {
+/// Action name, the key the request names (for the audit record), and the result.
+type Routed = (String, Option<String>, Result<serde_json::Value, ApiError>);
+
+async fn route(state: &Arc<State>, identity: &Arc<Identity>, req: Request<Incoming>) -> Routed {
     if req.uri().path() == "/healthz" && req.method() == Method::GET {
-        return ("healthz".into(), Ok(health(&state.kms)));
+        return ("healthz".into(), None, Ok(health(&state.kms)));
     }
     if req.method() != Method::POST || req.uri().path() != "/" {
-        return (
-            "-".into(),
-            Err(ApiError::new(
-                404,
-                "UnknownOperationException",
-                "custody answers POST / (AWS JSON protocol) and GET /healthz",
-            )),
+        let e = ApiError::new(
+            404,
+            "UnknownOperationException",
+            "custody answers POST / (AWS JSON protocol) and GET /healthz",
         );
+        return ("-".into(), None, Err(e));
     }
-    let Some(target) = req.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).map(str::to_string) else {
-        return ("-".into(), Err(ApiError::new(400, "UnknownOperationException", "missing X-Amz-Target header")));
+    let target = req.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).map(|t| t.chars().take(128).collect());
+    let Some(target) = target else {
+        return ("-".into(), None, Err(ApiError::new(400, "UnknownOperationException", "missing X-Amz-Target header")));
     };
     let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !content_type.starts_with(AMZ_JSON) && !content_type.starts_with("application/json") {
-        return (target, Err(ApiError::new(400, "SerializationException", format!("Content-Type must be {AMZ_JSON}"))));
+        let e = ApiError::new(400, "SerializationException", format!("Content-Type must be {AMZ_JSON}"));
+        return (target, None, Err(e));
     }
     let body = match Limited::new(req.into_body(), state.max_request_bytes).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
             let msg = format!("the request body is larger than {} bytes or was cut off", state.max_request_bytes);
-            return (target, Err(ApiError::new(413, "ValidationException", msg)));
+            return (target, None, Err(ApiError::new(413, "ValidationException", msg)));
         }
     };
+    let key_hint = protocol::key_hint(&body);
     let kms = state.kms.clone();
     let identity = identity.clone();
     let t = target.clone();
@@ -290,7 +314,53 @@ async fn route(
                 "The request could not be completed because of an internal error.",
             ))
         });
-    (target, result)
+    (target, key_hint, result)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn audit_event(
+    time: i64,
+    request_id: &str,
+    peer: SocketAddr,
+    identity: &Identity,
+    action: &str,
+    key_hint: Option<String>,
+    result: &Result<serde_json::Value, ApiError>,
+    started: Instant,
+) -> custody_kms::AuditEvent {
+    use custody_kms::Outcome;
+    let (outcome, error_code, detail, key_id) = match result {
+        Ok(v) => {
+            // Prefer the key the service resolved (an ARN) over what the caller typed.
+            let resolved =
+                v.get("KeyId").or_else(|| v.get("KeyMetadata").and_then(|m| m.get("Arn"))).and_then(|k| k.as_str());
+            (Outcome::Success, None, None, resolved.map(str::to_string).or(key_hint))
+        }
+        Err(e) => {
+            let outcome = match e.code {
+                "MissingAuthenticationTokenException" | "UnrecognizedClientException" => Outcome::Unauthenticated,
+                "AccessDeniedException" => Outcome::Denied,
+                _ => Outcome::Failed,
+            };
+            (outcome, Some(e.code.to_string()), e.detail.clone(), key_hint)
+        }
+    };
+    custody_kms::AuditEvent {
+        time,
+        request_id: request_id.to_string(),
+        source: peer.to_string(),
+        tls_identity: match identity {
+            Identity::Certificate(uri) => Some(uri.clone()),
+            Identity::CertificateWithoutIdentity => Some("<certificate without identity>".into()),
+            Identity::Anonymous => None,
+        },
+        action: action.to_string(),
+        key_id,
+        outcome,
+        error_code,
+        detail,
+        duration_ms: started.elapsed().as_millis() as u64,
+    }
 }
 
 fn health(kms: &Kms) -> serde_json::Value {

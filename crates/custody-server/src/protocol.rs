@@ -21,11 +21,13 @@ pub struct ApiError {
     pub code: &'static str,
     /// Message shown to the caller.
     pub message: String,
+    /// Internal detail for the server log and audit trail, never sent to the caller.
+    pub detail: Option<String>,
 }
 
 impl ApiError {
     pub(crate) fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), detail: None }
     }
 
     fn serialization(message: impl Into<String>) -> Self {
@@ -42,7 +44,8 @@ impl From<KmsError> for ApiError {
     /// The one mapping from service errors to AWS errors.
     fn from(e: KmsError) -> Self {
         let message = e.to_string();
-        match e {
+        let detail = e.internal_detail();
+        let api = match e {
             KmsError::Sealed | KmsError::NotInitialized => ApiError::new(503, "ServiceUnavailableException", message),
             KmsError::Unauthenticated(_) => ApiError::new(400, "UnrecognizedClientException", message),
             KmsError::AccessDenied(_) => ApiError::new(400, "AccessDeniedException", message),
@@ -58,7 +61,7 @@ impl From<KmsError> for ApiError {
             KmsError::UnsupportedOperation(_) => ApiError::new(400, "UnsupportedOperationException", message),
             KmsError::Conflict => ApiError::new(409, "ConflictException", message),
             // Generic on purpose: details are in the server log, not for the caller.
-            KmsError::Integrity | KmsError::Internal(_) => ApiError::new(
+            KmsError::Integrity(_) | KmsError::Internal(_) => ApiError::new(
                 500,
                 "KMSInternalException",
                 "The request could not be completed because of an internal error.",
@@ -68,8 +71,27 @@ impl From<KmsError> for ApiError {
                 "KMSInternalException",
                 "The request could not be completed because of an internal error.",
             ),
+        };
+        ApiError { detail, ..api }
+    }
+}
+
+/// The key a request names, for the audit record: `KeyId`-like fields as given, or the key id
+/// inside a ciphertext blob's header. Bounded; never the blob itself.
+pub fn key_hint(body: &[u8]) -> Option<String> {
+    let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(body) else { return None };
+    for field in ["KeyId", "TargetKeyId", "DestinationKeyId", "SourceKeyId"] {
+        if let Some(Value::String(s)) = m.get(field) {
+            return Some(s.chars().take(2048).collect());
         }
     }
+    // 28 base64 characters decode to 21 bytes: exactly the blob header.
+    let bytes = B64.decode(m.get("CiphertextBlob")?.as_str()?.get(..28)?).ok()?;
+    if bytes.first() != Some(&custody_crypto::blob::FORMAT_V1) {
+        return None;
+    }
+    let id: [u8; 16] = bytes.get(1..17)?.try_into().ok()?;
+    Some(custody_kms::KeyId::from_bytes(id).to_string())
 }
 
 /// Who is calling, as far as the transport could tell.
@@ -535,7 +557,7 @@ mod tests {
             (KmsError::InvalidCiphertext, 400, "InvalidCiphertextException"),
             (KmsError::NotFound("k".into()), 400, "NotFoundException"),
             (KmsError::validation("plaintext", "x"), 400, "ValidationException"),
-            (KmsError::Integrity, 500, "KMSInternalException"),
+            (KmsError::Integrity("keys/x".into()), 500, "KMSInternalException"),
         ];
         for (e, status, code) in cases {
             let api = ApiError::from(e);

@@ -42,12 +42,22 @@ pub enum Table {
     Tenants,
     /// Internal CA and issued certificates.
     Pki,
+    /// Audit records, by sequence number (20 digits, so key order is sequence order).
+    Audit,
 }
 
 impl Table {
     /// Every table, for migrations and tests.
-    pub const ALL: [Table; 7] =
-        [Table::Meta, Table::Keys, Table::Versions, Table::Aliases, Table::Principals, Table::Tenants, Table::Pki];
+    pub const ALL: [Table; 8] = [
+        Table::Meta,
+        Table::Keys,
+        Table::Versions,
+        Table::Aliases,
+        Table::Principals,
+        Table::Tenants,
+        Table::Pki,
+        Table::Audit,
+    ];
 
     /// The stored name (part of every sealed row's AAD: never rename).
     pub fn name(self) -> &'static str {
@@ -59,6 +69,7 @@ impl Table {
             Table::Principals => "principals",
             Table::Tenants => "tenants",
             Table::Pki => "pki",
+            Table::Audit => "audit",
         }
     }
 }
@@ -169,6 +180,8 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Rows whose key starts with `prefix`, in key order, strictly after `after` if given, at most
     /// `limit`.
     fn scan(&self, table: Table, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<Row>, StoreError>;
+    /// The row with the greatest key in `table`, if any.
+    fn last(&self, table: Table) -> Result<Option<Row>, StoreError>;
     /// Applies every write or none. Fails with [`StoreError::Conflict`] if a precondition fails.
     fn apply(&self, writes: &[Write]) -> Result<(), StoreError>;
     /// Makes sure bytes of deleted rows no longer exist anywhere in the database files (for

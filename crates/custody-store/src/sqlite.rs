@@ -112,6 +112,18 @@ impl Backend for SqliteBackend {
         rows.collect::<Result<Vec<_>, _>>().map_err(db)
     }
 
+    fn last(&self, table: Table) -> Result<Option<Row>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached("SELECT key, rev, value FROM rows WHERE tbl = ?1 ORDER BY key DESC LIMIT 1")
+            .map_err(db)?;
+        stmt.query_row(params![table.name()], |r| {
+            Ok(Row { key: r.get(0)?, rev: r.get::<_, i64>(1)? as u64, value: r.get(2)? })
+        })
+        .optional()
+        .map_err(db)
+    }
+
     fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
@@ -204,6 +216,8 @@ mod tests {
         assert_eq!(keys(b.scan(Table::Aliases, "t1/", None, 2).unwrap()), ["t1/a", "t1/b"]);
         assert_eq!(keys(b.scan(Table::Aliases, "t1/", Some("t1/b"), 10).unwrap()), ["t1/c"]);
         assert!(b.scan(Table::Keys, "", None, 10).unwrap().is_empty(), "tables are separate");
+        assert_eq!(b.last(Table::Aliases).unwrap().unwrap().key, "t2/a");
+        assert!(b.last(Table::Keys).unwrap().is_none());
     }
 
     #[test]

@@ -1,0 +1,121 @@
+//! Every request leaves one durable audit record, including failures and unauthenticated ones;
+//! records carry no secrets.
+
+mod common;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use custody_client::Profile;
+use custody_kms::Outcome;
+use serde_json::json;
+
+#[tokio::test]
+async fn one_record_per_request_and_nothing_secret_in_it() {
+    let (dir, layout) = common::keyfile_dir();
+    let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
+    let mut c = common::admin_client(&profile).await;
+    let canary = "audit-plaintext-canary-51d2";
+    let k =
+        c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["Arn"].as_str().unwrap().to_string();
+    let enc = c
+        .call(
+            "TrentService.Encrypt",
+            json!({ "KeyId": k, "Plaintext": B64.encode(canary), "EncryptionContext": { "tenant": "acme" } }),
+        )
+        .await
+        .unwrap();
+    let blob = enc["CiphertextBlob"].as_str().unwrap().to_string();
+    c.call("TrentService.Decrypt", json!({ "CiphertextBlob": blob, "EncryptionContext": { "tenant": "acme" } }))
+        .await
+        .unwrap();
+    let dk = c.call("TrentService.GenerateDataKey", json!({ "KeyId": k, "KeySpec": "AES_256" })).await.unwrap();
+    assert!(c.call("TrentService.Decrypt", json!({ "CiphertextBlob": blob })).await.is_err(), "wrong context");
+    let mut anonymous =
+        custody_client::Client::connect(&Profile { cert_file: None, key_file: None, ..profile.clone() }).await.unwrap();
+    assert!(anonymous.call("TrentService.ListKeys", json!({})).await.is_err());
+
+    let records = server.kms().audit_records(0, 100).unwrap();
+    let actions: Vec<&str> = records.iter().map(|r| r.event.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "TrentService.CreateKey",
+            "TrentService.Encrypt",
+            "TrentService.Decrypt",
+            "TrentService.GenerateDataKey",
+            "TrentService.Decrypt",
+            "TrentService.ListKeys"
+        ]
+    );
+    assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=6).collect::<Vec<u64>>(), "gap-free sequence");
+    assert!(records[..4]
+        .iter()
+        .all(|r| r.event.outcome == Outcome::Success && r.event.key_id.as_deref() == Some(k.as_str())));
+    assert_eq!(records[4].event.outcome, Outcome::Failed);
+    assert_eq!(records[4].event.error_code.as_deref(), Some("InvalidCiphertextException"));
+    assert!(
+        k.ends_with(records[4].event.key_id.as_deref().unwrap()),
+        "a failed Decrypt names the key from the blob header"
+    );
+    assert_eq!(records[5].event.outcome, Outcome::Unauthenticated);
+    assert_eq!(records[5].event.tls_identity, None);
+    assert!(records[0].event.tls_identity.as_deref().unwrap().starts_with("spiffe://custody/"));
+    let ids: std::collections::HashSet<_> = records.iter().map(|r| r.event.request_id.clone()).collect();
+    assert_eq!(ids.len(), records.len(), "request ids are unique");
+
+    let text = serde_json::to_string(&records).unwrap();
+    for secret in [canary.to_string(), B64.encode(canary), dk["Plaintext"].as_str().unwrap().to_string(), blob.clone()]
+    {
+        assert!(!text.contains(&secret), "a secret or a full ciphertext reached the audit trail");
+    }
+    server.shutdown().await;
+
+    // Records survive a restart and numbering continues.
+    let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
+    let mut c = common::admin_client(&profile).await;
+    c.call("TrentService.ListKeys", json!({})).await.unwrap();
+    let records = server.kms().audit_records(6, 100).unwrap();
+    assert_eq!((records.len(), records[0].seq), (1, 7));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn when_the_audit_cannot_be_written_nothing_is_answered() {
+    let (dir, layout) = common::keyfile_dir();
+    let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
+    let mut c = common::admin_client(&profile).await;
+    let k = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Another process holds the database's write lock longer than the server waits (10 s).
+    let db = layout.database();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        locked_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+        conn.execute_batch("ROLLBACK").unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let r = c.call("TrentService.GenerateDataKey", json!({ "KeyId": k, "KeySpec": "AES_256" })).await;
+    match r {
+        Err(custody_client::ClientError::Api { status, code, message }) => {
+            assert_eq!((status, code.as_str()), (503, "ServiceUnavailableException"));
+            assert!(message.contains("audit"), "{message}");
+        }
+        other => panic!("a data key must not be returned without its audit record: {other:?}"),
+    }
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+
+    // It recovers by itself.
+    let ok = c.call("TrentService.GenerateDataKey", json!({ "KeyId": k, "KeySpec": "AES_256" })).await.unwrap();
+    assert!(ok.get("Plaintext").is_some());
+    let last = server.kms().audit_records(0, 100).unwrap().pop().unwrap();
+    assert_eq!(last.event.action, "TrentService.GenerateDataKey");
+    server.shutdown().await;
+}
