@@ -140,6 +140,34 @@ async fn a_key_row_edited_in_sqlite_is_refused_with_a_generic_error() {
 }
 
 #[tokio::test]
+async fn a_key_version_row_copied_to_another_key_does_not_open() {
+    let (dir, layout) = common::keyfile_dir();
+    let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
+    let mut c = common::admin_client(&profile).await;
+    let a = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Give b a's (wrapped) version 1: if it opened, b would encrypt with a's material.
+    let conn = rusqlite::Connection::open(layout.database()).unwrap();
+    conn.execute(
+        "UPDATE rows SET value = (SELECT value FROM rows WHERE tbl='versions' AND key=?1) WHERE tbl='versions' AND key=?2",
+        [format!("{a}/{:010}", 1), format!("{b}/{:010}", 1)],
+    )
+    .unwrap();
+    match c.call("TrentService.Encrypt", json!({ "KeyId": b, "Plaintext": "eA==" })).await {
+        Err(custody_client::ClientError::Api { status, .. }) => assert_eq!(status, 500),
+        other => panic!("a swapped version row must not be used: {other:?}"),
+    }
+    assert!(c.call("TrentService.Encrypt", json!({ "KeyId": a, "Plaintext": "eA==" })).await.is_ok());
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn the_scheduler_destroys_material_and_keeps_a_tombstone() {
     let (dir, layout) = common::keyfile_dir();
     // DANGER setting for this test only: a "day" lasts 30 ms, so the 7-day minimum is 210 ms.

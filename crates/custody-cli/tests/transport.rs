@@ -137,3 +137,48 @@ async fn requests_without_a_certificate_are_unauthenticated_but_health_and_statu
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_sealed_server_answers_only_health_status_and_unseal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (layout, init) = custody_cli::bootstrap::init(custody_cli::bootstrap::Bootstrap {
+        data_dir: dir.path().join("data"),
+        seal: custody_cli::bootstrap::SealChoice::Shamir { threshold: 2, shares: 3 },
+        tenant: None,
+        admin: custody_kms::PrincipalName::parse("admin").unwrap(),
+        server_names: vec!["localhost".into()],
+        endpoint: "https://localhost:1".into(),
+    })
+    .unwrap();
+    let config = custody_server::ServerConfig {
+        data_dir: layout.data_dir.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..custody_server::ServerConfig::default()
+    };
+    let server = custody_server::Server::start(config).await.unwrap();
+    let endpoint = format!("https://localhost:{}", server.local_addr().port());
+    let profile = Profile::load(&custody_cli::bootstrap::write_profile(&layout, "admin", &endpoint).unwrap()).unwrap();
+    let mut admin = common::admin_client(&profile).await;
+    let mut anonymous =
+        custody_client::Client::connect(&Profile { cert_file: None, key_file: None, ..profile.clone() }).await.unwrap();
+
+    let health = anonymous.health().await.unwrap();
+    assert_eq!((health["status"].as_str(), health["sealed"].as_bool()), (Some("ok"), Some(true)));
+    assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
+    match admin.call("TrentService.ListKeys", json!({})).await {
+        Err(ClientError::Api { status, code, message }) => {
+            assert_eq!((status, code.as_str()), (503, "ServiceUnavailableException"));
+            assert!(message.contains("sealed"), "{message}");
+        }
+        other => panic!("a sealed server must refuse key operations: {other:?}"),
+    }
+    let wrong = anonymous.call("Custody.Unseal", json!({ "Share": "custody-share-AQIBAAAA" })).await;
+    assert!(matches!(wrong, Err(ClientError::Api { ref code, .. }) if code == "InvalidShareException"), "{wrong:?}");
+    let s1 = anonymous.call("Custody.Unseal", json!({ "Share": init.shares[2].to_text().as_str() })).await.unwrap();
+    assert_eq!((s1["Sealed"].as_bool(), s1["Progress"].as_u64()), (Some(true), Some(1)));
+    let s2 = anonymous.call("Custody.Unseal", json!({ "Share": init.shares[0].to_text().as_str() })).await.unwrap();
+    assert_eq!(s2["Sealed"], false);
+    assert_eq!(anonymous.health().await.unwrap()["sealed"], false);
+    admin.call("TrentService.ListKeys", json!({})).await.unwrap();
+    server.shutdown().await;
+}

@@ -113,6 +113,15 @@ impl Client {
         Ok(())
     }
 
+    /// `GET /healthz`: answered without authentication, sealed or not.
+    pub async fn health(&mut self) -> Result<Value, ClientError> {
+        let req = Request::get("/healthz")
+            .header("host", self.endpoint.authority())
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.send(req).await
+    }
+
     /// Calls `target` (`TrentService.Encrypt`, `Custody.GetStatus`, ...) with a JSON body.
     pub async fn call(&mut self, target: &str, body: Value) -> Result<Value, ClientError> {
         self.call_bytes(target, serde_json::to_vec(&body).expect("JSON values serialize")).await
@@ -120,28 +129,23 @@ impl Client {
 
     /// Like [`Client::call`], with the request body as raw bytes (sent as-is).
     pub async fn call_bytes(&mut self, target: &str, body: Vec<u8>) -> Result<Value, ClientError> {
-        let bytes = Bytes::from(body);
-        let build = |host: &str| {
-            Request::post("/")
-                .header("host", host)
-                .header("content-type", "application/x-amz-json-1.1")
-                .header("x-amz-target", target)
-                .body(Full::new(bytes.clone()))
-                .map_err(|e| ClientError::Protocol(e.to_string()))
-        };
-        let host = self.endpoint.authority();
+        let req = Request::post("/")
+            .header("host", self.endpoint.authority())
+            .header("content-type", "application/x-amz-json-1.1")
+            .header("x-amz-target", target)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.send(req).await
+    }
+
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Value, ClientError> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
             self.reconnect().await?;
         }
+        let endpoint = self.endpoint.to_string();
         let sender = self.sender.as_mut().expect("connected above");
-        sender
-            .ready()
-            .await
-            .map_err(|e| ClientError::Connect { endpoint: self.endpoint.to_string(), reason: chain(&e) })?;
-        let resp = sender
-            .send_request(build(&host)?)
-            .await
-            .map_err(|e| ClientError::Connect { endpoint: self.endpoint.to_string(), reason: chain(&e) })?;
+        sender.ready().await.map_err(|e| ClientError::Connect { endpoint: endpoint.clone(), reason: chain(&e) })?;
+        let resp = sender.send_request(req).await.map_err(|e| ClientError::Connect { endpoint, reason: chain(&e) })?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.map_err(|e| ClientError::Protocol(e.to_string()))?.to_bytes();
         let value: Value = serde_json::from_slice(&body)
