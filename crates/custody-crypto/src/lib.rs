@@ -21,6 +21,7 @@ pub mod random;
 pub mod seal;
 pub mod secret;
 pub mod shamir;
+pub mod sigv4;
 
 pub use blob::{BlobError, BlobHeader};
 pub use context::{ContextError, EncryptionContext};

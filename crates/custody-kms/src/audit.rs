@@ -38,6 +38,10 @@ pub struct AuditEvent {
     pub source: String,
     /// TLS client identity (certificate URI SAN), if one was presented.
     pub tls_identity: Option<String>,
+    /// ARN of the authenticated principal, if authentication succeeded.
+    pub principal: Option<String>,
+    /// SigV4 access key id presented (also when it was refused). Never the secret or signature.
+    pub access_key_id: Option<String>,
     /// Action, e.g. `TrentService.Encrypt`.
     pub action: String,
     /// The key concerned, as named or resolved.

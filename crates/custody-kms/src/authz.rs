@@ -116,6 +116,14 @@ actions! {
     GenerateDataKeyWithoutPlaintext: UsesMaterial,
     /// GenerateRandom
     GenerateRandom,
+    /// Create an access key (custody)
+    CreateAccessKey,
+    /// List access keys (custody)
+    ListAccessKeys,
+    /// Enable or disable an access key (custody)
+    UpdateAccessKey,
+    /// Delete an access key (custody)
+    DeleteAccessKey,
 }
 
 /// Implemented by the marker type of each action.

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod access_keys;
 pub mod audit;
 pub mod authz;
 pub mod error;
@@ -21,6 +22,7 @@ use custody_crypto::keys::WrapAad;
 use custody_crypto::{KeyMaterial, RootKey};
 use custody_store::{Backend, Barrier, Expect, Table, Versioned, Write};
 
+pub use access_keys::{AccessKeyInfo, NewAccessKey};
 pub use audit::{AuditEvent, AuditRecord, Outcome};
 pub use authz::{Action, Caller};
 pub use error::KmsError;

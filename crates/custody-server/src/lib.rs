@@ -9,6 +9,7 @@
 pub mod config;
 pub mod keyfile;
 pub mod protocol;
+pub mod sigv4;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -221,7 +222,8 @@ async fn handle(
     let started = Instant::now();
     let time = custody_kms::model::now_ms();
     let request_id = uuid::Uuid::new_v4().to_string();
-    let (action, key_hint, result) = route(&state, &identity, req).await;
+    let (action, key_hint, dispatched) = route(&state, &identity, req).await;
+    let (result, auth_principal, access_key_id) = (dispatched.result, dispatched.principal, dispatched.access_key_id);
     let principal = match &*identity {
         Identity::Certificate(uri) => uri.as_str(),
         Identity::CertificateWithoutIdentity => "<certificate without identity>",
@@ -230,7 +232,9 @@ async fn handle(
     let audited = if action == "healthz" {
         Ok(())
     } else {
-        let event = audit_event(time, &request_id, peer, &identity, &action, key_hint, &result, started);
+        let mut event = audit_event(time, &request_id, peer, &identity, &action, key_hint, &result, started);
+        event.principal = auth_principal.clone();
+        event.access_key_id = access_key_id.clone();
         let kms = state.kms.clone();
         match tokio::task::spawn_blocking(move || kms.record_audit(event)).await {
             // While sealed only status and unseal are answered, and only the log can record them.
@@ -259,7 +263,10 @@ async fn handle(
             (e.status, e.body())
         }
     };
-    tracing::info!(%request_id, %peer, principal, action = %action, status, ms = started.elapsed().as_millis() as u64, "request");
+    let principal = auth_principal.as_deref().unwrap_or(principal);
+    let access_key_id = access_key_id.as_deref().unwrap_or("-");
+    let ms = started.elapsed().as_millis() as u64;
+    tracing::info!(%request_id, %peer, principal, access_key_id, action = %action, status, ms, "request");
     let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize"))));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = resp.headers_mut();
@@ -270,51 +277,79 @@ async fn handle(
     resp
 }
 
-/// Action name, the key the request names (for the audit record), and the result.
-type Routed = (String, Option<String>, Result<serde_json::Value, ApiError>);
+/// Action name, the key the request names (for the audit record), and what dispatch produced.
+type Routed = (String, Option<String>, protocol::Dispatched);
+
+fn early(action: &str, e: ApiError) -> Routed {
+    (action.to_string(), None, protocol::Dispatched { result: Err(e), principal: None, access_key_id: None })
+}
 
 async fn route(state: &Arc<State>, identity: &Arc<Identity>, req: Request<Incoming>) -> Routed {
     if req.uri().path() == "/healthz" && req.method() == Method::GET {
-        return ("healthz".into(), None, Ok(health(&state.kms)));
+        return (
+            "healthz".into(),
+            None,
+            protocol::Dispatched { result: Ok(health(&state.kms)), principal: None, access_key_id: None },
+        );
     }
     if req.method() != Method::POST || req.uri().path() != "/" {
-        let e = ApiError::new(
-            404,
-            "UnknownOperationException",
-            "custody answers POST / (AWS JSON protocol) and GET /healthz",
+        return early(
+            "-",
+            ApiError::new(
+                404,
+                "UnknownOperationException",
+                "custody answers POST / (AWS JSON protocol) and GET /healthz",
+            ),
         );
-        return ("-".into(), None, Err(e));
     }
-    let target = req.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).map(|t| t.chars().take(128).collect());
+    let target = req
+        .headers()
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .map(|t| t.chars().take(128).collect::<String>());
     let Some(target) = target else {
-        return ("-".into(), None, Err(ApiError::new(400, "UnknownOperationException", "missing X-Amz-Target header")));
+        return early("-", ApiError::new(400, "UnknownOperationException", "missing X-Amz-Target header"));
     };
     let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !content_type.starts_with(AMZ_JSON) && !content_type.starts_with("application/json") {
-        let e = ApiError::new(400, "SerializationException", format!("Content-Type must be {AMZ_JSON}"));
-        return (target, None, Err(e));
+        return early(
+            &target,
+            ApiError::new(400, "SerializationException", format!("Content-Type must be {AMZ_JSON}")),
+        );
     }
-    let body = match Limited::new(req.into_body(), state.max_request_bytes).collect().await {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, state.max_request_bytes).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
             let msg = format!("the request body is larger than {} bytes or was cut off", state.max_request_bytes);
-            return (target, None, Err(ApiError::new(413, "ValidationException", msg)));
+            return early(&target, ApiError::new(413, "ValidationException", msg));
         }
     };
     let key_hint = protocol::key_hint(&body);
     let kms = state.kms.clone();
     let identity = identity.clone();
     let t = target.clone();
-    let result = tokio::task::spawn_blocking(move || protocol::dispatch(&kms, &identity, &t, &body))
-        .await
-        .unwrap_or_else(|_| {
-            Err(ApiError::new(
-                500,
-                "KMSInternalException",
-                "The request could not be completed because of an internal error.",
-            ))
-        });
-    (target, key_hint, result)
+    let dispatched = tokio::task::spawn_blocking(move || {
+        let req = sigv4::RequestParts {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: parts.uri.query().unwrap_or(""),
+            headers: &parts.headers,
+            body: &body,
+        };
+        protocol::dispatch(&kms, &identity, &req, &t)
+    })
+    .await
+    .unwrap_or_else(|_| protocol::Dispatched {
+        result: Err(ApiError::new(
+            500,
+            "KMSInternalException",
+            "The request could not be completed because of an internal error.",
+        )),
+        principal: None,
+        access_key_id: None,
+    });
+    (target, key_hint, dispatched)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -349,6 +384,8 @@ fn audit_event(
         time,
         request_id: request_id.to_string(),
         source: peer.to_string(),
+        principal: None,
+        access_key_id: None,
         tls_identity: match identity {
             Identity::Certificate(uri) => Some(uri.clone()),
             Identity::CertificateWithoutIdentity => Some("<certificate without identity>".into()),

@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use custody_crypto::{EncryptionContext, SecretBytes};
-use custody_kms::{AliasName, Caller, CreateKeyRequest, KeyRef, Kms, KmsError, Page};
+use custody_kms::{AliasName, Caller, CreateKeyRequest, KeyRef, Kms, KmsError, Page, PrincipalName};
+
+use crate::sigv4::{self, RequestParts};
 use serde_json::{json, Map, Value};
 
 /// An error as the client sees it: HTTP status, AWS `__type`, message.
@@ -137,39 +139,90 @@ const UNSUPPORTED_AWS_ACTIONS: &[&str] = &[
     "VerifyMac",
 ];
 
+/// What a dispatched request produced, and who it turned out to be from (for the audit record).
+#[derive(Debug)]
+pub struct Dispatched {
+    /// The answer.
+    pub result: Result<Value, ApiError>,
+    /// ARN of the authenticated principal.
+    pub principal: Option<String>,
+    /// SigV4 access key id presented (even if it was refused).
+    pub access_key_id: Option<String>,
+}
+
+/// Who sent a request and how, as far as one request can tell.
+#[derive(Debug, Default)]
+struct Auth {
+    principal: Option<String>,
+    access_key_id: Option<String>,
+}
+
 /// Runs one action. Blocking: call from a blocking-capable thread.
-pub fn dispatch(kms: &Kms, identity: &Identity, target: &str, body: &[u8]) -> Result<Value, ApiError> {
+pub fn dispatch(kms: &Kms, identity: &Identity, req: &RequestParts<'_>, target: &str) -> Dispatched {
+    let mut auth = Auth::default();
+    let result = run(kms, identity, req, target, &mut auth);
+    Dispatched { result, principal: auth.principal, access_key_id: auth.access_key_id }
+}
+
+fn run(
+    kms: &Kms,
+    identity: &Identity,
+    req: &RequestParts<'_>,
+    target: &str,
+    auth: &mut Auth,
+) -> Result<Value, ApiError> {
     let (service, action) = target
         .split_once('.')
         .ok_or_else(|| ApiError::new(400, "UnknownOperationException", format!("unknown operation {target:?}")))?;
-    let fields = Fields::parse(body)?;
+    let fields = Fields::parse(req.body)?;
     match service {
-        "Custody" => custody_action(kms, identity, action, &fields),
+        "Custody" => custody_action(kms, identity, req, action, &fields, auth),
         "TrentService" => {
-            let caller = authenticate(kms, identity)?;
+            let caller = authenticate(kms, identity, req, auth)?;
             kms_action(kms, &caller, action, &fields)
         }
         _ => Err(ApiError::new(400, "UnknownOperationException", format!("unknown service {service:?}"))),
     }
 }
 
-fn authenticate(kms: &Kms, identity: &Identity) -> Result<Caller, ApiError> {
-    match identity {
-        Identity::Certificate(uri) => Ok(kms.authenticate_certificate(uri)?),
-        Identity::CertificateWithoutIdentity => Err(ApiError::new(
-            400,
-            "UnrecognizedClientException",
-            "The client certificate carries no custody identity (URI SAN spiffe://custody/<account>/<principal>).",
-        )),
-        Identity::Anonymous => Err(ApiError::new(
-            400,
-            "MissingAuthenticationTokenException",
-            "Request is missing authentication: present a client certificate issued by this custody.",
-        )),
-    }
+/// A request carries one identity: a client certificate from this custody's CA, or else a SigV4
+/// signature by an access key.
+fn authenticate(kms: &Kms, identity: &Identity, req: &RequestParts<'_>, auth: &mut Auth) -> Result<Caller, ApiError> {
+    let caller = match identity {
+        Identity::Certificate(uri) => kms.authenticate_certificate(uri)?,
+        Identity::CertificateWithoutIdentity => {
+            return Err(ApiError::new(
+                400,
+                "UnrecognizedClientException",
+                "The client certificate carries no custody identity (URI SAN spiffe://custody/<account>/<principal>).",
+            ))
+        }
+        Identity::Anonymous => match req.headers.get("authorization").map(|v| v.to_str()) {
+            Some(Ok(header)) => {
+                sigv4::authenticate(kms, req, header, time::OffsetDateTime::now_utc(), &mut auth.access_key_id)?
+            }
+            Some(Err(_)) => return Err(ApiError::new(400, "IncompleteSignatureException", "the Authorization header is not ASCII")),
+            None => {
+                return Err(ApiError::new(
+                    400,
+                    "MissingAuthenticationTokenException",
+                    "Request is missing authentication: sign it with SigV4 or present a client certificate issued by this custody.",
+                ))
+            }
+        },
+    };
+    auth.principal = Some(caller.arn());
+    Ok(caller)
 }
 
-fn custody_action(kms: &Kms, identity: &Identity, action: &str, f: &Fields) -> Result<Value, ApiError> {
+fn custody_action(
+    kms: &Kms,
+    identity: &Identity,
+    req: &RequestParts<'_>,
+    action: &str,
+    f: &Fields,
+    auth: &mut Auth,
+) -> Result<Value, ApiError> {
     match action {
         // Unauthenticated: the seal status is not secret, and a share is its own credential.
         "GetStatus" => Ok(status_json(kms)?),
@@ -179,11 +232,50 @@ fn custody_action(kms: &Kms, identity: &Identity, action: &str, f: &Fields) -> R
             Ok(status_json(kms)?)
         }
         "WhoAmI" => {
-            let caller = authenticate(kms, identity)?;
+            let caller = authenticate(kms, identity, req, auth)?;
             Ok(json!({ "Account": caller.tenant().as_str(), "Principal": caller.name().as_str(), "Arn": caller.arn() }))
+        }
+        "CreateAccessKey" | "ListAccessKeys" | "UpdateAccessKey" | "DeleteAccessKey" => {
+            let caller = authenticate(kms, identity, req, auth)?;
+            access_key_action(kms, &caller, action, f)
         }
         other => Err(ApiError::new(400, "UnknownOperationException", format!("unknown custody operation {other:?}"))),
     }
+}
+
+fn access_key_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Value, ApiError> {
+    let principal = f
+        .optional_str("Principal")?
+        .map(|p| PrincipalName::parse(p).ok_or_else(|| KmsError::validation("principal", "not a valid principal name")))
+        .transpose()?;
+    Ok(match action {
+        "CreateAccessKey" => {
+            let key = kms.create_access_key(caller, principal)?;
+            let secret = std::str::from_utf8(key.secret.expose_secret()).expect("secrets are base64 text");
+            json!({ "AccessKey": { "AccessKeyId": key.id, "SecretAccessKey": secret, "Principal": key.principal.as_str(), "Status": "Active" } })
+        }
+        "ListAccessKeys" => json!({ "AccessKeys": kms.list_access_keys(caller, principal.as_ref())? }),
+        "UpdateAccessKey" => {
+            let active = match f.required_str("Status")? {
+                "Active" => true,
+                "Inactive" => false,
+                other => {
+                    return Err(
+                        KmsError::validation("status", format!("must be Active or Inactive, got {other}")).into()
+                    )
+                }
+            };
+            kms.update_access_key(caller, f.required_str("AccessKeyId")?, active)?;
+            json!({})
+        }
+        "DeleteAccessKey" => {
+            kms.delete_access_key(caller, f.required_str("AccessKeyId")?)?;
+            json!({})
+        }
+        other => {
+            return Err(ApiError::new(400, "UnknownOperationException", format!("unknown custody operation {other:?}")))
+        }
+    })
 }
 
 fn status_json(kms: &Kms) -> Result<Value, KmsError> {

@@ -44,11 +44,13 @@ pub enum Table {
     Pki,
     /// Audit records, by sequence number (20 digits, so key order is sequence order).
     Audit,
+    /// SigV4 access keys, by access key id.
+    AccessKeys,
 }
 
 impl Table {
     /// Every table, for migrations and tests.
-    pub const ALL: [Table; 8] = [
+    pub const ALL: [Table; 9] = [
         Table::Meta,
         Table::Keys,
         Table::Versions,
@@ -57,6 +59,7 @@ impl Table {
         Table::Tenants,
         Table::Pki,
         Table::Audit,
+        Table::AccessKeys,
     ];
 
     /// The stored name (part of every sealed row's AAD: never rename).
@@ -70,6 +73,7 @@ impl Table {
             Table::Tenants => "tenants",
             Table::Pki => "pki",
             Table::Audit => "audit",
+            Table::AccessKeys => "access_keys",
         }
     }
 }

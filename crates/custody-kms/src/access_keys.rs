@@ -1,0 +1,186 @@
+//! SigV4 access keys: an id and a secret, held by a principal.
+//!
+//! The secret is shown once, at creation, and stored only inside a sealed row (SigV4 needs the
+//! secret itself to recompute signatures, so it cannot be stored as a hash).
+
+use std::fmt;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use custody_crypto::{random, SecretBytes};
+use custody_store::{Expect, Table};
+use serde::{Deserialize, Serialize};
+
+use crate::authz::{act, authorize, Caller};
+use crate::error::KmsError;
+use crate::ids::PrincipalName;
+use crate::model::{now_ms, Millis, PrincipalRecord};
+use crate::Kms;
+
+/// Base32 alphabet of access key ids (as AWS uses: upper-case letters and 2–7).
+const ID_ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+
+#[derive(Serialize, Deserialize)]
+struct AccessKeyRecord {
+    id: String,
+    tenant: crate::TenantId,
+    principal: PrincipalName,
+    /// Only ever stored inside a sealed row.
+    secret: String,
+    active: bool,
+    created_at: Millis,
+}
+
+/// A new access key: the only time the secret is available.
+pub struct NewAccessKey {
+    /// Access key id (not secret).
+    pub id: String,
+    /// Secret access key.
+    pub secret: SecretBytes,
+    /// Owning principal.
+    pub principal: PrincipalName,
+}
+
+impl fmt::Debug for NewAccessKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewAccessKey").field("id", &self.id).field("principal", &self.principal).finish_non_exhaustive()
+    }
+}
+
+/// What listing shows of an access key.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AccessKeyInfo {
+    /// Access key id.
+    pub access_key_id: String,
+    /// Owning principal.
+    pub principal: String,
+    /// `Active` or `Inactive`.
+    pub status: &'static str,
+    /// Seconds since epoch.
+    pub create_date: f64,
+}
+
+/// Why a SigV4 credential was refused (all look the same to the caller).
+fn unrecognized() -> KmsError {
+    KmsError::Unauthenticated("The security token included in the request is invalid.".into())
+}
+
+impl Kms {
+    /// Creates an access key for `principal` (default: the caller) in the caller's account.
+    pub fn create_access_key(
+        &self,
+        caller: &Caller,
+        principal: Option<PrincipalName>,
+    ) -> Result<NewAccessKey, KmsError> {
+        let u = self.unsealed()?;
+        let _proof = authorize::<act::CreateAccessKey>(caller, None)?;
+        let principal = principal.unwrap_or_else(|| caller.name.clone());
+        let row = format!("{}/{}", caller.tenant, principal);
+        if u.barrier.get::<PrincipalRecord>(Table::Principals, &row)?.is_none() {
+            return Err(KmsError::NotFound(format!("Principal {principal} is not found.")));
+        }
+        let id_bytes: [u8; 16] = random::array();
+        let id: String =
+            "AKIA".chars().chain(id_bytes.iter().map(|b| ID_ALPHABET[usize::from(b % 32)] as char)).collect();
+        // 30 random bytes: 40 base64 characters, the shape of an AWS secret access key.
+        let raw = random::secret(30);
+        let secret = SecretBytes::new(STANDARD.encode(raw.expose_secret()).into_bytes());
+        let record = AccessKeyRecord {
+            id: id.clone(),
+            tenant: caller.tenant.clone(),
+            principal: principal.clone(),
+            secret: String::from_utf8(secret.expose_secret().to_vec()).expect("base64 is ASCII"),
+            active: true,
+            created_at: now_ms(),
+        };
+        u.barrier.apply(&[u.barrier.put(Table::AccessKeys, &id, &record, Expect::Absent)])?;
+        tracing::info!(access_key_id = %id, principal = %principal, "access key created");
+        Ok(NewAccessKey { id, secret, principal })
+    }
+
+    /// Access keys of the caller's account (optionally of one principal).
+    pub fn list_access_keys(
+        &self,
+        caller: &Caller,
+        principal: Option<&PrincipalName>,
+    ) -> Result<Vec<AccessKeyInfo>, KmsError> {
+        let u = self.unsealed()?;
+        let _proof = authorize::<act::ListAccessKeys>(caller, None)?;
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let chunk = u.barrier.scan::<AccessKeyRecord>(Table::AccessKeys, "", after.as_deref(), 256)?;
+            let done = chunk.len() < 256;
+            for k in chunk {
+                after = Some(k.key.clone());
+                let k = k.value;
+                if k.tenant == caller.tenant && principal.is_none_or(|p| *p == k.principal) {
+                    out.push(AccessKeyInfo {
+                        access_key_id: k.id,
+                        principal: k.principal.to_string(),
+                        status: if k.active { "Active" } else { "Inactive" },
+                        create_date: crate::model::aws_time(k.created_at),
+                    });
+                }
+            }
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Activates or deactivates an access key of the caller's account.
+    pub fn update_access_key(&self, caller: &Caller, id: &str, active: bool) -> Result<(), KmsError> {
+        let u = self.unsealed()?;
+        let _proof = authorize::<act::UpdateAccessKey>(caller, None)?;
+        let mut key = self.access_key_in_tenant(&u, caller, id)?;
+        key.value.active = active;
+        u.barrier.apply(&[u.barrier.put(Table::AccessKeys, id, &key.value, Expect::Rev(key.rev))])?;
+        Ok(())
+    }
+
+    /// Deletes an access key of the caller's account.
+    pub fn delete_access_key(&self, caller: &Caller, id: &str) -> Result<(), KmsError> {
+        let u = self.unsealed()?;
+        let _proof = authorize::<act::DeleteAccessKey>(caller, None)?;
+        let key = self.access_key_in_tenant(&u, caller, id)?;
+        u.barrier.apply(&[u.barrier.delete(Table::AccessKeys, id, Expect::Rev(key.rev))])?;
+        Ok(())
+    }
+
+    fn access_key_in_tenant(
+        &self,
+        u: &crate::Unsealed,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<custody_store::Versioned<AccessKeyRecord>, KmsError> {
+        match u.barrier.get::<AccessKeyRecord>(Table::AccessKeys, id)? {
+            Some(k) if k.value.tenant == caller.tenant => Ok(k),
+            _ => Err(KmsError::NotFound(format!("Access key {id} is not found."))),
+        }
+    }
+
+    /// Looks up an access key for SigV4: the caller it authenticates and the secret to verify the
+    /// signature with. Unknown, inactive, and disabled-principal keys fail the same way.
+    pub fn authenticate_access_key(&self, id: &str) -> Result<(Caller, SecretBytes), KmsError> {
+        let u = self.unsealed()?;
+        if id.is_empty() || id.len() > 128 {
+            return Err(unrecognized());
+        }
+        let key = u.barrier.get::<AccessKeyRecord>(Table::AccessKeys, id)?.ok_or_else(unrecognized)?.value;
+        if !key.active {
+            return Err(unrecognized());
+        }
+        let principal = u
+            .barrier
+            .get::<PrincipalRecord>(Table::Principals, &format!("{}/{}", key.tenant, key.principal))?
+            .ok_or_else(unrecognized)?
+            .value;
+        if !principal.enabled {
+            return Err(unrecognized());
+        }
+        let caller = Caller { tenant: key.tenant, name: key.principal, roles: principal.roles };
+        Ok((caller, SecretBytes::new(key.secret.into_bytes())))
+    }
+}
