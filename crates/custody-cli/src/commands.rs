@@ -230,6 +230,60 @@ pub enum RotationCommand {
     },
 }
 
+/// `custody audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Audit records of your account, oldest first.
+    #[command(after_help = "Examples:\n  custody audit query\n  custody audit query --after 1200 --limit 50 --json")]
+    Query {
+        /// Only records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Most records to examine (1-1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+/// `custody access-key ...`
+#[derive(Debug, Subcommand)]
+pub enum AccessKeyCommand {
+    /// Create an access key; the secret is shown once.
+    #[command(
+        after_help = "Examples:\n  custody access-key create\n  custody access-key create --principal ci-deployer --json"
+    )]
+    Create {
+        /// Principal to hold the key (default: you).
+        #[arg(long)]
+        principal: Option<String>,
+    },
+    /// List access keys (never their secrets).
+    #[command(after_help = "Example:\n  custody access-key list --principal admin")]
+    List {
+        /// Only this principal's keys.
+        #[arg(long)]
+        principal: Option<String>,
+    },
+    /// Disable an access key: requests signed with it are refused.
+    #[command(after_help = "Example:\n  custody access-key disable AKIA...")]
+    Disable {
+        /// Access key id.
+        id: String,
+    },
+    /// Enable a disabled access key.
+    #[command(after_help = "Example:\n  custody access-key enable AKIA...")]
+    Enable {
+        /// Access key id.
+        id: String,
+    },
+    /// Delete an access key.
+    #[command(after_help = "Example:\n  custody access-key delete AKIA...")]
+    Delete {
+        /// Access key id.
+        id: String,
+    },
+}
+
 /// `custody encrypt-blob`
 #[derive(Debug, Args)]
 pub struct EncryptBlobArgs {
@@ -303,6 +357,26 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::EncryptBlob(a) => encrypt_blob(&cli.conn, a, json).await,
         Command::DecryptBlob(a) => decrypt_blob(&cli.conn, a, json).await,
         Command::DataKey(a) => data_key(&cli.conn, a, json).await,
+        Command::AccessKey(a) => access_key(&cli.conn, a, json).await,
+        Command::Audit(AuditCommand::Query { after, limit }) => {
+            let mut c = connect(&cli.conn).await?;
+            let r = c.call("Custody.ListAuditRecords", json!({ "After": after, "Limit": limit })).await?;
+            output(json, &r, || {
+                for rec in r["Records"].as_array().into_iter().flatten() {
+                    let s = |k: &str| rec[k].as_str().unwrap_or("-").to_string();
+                    println!(
+                        "{:>8}  {}  {:<8}  {:<40}  {}  {}",
+                        rec["seq"],
+                        fmt_time(&json!(rec["time"].as_f64().map(|t| t / 1000.0))),
+                        rec["outcome"].as_str().unwrap_or("-"),
+                        s("action"),
+                        s("principal"),
+                        s("key_id")
+                    );
+                }
+            });
+            Ok(())
+        }
     }
 }
 
@@ -712,6 +786,50 @@ async fn alias(c: &mut Client, a: AliasCommand, json: bool) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn access_key(conn: &ConnArgs, cmd: AccessKeyCommand, json: bool) -> Result<()> {
+    let mut c = connect(conn).await?;
+    match cmd {
+        AccessKeyCommand::Create { principal } => {
+            let r = c.call("Custody.CreateAccessKey", json!({ "Principal": principal })).await?;
+            output(json, &r, || {
+                let k = &r["AccessKey"];
+                println!("AccessKeyId:     {}", k["AccessKeyId"].as_str().unwrap_or(""));
+                println!("SecretAccessKey: {}", k["SecretAccessKey"].as_str().unwrap_or(""));
+                println!("Principal:       {}", k["Principal"].as_str().unwrap_or(""));
+                println!("\nThe secret is shown once and cannot be retrieved again. For the AWS SDKs and CLI:");
+                println!("  export AWS_ACCESS_KEY_ID={}", k["AccessKeyId"].as_str().unwrap_or(""));
+                println!("  export AWS_SECRET_ACCESS_KEY=<the secret above>");
+            });
+        }
+        AccessKeyCommand::List { principal } => {
+            let r = c.call("Custody.ListAccessKeys", json!({ "Principal": principal })).await?;
+            output(json, &r, || {
+                for k in r["AccessKeys"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}  {}  {}",
+                        k["AccessKeyId"].as_str().unwrap_or(""),
+                        k["Status"].as_str().unwrap_or(""),
+                        k["Principal"].as_str().unwrap_or("")
+                    );
+                }
+            });
+        }
+        AccessKeyCommand::Disable { id } => {
+            let body = json!({ "AccessKeyId": id, "Status": "Inactive" });
+            simple(&mut c, json, "Custody.UpdateAccessKey", body, &format!("Disabled {id}.")).await?
+        }
+        AccessKeyCommand::Enable { id } => {
+            let body = json!({ "AccessKeyId": id, "Status": "Active" });
+            simple(&mut c, json, "Custody.UpdateAccessKey", body, &format!("Enabled {id}.")).await?
+        }
+        AccessKeyCommand::Delete { id } => {
+            simple(&mut c, json, "Custody.DeleteAccessKey", json!({ "AccessKeyId": id }), &format!("Deleted {id}."))
+                .await?
+        }
+    }
+    Ok(())
 }
 
 async fn encrypt_blob(conn: &ConnArgs, a: EncryptBlobArgs, json: bool) -> Result<()> {

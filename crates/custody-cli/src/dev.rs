@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use custody_kms::PrincipalName;
 use serde_json::json;
+use zeroize::Zeroizing;
 
 use crate::bootstrap::{self, Bootstrap, Layout, SealChoice};
 use crate::exit::{self, CliError};
@@ -60,16 +61,23 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
     let profile = bootstrap::write_profile(&layout, ADMIN, &endpoint).map_err(fail)?;
     let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
     let (profile, ca) = (abs(profile), abs(layout.ca_cert()));
+    let (key_id, secret) = aws_credentials(&a.data, &profile).await?;
     let env_file = a.data.join("env");
+    let region = "us-east-1";
     let env = format!(
-        "export CUSTODY_ENDPOINT={endpoint}\nexport CUSTODY_PROFILE={}\nexport CUSTODY_CA_FILE={}\n",
-        profile.display(),
-        ca.display()
+        "export CUSTODY_ENDPOINT={endpoint}\nexport CUSTODY_PROFILE={profile}\nexport CUSTODY_CA_FILE={ca}\n\
+         export AWS_ENDPOINT_URL_KMS={endpoint}\nexport AWS_CA_BUNDLE={ca}\nexport AWS_ACCESS_KEY_ID={key_id}\n\
+         export AWS_SECRET_ACCESS_KEY={secret}\nexport AWS_DEFAULT_REGION={region}\n",
+        profile = profile.display(),
+        ca = ca.display(),
+        secret = secret.as_str(),
     );
-    bootstrap::write_file(&env_file, env.as_bytes(), 0o644).map_err(fail)?;
+    // It holds a secret access key: private to the user.
+    bootstrap::write_file(&env_file, env.as_bytes(), 0o600).map_err(fail)?;
     if json {
         crate::commands::print_json(&json!({
             "Endpoint": endpoint, "Profile": profile, "CaFile": ca, "EnvFile": abs(env_file), "FirstRun": first_run,
+            "AwsAccessKeyId": key_id,
         }));
     } else {
         println!("custody dev is running (TLS 1.3, unsealed with the DEVELOPMENT key file {}).", key_file.display());
@@ -85,6 +93,41 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
     crate::commands::wait_for_shutdown().await;
     server.shutdown().await;
     Ok(())
+}
+
+/// The development administrator's access key: created through the API on first use, kept in
+/// DIR/aws-credentials (AWS's credentials-file format, mode 0600), re-created if it was deleted.
+async fn aws_credentials(
+    data: &std::path::Path,
+    profile: &std::path::Path,
+) -> Result<(String, Zeroizing<String>), CliError> {
+    let fail = |m: String| CliError::new(exit::FAILURE, m);
+    let path = data.join("aws-credentials");
+    let mut client = custody_client::Client::connect(&custody_client::Profile::load(profile)?).await?;
+    if let Ok(text) = std::fs::read_to_string(&path).map(Zeroizing::new) {
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.split_once('=').filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().to_string()))
+        };
+        if let (Some(id), Some(secret)) = (field("aws_access_key_id"), field("aws_secret_access_key")) {
+            let keys = client.call("Custody.ListAccessKeys", json!({})).await?;
+            let active = keys["AccessKeys"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|k| k["AccessKeyId"] == id.as_str() && k["Status"] == "Active");
+            if active {
+                return Ok((id, Zeroizing::new(secret)));
+            }
+        }
+    }
+    let created = client.call("Custody.CreateAccessKey", json!({})).await?;
+    let id = created["AccessKey"]["AccessKeyId"].as_str().unwrap_or_default().to_string();
+    let secret = Zeroizing::new(created["AccessKey"]["SecretAccessKey"].as_str().unwrap_or_default().to_string());
+    let file =
+        Zeroizing::new(format!("[default]\naws_access_key_id = {id}\naws_secret_access_key = {}\n", secret.as_str()));
+    bootstrap::write_file(&path, file.as_bytes(), 0o600).map_err(fail)?;
+    Ok((id, secret))
 }
 
 fn indent(s: &str) -> String {

@@ -112,6 +112,12 @@ Examples:
   custody decrypt-blob -k alias/app --out secret.txt secret.bin"
     )]
     DecryptBlob(commands::DecryptBlobArgs),
+    /// Read the audit trail.
+    #[command(subcommand)]
+    Audit(commands::AuditCommand),
+    /// SigV4 access keys, for the AWS SDKs and CLI.
+    #[command(name = "access-key", subcommand)]
+    AccessKey(commands::AccessKeyCommand),
     /// Generate a data key: plaintext and its ciphertext under a KMS key.
     #[command(
         name = "data-key",

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use custody_store::{Expect, StoreError, Table};
 use serde::{Deserialize, Serialize};
 
+use crate::authz::{act, authorize, Caller};
 use crate::error::KmsError;
 use crate::model::{now_ms, Millis};
 use crate::Kms;
@@ -109,6 +110,27 @@ impl Kms {
             }
         }
         Err(KmsError::Internal("could not allocate an audit sequence number".into()))
+    }
+
+    /// Audit records of the caller's account after sequence number `after`, oldest first, at most
+    /// `limit` (1–1000) records examined.
+    pub fn query_audit(&self, caller: &Caller, after: u64, limit: usize) -> Result<Vec<AuditRecord>, KmsError> {
+        let _proof = authorize::<act::ReadAudit>(caller, None)?;
+        if !(1..=1000).contains(&limit) {
+            return Err(KmsError::validation("limit", "Member must have value between 1 and 1000"));
+        }
+        let arn_prefix = format!("arn:aws:iam::{}:", caller.tenant());
+        let identity_prefix = format!("spiffe://custody/{}/", caller.tenant());
+        // Records of requests from this account; unauthenticated ones belong to no account and
+        // are visible only through the server's own tooling for now.
+        Ok(self
+            .audit_records(after, limit)?
+            .into_iter()
+            .filter(|r| {
+                r.event.principal.as_deref().is_some_and(|p| p.starts_with(&arn_prefix))
+                    || r.event.tls_identity.as_deref().is_some_and(|t| t.starts_with(&identity_prefix))
+            })
+            .collect())
     }
 
     /// Audit records after sequence number `after`, oldest first, at most `limit`.

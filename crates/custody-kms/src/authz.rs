@@ -124,6 +124,8 @@ actions! {
     UpdateAccessKey,
     /// Delete an access key (custody)
     DeleteAccessKey,
+    /// Read the audit trail (custody)
+    ReadAudit,
 }
 
 /// Implemented by the marker type of each action.

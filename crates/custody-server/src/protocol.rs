@@ -235,6 +235,12 @@ fn custody_action(
             let caller = authenticate(kms, identity, req, auth)?;
             Ok(json!({ "Account": caller.tenant().as_str(), "Principal": caller.name().as_str(), "Arn": caller.arn() }))
         }
+        "ListAuditRecords" => {
+            let caller = authenticate(kms, identity, req, auth)?;
+            let after = f.get("After").and_then(Value::as_u64).unwrap_or(0);
+            let limit = f.limit()?.unwrap_or(100);
+            Ok(json!({ "Records": kms.query_audit(&caller, after, limit)? }))
+        }
         "CreateAccessKey" | "ListAccessKeys" | "UpdateAccessKey" | "DeleteAccessKey" => {
             let caller = authenticate(kms, identity, req, auth)?;
             access_key_action(kms, &caller, action, f)

@@ -1,0 +1,228 @@
+"""Unmodified AWS clients against custody: boto3, the AWS CLI and the AWS Encryption SDK CLI."""
+
+import base64
+import datetime
+import filecmp
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import boto3
+import botocore.config
+import pytest
+from botocore.exceptions import ClientError
+
+from conftest import ROOT, custody_bin
+
+
+def kms(**overrides):
+    """A boto3 KMS client configured only by the environment (plus explicit test overrides)."""
+    return boto3.session.Session().client("kms", config=botocore.config.Config(retries={"max_attempts": 1}), **overrides)
+
+
+def error_code(excinfo):
+    return excinfo.value.response["Error"]["Code"]
+
+
+def test_every_supported_action(aws_env):
+    c = kms()
+    meta = c.create_key(Description="boto3", Tags=[{"TagKey": "team", "TagValue": "a"}])["KeyMetadata"]
+    key_id, arn = meta["KeyId"], meta["Arn"]
+    assert arn == f"arn:aws:kms:us-east-1:{meta['AWSAccountId']}:key/{key_id}"
+    assert isinstance(meta["CreationDate"], datetime.datetime)
+    assert meta["KeyState"] == "Enabled" and meta["Enabled"] is True
+    assert meta["KeySpec"] == "SYMMETRIC_DEFAULT" and meta["KeyUsage"] == "ENCRYPT_DECRYPT"
+    for ref in (key_id, arn):
+        assert c.describe_key(KeyId=ref)["KeyMetadata"]["KeyId"] == key_id
+
+    alias = f"alias/boto3-{uuid.uuid4().hex[:8]}"
+    c.create_alias(AliasName=alias, TargetKeyId=key_id)
+    assert c.describe_key(KeyId=alias)["KeyMetadata"]["KeyId"] == key_id
+    alias_arn = arn.split(":key/")[0] + ":" + alias
+    assert c.describe_key(KeyId=alias_arn)["KeyMetadata"]["KeyId"] == key_id
+    other = c.create_key()["KeyMetadata"]["KeyId"]
+    c.update_alias(AliasName=alias, TargetKeyId=other)
+    listed = [a for a in c.list_aliases(KeyId=other)["Aliases"] if a["AliasName"] == alias]
+    assert listed and isinstance(listed[0]["CreationDate"], datetime.datetime)
+    c.delete_alias(AliasName=alias)
+
+    # Cryptographic operations.
+    ctx = {"purpose": "boto3"}
+    blob = c.encrypt(KeyId=key_id, Plaintext=b"secret", EncryptionContext=ctx)
+    assert blob["KeyId"] == arn and blob["EncryptionAlgorithm"] == "SYMMETRIC_DEFAULT"
+    out = c.decrypt(CiphertextBlob=blob["CiphertextBlob"], EncryptionContext=ctx)
+    assert out["Plaintext"] == b"secret" and out["KeyId"] == arn
+    re = c.re_encrypt(CiphertextBlob=blob["CiphertextBlob"], SourceEncryptionContext=ctx, DestinationKeyId=other)
+    assert re["SourceKeyId"] == arn and re["KeyId"].endswith(other)
+    assert c.decrypt(CiphertextBlob=re["CiphertextBlob"])["Plaintext"] == b"secret"
+    dk = c.generate_data_key(KeyId=key_id, KeySpec="AES_256", EncryptionContext=ctx)
+    assert len(dk["Plaintext"]) == 32
+    assert c.decrypt(CiphertextBlob=dk["CiphertextBlob"], EncryptionContext=ctx)["Plaintext"] == dk["Plaintext"]
+    dk = c.generate_data_key(KeyId=key_id, NumberOfBytes=64)
+    assert len(dk["Plaintext"]) == 64
+    wo = c.generate_data_key_without_plaintext(KeyId=key_id, KeySpec="AES_128")
+    assert "Plaintext" not in wo and len(c.decrypt(CiphertextBlob=wo["CiphertextBlob"])["Plaintext"]) == 16
+    assert len(c.generate_random(NumberOfBytes=48)["Plaintext"]) == 48
+
+    # Rotation.
+    c.enable_key_rotation(KeyId=key_id, RotationPeriodInDays=180)
+    status = c.get_key_rotation_status(KeyId=key_id)
+    assert status["KeyRotationEnabled"] is True and status["RotationPeriodInDays"] == 180
+    assert isinstance(status["NextRotationDate"], datetime.datetime)
+    c.rotate_key_on_demand(KeyId=key_id)
+    rotations = c.list_key_rotations(KeyId=key_id)["Rotations"]
+    assert len(rotations) == 1 and rotations[0]["RotationType"] == "ON_DEMAND"
+    assert c.decrypt(CiphertextBlob=blob["CiphertextBlob"], EncryptionContext=ctx)["Plaintext"] == b"secret"
+    c.disable_key_rotation(KeyId=key_id)
+    assert c.get_key_rotation_status(KeyId=key_id)["KeyRotationEnabled"] is False
+
+    # Tags and description.
+    c.tag_resource(KeyId=key_id, Tags=[{"TagKey": "env", "TagValue": "test"}])
+    c.untag_resource(KeyId=key_id, TagKeys=["team"])
+    assert c.list_resource_tags(KeyId=key_id)["Tags"] == [{"TagKey": "env", "TagValue": "test"}]
+    c.update_key_description(KeyId=key_id, Description="renamed")
+    assert c.describe_key(KeyId=key_id)["KeyMetadata"]["Description"] == "renamed"
+
+    # Lifecycle.
+    c.disable_key(KeyId=key_id)
+    assert c.describe_key(KeyId=key_id)["KeyMetadata"]["KeyState"] == "Disabled"
+    c.enable_key(KeyId=key_id)
+    sched = c.schedule_key_deletion(KeyId=other, PendingWindowInDays=7)
+    assert sched["KeyState"] == "PendingDeletion" and sched["PendingWindowInDays"] == 7
+    assert isinstance(sched["DeletionDate"], datetime.datetime)
+    assert c.describe_key(KeyId=other)["KeyMetadata"]["KeyState"] == "PendingDeletion"
+    c.cancel_key_deletion(KeyId=other)
+    assert c.describe_key(KeyId=other)["KeyMetadata"]["KeyState"] == "Disabled"
+
+
+def test_errors_are_the_aws_errors(aws_env):
+    c = kms()
+    key_id = c.create_key()["KeyMetadata"]["KeyId"]
+    blob = c.encrypt(KeyId=key_id, Plaintext=b"x", EncryptionContext={"a": "1"})["CiphertextBlob"]
+
+    with pytest.raises(ClientError) as e:
+        c.decrypt(CiphertextBlob=blob, EncryptionContext={"a": "2"})
+    assert error_code(e) == "InvalidCiphertextException"
+    tampered = bytearray(blob)
+    tampered[len(tampered) // 2] ^= 1
+    with pytest.raises(c.exceptions.InvalidCiphertextException):
+        c.decrypt(CiphertextBlob=bytes(tampered), EncryptionContext={"a": "1"})
+    with pytest.raises(c.exceptions.NotFoundException):
+        c.describe_key(KeyId=str(uuid.uuid4()))
+    with pytest.raises(c.exceptions.NotFoundException):
+        c.encrypt(KeyId="alias/does-not-exist", Plaintext=b"x")
+    with pytest.raises(c.exceptions.UnsupportedOperationException) as e:
+        c.create_grant(KeyId=key_id, GranteePrincipal="arn:aws:iam::111122223333:user/x", Operations=["Decrypt"])
+    assert "CreateGrant" in e.value.response["Error"]["Message"]
+    with pytest.raises(ClientError) as e:
+        c.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=31)
+    assert error_code(e) == "ValidationException"
+    with pytest.raises(c.exceptions.AlreadyExistsException):
+        c.create_alias(AliasName="alias/dup-check", TargetKeyId=key_id)
+        c.create_alias(AliasName="alias/dup-check", TargetKeyId=key_id)
+
+    c.disable_key(KeyId=key_id)
+    with pytest.raises(c.exceptions.DisabledException):
+        c.encrypt(KeyId=key_id, Plaintext=b"x")
+    with pytest.raises(c.exceptions.DisabledException):
+        c.decrypt(CiphertextBlob=blob, EncryptionContext={"a": "1"})
+    c.enable_key(KeyId=key_id)
+    c.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=7)
+    with pytest.raises(c.exceptions.KMSInvalidStateException):
+        c.decrypt(CiphertextBlob=blob, EncryptionContext={"a": "1"})
+
+
+def test_bad_credentials(aws_env):
+    wrong_secret = kms(aws_access_key_id=os.environ["AWS_ACCESS_KEY_ID"], aws_secret_access_key="x" * 40)
+    with pytest.raises(ClientError) as e:
+        wrong_secret.list_keys()
+    assert error_code(e) == "InvalidSignatureException"
+    unknown_key = kms(aws_access_key_id="AKIAUNKNOWNUNKNOWN00", aws_secret_access_key="x" * 40)
+    with pytest.raises(ClientError) as e:
+        unknown_key.list_keys()
+    assert error_code(e) == "UnrecognizedClientException"
+    wrong_region = kms(region_name="eu-west-1")
+    with pytest.raises(ClientError) as e:
+        wrong_region.list_keys()
+    assert error_code(e) == "InvalidSignatureException"
+
+
+def test_pagination(aws_env):
+    c = kms()
+    created = {c.create_key()["KeyMetadata"]["KeyId"] for _ in range(5)}
+    pages = list(c.get_paginator("list_keys").paginate(PaginationConfig={"PageSize": 2}))
+    assert len(pages) >= 3
+    seen = [k["KeyId"] for p in pages for k in p["Keys"]]
+    assert len(seen) == len(set(seen)) and created <= set(seen)
+    key_id = next(iter(created))
+    for i in range(3):
+        c.create_alias(AliasName=f"alias/page-{uuid.uuid4().hex[:6]}-{i}", TargetKeyId=key_id)
+    alias_pages = list(c.get_paginator("list_aliases").paginate(KeyId=key_id, PaginationConfig={"PageSize": 1}))
+    assert sum(len(p["Aliases"]) for p in alias_pages) == 3 and len(alias_pages) == 3
+    for i in range(3):
+        c.rotate_key_on_demand(KeyId=key_id)
+    rot_pages = list(c.get_paginator("list_key_rotations").paginate(KeyId=key_id, PaginationConfig={"PageSize": 2}))
+    assert [len(p["Rotations"]) for p in rot_pages] == [2, 1]
+
+
+def aws_cli(*args, env, input_bytes=None):
+    cli = os.path.join(os.path.dirname(sys.executable), "aws")
+    out = subprocess.run([cli, *args], env=env, input=input_bytes, capture_output=True, check=False)
+    assert out.returncode == 0, out.stderr.decode()
+    return out.stdout
+
+
+def test_aws_cli_round_trip(aws_env, tmp_path):
+    env = dict(os.environ)
+    arn = aws_cli("kms", "create-key", "--description", "aws cli", "--query", "KeyMetadata.Arn", "--output", "text", env=env)
+    arn = arn.decode().strip()
+    assert arn.startswith("arn:aws:kms:us-east-1:")
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes(b"from the aws cli")
+    ct = aws_cli("kms", "encrypt", "--key-id", arn, "--plaintext", f"fileb://{plain}", "--encryption-context", "app=cli",
+                 "--query", "CiphertextBlob", "--output", "text", env=env)
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(base64.b64decode(ct))
+    pt = aws_cli("kms", "decrypt", "--ciphertext-blob", f"fileb://{blob}", "--encryption-context", "app=cli",
+                 "--query", "Plaintext", "--output", "text", env=env)
+    assert base64.b64decode(pt) == b"from the aws cli"
+
+
+def test_aws_encryption_sdk_cli_multi_megabyte(aws_env, tmp_path):
+    env = dict(os.environ)
+    arn = kms().create_key(Description="esdk")["KeyMetadata"]["Arn"]
+    src = tmp_path / "data.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 123))
+    esdk = os.path.join(os.path.dirname(sys.executable), "aws-encryption-cli")
+    common = ["--wrapping-keys", f"key={arn}", "--commitment-policy", "require-encrypt-require-decrypt",
+              "--encryption-context", "purpose=interop", "-S"]
+    enc = subprocess.run([esdk, "--encrypt", "--input", str(src), "--output", str(tmp_path / "data.enc"), *common],
+                         env=env, capture_output=True)
+    assert enc.returncode == 0, enc.stderr.decode()
+    dec = subprocess.run([esdk, "--decrypt", "--input", str(tmp_path / "data.enc"), "--output", str(tmp_path / "data.out"), *common],
+                         env=env, capture_output=True)
+    assert dec.returncode == 0, dec.stderr.decode()
+    assert filecmp.cmp(src, tmp_path / "data.out", shallow=False)
+    # The message is an AWS Encryption SDK message naming the custody key.
+    assert arn.encode() in (tmp_path / "data.enc").read_bytes()[:4096]
+
+
+def test_log_and_audit_name_the_access_key_but_never_the_secret(aws_env):
+    c = kms()
+    c.list_keys()
+    with pytest.raises(ClientError):
+        kms(aws_access_key_id=os.environ["AWS_ACCESS_KEY_ID"], aws_secret_access_key="y" * 40).list_keys()
+    key_id = aws_env["AWS_ACCESS_KEY_ID"]
+    secret = aws_env["AWS_SECRET_ACCESS_KEY"]
+    log = open(aws_env["_LOG"]).read()
+    assert key_id in log
+    assert secret not in log and "y" * 40 not in log
+    env = dict(os.environ, CUSTODY_PROFILE=aws_env["CUSTODY_PROFILE"])
+    out = subprocess.run([custody_bin(), "--json", "audit", "query", "--limit", "1000"], env=env, capture_output=True, check=True)
+    records = json.loads(out.stdout)["Records"]
+    signed = [r for r in records if r.get("access_key_id") == key_id]
+    assert any(r["outcome"] == "Success" for r in signed)
+    text = out.stdout.decode()
+    assert secret not in text and "Signature=" not in text
