@@ -114,8 +114,10 @@ def test_errors_are_the_aws_errors(aws_env):
     with pytest.raises(c.exceptions.NotFoundException):
         c.encrypt(KeyId="alias/does-not-exist", Plaintext=b"x")
     with pytest.raises(c.exceptions.UnsupportedOperationException) as e:
-        c.create_grant(KeyId=key_id, GranteePrincipal="arn:aws:iam::111122223333:user/x", Operations=["Decrypt"])
-    assert "CreateGrant" in e.value.response["Error"]["Message"]
+        c.get_public_key(KeyId=key_id)
+    assert "GetPublicKey" in e.value.response["Error"]["Message"]
+    with pytest.raises(c.exceptions.UnsupportedOperationException):
+        c.create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")
     with pytest.raises(ClientError) as e:
         c.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=31)
     assert error_code(e) == "ValidationException"
@@ -226,3 +228,81 @@ def test_log_and_audit_name_the_access_key_but_never_the_secret(aws_env):
     assert any(r["outcome"] == "Success" for r in signed)
     text = out.stdout.decode()
     assert secret not in text and "Signature=" not in text
+
+
+def test_hmac_keys(aws_env):
+    c = kms()
+    meta = c.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")["KeyMetadata"]
+    assert meta["KeySpec"] == "HMAC_256" and meta["KeyUsage"] == "GENERATE_VERIFY_MAC"
+    assert meta["MacAlgorithms"] == ["HMAC_SHA_256"] and "EncryptionAlgorithms" not in meta
+    key_id = meta["KeyId"]
+    mac = c.generate_mac(KeyId=key_id, Message=b"hello", MacAlgorithm="HMAC_SHA_256")
+    assert len(mac["Mac"]) == 32 and mac["KeyId"] == meta["Arn"]
+    ok = c.verify_mac(KeyId=key_id, Message=b"hello", Mac=mac["Mac"], MacAlgorithm="HMAC_SHA_256")
+    assert ok["MacValid"] is True
+    with pytest.raises(c.exceptions.KMSInvalidMacException):
+        c.verify_mac(KeyId=key_id, Message=b"hellO", Mac=mac["Mac"], MacAlgorithm="HMAC_SHA_256")
+    with pytest.raises(c.exceptions.InvalidKeyUsageException):
+        c.generate_mac(KeyId=key_id, Message=b"hello", MacAlgorithm="HMAC_SHA_512")
+    with pytest.raises(c.exceptions.InvalidKeyUsageException):
+        c.encrypt(KeyId=key_id, Plaintext=b"x")
+    symmetric = c.create_key()["KeyMetadata"]["KeyId"]
+    with pytest.raises(c.exceptions.InvalidKeyUsageException):
+        c.generate_mac(KeyId=symmetric, Message=b"x", MacAlgorithm="HMAC_SHA_256")
+    with pytest.raises(c.exceptions.UnsupportedOperationException):
+        c.enable_key_rotation(KeyId=key_id)
+    for spec, n in (("HMAC_224", 28), ("HMAC_384", 48), ("HMAC_512", 64)):
+        k = c.create_key(KeySpec=spec, KeyUsage="GENERATE_VERIFY_MAC")["KeyMetadata"]["KeyId"]
+        alg = "HMAC_SHA_" + spec.split("_")[1]
+        assert len(c.generate_mac(KeyId=k, Message=b"m", MacAlgorithm=alg)["Mac"]) == n
+
+
+def test_key_policies_are_kept(aws_env):
+    c = kms()
+    key_id = c.create_key()["KeyMetadata"]["KeyId"]
+    assert c.list_key_policies(KeyId=key_id)["PolicyNames"] == ["default"]
+    default = json.loads(c.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"])
+    assert default["Statement"][0]["Action"] == "kms:*"
+    policy = {"Version": "2012-10-17", "Statement": [{"Sid": "x", "Effect": "Allow", "Principal": {"AWS": "*"},
+                                                        "Action": "kms:Decrypt", "Resource": "*"}]}
+    c.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
+    assert json.loads(c.get_key_policy(KeyId=key_id)["Policy"]) == policy
+    with pytest.raises(c.exceptions.MalformedPolicyDocumentException):
+        c.put_key_policy(KeyId=key_id, PolicyName="default", Policy="{not json")
+    with pytest.raises(c.exceptions.MalformedPolicyDocumentException):
+        c.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps({"Statement": [{"Effect": "Maybe"}]}))
+    assert json.loads(c.get_key_policy(KeyId=key_id)["Policy"]) == policy, "a refused policy changes nothing"
+    created = c.create_key(Policy=json.dumps(policy))["KeyMetadata"]["KeyId"]
+    assert json.loads(c.get_key_policy(KeyId=created)["Policy"]) == policy
+
+
+def test_grants_are_kept(aws_env):
+    c = kms()
+    key_id = c.create_key()["KeyMetadata"]["KeyId"]
+    grantee = "arn:aws:iam::111122223333:role/app"
+    g = c.create_grant(KeyId=key_id, GranteePrincipal=grantee, RetiringPrincipal=grantee,
+                       Operations=["Decrypt", "GenerateDataKey"], Name="app-grant",
+                       Constraints={"EncryptionContextSubset": {"app": "x"}})
+    again = c.create_grant(KeyId=key_id, GranteePrincipal=grantee, RetiringPrincipal=grantee,
+                           Operations=["Decrypt", "GenerateDataKey"], Name="app-grant",
+                           Constraints={"EncryptionContextSubset": {"app": "x"}})
+    assert again["GrantId"] == g["GrantId"], "CreateGrant is idempotent by name"
+    second = c.create_grant(KeyId=key_id, GranteePrincipal=grantee, Operations=["Encrypt"])
+    grants = c.list_grants(KeyId=key_id)["Grants"]
+    assert {x["GrantId"] for x in grants} == {g["GrantId"], second["GrantId"]}
+    entry = next(x for x in grants if x["GrantId"] == g["GrantId"])
+    assert entry["Operations"] == ["Decrypt", "GenerateDataKey"] and entry["Name"] == "app-grant"
+    assert entry["Constraints"] == {"EncryptionContextSubset": {"app": "x"}}
+    assert isinstance(entry["CreationDate"], datetime.datetime)
+    pages = list(c.get_paginator("list_grants").paginate(KeyId=key_id, PaginationConfig={"PageSize": 1}))
+    assert len(pages) == 2
+    retirable = c.list_retirable_grants(RetiringPrincipal=grantee)["Grants"]
+    assert [x["GrantId"] for x in retirable] == [g["GrantId"]]
+    c.retire_grant(GrantToken=g["GrantToken"])
+    c.revoke_grant(KeyId=key_id, GrantId=second["GrantId"])
+    assert c.list_grants(KeyId=key_id)["Grants"] == []
+    with pytest.raises(c.exceptions.InvalidGrantTokenException):
+        c.retire_grant(GrantToken=g["GrantToken"])
+    with pytest.raises(ClientError) as e:
+        c.create_grant(KeyId=key_id, GranteePrincipal=grantee, Operations=["Frobnicate"])
+    assert error_code(e) == "ValidationException"

@@ -154,9 +154,9 @@ async fn aws_shapes_and_errors() {
         Err(ClientError::Api { code, .. }) => assert_eq!(code, "SerializationException"),
         other => panic!("{other:?}"),
     }
-    let (_, code, msg) = error(&mut c, "TrentService.CreateGrant", json!({})).await;
+    let (_, code, msg) = error(&mut c, "TrentService.Sign", json!({})).await;
     assert_eq!(code, "UnsupportedOperationException");
-    assert!(msg.contains("CreateGrant"), "{msg}");
+    assert!(msg.contains("Sign"), "{msg}");
     let (_, code, _) = error(&mut c, "TrentService.Frobnicate", json!({})).await;
     assert_eq!(code, "UnknownOperationException");
     let (_, code, _) = error(&mut c, "TrentService.CreateKey", json!({ "KeySpec": "RSA_2048" })).await;

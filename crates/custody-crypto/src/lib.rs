@@ -16,6 +16,7 @@
 pub mod blob;
 pub mod context;
 pub mod keys;
+pub mod mac;
 pub mod pki;
 pub mod random;
 pub mod seal;

@@ -116,6 +116,26 @@ actions! {
     GenerateDataKeyWithoutPlaintext: UsesMaterial,
     /// GenerateRandom
     GenerateRandom,
+    /// GenerateMac
+    GenerateMac: UsesMaterial,
+    /// VerifyMac
+    VerifyMac: UsesMaterial,
+    /// GetKeyPolicy
+    GetKeyPolicy,
+    /// PutKeyPolicy
+    PutKeyPolicy,
+    /// ListKeyPolicies
+    ListKeyPolicies,
+    /// CreateGrant
+    CreateGrant,
+    /// ListGrants
+    ListGrants,
+    /// RetireGrant
+    RetireGrant,
+    /// RevokeGrant
+    RevokeGrant,
+    /// ListRetirableGrants
+    ListRetirableGrants,
     /// Create an access key (custody)
     CreateAccessKey,
     /// List access keys (custody)
@@ -172,9 +192,21 @@ pub fn authorize<A: ActionKind>(caller: &Caller, key: Option<&KeyRecord>) -> Res
 /// the message.
 pub fn check_state(key: &KeyRecord, action: Action, arn: &str) -> Result<(), KmsError> {
     use Action::*;
+    check_usage(key, action, arn)?;
     let always = matches!(
         action,
-        DescribeKey | ListKeys | ListAliases | ListResourceTags | GetKeyRotationStatus | ListKeyRotations | DeleteAlias
+        DescribeKey
+            | ListKeys
+            | ListAliases
+            | ListResourceTags
+            | GetKeyRotationStatus
+            | ListKeyRotations
+            | DeleteAlias
+            | GetKeyPolicy
+            | ListKeyPolicies
+            | ListGrants
+            | RetireGrant
+            | RevokeGrant
     );
     let state = key.state;
     let invalid = || KmsError::InvalidState(format!("{arn} is {}.", state_phrase(state)));
@@ -191,6 +223,8 @@ pub fn check_state(key: &KeyRecord, action: Action, arn: &str) -> Result<(), Kms
             | ReEncryptTo
             | GenerateDataKey
             | GenerateDataKeyWithoutPlaintext
+            | GenerateMac
+            | VerifyMac
             | EnableKeyRotation
             | DisableKeyRotation
             | RotateKeyOnDemand => Err(KmsError::Disabled(format!("{arn} is disabled."))),
@@ -199,7 +233,14 @@ pub fn check_state(key: &KeyRecord, action: Action, arn: &str) -> Result<(), Kms
         },
         KeyState::PendingDeletion => match action {
             CancelKeyDeletion => Ok(()),
-            Encrypt | Decrypt | ReEncryptFrom | ReEncryptTo | GenerateDataKey | GenerateDataKeyWithoutPlaintext => {
+            Encrypt
+            | Decrypt
+            | ReEncryptFrom
+            | ReEncryptTo
+            | GenerateDataKey
+            | GenerateDataKeyWithoutPlaintext
+            | GenerateMac
+            | VerifyMac => {
                 // DESIGN.md §5: use of a key pending deletion is a signal worth an alert.
                 tracing::warn!(key_id = %key.id, action = action.name(), "attempt to use a key pending deletion");
                 Err(invalid())
@@ -207,6 +248,30 @@ pub fn check_state(key: &KeyRecord, action: Action, arn: &str) -> Result<(), Kms
             _ => Err(invalid()),
         },
         KeyState::Destroyed => Err(invalid()),
+    }
+}
+
+/// Operations a key's usage allows (AWS: InvalidKeyUsageException otherwise); automatic and
+/// on-demand rotation exist only for symmetric encryption keys.
+fn check_usage(key: &KeyRecord, action: Action, arn: &str) -> Result<(), KmsError> {
+    use Action::*;
+    let hmac = key.spec.mac_algorithm().is_some();
+    let usage = key.spec.usage();
+    match action {
+        Encrypt | Decrypt | ReEncryptFrom | ReEncryptTo | GenerateDataKey | GenerateDataKeyWithoutPlaintext if hmac => {
+            Err(KmsError::InvalidKeyUsage(format!(
+                "{arn} key usage is {usage} which is not valid for {}.",
+                action.name()
+            )))
+        }
+        GenerateMac | VerifyMac if !hmac => Err(KmsError::InvalidKeyUsage(format!(
+            "{arn} key usage is {usage} which is not valid for {}.",
+            action.name()
+        ))),
+        EnableKeyRotation | RotateKeyOnDemand if hmac => {
+            Err(KmsError::UnsupportedOperation(format!("{arn} is an HMAC key; only symmetric encryption keys rotate.")))
+        }
+        _ => Ok(()),
     }
 }
 

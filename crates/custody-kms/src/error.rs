@@ -45,6 +45,18 @@ pub enum KmsError {
     /// The key's state does not allow the operation.
     #[error("{0}")]
     InvalidState(String),
+    /// The key's usage does not allow the operation (e.g. Encrypt with an HMAC key).
+    #[error("{0}")]
+    InvalidKeyUsage(String),
+    /// A MAC did not verify.
+    #[error("The MAC is not valid for this key, message and algorithm.")]
+    InvalidMac,
+    /// A key policy document is not acceptable.
+    #[error("{0}")]
+    MalformedPolicy(String),
+    /// A grant token is not valid.
+    #[error("{0}")]
+    InvalidGrantToken(String),
     /// The ciphertext is not valid for this request. Deliberately carries no detail.
     #[error("The ciphertext is invalid or was not made with this key and encryption context.")]
     InvalidCiphertext,

@@ -45,22 +45,69 @@ impl KeyState {
     }
 }
 
-/// What a key is for. Only symmetric encryption keys exist in this version.
+/// What a key is: symmetric encryption (AES-256-GCM) or HMAC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KeySpec {
     /// AES-256-GCM with per-call derived keys.
     SymmetricDefault,
+    /// HMAC with SHA-224.
+    Hmac224,
+    /// HMAC with SHA-256.
+    Hmac256,
+    /// HMAC with SHA-384.
+    Hmac384,
+    /// HMAC with SHA-512.
+    Hmac512,
 }
 
 impl KeySpec {
+    /// Parses the AWS name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "SYMMETRIC_DEFAULT" => Self::SymmetricDefault,
+            "HMAC_224" => Self::Hmac224,
+            "HMAC_256" => Self::Hmac256,
+            "HMAC_384" => Self::Hmac384,
+            "HMAC_512" => Self::Hmac512,
+            _ => return None,
+        })
+    }
+
     /// AWS name.
     pub fn as_str(self) -> &'static str {
-        "SYMMETRIC_DEFAULT"
+        match self {
+            Self::SymmetricDefault => "SYMMETRIC_DEFAULT",
+            Self::Hmac224 => "HMAC_224",
+            Self::Hmac256 => "HMAC_256",
+            Self::Hmac384 => "HMAC_384",
+            Self::Hmac512 => "HMAC_512",
+        }
+    }
+
+    /// The HMAC algorithm of an HMAC key.
+    pub fn mac_algorithm(self) -> Option<custody_crypto::mac::MacAlgorithm> {
+        use custody_crypto::mac::MacAlgorithm::*;
+        match self {
+            Self::SymmetricDefault => None,
+            Self::Hmac224 => Some(HmacSha224),
+            Self::Hmac256 => Some(HmacSha256),
+            Self::Hmac384 => Some(HmacSha384),
+            Self::Hmac512 => Some(HmacSha512),
+        }
+    }
+
+    /// AWS KeyUsage.
+    pub fn usage(self) -> &'static str {
+        if self.mac_algorithm().is_some() {
+            "GENERATE_VERIFY_MAC"
+        } else {
+            "ENCRYPT_DECRYPT"
+        }
     }
 
     /// Bytes of material per version.
     pub fn material_len(self) -> usize {
-        32
+        self.mac_algorithm().map_or(32, |a| a.key_len())
     }
 }
 
@@ -134,6 +181,10 @@ pub struct KeyRecord {
     pub pending_window_days: Option<u32>,
     /// When the material was destroyed.
     pub destroyed_at: Option<Millis>,
+    /// The key policy document (None: the default policy). Stored and returned; enforced once
+    /// key policies are evaluated (the access-control work).
+    #[serde(default)]
+    pub policy: Option<String>,
 }
 
 /// A wrapped key version (table `versions`, row key = `<key id>/<version:010>`).
@@ -244,8 +295,12 @@ pub struct KeyMetadata {
     pub customer_master_key_spec: &'static str,
     /// Key spec.
     pub key_spec: &'static str,
-    /// Supported algorithms.
-    pub encryption_algorithms: Vec<&'static str>,
+    /// Supported encryption algorithms (encryption keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption_algorithms: Option<Vec<&'static str>>,
+    /// Supported MAC algorithms (HMAC keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac_algorithms: Option<Vec<&'static str>>,
     /// Always false.
     pub multi_region: bool,
 }

@@ -33,6 +33,10 @@ pub struct CreateKeyRequest {
     pub description: String,
     /// Tags.
     pub tags: BTreeMap<String, String>,
+    /// Key spec (default SYMMETRIC_DEFAULT).
+    pub spec: Option<KeySpec>,
+    /// Key policy document (default: the default policy).
+    pub policy: Option<String>,
 }
 
 /// One page of a list.
@@ -152,6 +156,9 @@ impl Kms {
         let proof = authorize::<act::CreateKey>(caller, None)?;
         validate_description(&req.description)?;
         validate_tags(&req.tags)?;
+        if let Some(p) = &req.policy {
+            crate::grants::validate_policy(p)?;
+        }
         let now = now_ms();
         let key = KeyRecord {
             id: KeyId::random(),
@@ -160,13 +167,14 @@ impl Kms {
             tags: req.tags,
             created_at: now,
             state: KeyState::Enabled,
-            spec: KeySpec::SymmetricDefault,
+            spec: req.spec.unwrap_or(KeySpec::SymmetricDefault),
             primary_version: 1,
             rotation: RotationSettings { enabled: false, period_days: ROTATION_PERIOD_DAYS.2, next_rotation: None },
             rotations: Vec::new(),
             deletion_date: None,
             pending_window_days: None,
             destroyed_at: None,
+            policy: req.policy,
         };
         let writes = vec![
             u.barrier.put(Table::Keys, &key.id.to_string(), &key, Expect::Absent),
@@ -617,6 +625,41 @@ impl Kms {
         })
     }
 
+    /// GenerateMac: HMAC of a message (1–4096 bytes) with an HMAC key.
+    pub fn generate_mac(
+        &self,
+        caller: &Caller,
+        r: &KeyRef,
+        message: &[u8],
+        algorithm: &str,
+    ) -> Result<(Vec<u8>, String), KmsError> {
+        validate_message(message)?;
+        let (u, key, proof) = self.prepare::<act::GenerateMac>(caller, r)?;
+        let alg = mac_algorithm_for(&key.value, algorithm)?;
+        let material = self.material(&u, &key.value, key.value.primary_version, &proof)?;
+        Ok((custody_crypto::mac::sign(alg, &material, message), self.key_arn(&key.value)))
+    }
+
+    /// VerifyMac: Ok(key ARN) if `mac` is the HMAC of `message`; [`KmsError::InvalidMac`] if not.
+    pub fn verify_mac(
+        &self,
+        caller: &Caller,
+        r: &KeyRef,
+        message: &[u8],
+        mac: &[u8],
+        algorithm: &str,
+    ) -> Result<String, KmsError> {
+        validate_message(message)?;
+        let (u, key, proof) = self.prepare::<act::VerifyMac>(caller, r)?;
+        let alg = mac_algorithm_for(&key.value, algorithm)?;
+        let material = self.material(&u, &key.value, key.value.primary_version, &proof)?;
+        if custody_crypto::mac::verify(alg, &material, message, mac) {
+            Ok(self.key_arn(&key.value))
+        } else {
+            Err(KmsError::InvalidMac)
+        }
+    }
+
     /// GenerateRandom: 1–1024 random bytes.
     pub fn generate_random(&self, caller: &Caller, len: usize) -> Result<SecretBytes, KmsError> {
         self.unsealed()?;
@@ -684,7 +727,7 @@ impl Kms {
 
     /// Resolve, authorize, check state: the common start of every key operation.
     #[allow(clippy::type_complexity)]
-    fn prepare<A: ActionKind>(
+    pub(crate) fn prepare<A: ActionKind>(
         &self,
         caller: &Caller,
         r: &KeyRef,
@@ -704,7 +747,7 @@ impl Kms {
             creation_date: aws_time(key.created_at),
             enabled: key.state == KeyState::Enabled,
             description: key.description.clone(),
-            key_usage: "ENCRYPT_DECRYPT",
+            key_usage: key.spec.usage(),
             key_state: key.state.as_str(),
             deletion_date: key.deletion_date.filter(|_| key.state == KeyState::PendingDeletion).map(aws_time),
             pending_deletion_window_in_days: key.pending_window_days.filter(|_| key.state == KeyState::PendingDeletion),
@@ -712,7 +755,8 @@ impl Kms {
             key_manager: "CUSTOMER",
             customer_master_key_spec: key.spec.as_str(),
             key_spec: key.spec.as_str(),
-            encryption_algorithms: vec!["SYMMETRIC_DEFAULT"],
+            encryption_algorithms: key.spec.mac_algorithm().is_none().then(|| vec!["SYMMETRIC_DEFAULT"]),
+            mac_algorithms: key.spec.mac_algorithm().map(|a| vec![a.as_str()]),
             multi_region: false,
         }
     }
@@ -777,6 +821,7 @@ impl Kms {
                 break;
             }
         }
+        writes.extend(self.grant_deletes(u, id)?);
         key.value.state = KeyState::Destroyed;
         key.value.destroyed_at = Some(now_ms());
         key.value.rotation.enabled = false;
@@ -799,6 +844,30 @@ fn page_limit(limit: Option<usize>) -> Result<usize, KmsError> {
 
 fn parse_marker(marker: Option<&str>) -> Result<u32, KmsError> {
     marker.map_or(Ok(0), |m| m.parse().map_err(|_| KmsError::validation("marker", "Invalid marker")))
+}
+
+fn validate_message(message: &[u8]) -> Result<(), KmsError> {
+    if message.is_empty() || message.len() > MAX_ENCRYPT_PLAINTEXT {
+        return Err(KmsError::validation(
+            "message",
+            format!("Member must have length between 1 and {MAX_ENCRYPT_PLAINTEXT}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The MAC algorithm named in the request must be the key's.
+fn mac_algorithm_for(key: &KeyRecord, algorithm: &str) -> Result<custody_crypto::mac::MacAlgorithm, KmsError> {
+    let requested = custody_crypto::mac::MacAlgorithm::parse(algorithm).ok_or_else(|| {
+        KmsError::validation(
+            "macAlgorithm",
+            "Member must satisfy enum value set: [HMAC_SHA_224, HMAC_SHA_256, HMAC_SHA_384, HMAC_SHA_512]",
+        )
+    })?;
+    match key.spec.mac_algorithm() {
+        Some(a) if a == requested => Ok(a),
+        _ => Err(KmsError::InvalidKeyUsage(format!("{algorithm} is not valid for a {} key.", key.spec.as_str()))),
+    }
 }
 
 fn validate_description(d: &str) -> Result<(), KmsError> {

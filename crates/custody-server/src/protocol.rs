@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use custody_crypto::{EncryptionContext, SecretBytes};
-use custody_kms::{AliasName, Caller, CreateKeyRequest, KeyRef, Kms, KmsError, Page, PrincipalName};
+use custody_kms::model::KeySpec;
+use custody_kms::{
+    AliasName, Caller, CreateGrantRequest, CreateKeyRequest, KeyRef, Kms, KmsError, Page, PrincipalName,
+};
 
 use crate::sigv4::{self, RequestParts};
 use serde_json::{json, Map, Value};
@@ -58,6 +61,10 @@ impl From<KmsError> for ApiError {
             KmsError::Disabled(_) => ApiError::new(400, "DisabledException", message),
             KmsError::InvalidState(_) => ApiError::new(400, "KMSInvalidStateException", message),
             KmsError::InvalidCiphertext => ApiError::new(400, "InvalidCiphertextException", message),
+            KmsError::InvalidKeyUsage(_) => ApiError::new(400, "InvalidKeyUsageException", message),
+            KmsError::InvalidMac => ApiError::new(400, "KMSInvalidMacException", message),
+            KmsError::MalformedPolicy(_) => ApiError::new(400, "MalformedPolicyDocumentException", message),
+            KmsError::InvalidGrantToken(_) => ApiError::new(400, "InvalidGrantTokenException", message),
             KmsError::IncorrectKey => ApiError::new(400, "IncorrectKeyException", message),
             KmsError::InvalidShare(_) => ApiError::new(400, "InvalidShareException", message),
             KmsError::UnsupportedOperation(_) => ApiError::new(400, "UnsupportedOperationException", message),
@@ -112,7 +119,6 @@ pub enum Identity {
 const UNSUPPORTED_AWS_ACTIONS: &[&str] = &[
     "ConnectCustomKeyStore",
     "CreateCustomKeyStore",
-    "CreateGrant",
     "DeleteCustomKeyStore",
     "DeleteImportedKeyMaterial",
     "DeriveSharedSecret",
@@ -120,23 +126,14 @@ const UNSUPPORTED_AWS_ACTIONS: &[&str] = &[
     "DisconnectCustomKeyStore",
     "GenerateDataKeyPair",
     "GenerateDataKeyPairWithoutPlaintext",
-    "GenerateMac",
-    "GetKeyPolicy",
     "GetParametersForImport",
     "GetPublicKey",
     "ImportKeyMaterial",
-    "ListGrants",
-    "ListKeyPolicies",
-    "ListRetirableGrants",
-    "PutKeyPolicy",
     "ReplicateKey",
-    "RetireGrant",
-    "RevokeGrant",
     "Sign",
     "UpdateCustomKeyStore",
     "UpdatePrimaryRegion",
     "Verify",
-    "VerifyMac",
 ];
 
 /// What a dispatched request produced, and who it turned out to be from (for the audit record).
@@ -300,31 +297,38 @@ fn status_json(kms: &Kms) -> Result<Value, KmsError> {
 fn kms_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Value, ApiError> {
     let v = match action {
         "CreateKey" => {
-            for (field, allowed) in [
-                ("KeySpec", "SYMMETRIC_DEFAULT"),
-                ("CustomerMasterKeySpec", "SYMMETRIC_DEFAULT"),
-                ("KeyUsage", "ENCRYPT_DECRYPT"),
-                ("Origin", "AWS_KMS"),
-            ] {
-                if let Some(v) = f.optional_str(field)? {
-                    if v != allowed {
-                        return Err(ApiError::new(
-                            400,
-                            "UnsupportedOperationException",
-                            format!("{field} {v} is not supported by custody yet; only {allowed}"),
-                        ));
-                    }
+            let spec_name =
+                f.optional_str("KeySpec")?.or(f.optional_str("CustomerMasterKeySpec")?).unwrap_or("SYMMETRIC_DEFAULT");
+            let spec = KeySpec::parse(spec_name).ok_or_else(|| {
+                ApiError::new(
+                    400,
+                    "UnsupportedOperationException",
+                    format!("KeySpec {spec_name} is not supported by custody yet; use SYMMETRIC_DEFAULT or HMAC_224/256/384/512"),
+                )
+            })?;
+            match (f.optional_str("KeyUsage")?, spec.usage()) {
+                (None, "ENCRYPT_DECRYPT") => {}
+                (Some(given), expected) if given == expected => {}
+                (given, expected) => {
+                    let got = given.unwrap_or("none");
+                    return Err(KmsError::validation(
+                        "keyUsage",
+                        format!("a {spec_name} key needs KeyUsage {expected}, got {got}"),
+                    )
+                    .into());
+                }
+            }
+            if let Some(origin) = f.optional_str("Origin")? {
+                if origin != "AWS_KMS" {
+                    return Err(ApiError::new(
+                        400,
+                        "UnsupportedOperationException",
+                        format!("Origin {origin} is not supported; only AWS_KMS"),
+                    ));
                 }
             }
             if f.optional_bool("MultiRegion")? == Some(true) {
                 return Err(ApiError::new(400, "UnsupportedOperationException", "multi-Region keys are not supported"));
-            }
-            if f.0.contains_key("Policy") {
-                return Err(ApiError::new(
-                    400,
-                    "UnsupportedOperationException",
-                    "key policies are not supported by custody yet; omit Policy",
-                ));
             }
             if f.0.contains_key("CustomKeyStoreId") || f.0.contains_key("XksKeyId") {
                 return Err(ApiError::new(400, "UnsupportedOperationException", "custom key stores are not supported"));
@@ -332,6 +336,8 @@ fn kms_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Va
             let req = CreateKeyRequest {
                 description: f.optional_str("Description")?.unwrap_or_default().to_string(),
                 tags: f.tags("Tags")?,
+                spec: Some(spec),
+                policy: f.optional_str("Policy")?.map(str::to_string),
             };
             json!({ "KeyMetadata": kms.create_key(caller, req)? })
         }
@@ -446,6 +452,59 @@ fn kms_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Va
                 .ok_or_else(|| KmsError::validation("numberOfBytes", "Member must not be null"))?;
             json!({ "Plaintext": B64.encode(kms.generate_random(caller, n as usize)?.expose_secret()) })
         }
+        "GenerateMac" => {
+            let alg = f.required_str("MacAlgorithm")?;
+            let (mac, arn) = kms.generate_mac(caller, &f.key_ref("KeyId")?, &f.blob("Message")?, alg)?;
+            json!({ "Mac": B64.encode(mac), "MacAlgorithm": alg, "KeyId": arn })
+        }
+        "VerifyMac" => {
+            let alg = f.required_str("MacAlgorithm")?;
+            let arn = kms.verify_mac(caller, &f.key_ref("KeyId")?, &f.blob("Message")?, &f.blob("Mac")?, alg)?;
+            json!({ "KeyId": arn, "MacValid": true, "MacAlgorithm": alg })
+        }
+        "GetKeyPolicy" => {
+            let policy = kms.get_key_policy(caller, &f.key_ref("KeyId")?, f.optional_str("PolicyName")?)?;
+            json!({ "Policy": policy, "PolicyName": "default" })
+        }
+        "PutKeyPolicy" => {
+            let policy = f.required_str("Policy")?.to_string();
+            empty(kms.put_key_policy(caller, &f.key_ref("KeyId")?, f.optional_str("PolicyName")?, policy)?)
+        }
+        "ListKeyPolicies" => {
+            json!({ "PolicyNames": kms.list_key_policies(caller, &f.key_ref("KeyId")?)?, "Truncated": false })
+        }
+        "CreateGrant" => {
+            let req = CreateGrantRequest {
+                grantee: f.required_str("GranteePrincipal")?.to_string(),
+                retiring: f.optional_str("RetiringPrincipal")?.map(str::to_string),
+                operations: f.string_list("Operations")?,
+                constraints: f.get("Constraints").cloned(),
+                name: f.optional_str("Name")?.map(str::to_string),
+            };
+            let (token, id) = kms.create_grant(caller, &f.key_ref("KeyId")?, req)?;
+            json!({ "GrantToken": token, "GrantId": id })
+        }
+        "ListGrants" => {
+            let page = kms.list_grants(
+                caller,
+                &f.key_ref("KeyId")?,
+                f.optional_str("GrantId")?,
+                f.optional_str("GranteePrincipal")?,
+                f.limit()?,
+                f.optional_str("Marker")?,
+            )?;
+            page_json("Grants", page, |g| g)
+        }
+        "ListRetirableGrants" => {
+            let retiring = f.required_str("RetiringPrincipal")?;
+            let page = kms.list_retirable_grants(caller, retiring, f.limit()?, f.optional_str("Marker")?)?;
+            page_json("Grants", page, |g| g)
+        }
+        "RetireGrant" => {
+            let key = f.optional_str("KeyId")?.map(|s| KeyRef::parse(s, "keyId")).transpose()?;
+            empty(kms.retire_grant(caller, f.optional_str("GrantToken")?, key.as_ref(), f.optional_str("GrantId")?)?)
+        }
+        "RevokeGrant" => empty(kms.revoke_grant(caller, &f.key_ref("KeyId")?, f.required_str("GrantId")?)?),
         other if UNSUPPORTED_AWS_ACTIONS.contains(&other) => {
             return Err(ApiError::new(
                 400,

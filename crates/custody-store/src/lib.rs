@@ -46,11 +46,13 @@ pub enum Table {
     Audit,
     /// SigV4 access keys, by access key id.
     AccessKeys,
+    /// Grants, by `<key id>/<grant id>`.
+    Grants,
 }
 
 impl Table {
     /// Every table, for migrations and tests.
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 10] = [
         Table::Meta,
         Table::Keys,
         Table::Versions,
@@ -60,6 +62,7 @@ impl Table {
         Table::Pki,
         Table::Audit,
         Table::AccessKeys,
+        Table::Grants,
     ];
 
     /// The stored name (part of every sealed row's AAD: never rename).
@@ -74,6 +77,7 @@ impl Table {
             Table::Pki => "pki",
             Table::Audit => "audit",
             Table::AccessKeys => "access_keys",
+            Table::Grants => "grants",
         }
     }
 }
