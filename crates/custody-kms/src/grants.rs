@@ -228,7 +228,7 @@ impl Kms {
             .into_iter()
             .map(|v| v.value)
             .filter(|g| grant_id.is_none_or(|id| id == g.id) && grantee.is_none_or(|p| p == g.grantee));
-        Ok(page(matching.map(|g| (g.id.clone(), grant_json(&g, &arn))).collect(), limit)?)
+        page(matching.map(|g| (g.id.clone(), grant_json(&g, &arn))).collect(), limit)
     }
 
     /// ListRetirableGrants: grants of the caller's account that `retiring` may retire.
@@ -249,7 +249,7 @@ impl Kms {
                 out.push((g.key.clone(), grant_json(&g.value, &self.key_arn(&key.value))));
             }
         }
-        Ok(page(out, limit)?)
+        page(out, limit)
     }
 
     /// RetireGrant by token, or by key and grant id.
