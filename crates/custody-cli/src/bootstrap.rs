@@ -91,13 +91,15 @@ pub fn init(b: Bootstrap) -> Result<(Layout, InitOutput), String> {
     let seal = match &b.seal {
         SealChoice::Shamir { threshold, shares } => InitSeal::Shamir { threshold: *threshold, shares: *shares },
         SealChoice::KeyFile(path) => {
-            let root = RootKey::generate();
-            if !path.exists() {
-                custody_server::keyfile::write(path, &root).map_err(|e| io("the key file", path, e))?;
-                InitSeal::KeyFile(root)
+            let root = if path.exists() {
+                custody_server::keyfile::read(path)?
             } else {
-                InitSeal::KeyFile(custody_server::keyfile::read(path)?)
-            }
+                let root = RootKey::generate();
+                custody_server::keyfile::write(path, &root).map_err(|e| io("the key file", path, e))?;
+                root
+            };
+            let abs = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            InitSeal::KeyFile { root, path: Some(abs.display().to_string()) }
         }
     };
     let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&layout.database()).map_err(|e| e.to_string())?);

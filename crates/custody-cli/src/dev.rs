@@ -48,7 +48,7 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
     let mut config = custody_server::ServerConfig::load(None).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     config.data_dir = a.data.clone();
     config.listen = a.listen;
-    config.seal = format!("keyfile:{}", key_file.display());
+    config.seal = Some(format!("keyfile:{}", key_file.display()));
     let server = custody_server::Server::start(config).await.map_err(|e| fail(e.to_string()))?;
     let addr = server.local_addr();
     let host = match addr.ip() {

@@ -182,3 +182,37 @@ async fn a_sealed_server_answers_only_health_status_and_unseal() {
     admin.call("TrentService.ListKeys", json!({})).await.unwrap();
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_seal_setting_follows_the_store_and_contradictions_are_refused() {
+    // A key-file store starts unsealed with no setting at all (the path was recorded at init)...
+    let (dir, layout) = common::keyfile_dir();
+    let as_initialized = custody_server::ServerConfig { seal: None, ..common::config(dir.path(), &layout) };
+    let server = custody_server::Server::start(as_initialized).await.unwrap();
+    assert!(!server.kms().status().unwrap().sealed);
+    server.shutdown().await;
+    // ...and refuses to pretend it is Shamir-sealed.
+    let contradict =
+        custody_server::ServerConfig { seal: Some("shamir".into()), ..common::config(dir.path(), &layout) };
+    let err = custody_server::Server::start(contradict).await.unwrap_err().to_string();
+    assert!(err.contains("sealed with a key file"), "{err}");
+    // A Shamir store refuses a key file.
+    let dir2 = tempfile::tempdir().unwrap();
+    let (layout2, _) = custody_cli::bootstrap::init(custody_cli::bootstrap::Bootstrap {
+        data_dir: dir2.path().join("d"),
+        seal: custody_cli::bootstrap::SealChoice::Shamir { threshold: 2, shares: 2 },
+        tenant: None,
+        admin: custody_kms::PrincipalName::parse("admin").unwrap(),
+        server_names: vec!["localhost".into()],
+        endpoint: "https://localhost:1".into(),
+    })
+    .unwrap();
+    let wrong = custody_server::ServerConfig {
+        data_dir: layout2.data_dir.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        seal: Some(format!("keyfile:{}", dir.path().join("root.key").display())),
+        ..custody_server::ServerConfig::default()
+    };
+    let err = custody_server::Server::start(wrong).await.unwrap_err().to_string();
+    assert!(err.contains("Shamir shares, not a key file"), "{err}");
+}

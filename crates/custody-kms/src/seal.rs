@@ -36,8 +36,14 @@ pub enum InitSeal {
         /// shares made
         shares: usize,
     },
-    /// The caller keeps the root key in a file (development only).
-    KeyFile(RootKey),
+    /// The caller keeps the root key in a file (development only); `path` is remembered so the
+    /// server finds it without being told.
+    KeyFile {
+        /// the root key
+        root: RootKey,
+        /// where the caller keeps it
+        path: Option<String>,
+    },
 }
 
 /// What `init` needs.
@@ -101,8 +107,15 @@ struct StoreMeta {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum SealMeta {
-    Shamir { threshold: usize, shares: usize, fingerprints: Vec<String> },
-    Keyfile,
+    Shamir {
+        threshold: usize,
+        shares: usize,
+        fingerprints: Vec<String>,
+    },
+    Keyfile {
+        #[serde(default)]
+        path: Option<String>,
+    },
 }
 
 #[derive(Debug)]
@@ -126,7 +139,7 @@ impl Kms {
                 let fingerprints = split.iter().map(|s| hex::encode(s.fingerprint())).collect();
                 (root, split, SealMeta::Shamir { threshold, shares, fingerprints })
             }
-            InitSeal::KeyFile(root) => (root, Vec::new(), SealMeta::Keyfile),
+            InitSeal::KeyFile { root, path } => (root, Vec::new(), SealMeta::Keyfile { path }),
         };
         let now = now_ms();
         let now_dt = OffsetDateTime::now_utc();
@@ -219,6 +232,15 @@ impl Kms {
         serde_json::from_slice(&row.value).map_err(|e| KmsError::Internal(format!("store metadata unreadable: {e}")))
     }
 
+    /// How this store is sealed: `None` for Shamir shares, `Some(path)` for a key file (the path
+    /// recorded at init, if any).
+    pub fn key_file_seal(&self) -> Result<Option<Option<String>>, KmsError> {
+        Ok(match self.meta()?.seal {
+            SealMeta::Shamir { .. } => None,
+            SealMeta::Keyfile { path } => Some(path),
+        })
+    }
+
     /// Seal status.
     pub fn status(&self) -> Result<SealStatus, KmsError> {
         let meta = self.meta()?;
@@ -228,7 +250,7 @@ impl Kms {
         };
         let (seal_type, threshold, shares) = match meta.seal {
             SealMeta::Shamir { threshold, shares, .. } => ("shamir", threshold, shares),
-            SealMeta::Keyfile => ("keyfile", 0, 0),
+            SealMeta::Keyfile { .. } => ("keyfile", 0, 0),
         };
         Ok(SealStatus { sealed, seal_type, threshold, shares, progress, store_id: meta.store_id })
     }

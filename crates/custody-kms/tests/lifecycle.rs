@@ -24,7 +24,7 @@ fn keyfile_fixture(day_ms: i64) -> Fixture {
     let out = Kms::init(
         &backend,
         InitOptions {
-            seal: InitSeal::KeyFile(root),
+            seal: InitSeal::KeyFile { root, path: None },
             tenant: None,
             admin: PrincipalName::parse("admin").unwrap(),
             server_names: vec!["localhost".into()],

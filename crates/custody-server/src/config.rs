@@ -39,7 +39,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "data_dir", env: "CUSTODY_DATA_DIR", kind: Kind::Text, default: "./custody-data", doc: "Directory with the store (custody.db) and the TLS files written by `custody init`." },
     Setting { name: "listen", env: "CUSTODY_LISTEN", kind: Kind::Text, default: "127.0.0.1:8443", doc: "Address and port to listen on (port 0 picks a free port)." },
     Setting { name: "region", env: "CUSTODY_REGION", kind: Kind::Text, default: "us-east-1", doc: "Region named in key and alias ARNs." },
-    Setting { name: "seal", env: "CUSTODY_SEAL", kind: Kind::Text, default: "shamir", doc: "`shamir` (start sealed, unseal with shares) or `keyfile:PATH` (development only: unseal at start with the root key in PATH)." },
+    Setting { name: "seal", env: "CUSTODY_SEAL", kind: Kind::Text, default: "as initialized", doc: "How the store is unsealed; by default as `custody init` set it up. `shamir`: start sealed, unseal with shares. `keyfile:PATH`: development only, unseal at start with the root key in PATH (overrides the path recorded at init). A setting that contradicts the store is refused at start." },
     Setting { name: "scheduler_interval_ms", env: "CUSTODY_SCHEDULER_INTERVAL_MS", kind: Kind::Integer, default: "60000", doc: "How often the scheduler looks for due rotations and deletions." },
     Setting { name: "max_request_bytes", env: "CUSTODY_MAX_REQUEST_BYTES", kind: Kind::Integer, default: "65536", doc: "Largest request body accepted; larger requests get 413." },
     Setting { name: "log_format", env: "CUSTODY_LOG_FORMAT", kind: Kind::Text, default: "text", doc: "`text` or `json` (one JSON object per line)." },
@@ -62,9 +62,9 @@ pub struct ServerConfig {
     /// See [`SETTINGS`].
     #[serde(default = "defaults::region")]
     pub region: String,
-    /// See [`SETTINGS`].
-    #[serde(default = "defaults::seal")]
-    pub seal: String,
+    /// See [`SETTINGS`]. `None`: as the store was initialized.
+    #[serde(default)]
+    pub seal: Option<String>,
     /// See [`SETTINGS`].
     #[serde(default = "defaults::scheduler_interval_ms")]
     pub scheduler_interval_ms: u64,
@@ -118,9 +118,6 @@ mod defaults {
     }
     pub fn region() -> String {
         "us-east-1".into()
-    }
-    pub fn seal() -> String {
-        "shamir".into()
     }
     pub fn scheduler_interval_ms() -> u64 {
         60_000
@@ -208,12 +205,13 @@ impl ServerConfig {
         Ok(())
     }
 
-    /// The seal setting, parsed.
-    pub fn seal_setting(&self) -> Result<SealSetting, ConfigError> {
-        match self.seal.as_str() {
-            "shamir" => Ok(SealSetting::Shamir),
+    /// The seal setting, parsed (`None`: as the store was initialized).
+    pub fn seal_setting(&self) -> Result<Option<SealSetting>, ConfigError> {
+        let Some(seal) = self.seal.as_deref() else { return Ok(None) };
+        match seal {
+            "shamir" => Ok(Some(SealSetting::Shamir)),
             s => match s.strip_prefix("keyfile:") {
-                Some(p) if !p.is_empty() => Ok(SealSetting::KeyFile(PathBuf::from(p))),
+                Some(p) if !p.is_empty() => Ok(Some(SealSetting::KeyFile(PathBuf::from(p)))),
                 _ => Err(ConfigError(format!("seal must be `shamir` or `keyfile:PATH`, got {s:?}"))),
             },
         }
@@ -248,7 +246,7 @@ mod tests {
     fn defaults_match_the_settings_table() {
         let c = ServerConfig::default();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8443");
-        assert_eq!(c.seal_setting().unwrap(), SealSetting::Shamir);
+        assert_eq!(c.seal_setting().unwrap(), None, "as initialized");
         assert_eq!(c.danger_day_length_ms, 86_400_000);
         for s in SETTINGS {
             if s.default.starts_with('<') {
@@ -258,7 +256,7 @@ mod tests {
                 "data_dir" => c.data_dir.display().to_string(),
                 "listen" => c.listen.to_string(),
                 "region" => c.region.clone(),
-                "seal" => c.seal.clone(),
+                "seal" => c.seal.clone().unwrap_or_else(|| "as initialized".into()),
                 "scheduler_interval_ms" => c.scheduler_interval_ms.to_string(),
                 "max_request_bytes" => c.max_request_bytes.to_string(),
                 "log_format" => c.log_format.clone(),

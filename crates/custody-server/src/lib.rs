@@ -96,7 +96,27 @@ impl Server {
             Kms::open(backend, KmsConfig { region: config.region.clone(), day_ms })
                 .map_err(|e| StartError::Store(e.to_string()))?,
         );
-        if let config::SealSetting::KeyFile(path) = config.seal_setting()? {
+        // The store knows how it is sealed; the setting may only confirm it or move the key file.
+        let stored = kms.key_file_seal().map_err(|e| StartError::Store(e.to_string()))?;
+        let key_file = match (stored, config.seal_setting()?) {
+            (None, None | Some(config::SealSetting::Shamir)) => None,
+            (None, Some(config::SealSetting::KeyFile(_))) => {
+                return Err(StartError::Store(
+                    "this store is sealed with Shamir shares, not a key file: remove the keyfile seal setting and unseal with `custody unseal`".into(),
+                ))
+            }
+            (Some(_), Some(config::SealSetting::Shamir)) => {
+                return Err(StartError::Store(
+                    "this store is sealed with a key file, not Shamir shares: set seal = \"keyfile:PATH\" (or remove the setting)".into(),
+                ))
+            }
+            (Some(_), Some(config::SealSetting::KeyFile(path))) => Some(path),
+            (Some(Some(recorded)), None) => Some(std::path::PathBuf::from(recorded)),
+            (Some(None), None) => {
+                return Err(StartError::Store("this store is sealed with a key file: set seal = \"keyfile:PATH\"".into()))
+            }
+        };
+        if let Some(path) = key_file {
             tracing::warn!(path = %path.display(), "key-file seal: for development only");
             let root = keyfile::read(&path).map_err(StartError::Store)?;
             kms.unseal_with_root(root)

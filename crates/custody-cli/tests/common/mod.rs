@@ -41,7 +41,7 @@ pub fn config(dir: &Path, layout: &Layout) -> ServerConfig {
     ServerConfig {
         data_dir: layout.data_dir.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
-        seal: format!("keyfile:{}", dir.join("root.key").display()),
+        seal: Some(format!("keyfile:{}", dir.join("root.key").display())),
         ..ServerConfig::default()
     }
 }
