@@ -233,15 +233,58 @@ pub enum RotationCommand {
 /// `custody audit ...`
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Audit records of your account, oldest first.
-    #[command(after_help = "Examples:\n  custody audit query\n  custody audit query --after 1200 --limit 50 --json")]
+    /// Audit records of your account, oldest first, filtered.
+    #[command(
+        after_help = "Examples:\n  custody audit query --action Decrypt --outcome failed --since 1h\n  custody audit query --key alias/payments --principal admin --json"
+    )]
     Query {
+        /// Key id or ARN (records whose key contains this).
+        #[arg(long)]
+        key: Option<String>,
+        /// Principal (ARN or certificate identity contains this).
+        #[arg(long)]
+        principal: Option<String>,
+        /// Action, e.g. Decrypt.
+        #[arg(long)]
+        action: Option<String>,
+        /// success, denied, failed or unauthenticated.
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Only records from this long ago (30m, 1h, 2d) or since an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
         /// Only records after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: u64,
-        /// Most records to examine (1-1000).
+        /// Most records to return (1-10000).
         #[arg(long, default_value_t = 100)]
         limit: u32,
+    },
+    /// Check the whole trail: hash chain and signed checkpoints. Exits 1 and names the first
+    /// broken link if anything was changed, deleted, reordered, inserted or truncated.
+    #[command(
+        after_help = "Examples:\n  custody audit verify\n  custody audit verify --from-export trail.jsonl --public-key 3b6a27bc..."
+    )]
+    Verify {
+        /// Verify an export file instead of the server's trail.
+        #[arg(long, value_name = "FILE")]
+        from_export: Option<PathBuf>,
+        /// Checkpoint public key (hex) to trust; by default the server's.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+    /// Export the trail as JSON lines (records and checkpoints) for a SIEM or offline verification.
+    #[command(after_help = "Example:\n  custody audit export --out trail.jsonl")]
+    Export {
+        /// Output file (default: stdout).
+        #[arg(long, short = 'o')]
+        out: Option<PathBuf>,
+    },
+    /// The token a value has in audit records' encryption contexts (HMAC-SHA256 under the audit key).
+    #[command(after_help = "Example:\n  custody audit query --json | grep \"$(custody audit hash acme-corp)\"")]
+    Hash {
+        /// The value to look for.
+        value: String,
     },
 }
 
@@ -358,25 +401,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::DecryptBlob(a) => decrypt_blob(&cli.conn, a, json).await,
         Command::DataKey(a) => data_key(&cli.conn, a, json).await,
         Command::AccessKey(a) => access_key(&cli.conn, a, json).await,
-        Command::Audit(AuditCommand::Query { after, limit }) => {
-            let mut c = connect(&cli.conn).await?;
-            let r = c.call("Custody.ListAuditRecords", json!({ "After": after, "Limit": limit })).await?;
-            output(json, &r, || {
-                for rec in r["Records"].as_array().into_iter().flatten() {
-                    let s = |k: &str| rec[k].as_str().unwrap_or("-").to_string();
-                    println!(
-                        "{:>8}  {}  {:<8}  {:<40}  {}  {}",
-                        rec["seq"],
-                        fmt_time(&json!(rec["time"].as_f64().map(|t| t / 1000.0))),
-                        rec["outcome"].as_str().unwrap_or("-"),
-                        s("action"),
-                        s("principal"),
-                        s("key_id")
-                    );
-                }
-            });
-            Ok(())
-        }
+        Command::Audit(cmd) => audit(&cli.conn, cmd, json).await,
     }
 }
 
@@ -786,6 +811,146 @@ async fn alias(c: &mut Client, a: AliasCommand, json: bool) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn audit(conn: &ConnArgs, cmd: AuditCommand, json: bool) -> Result<()> {
+    match cmd {
+        AuditCommand::Query { key, principal, action, outcome, since, after, limit } => {
+            let since = since.as_deref().map(parse_since).transpose()?;
+            let mut c = connect(conn).await?;
+            let body = json!({ "After": after, "Limit": limit, "KeyId": key, "Principal": principal, "Action": action,
+                               "Outcome": outcome, "Since": since });
+            let r = c.call("Custody.ListAuditRecords", body).await?;
+            output(json, &r, || {
+                for rec in r["Records"].as_array().into_iter().flatten() {
+                    let s = |k: &str| rec[k].as_str().unwrap_or("-").to_string();
+                    println!(
+                        "{:>8}  {}  {:<15}  {:<36}  {}  {}",
+                        rec["seq"],
+                        fmt_time(&json!(rec["time"].as_f64().map(|t| t / 1000.0))),
+                        rec["outcome"].as_str().unwrap_or("-"),
+                        s("action"),
+                        rec["principal"]
+                            .as_str()
+                            .or(rec["tls_identity"].as_str())
+                            .or(rec["access_key_id"].as_str())
+                            .unwrap_or("-"),
+                        s("key_id")
+                    );
+                }
+            });
+            Ok(())
+        }
+        AuditCommand::Verify { from_export, public_key } => {
+            let v = match from_export {
+                None => connect(conn).await?.call("Custody.VerifyAudit", json!({})).await?,
+                Some(file) => {
+                    let key = match public_key {
+                        Some(k) => k,
+                        None => {
+                            let r = connect(conn).await?.call("Custody.GetAuditPublicKey", json!({})).await?;
+                            r["PublicKey"].as_str().unwrap_or_default().to_string()
+                        }
+                    };
+                    let key = hex_decode(&key)
+                        .ok_or_else(|| CliError::new(exit::INVALID_REQUEST, "--public-key must be hex"))?;
+                    verify_export(&file, &key)?
+                }
+            };
+            output(json, &v, || match v["problem"].as_object() {
+                None => println!(
+                    "OK: {} records, {} signed checkpoints, chain intact up to {}.",
+                    v["records"], v["checkpoints"], v["last_seq"]
+                ),
+                Some(p) => println!("BROKEN at record {}: {}", p["seq"], p["what"].as_str().unwrap_or("")),
+            });
+            if v["problem"].is_object() {
+                return Err(CliError::new(exit::FAILURE, "the audit trail does not verify"));
+            }
+            Ok(())
+        }
+        AuditCommand::Export { out } => {
+            let r = connect(conn).await?.call("Custody.ExportAudit", json!({})).await?;
+            let mut text = serde_json::to_string(&json!({ "custody_audit_export": 1, "public_key": r["PublicKey"] }))
+                .expect("json")
+                + "\n";
+            for rec in r["Records"].as_array().into_iter().flatten() {
+                text.push_str(&serde_json::to_string(&json!({ "record": rec })).expect("json"));
+                text.push('\n');
+            }
+            for cp in r["Checkpoints"].as_array().into_iter().flatten() {
+                text.push_str(&serde_json::to_string(&json!({ "checkpoint": cp })).expect("json"));
+                text.push('\n');
+            }
+            match out {
+                Some(p) => {
+                    bootstrap::write_file(&p, text.as_bytes(), 0o600).map_err(|m| CliError::new(exit::FAILURE, m))
+                }
+                None => std::io::stdout()
+                    .write_all(text.as_bytes())
+                    .map_err(|e| CliError::new(exit::FAILURE, e.to_string())),
+            }
+        }
+        AuditCommand::Hash { value } => {
+            let r = connect(conn).await?.call("Custody.AuditHash", json!({ "Value": value })).await?;
+            output(json, &r, || println!("{}", r["Hash"].as_str().unwrap_or("")));
+            Ok(())
+        }
+    }
+}
+
+/// Verifies an export file with the same verifier the server uses.
+fn verify_export(file: &Path, public_key: &[u8]) -> Result<Value> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", file.display())))?;
+    let mut records = Vec::new();
+    let mut checkpoints = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = || {
+            CliError::new(
+                exit::INVALID_REQUEST,
+                format!("{} line {}: not a custody audit export line", file.display(), n + 1),
+            )
+        };
+        let v: Value = serde_json::from_str(line).map_err(|_| bad())?;
+        if let Some(r) = v.get("record") {
+            let seq = r["seq"].as_u64().unwrap_or(0);
+            records.push(serde_json::from_value::<custody_kms::AuditRecord>(r.clone()).map_err(|_| seq));
+        } else if let Some(c) = v.get("checkpoint") {
+            let seq = c["seq"].as_u64().unwrap_or(0);
+            checkpoints.push(serde_json::from_value::<custody_kms::AuditCheckpoint>(c.clone()).map_err(|_| seq));
+        } else if v.get("custody_audit_export").is_none() {
+            return Err(bad());
+        }
+    }
+    let result = custody_kms::audit::verify_trail(public_key, records, checkpoints);
+    Ok(serde_json::to_value(result).expect("serializable"))
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// `30m`, `1h`, `2d`, or an RFC 3339 time → milliseconds since the epoch.
+fn parse_since(s: &str) -> Result<i64> {
+    let now = time::OffsetDateTime::now_utc();
+    let unit = |c: char| match c {
+        's' => Some(1),
+        'm' => Some(60),
+        'h' => Some(3600),
+        'd' => Some(86_400),
+        _ => None,
+    };
+    let t = match (s[..s.len().saturating_sub(1)].parse::<i64>(), s.chars().last().and_then(unit)) {
+        (Ok(n), Some(secs)) => now - time::Duration::seconds(n * secs),
+        _ => time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|_| {
+            CliError::new(exit::INVALID_REQUEST, format!("--since {s:?}: use 30m, 1h, 2d or an RFC 3339 time"))
+        })?,
+    };
+    Ok((t.unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
 async fn access_key(conn: &ConnArgs, cmd: AccessKeyCommand, json: bool) -> Result<()> {

@@ -197,6 +197,15 @@ fn every_command_has_help_with_an_example() {
         &["key", "tag"],
         &["key", "untag"],
         &["key", "tags"],
+        &["access-key", "create"],
+        &["access-key", "list"],
+        &["access-key", "disable"],
+        &["access-key", "enable"],
+        &["access-key", "delete"],
+        &["audit", "query"],
+        &["audit", "verify"],
+        &["audit", "export"],
+        &["audit", "hash"],
     ];
     for c in commands {
         let out = custody().args(*c).arg("--help").output().unwrap();

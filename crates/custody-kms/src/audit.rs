@@ -1,18 +1,30 @@
-//! The audit trail: one durable record per request (DESIGN.md §7, step 5 of the pipeline).
+//! The audit trail: one durable record per request (DESIGN.md §7, step 5 of the pipeline),
+//! hash-chained, with signed checkpoints.
 //!
-//! Records are sealed rows in [`Table::Audit`], keyed by a gap-free sequence number. This is the
-//! foundation: the audit issue adds the hash chain, signed checkpoints, HMAC'd encryption context
-//! values, group commit and query/export on top of the same records.
+//! - Every record carries the hash of its predecessor and its own hash
+//!   (`custody_crypto::audit::chain_hash` over its canonical JSON), and is a sealed row keyed by
+//!   a gap-free sequence number.
+//! - Every `audit_checkpoint_every` records, and on a timer, a checkpoint signs (sequence, hash,
+//!   time) with an Ed25519 key kept sealed in the store.
+//! - [`verify_trail`] checks the whole chain and every checkpoint, from the store or from an
+//!   export, and names the first broken link.
+//! - Encryption-context values are replaced by HMAC tokens under a root-derived key; keys stay
+//!   readable. `audit_hash` gives the token of a known value so it can be searched for.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use custody_store::{Expect, StoreError, Table};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use custody_crypto::audit::{self as crypto, AuditSigningKey, GENESIS};
+use custody_crypto::SecretBytes;
+use custody_store::{Expect, StoreError, Table, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::authz::{act, authorize, Caller};
 use crate::error::KmsError;
 use crate::model::{now_ms, Millis};
-use crate::Kms;
+use crate::{Kms, Unsealed};
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +59,10 @@ pub struct AuditEvent {
     pub action: String,
     /// The key concerned, as named or resolved.
     pub key_id: Option<String>,
+    /// Encryption context: keys as given, values as `hmac-sha256:<hex>` tokens (filled in by
+    /// [`Kms::record_audit`]; whatever the caller puts here is replaced).
+    #[serde(default)]
+    pub encryption_context: Option<BTreeMap<String, String>>,
     /// Outcome.
     pub outcome: Outcome,
     /// AWS error name returned, if any.
@@ -58,53 +74,152 @@ pub struct AuditEvent {
     pub duration_ms: u64,
 }
 
-/// A stored record: the event and its sequence number.
+/// A stored record: the event, its position and its links.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AuditRecord {
     /// Position in the trail, from 1, without gaps.
     pub seq: u64,
     /// When it was written.
     pub written_at: Millis,
+    /// Hash of the previous record (hex; zeros before the first).
+    pub prev_hash: String,
+    /// This record's hash (hex).
+    pub hash: String,
     /// The event.
     #[serde(flatten)]
     pub event: AuditEvent,
 }
 
-/// Next sequence number, learned from the store on first use.
+/// A signed statement that the trail up to `seq` has hash `hash`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditCheckpoint {
+    /// Last record covered.
+    pub seq: u64,
+    /// Its hash (hex).
+    pub hash: String,
+    /// When signed.
+    pub time: Millis,
+    /// Ed25519 signature (hex) of `checkpoint_message(seq, hash, time)`.
+    pub signature: String,
+}
+
+/// The first problem found in a trail.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AuditProblem {
+    /// Sequence number where the trail breaks.
+    pub seq: u64,
+    /// What is wrong there.
+    pub what: String,
+}
+
+/// Result of verifying a trail.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AuditVerification {
+    /// Records checked.
+    pub records: u64,
+    /// Checkpoints checked.
+    pub checkpoints: u64,
+    /// Last sequence number seen.
+    pub last_seq: u64,
+    /// The first problem, if any.
+    pub problem: Option<AuditProblem>,
+}
+
+/// Filters of an audit query.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Only records after this sequence number.
+    pub after: u64,
+    /// Most records returned.
+    pub limit: usize,
+    /// Key id or ARN contains this.
+    pub key: Option<String>,
+    /// Principal ARN or TLS identity contains this.
+    pub principal: Option<String>,
+    /// Action ends with this (`Decrypt` matches `TrentService.Decrypt`).
+    pub action: Option<String>,
+    /// Outcome.
+    pub outcome: Option<Outcome>,
+    /// Only records at or after this time.
+    pub since: Option<Millis>,
+}
+
+/// Sequencer state: next sequence number and the last hash, learned from the store on first use.
 #[derive(Debug, Default)]
-pub(crate) struct Sequencer(Mutex<Option<u64>>);
+pub(crate) struct Sequencer(Mutex<Option<(u64, [u8; 32])>>);
+
+const SIGNING_KEY_ROW: &str = "audit-signing-key";
+
+#[derive(Serialize, Deserialize)]
+struct SigningKeyRecord {
+    /// PKCS#8, base64; only ever inside a sealed row.
+    pkcs8: String,
+    public_key: String,
+}
+
+/// The part of a record its hash covers (canonical: fields in declaration order, maps sorted).
+#[derive(Serialize)]
+struct Hashed<'a> {
+    seq: u64,
+    written_at: Millis,
+    event: &'a AuditEvent,
+}
 
 fn row_key(seq: u64) -> String {
     format!("{seq:020}")
 }
 
+fn record_hash(prev: &[u8; 32], seq: u64, written_at: Millis, event: &AuditEvent) -> [u8; 32] {
+    let canonical = serde_json::to_vec(&Hashed { seq, written_at, event }).expect("events serialize");
+    crypto::chain_hash(prev, &canonical)
+}
+
+fn parse_hash(h: &str) -> Option<[u8; 32]> {
+    hex::decode(h).ok()?.try_into().ok()
+}
+
 impl Kms {
-    /// Writes one audit record durably. Fails (and the caller must not report success) if it
-    /// cannot be written; fails with [`KmsError::Sealed`] while sealed, when only the server log
-    /// can record the request.
-    pub fn record_audit(&self, event: AuditEvent) -> Result<u64, KmsError> {
+    /// Writes one audit record durably, chained to the previous one (and a signed checkpoint
+    /// every `audit_checkpoint_every` records). `context` is the request's encryption context;
+    /// only HMAC tokens of its values are stored. Fails (and the caller must not report success)
+    /// if the record cannot be written; fails with [`KmsError::Sealed`] while sealed, when only
+    /// the server log can record the request.
+    pub fn record_audit(
+        &self,
+        mut event: AuditEvent,
+        context: Option<&BTreeMap<String, String>>,
+    ) -> Result<u64, KmsError> {
         let u = self.unsealed()?;
-        let mut next = self.audit_seq.0.lock().unwrap_or_else(|p| p.into_inner());
+        let hmac = u.root.audit_hmac_key();
+        event.encryption_context = context.map(|c| c.iter().map(|(k, v)| (k.clone(), hmac.token(v))).collect());
+        let mut state = self.audit_seq.0.lock().unwrap_or_else(|p| p.into_inner());
         for _ in 0..8 {
-            let seq = match *next {
-                Some(n) => n,
-                None => match u.barrier.backend().last(Table::Audit)? {
-                    Some(row) => {
-                        row.key.parse::<u64>().map_err(|_| KmsError::Integrity(format!("audit/{}", row.key)))? + 1
-                    }
-                    None => 1,
-                },
+            let (seq, prev) = match *state {
+                Some(s) => s,
+                None => self.trail_end(&u)?,
             };
-            let record = AuditRecord { seq, written_at: now_ms(), event: event.clone() };
-            match u.barrier.apply(&[u.barrier.put(Table::Audit, &row_key(seq), &record, Expect::Absent)]) {
+            let written_at = now_ms();
+            let hash = record_hash(&prev, seq, written_at, &event);
+            let record = AuditRecord {
+                seq,
+                written_at,
+                prev_hash: hex::encode(prev),
+                hash: hex::encode(hash),
+                event: event.clone(),
+            };
+            let mut writes = vec![u.barrier.put(Table::Audit, &row_key(seq), &record, Expect::Absent)];
+            if seq % self.config.audit_checkpoint_every.max(1) == 0 {
+                writes.push(self.checkpoint_write(&u, seq, &hash)?);
+            }
+            match u.barrier.apply(&writes) {
                 Ok(()) => {
-                    *next = Some(seq + 1);
+                    *state = Some((seq + 1, hash));
                     return Ok(seq);
                 }
                 // Another writer took this number: learn the new end and try again.
-                Err(StoreError::Conflict { .. }) => *next = None,
+                Err(StoreError::Conflict { .. }) => *state = None,
                 Err(e) => {
-                    *next = None;
+                    *state = None;
                     return Err(e.into());
                 }
             }
@@ -112,25 +227,125 @@ impl Kms {
         Err(KmsError::Internal("could not allocate an audit sequence number".into()))
     }
 
-    /// Audit records of the caller's account after sequence number `after`, oldest first, at most
-    /// `limit` (1–1000) records examined.
-    pub fn query_audit(&self, caller: &Caller, after: u64, limit: usize) -> Result<Vec<AuditRecord>, KmsError> {
+    /// Signs a checkpoint for the newest record if it has none yet (the timer calls this, so the
+    /// unsigned tail is never older than the checkpoint interval).
+    pub fn audit_checkpoint(&self) -> Result<Option<u64>, KmsError> {
+        let u = self.unsealed()?;
+        let state = self.audit_seq.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (next, last_hash) = match *state {
+            Some(s) => s,
+            None => self.trail_end(&u)?,
+        };
+        let last = next - 1;
+        if last == 0 {
+            return Ok(None);
+        }
+        if let Some(cp) = u.barrier.backend().last(Table::AuditCheckpoints)? {
+            if cp.key == row_key(last) {
+                return Ok(None);
+            }
+        }
+        u.barrier.apply(&[self.checkpoint_write(&u, last, &last_hash)?])?;
+        Ok(Some(last))
+    }
+
+    fn checkpoint_write(&self, u: &Unsealed, seq: u64, hash: &[u8; 32]) -> Result<Write, KmsError> {
+        let key = self.audit_signing_key(u)?;
+        let time = now_ms();
+        let signature = hex::encode(key.sign(&crypto::checkpoint_message(seq, hash, time)));
+        let cp = AuditCheckpoint { seq, hash: hex::encode(hash), time, signature };
+        Ok(u.barrier.put(Table::AuditCheckpoints, &row_key(seq), &cp, Expect::Any))
+    }
+
+    /// Next sequence number and last hash, from the newest record in the store.
+    fn trail_end(&self, u: &Unsealed) -> Result<(u64, [u8; 32]), KmsError> {
+        match u.barrier.backend().last(Table::Audit)? {
+            None => Ok((1, GENESIS)),
+            Some(row) => {
+                let key = row.key.clone();
+                let rec: AuditRecord = u.barrier.open_row(Table::Audit, row)?.value;
+                let hash = parse_hash(&rec.hash).ok_or_else(|| KmsError::Integrity(format!("audit/{key}")))?;
+                Ok((rec.seq + 1, hash))
+            }
+        }
+    }
+
+    /// The checkpoint signing key, created on first use and kept sealed.
+    fn audit_signing_key(&self, u: &Unsealed) -> Result<AuditSigningKey, KmsError> {
+        if let Some(row) = u.barrier.get::<SigningKeyRecord>(Table::Pki, SIGNING_KEY_ROW)? {
+            let pkcs8 = SecretBytes::new(
+                STANDARD.decode(&row.value.pkcs8).map_err(|_| KmsError::Integrity("pki/audit-signing-key".into()))?,
+            );
+            return AuditSigningKey::from_pkcs8(&pkcs8)
+                .ok_or_else(|| KmsError::Integrity("pki/audit-signing-key".into()));
+        }
+        let (key, pkcs8) = AuditSigningKey::generate();
+        let record = SigningKeyRecord {
+            pkcs8: STANDARD.encode(pkcs8.expose_secret()),
+            public_key: hex::encode(key.public_key()),
+        };
+        match u.barrier.apply(&[u.barrier.put(Table::Pki, SIGNING_KEY_ROW, &record, Expect::Absent)]) {
+            Ok(()) => Ok(key),
+            // Someone else created it first: use theirs.
+            Err(StoreError::Conflict { .. }) => self.audit_signing_key(u),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The public key that verifies checkpoints (hex).
+    pub fn audit_public_key(&self) -> Result<String, KmsError> {
+        let u = self.unsealed()?;
+        Ok(hex::encode(self.audit_signing_key(&u)?.public_key()))
+    }
+
+    /// The HMAC token of a value, as it appears in encryption contexts in the trail.
+    pub fn audit_hash(&self, caller: &Caller, value: &str) -> Result<String, KmsError> {
+        let u = self.unsealed()?;
         let _proof = authorize::<act::ReadAudit>(caller, None)?;
-        if !(1..=1000).contains(&limit) {
-            return Err(KmsError::validation("limit", "Member must have value between 1 and 1000"));
+        Ok(u.root.audit_hmac_key().token(value))
+    }
+
+    /// Records of the caller's account matching `q`, oldest first.
+    pub fn query_audit(&self, caller: &Caller, q: &AuditQuery) -> Result<Vec<AuditRecord>, KmsError> {
+        let _proof = authorize::<act::ReadAudit>(caller, None)?;
+        if !(1..=10_000).contains(&q.limit) {
+            return Err(KmsError::validation("limit", "Member must have value between 1 and 10000"));
         }
         let arn_prefix = format!("arn:aws:iam::{}:", caller.tenant());
         let identity_prefix = format!("spiffe://custody/{}/", caller.tenant());
-        // Records of requests from this account; unauthenticated ones belong to no account and
-        // are visible only through the server's own tooling for now.
-        Ok(self
-            .audit_records(after, limit)?
-            .into_iter()
-            .filter(|r| {
-                r.event.principal.as_deref().is_some_and(|p| p.starts_with(&arn_prefix))
-                    || r.event.tls_identity.as_deref().is_some_and(|t| t.starts_with(&identity_prefix))
-            })
-            .collect())
+        let contains = |field: &Option<String>, needle: &Option<String>| match needle {
+            None => true,
+            Some(n) => field.as_deref().is_some_and(|f| f.contains(n.as_str())),
+        };
+        let mut out = Vec::new();
+        let mut after = q.after;
+        loop {
+            let chunk = self.audit_records(after, 1000)?;
+            let done = chunk.len() < 1000;
+            for r in chunk {
+                after = r.seq;
+                let e = &r.event;
+                // Records of requests from this account; unauthenticated ones belong to no account
+                // and are visible only through `verify` and the server's own tooling for now.
+                let mine = e.principal.as_deref().is_some_and(|p| p.starts_with(&arn_prefix))
+                    || e.tls_identity.as_deref().is_some_and(|t| t.starts_with(&identity_prefix));
+                let matches = mine
+                    && contains(&e.key_id, &q.key)
+                    && (contains(&e.principal, &q.principal) || contains(&e.tls_identity, &q.principal))
+                    && q.action.as_deref().is_none_or(|a| e.action.ends_with(a))
+                    && q.outcome.is_none_or(|o| o == e.outcome)
+                    && q.since.is_none_or(|s| e.time >= s);
+                if matches {
+                    out.push(r);
+                    if out.len() == q.limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if done {
+                return Ok(out);
+            }
+        }
     }
 
     /// Audit records after sequence number `after`, oldest first, at most `limit`.
@@ -143,4 +358,129 @@ impl Kms {
             .map(|v| v.value)
             .collect())
     }
+
+    /// Everything needed to verify the trail elsewhere: the public key, every record and every
+    /// checkpoint. Requires the caller to be allowed to read the audit trail.
+    pub fn export_audit(&self, caller: &Caller) -> Result<(String, Vec<AuditRecord>, Vec<AuditCheckpoint>), KmsError> {
+        let u = self.unsealed()?;
+        let _proof = authorize::<act::ReadAudit>(caller, None)?;
+        let records =
+            u.barrier.scan::<AuditRecord>(Table::Audit, "", None, usize::MAX)?.into_iter().map(|v| v.value).collect();
+        let checkpoints = u
+            .barrier
+            .scan::<AuditCheckpoint>(Table::AuditCheckpoints, "", None, usize::MAX)?
+            .into_iter()
+            .map(|v| v.value)
+            .collect();
+        Ok((hex::encode(self.audit_signing_key(&u)?.public_key()), records, checkpoints))
+    }
+
+    /// Verifies the stored trail end to end (authorized like reading it).
+    pub fn verify_audit(&self, caller: &Caller) -> Result<AuditVerification, KmsError> {
+        let u = self.unsealed()?;
+        let _proof = authorize::<act::ReadAudit>(caller, None)?;
+        let key = self.audit_signing_key(&u)?;
+        // Rows are opened one by one so that a record that fails its seal is reported, not fatal.
+        let rows = u.barrier.backend().scan(Table::Audit, "", None, usize::MAX)?;
+        let records = rows.into_iter().map(|row| {
+            let key = row.key.clone();
+            let seq = key.parse::<u64>().unwrap_or(0);
+            u.barrier.open_row::<AuditRecord>(Table::Audit, row).map(|v| v.value).map_err(|_| seq)
+        });
+        let cps = u.barrier.backend().scan(Table::AuditCheckpoints, "", None, usize::MAX)?;
+        let checkpoints = cps
+            .into_iter()
+            .map(|row| {
+                let seq = row.key.parse::<u64>().unwrap_or(0);
+                u.barrier.open_row::<AuditCheckpoint>(Table::AuditCheckpoints, row).map(|v| v.value).map_err(|_| seq)
+            })
+            .collect::<Vec<_>>();
+        Ok(verify_trail(key.public_key(), records, checkpoints))
+    }
+}
+
+/// Verifies a trail: records in sequence order (`Err(seq)` for a stored record that could not be
+/// opened) and checkpoints. Used for the store and for exports alike.
+pub fn verify_trail(
+    public_key: &[u8],
+    records: impl IntoIterator<Item = Result<AuditRecord, u64>>,
+    checkpoints: Vec<Result<AuditCheckpoint, u64>>,
+) -> AuditVerification {
+    let mut problems: Vec<AuditProblem> = Vec::new();
+    let mut problem = |seq: u64, what: String| problems.push(AuditProblem { seq, what });
+    let mut checkpoint_hashes = BTreeMap::new();
+    let mut checked_cps = 0;
+    for cp in &checkpoints {
+        match cp {
+            Err(seq) => problem(*seq, format!("checkpoint {seq} was changed outside custody (its seal does not open)")),
+            Ok(cp) => {
+                checked_cps += 1;
+                let valid = parse_hash(&cp.hash).is_some_and(|h| {
+                    hex::decode(&cp.signature).is_ok_and(|sig| {
+                        crypto::verify_checkpoint(public_key, &crypto::checkpoint_message(cp.seq, &h, cp.time), &sig)
+                    })
+                });
+                if valid {
+                    checkpoint_hashes.insert(cp.seq, cp.hash.clone());
+                } else {
+                    problem(cp.seq, format!("checkpoint {} has an invalid signature", cp.seq));
+                }
+            }
+        }
+    }
+    let (mut count, mut last_seq) = (0u64, 0u64);
+    let mut prev: Option<[u8; 32]> = None;
+    for item in records {
+        let rec = match item {
+            Ok(r) => r,
+            Err(seq) => {
+                problem(seq, format!("record {seq} was changed outside custody (its seal does not open)"));
+                last_seq = seq;
+                prev = None;
+                continue;
+            }
+        };
+        count += 1;
+        let seq = rec.seq;
+        if last_seq != 0 && seq != last_seq + 1 {
+            if seq > last_seq + 1 {
+                problem(last_seq + 1, format!("records {} to {} are missing", last_seq + 1, seq - 1));
+            } else {
+                problem(seq, format!("record {seq} is out of order (after {last_seq})"));
+            }
+        }
+        if last_seq == 0 && seq == 1 {
+            prev = Some(GENESIS);
+        }
+        match prev {
+            Some(p) if hex::encode(p) != rec.prev_hash => {
+                problem(seq, format!("record {seq} does not link to record {}: the chain is broken here", seq - 1))
+            }
+            _ => {}
+        }
+        let Some(rec_prev) = parse_hash(&rec.prev_hash) else {
+            problem(seq, format!("record {seq} has a malformed previous hash"));
+            last_seq = seq;
+            prev = None;
+            continue;
+        };
+        let computed = record_hash(&rec_prev, seq, rec.written_at, &rec.event);
+        if hex::encode(computed) != rec.hash {
+            problem(seq, format!("record {seq} was altered: its content does not match its hash"));
+        }
+        if let Some(h) = checkpoint_hashes.get(&seq) {
+            if *h != rec.hash {
+                problem(seq, format!("record {seq} differs from what checkpoint {seq} signed"));
+            }
+        }
+        prev = Some(computed);
+        last_seq = seq;
+    }
+    if let Some((&cp_seq, _)) = checkpoint_hashes.iter().next_back() {
+        if cp_seq > last_seq {
+            problem(last_seq + 1, format!("the trail ends at {last_seq} but checkpoint {cp_seq} covers records up to {cp_seq}: the tail was truncated"));
+        }
+    }
+    let first = problems.into_iter().min_by_key(|p| p.seq);
+    AuditVerification { records: count, checkpoints: checked_cps, last_seq, problem: first }
 }

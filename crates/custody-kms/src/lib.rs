@@ -24,7 +24,7 @@ use custody_crypto::{KeyMaterial, RootKey};
 use custody_store::{Backend, Barrier, Expect, Table, Versioned, Write};
 
 pub use access_keys::{AccessKeyInfo, NewAccessKey};
-pub use audit::{AuditEvent, AuditRecord, Outcome};
+pub use audit::{AuditCheckpoint, AuditEvent, AuditQuery, AuditRecord, AuditVerification, Outcome};
 pub use authz::{Action, Caller};
 pub use error::KmsError;
 pub use grants::{default_policy, CreateGrantRequest, GRANT_OPERATIONS};
@@ -46,11 +46,13 @@ pub struct KmsConfig {
     /// Length of a "day" for deletion windows and rotation periods, in milliseconds.
     /// Production: [`DAY_MS`]. Shorter only through `danger_day_length_ms`, for tests.
     pub day_ms: i64,
+    /// A signed audit checkpoint after every this many records.
+    pub audit_checkpoint_every: u64,
 }
 
 impl Default for KmsConfig {
     fn default() -> Self {
-        Self { region: "us-east-1".into(), day_ms: DAY_MS }
+        Self { region: "us-east-1".into(), day_ms: DAY_MS, audit_checkpoint_every: 100 }
     }
 }
 

@@ -42,7 +42,21 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "seal", env: "CUSTODY_SEAL", kind: Kind::Text, default: "as initialized", doc: "How the store is unsealed; by default as `custody init` set it up. `shamir`: start sealed, unseal with shares. `keyfile:PATH`: development only, unseal at start with the root key in PATH (overrides the path recorded at init). A setting that contradicts the store is refused at start." },
     Setting { name: "scheduler_interval_ms", env: "CUSTODY_SCHEDULER_INTERVAL_MS", kind: Kind::Integer, default: "60000", doc: "How often the scheduler looks for due rotations and deletions." },
     Setting { name: "max_request_bytes", env: "CUSTODY_MAX_REQUEST_BYTES", kind: Kind::Integer, default: "65536", doc: "Largest request body accepted; larger requests get 413." },
-    Setting { name: "log_format", env: "CUSTODY_LOG_FORMAT", kind: Kind::Text, default: "text", doc: "`text` or `json` (one JSON object per line)." },
+        Setting {
+        name: "audit_checkpoint_every",
+        env: "CUSTODY_AUDIT_CHECKPOINT_EVERY",
+        kind: Kind::Integer,
+        default: "100",
+        doc: "Sign an audit checkpoint after every this many records.",
+    },
+    Setting {
+        name: "audit_checkpoint_interval_ms",
+        env: "CUSTODY_AUDIT_CHECKPOINT_INTERVAL_MS",
+        kind: Kind::Integer,
+        default: "10000",
+        doc: "Also sign a checkpoint this often when records have none yet, so the unsigned tail of the trail stays short.",
+    },
+Setting { name: "log_format", env: "CUSTODY_LOG_FORMAT", kind: Kind::Text, default: "text", doc: "`text` or `json` (one JSON object per line)." },
     Setting { name: "tls.cert_file", env: "CUSTODY_TLS_CERT_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.crt", doc: "Server certificate chain (PEM)." },
     Setting { name: "tls.key_file", env: "CUSTODY_TLS_KEY_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.key", doc: "Server private key (PEM, PKCS#8)." },
     Setting { name: "tls.client_ca_file", env: "CUSTODY_TLS_CLIENT_CA_FILE", kind: Kind::Text, default: "<data_dir>/tls/ca.crt", doc: "CA whose client certificates are accepted (the internal CA)." },
@@ -71,6 +85,12 @@ pub struct ServerConfig {
     /// See [`SETTINGS`].
     #[serde(default = "defaults::max_request_bytes")]
     pub max_request_bytes: usize,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::audit_checkpoint_every")]
+    pub audit_checkpoint_every: u64,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::audit_checkpoint_interval_ms")]
+    pub audit_checkpoint_interval_ms: u64,
     /// See [`SETTINGS`].
     #[serde(default = "defaults::log_format")]
     pub log_format: String,
@@ -124,6 +144,12 @@ mod defaults {
     }
     pub fn max_request_bytes() -> usize {
         65_536
+    }
+    pub fn audit_checkpoint_every() -> u64 {
+        100
+    }
+    pub fn audit_checkpoint_interval_ms() -> u64 {
+        10_000
     }
     pub fn log_format() -> String {
         "text".into()
@@ -193,6 +219,11 @@ impl ServerConfig {
         if self.scheduler_interval_ms == 0 {
             return Err(ConfigError("scheduler_interval_ms must be at least 1".into()));
         }
+        if self.audit_checkpoint_every == 0 || self.audit_checkpoint_interval_ms == 0 {
+            return Err(ConfigError(
+                "audit_checkpoint_every and audit_checkpoint_interval_ms must be at least 1".into(),
+            ));
+        }
         if self.danger_day_length_ms == 0 {
             return Err(ConfigError("danger_day_length_ms must be at least 1".into()));
         }
@@ -260,6 +291,8 @@ mod tests {
                 "scheduler_interval_ms" => c.scheduler_interval_ms.to_string(),
                 "max_request_bytes" => c.max_request_bytes.to_string(),
                 "log_format" => c.log_format.clone(),
+                "audit_checkpoint_every" => c.audit_checkpoint_every.to_string(),
+                "audit_checkpoint_interval_ms" => c.audit_checkpoint_interval_ms.to_string(),
                 "danger_day_length_ms" => c.danger_day_length_ms.to_string(),
                 other => panic!("setting {other} has no default check"),
             };

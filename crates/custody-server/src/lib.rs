@@ -93,8 +93,15 @@ impl Server {
             );
         }
         let kms = Arc::new(
-            Kms::open(backend, KmsConfig { region: config.region.clone(), day_ms })
-                .map_err(|e| StartError::Store(e.to_string()))?,
+            Kms::open(
+                backend,
+                KmsConfig {
+                    region: config.region.clone(),
+                    day_ms,
+                    audit_checkpoint_every: config.audit_checkpoint_every,
+                },
+            )
+            .map_err(|e| StartError::Store(e.to_string()))?,
         );
         // The store knows how it is sealed; the setting may only confirm it or move the key file.
         let stored = kms.key_file_seal().map_err(|e| StartError::Store(e.to_string()))?;
@@ -130,6 +137,11 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state = Arc::new(State { kms: kms.clone(), max_request_bytes: config.max_request_bytes });
         tokio::spawn(scheduler(kms.clone(), Duration::from_millis(config.scheduler_interval_ms), shutdown_rx.clone()));
+        tokio::spawn(checkpointer(
+            kms.clone(),
+            Duration::from_millis(config.audit_checkpoint_interval_ms),
+            shutdown_rx.clone(),
+        ));
         let task = tokio::spawn(accept_loop(listener, TlsAcceptor::from(tls), state, shutdown_rx));
         tracing::info!(%local_addr, "custody listening (TLS 1.3)");
         Ok(Self { local_addr, kms, shutdown, task })
@@ -242,7 +254,7 @@ async fn handle(
     let started = Instant::now();
     let time = custody_kms::model::now_ms();
     let request_id = uuid::Uuid::new_v4().to_string();
-    let (action, key_hint, dispatched) = route(&state, &identity, req).await;
+    let (action, hints, dispatched) = route(&state, &identity, req).await;
     let (result, auth_principal, access_key_id) = (dispatched.result, dispatched.principal, dispatched.access_key_id);
     let principal = match &*identity {
         Identity::Certificate(uri) => uri.as_str(),
@@ -252,11 +264,12 @@ async fn handle(
     let audited = if action == "healthz" {
         Ok(())
     } else {
-        let mut event = audit_event(time, &request_id, peer, &identity, &action, key_hint, &result, started);
+        let mut event = audit_event(time, &request_id, peer, &identity, &action, hints.key, &result, started);
         event.principal = auth_principal.clone();
         event.access_key_id = access_key_id.clone();
         let kms = state.kms.clone();
-        match tokio::task::spawn_blocking(move || kms.record_audit(event)).await {
+        let context = hints.context;
+        match tokio::task::spawn_blocking(move || kms.record_audit(event, context.as_ref())).await {
             // While sealed only status and unseal are answered, and only the log can record them.
             Ok(Ok(_)) | Ok(Err(custody_kms::KmsError::Sealed)) => Ok(()),
             Ok(Err(e)) => Err(e.internal_detail().unwrap_or_else(|| e.to_string())),
@@ -298,17 +311,21 @@ async fn handle(
 }
 
 /// Action name, the key the request names (for the audit record), and what dispatch produced.
-type Routed = (String, Option<String>, protocol::Dispatched);
+type Routed = (String, protocol::AuditHints, protocol::Dispatched);
 
 fn early(action: &str, e: ApiError) -> Routed {
-    (action.to_string(), None, protocol::Dispatched { result: Err(e), principal: None, access_key_id: None })
+    (
+        action.to_string(),
+        protocol::AuditHints::default(),
+        protocol::Dispatched { result: Err(e), principal: None, access_key_id: None },
+    )
 }
 
 async fn route(state: &Arc<State>, identity: &Arc<Identity>, req: Request<Incoming>) -> Routed {
     if req.uri().path() == "/healthz" && req.method() == Method::GET {
         return (
             "healthz".into(),
-            None,
+            protocol::AuditHints::default(),
             protocol::Dispatched { result: Ok(health(&state.kms)), principal: None, access_key_id: None },
         );
     }
@@ -345,7 +362,7 @@ async fn route(state: &Arc<State>, identity: &Arc<Identity>, req: Request<Incomi
             return early(&target, ApiError::new(413, "ValidationException", msg));
         }
     };
-    let key_hint = protocol::key_hint(&body);
+    let hints = protocol::audit_hints(&body);
     let kms = state.kms.clone();
     let identity = identity.clone();
     let t = target.clone();
@@ -369,7 +386,7 @@ async fn route(state: &Arc<State>, identity: &Arc<Identity>, req: Request<Incomi
         principal: None,
         access_key_id: None,
     });
-    (target, key_hint, dispatched)
+    (target, hints, dispatched)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -413,6 +430,7 @@ fn audit_event(
         },
         action: action.to_string(),
         key_id,
+        encryption_context: None,
         outcome,
         error_code,
         detail,
@@ -424,6 +442,24 @@ fn health(kms: &Kms) -> serde_json::Value {
     match kms.status() {
         Ok(s) => serde_json::json!({ "status": "ok", "sealed": s.sealed, "version": env!("CARGO_PKG_VERSION") }),
         Err(_) => serde_json::json!({ "status": "error", "sealed": true, "version": env!("CARGO_PKG_VERSION") }),
+    }
+}
+
+/// Signs a checkpoint for records that have none, so the unsigned tail stays short.
+async fn checkpointer(kms: Arc<Kms>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let kms = kms.clone();
+        match tokio::task::spawn_blocking(move || kms.audit_checkpoint()).await {
+            Ok(Ok(_)) | Ok(Err(custody_kms::KmsError::Sealed)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "audit checkpoint failed"),
+            Err(e) => tracing::error!(error = %e, "audit checkpoint task panicked"),
+        }
     }
 }
 

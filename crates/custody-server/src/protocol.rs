@@ -11,7 +11,8 @@ use base64::Engine;
 use custody_crypto::{EncryptionContext, SecretBytes};
 use custody_kms::model::KeySpec;
 use custody_kms::{
-    AliasName, Caller, CreateGrantRequest, CreateKeyRequest, KeyRef, Kms, KmsError, Page, PrincipalName,
+    AliasName, AuditQuery, Caller, CreateGrantRequest, CreateKeyRequest, KeyRef, Kms, KmsError, Outcome, Page,
+    PrincipalName,
 };
 
 use crate::sigv4::{self, RequestParts};
@@ -85,10 +86,33 @@ impl From<KmsError> for ApiError {
     }
 }
 
-/// The key a request names, for the audit record: `KeyId`-like fields as given, or the key id
-/// inside a ciphertext blob's header. Bounded; never the blob itself.
-pub fn key_hint(body: &[u8]) -> Option<String> {
-    let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(body) else { return None };
+/// What the audit record says about a request's body: the key it names and its encryption
+/// context (values are turned into HMAC tokens before they are stored).
+#[derive(Debug, Default)]
+pub struct AuditHints {
+    /// The key named.
+    pub key: Option<String>,
+    /// The encryption context (Encrypt, Decrypt, GenerateDataKey*, ReEncrypt's destination).
+    pub context: Option<BTreeMap<String, String>>,
+}
+
+/// Reads [`AuditHints`] from a request body (bounded; never the plaintext or blob itself).
+pub fn audit_hints(body: &[u8]) -> AuditHints {
+    let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(body) else { return AuditHints::default() };
+    let context =
+        ["EncryptionContext", "DestinationEncryptionContext", "SourceEncryptionContext"].iter().find_map(|f| {
+            let Value::Object(c) = m.get(*f)? else { return None };
+            Some(
+                c.iter()
+                    .take(64)
+                    .filter_map(|(k, v)| Some((k.chars().take(256).collect(), v.as_str()?.to_string())))
+                    .collect(),
+            )
+        });
+    AuditHints { key: key_hint(&m), context }
+}
+
+fn key_hint(m: &Map<String, Value>) -> Option<String> {
     for field in ["KeyId", "TargetKeyId", "DestinationKeyId", "SourceKeyId"] {
         if let Some(Value::String(s)) = m.get(field) {
             return Some(s.chars().take(2048).collect());
@@ -234,9 +258,46 @@ fn custody_action(
         }
         "ListAuditRecords" => {
             let caller = authenticate(kms, identity, req, auth)?;
-            let after = f.get("After").and_then(Value::as_u64).unwrap_or(0);
-            let limit = f.limit()?.unwrap_or(100);
-            Ok(json!({ "Records": kms.query_audit(&caller, after, limit)? }))
+            let outcome = match f.optional_str("Outcome")? {
+                None => None,
+                Some(o) => Some(match o.to_ascii_lowercase().as_str() {
+                    "success" => Outcome::Success,
+                    "denied" => Outcome::Denied,
+                    "failed" => Outcome::Failed,
+                    "unauthenticated" => Outcome::Unauthenticated,
+                    _ => {
+                        return Err(KmsError::validation(
+                            "outcome",
+                            "must be success, denied, failed or unauthenticated",
+                        )
+                        .into())
+                    }
+                }),
+            };
+            let q = AuditQuery {
+                after: f.get("After").and_then(Value::as_u64).unwrap_or(0),
+                limit: f.limit()?.unwrap_or(100),
+                key: f.optional_str("KeyId")?.map(str::to_string),
+                principal: f.optional_str("Principal")?.map(str::to_string),
+                action: f.optional_str("Action")?.map(str::to_string),
+                outcome,
+                since: f.get("Since").and_then(Value::as_i64),
+            };
+            Ok(json!({ "Records": kms.query_audit(&caller, &q)? }))
+        }
+        "VerifyAudit" => {
+            let caller = authenticate(kms, identity, req, auth)?;
+            Ok(serde_json::to_value(kms.verify_audit(&caller)?).expect("serializable"))
+        }
+        "ExportAudit" => {
+            let caller = authenticate(kms, identity, req, auth)?;
+            let (public_key, records, checkpoints) = kms.export_audit(&caller)?;
+            Ok(json!({ "PublicKey": public_key, "Records": records, "Checkpoints": checkpoints }))
+        }
+        "GetAuditPublicKey" => Ok(json!({ "PublicKey": kms.audit_public_key()? })),
+        "AuditHash" => {
+            let caller = authenticate(kms, identity, req, auth)?;
+            Ok(json!({ "Hash": kms.audit_hash(&caller, f.required_str("Value")?)? }))
         }
         "CreateAccessKey" | "ListAccessKeys" | "UpdateAccessKey" | "DeleteAccessKey" => {
             let caller = authenticate(kms, identity, req, auth)?;

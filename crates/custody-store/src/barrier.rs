@@ -81,6 +81,12 @@ impl Barrier {
         self.backend.apply(writes)
     }
 
+    /// Opens one raw row (from [`Backend::scan`]), so a caller can handle a row that fails its
+    /// integrity check without losing the others.
+    pub fn open_row<T: DeserializeOwned>(&self, table: Table, row: crate::Row) -> Result<Versioned<T>, StoreError> {
+        self.open(table, row.key, row.rev, &row.value)
+    }
+
     fn open<T: DeserializeOwned>(
         &self,
         table: Table,

@@ -48,11 +48,13 @@ pub enum Table {
     AccessKeys,
     /// Grants, by `<key id>/<grant id>`.
     Grants,
+    /// Signed audit checkpoints, by the sequence number they cover (20 digits).
+    AuditCheckpoints,
 }
 
 impl Table {
     /// Every table, for migrations and tests.
-    pub const ALL: [Table; 10] = [
+    pub const ALL: [Table; 11] = [
         Table::Meta,
         Table::Keys,
         Table::Versions,
@@ -63,6 +65,7 @@ impl Table {
         Table::Audit,
         Table::AccessKeys,
         Table::Grants,
+        Table::AuditCheckpoints,
     ];
 
     /// The stored name (part of every sealed row's AAD: never rename).
@@ -78,6 +81,7 @@ impl Table {
             Table::Audit => "audit",
             Table::AccessKeys => "access_keys",
             Table::Grants => "grants",
+            Table::AuditCheckpoints => "audit_checkpoints",
         }
     }
 }
