@@ -58,6 +58,9 @@ async fn one_record_per_request_and_nothing_secret_in_it() {
         "a failed Decrypt names the key from the blob header"
     );
     assert_eq!(records[5].event.outcome, Outcome::Unauthenticated);
+    assert!(records[5].event.alert, "failed authentications are alerts");
+    assert!(!records[4].event.alert, "a wrong encryption context is not an alert by itself");
+    assert!(records.iter().all(|r| !r.event.node.is_empty()), "every record names its node");
     assert_eq!(records[5].event.tls_identity, None);
     assert!(records[0].event.tls_identity.as_deref().unwrap().starts_with("spiffe://custody/"));
     let ids: std::collections::HashSet<_> = records.iter().map(|r| r.event.request_id.clone()).collect();
@@ -109,14 +112,24 @@ async fn when_the_audit_cannot_be_written_nothing_is_answered() {
         }
         other => panic!("a data key must not be returned without its audit record: {other:?}"),
     }
+    // Health says so, with a 503 that load balancers understand.
+    match c.health().await {
+        Err(custody_client::ClientError::Api { status, .. }) => assert_eq!(status, 503),
+        other => panic!("healthz must report the failing audit trail: {other:?}"),
+    }
     release_tx.send(()).unwrap();
     holder.join().unwrap();
 
     // It recovers by itself.
     let ok = c.call("TrentService.GenerateDataKey", json!({ "KeyId": k, "KeySpec": "AES_256" })).await.unwrap();
     assert!(ok.get("Plaintext").is_some());
+    assert_eq!(c.health().await.unwrap()["audit"], "ok");
+    // Using a disabled key is an alert.
+    c.call("TrentService.DisableKey", json!({ "KeyId": k })).await.unwrap();
+    assert!(c.call("TrentService.Encrypt", json!({ "KeyId": k, "Plaintext": "eA==" })).await.is_err());
     let last = server.kms().audit_records(0, 100).unwrap().pop().unwrap();
-    assert_eq!(last.event.action, "TrentService.GenerateDataKey");
+    assert!(last.event.alert && last.event.error_code.as_deref() == Some("DisabledException"));
+    assert!(c.call("Custody.GetStatus", json!({})).await.unwrap()["Alerts"].as_u64().unwrap() >= 1);
     server.shutdown().await;
 }
 

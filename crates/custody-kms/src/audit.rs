@@ -47,6 +47,9 @@ pub struct AuditEvent {
     pub time: Millis,
     /// Request id (also returned to the caller as `x-amzn-RequestId`).
     pub request_id: String,
+    /// The node that served the request.
+    #[serde(default)]
+    pub node: String,
     /// Peer address.
     pub source: String,
     /// TLS client identity (certificate URI SAN), if one was presented.
@@ -72,6 +75,10 @@ pub struct AuditEvent {
     pub detail: Option<String>,
     /// Time to answer, in milliseconds.
     pub duration_ms: u64,
+    /// Worth a human's attention: use of a disabled key or one pending deletion, a denied
+    /// decrypt, a failed authentication, an integrity failure.
+    #[serde(default)]
+    pub alert: bool,
 }
 
 /// A stored record: the event, its position and its links.
@@ -144,9 +151,23 @@ pub struct AuditQuery {
     pub since: Option<Millis>,
 }
 
-/// Sequencer state: next sequence number and the last hash, learned from the store on first use.
+/// Sequencer state: next sequence number and the last hash, learned from the store on first use;
+/// plus the health of the trail and the alert count since start.
 #[derive(Debug, Default)]
-pub(crate) struct Sequencer(Mutex<Option<(u64, [u8; 32])>>);
+pub(crate) struct Sequencer {
+    state: Mutex<Option<(u64, [u8; 32])>>,
+    failing: std::sync::atomic::AtomicBool,
+    alerts: std::sync::atomic::AtomicU64,
+}
+
+/// Health of the audit trail, for `/healthz` and status.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct AuditHealth {
+    /// The last attempt to write a record failed (requests are being refused).
+    pub failing: bool,
+    /// Records flagged `alert` since this process started.
+    pub alerts: u64,
+}
 
 const SIGNING_KEY_ROW: &str = "audit-signing-key";
 
@@ -192,11 +213,23 @@ impl Kms {
         let u = self.unsealed()?;
         let hmac = u.root.audit_hmac_key();
         event.encryption_context = context.map(|c| c.iter().map(|(k, v)| (k.clone(), hmac.token(v))).collect());
-        let mut state = self.audit_seq.0.lock().unwrap_or_else(|p| p.into_inner());
+        let result = self.append_record(&u, event);
+        self.audit_seq.failing.store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
+        result
+    }
+
+    /// Health of the trail: whether writes are failing, and alerts since start.
+    pub fn audit_health(&self) -> AuditHealth {
+        use std::sync::atomic::Ordering::Relaxed;
+        AuditHealth { failing: self.audit_seq.failing.load(Relaxed), alerts: self.audit_seq.alerts.load(Relaxed) }
+    }
+
+    fn append_record(&self, u: &Unsealed, event: AuditEvent) -> Result<u64, KmsError> {
+        let mut state = self.audit_seq.state.lock().unwrap_or_else(|p| p.into_inner());
         for _ in 0..8 {
             let (seq, prev) = match *state {
                 Some(s) => s,
-                None => self.trail_end(&u)?,
+                None => self.trail_end(u)?,
             };
             let written_at = now_ms();
             let hash = record_hash(&prev, seq, written_at, &event);
@@ -209,11 +242,15 @@ impl Kms {
             };
             let mut writes = vec![u.barrier.put(Table::Audit, &row_key(seq), &record, Expect::Absent)];
             if seq % self.config.audit_checkpoint_every.max(1) == 0 {
-                writes.push(self.checkpoint_write(&u, seq, &hash)?);
+                writes.push(self.checkpoint_write(u, seq, &hash)?);
             }
             match u.barrier.apply(&writes) {
                 Ok(()) => {
                     *state = Some((seq + 1, hash));
+                    if event.alert {
+                        self.audit_seq.alerts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(seq, action = %event.action, outcome = ?event.outcome, "audit alert");
+                    }
                     return Ok(seq);
                 }
                 // Another writer took this number: learn the new end and try again.
@@ -231,7 +268,7 @@ impl Kms {
     /// unsigned tail is never older than the checkpoint interval).
     pub fn audit_checkpoint(&self) -> Result<Option<u64>, KmsError> {
         let u = self.unsealed()?;
-        let state = self.audit_seq.0.lock().unwrap_or_else(|p| p.into_inner());
+        let state = self.audit_seq.state.lock().unwrap_or_else(|p| p.into_inner());
         let (next, last_hash) = match *state {
             Some(s) => s,
             None => self.trail_end(&u)?,

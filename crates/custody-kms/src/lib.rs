@@ -24,7 +24,7 @@ use custody_crypto::{KeyMaterial, RootKey};
 use custody_store::{Backend, Barrier, Expect, Table, Versioned, Write};
 
 pub use access_keys::{AccessKeyInfo, NewAccessKey};
-pub use audit::{AuditCheckpoint, AuditEvent, AuditQuery, AuditRecord, AuditVerification, Outcome};
+pub use audit::{AuditCheckpoint, AuditEvent, AuditHealth, AuditQuery, AuditRecord, AuditVerification, Outcome};
 pub use authz::{Action, Caller};
 pub use error::KmsError;
 pub use grants::{default_policy, CreateGrantRequest, GRANT_OPERATIONS};

@@ -26,6 +26,8 @@ fn event(i: u64) -> AuditEvent {
         error_code: None,
         detail: None,
         duration_ms: i % 5,
+        node: "node-a".into(),
+        alert: i % 10 == 0,
     }
 }
 

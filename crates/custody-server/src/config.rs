@@ -56,7 +56,8 @@ pub const SETTINGS: &[Setting] = &[
         default: "10000",
         doc: "Also sign a checkpoint this often when records have none yet, so the unsigned tail of the trail stays short.",
     },
-Setting { name: "log_format", env: "CUSTODY_LOG_FORMAT", kind: Kind::Text, default: "text", doc: "`text` or `json` (one JSON object per line)." },
+Setting { name: "node_name", env: "CUSTODY_NODE_NAME", kind: Kind::Text, default: "<host name>", doc: "This node's name in audit records." },
+    Setting { name: "log_format", env: "CUSTODY_LOG_FORMAT", kind: Kind::Text, default: "text", doc: "`text` or `json` (one JSON object per line)." },
     Setting { name: "tls.cert_file", env: "CUSTODY_TLS_CERT_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.crt", doc: "Server certificate chain (PEM)." },
     Setting { name: "tls.key_file", env: "CUSTODY_TLS_KEY_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.key", doc: "Server private key (PEM, PKCS#8)." },
     Setting { name: "tls.client_ca_file", env: "CUSTODY_TLS_CLIENT_CA_FILE", kind: Kind::Text, default: "<data_dir>/tls/ca.crt", doc: "CA whose client certificates are accepted (the internal CA)." },
@@ -91,6 +92,9 @@ pub struct ServerConfig {
     /// See [`SETTINGS`].
     #[serde(default = "defaults::audit_checkpoint_interval_ms")]
     pub audit_checkpoint_interval_ms: u64,
+    /// See [`SETTINGS`]. `None`: the host name.
+    #[serde(default)]
+    pub node_name: Option<String>,
     /// See [`SETTINGS`].
     #[serde(default = "defaults::log_format")]
     pub log_format: String,
@@ -246,6 +250,17 @@ impl ServerConfig {
                 _ => Err(ConfigError(format!("seal must be `shamir` or `keyfile:PATH`, got {s:?}"))),
             },
         }
+    }
+
+    /// This node's name: the setting, else the host name.
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "custody".into())
+        })
     }
 
     /// The store database file.

@@ -135,7 +135,8 @@ impl Server {
             .map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let state = Arc::new(State { kms: kms.clone(), max_request_bytes: config.max_request_bytes });
+        let state =
+            Arc::new(State { kms: kms.clone(), node: config.node_name(), max_request_bytes: config.max_request_bytes });
         tokio::spawn(scheduler(kms.clone(), Duration::from_millis(config.scheduler_interval_ms), shutdown_rx.clone()));
         tokio::spawn(checkpointer(
             kms.clone(),
@@ -166,6 +167,7 @@ impl Server {
 
 struct State {
     kms: Arc<Kms>,
+    node: String,
     max_request_bytes: usize,
 }
 
@@ -266,6 +268,7 @@ async fn handle(
     } else {
         let mut event = audit_event(time, &request_id, peer, &identity, &action, hints.key, &result, started);
         event.principal = auth_principal.clone();
+        event.node = state.node.clone();
         event.access_key_id = access_key_id.clone();
         let kms = state.kms.clone();
         let context = hints.context;
@@ -323,11 +326,8 @@ fn early(action: &str, e: ApiError) -> Routed {
 
 async fn route(state: &Arc<State>, identity: &Arc<Identity>, req: Request<Incoming>) -> Routed {
     if req.uri().path() == "/healthz" && req.method() == Method::GET {
-        return (
-            "healthz".into(),
-            protocol::AuditHints::default(),
-            protocol::Dispatched { result: Ok(health(&state.kms)), principal: None, access_key_id: None },
-        );
+        let dispatched = protocol::Dispatched { result: health(&state.kms), principal: None, access_key_id: None };
+        return ("healthz".into(), protocol::AuditHints::default(), dispatched);
     }
     if req.method() != Method::POST || req.uri().path() != "/" {
         return early(
@@ -431,6 +431,8 @@ fn audit_event(
         action: action.to_string(),
         key_id,
         encryption_context: None,
+        alert: is_alert(action, outcome, error_code.as_deref()),
+        node: String::new(),
         outcome,
         error_code,
         detail,
@@ -438,10 +440,49 @@ fn audit_event(
     }
 }
 
-fn health(kms: &Kms) -> serde_json::Value {
-    match kms.status() {
-        Ok(s) => serde_json::json!({ "status": "ok", "sealed": s.sealed, "version": env!("CARGO_PKG_VERSION") }),
-        Err(_) => serde_json::json!({ "status": "error", "sealed": true, "version": env!("CARGO_PKG_VERSION") }),
+/// Health for load balancers: 200 when serving; "degraded" (503) when the audit trail cannot
+/// be written, since every request is then refused.
+fn health(kms: &Kms) -> Result<serde_json::Value, ApiError> {
+    let audit = kms.audit_health();
+    let version = env!("CARGO_PKG_VERSION");
+    let body = match kms.status() {
+        Ok(s) => serde_json::json!({
+            "status": if audit.failing { "degraded" } else { "ok" },
+            "sealed": s.sealed,
+            "audit": if audit.failing { "failing" } else { "ok" },
+            "alerts": audit.alerts,
+            "version": version,
+        }),
+        Err(_) => serde_json::json!({ "status": "error", "sealed": true, "version": version }),
+    };
+    if audit.failing {
+        let mut e = ApiError::new(503, "ServiceUnavailableException", "the audit trail cannot be written");
+        e.detail = Some(body.to_string());
+        return Err(e);
+    }
+    Ok(body)
+}
+
+/// Records worth a human's attention (DESIGN.md §5, §7).
+fn is_alert(action: &str, outcome: custody_kms::Outcome, error_code: Option<&str>) -> bool {
+    use custody_kms::Outcome;
+    let uses_key = [
+        "Encrypt",
+        "Decrypt",
+        "ReEncrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyWithoutPlaintext",
+        "GenerateMac",
+        "VerifyMac",
+    ]
+    .iter()
+    .any(|a| action.strip_prefix("TrentService.") == Some(*a));
+    match (outcome, error_code) {
+        (Outcome::Unauthenticated, _) => true,
+        (Outcome::Denied, _) if action.ends_with("Decrypt") => true,
+        (_, Some("DisabledException" | "KMSInvalidStateException")) if uses_key => true,
+        (_, Some("KMSInternalException")) => true,
+        _ => false,
     }
 }
 

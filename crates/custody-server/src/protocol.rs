@@ -351,6 +351,8 @@ fn status_json(kms: &Kms) -> Result<Value, KmsError> {
         "Shares": s.shares,
         "Progress": s.progress,
         "StoreId": s.store_id,
+        "AuditFailing": kms.audit_health().failing,
+        "Alerts": kms.audit_health().alerts,
         "Version": env!("CARGO_PKG_VERSION"),
     }))
 }
