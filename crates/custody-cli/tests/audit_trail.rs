@@ -112,6 +112,11 @@ async fn when_the_audit_cannot_be_written_nothing_is_answered() {
         }
         other => panic!("a data key must not be returned without its audit record: {other:?}"),
     }
+    // A state change cannot happen without its record: they commit in one transaction.
+    match c.call("TrentService.DisableKey", json!({ "KeyId": k })).await {
+        Err(custody_client::ClientError::Api { status, .. }) => assert_eq!(status, 503),
+        other => panic!("DisableKey must fail while the audit cannot be written: {other:?}"),
+    }
     // Health says so, with a 503 that load balancers understand.
     match c.health().await {
         Err(custody_client::ClientError::Api { status, .. }) => assert_eq!(status, 503),
@@ -124,6 +129,8 @@ async fn when_the_audit_cannot_be_written_nothing_is_answered() {
     let ok = c.call("TrentService.GenerateDataKey", json!({ "KeyId": k, "KeySpec": "AES_256" })).await.unwrap();
     assert!(ok.get("Plaintext").is_some());
     assert_eq!(c.health().await.unwrap()["audit"], "ok");
+    let state = c.call("TrentService.DescribeKey", json!({ "KeyId": k })).await.unwrap();
+    assert_eq!(state["KeyMetadata"]["KeyState"], "Enabled", "the refused DisableKey changed nothing");
     // Using a disabled key is an alert.
     c.call("TrentService.DisableKey", json!({ "KeyId": k })).await.unwrap();
     assert!(c.call("TrentService.Encrypt", json!({ "KeyId": k, "Plaintext": "eA==" })).await.is_err());

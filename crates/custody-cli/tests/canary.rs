@@ -29,7 +29,13 @@ fn forms(secret: &[u8]) -> Vec<(String, Vec<u8>)> {
 fn canaries_appear_nowhere() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let init = common::custody().args(["init", "--data"]).arg(&data).arg("--seal").arg(format!("keyfile:{}", dir.path().join("root.key").display())).output().unwrap();
+    let init = common::custody()
+        .args(["init", "--data"])
+        .arg(&data)
+        .arg("--seal")
+        .arg(format!("keyfile:{}", dir.path().join("root.key").display()))
+        .output()
+        .unwrap();
     assert!(init.status.success());
 
     let server_log = dir.path().join("server.log");
@@ -63,7 +69,8 @@ fn canaries_appear_nowhere() {
     let text = std::fs::read_to_string(data.join("admin/profile.toml")).unwrap();
     std::fs::write(&profile, text.replace("https://localhost:8443", &format!("https://localhost:{port}"))).unwrap();
 
-    let mut canaries: Vec<Vec<u8>> = (0..4).map(|i| format!("CANARY-{i}-7d1f3e9a-plaintext-value").into_bytes()).collect();
+    let mut canaries: Vec<Vec<u8>> =
+        (0..4).map(|i| format!("CANARY-{i}-7d1f3e9a-plaintext-value").into_bytes()).collect();
     let cli_log = dir.path().join("cli.log");
     let cli = |args: &[&str], stdin: Option<&[u8]>| {
         let mut child = common::custody()
@@ -86,7 +93,8 @@ fn canaries_appear_nowhere() {
     };
 
     // The workflow: keys, encrypt, decrypt, data keys, re-encrypt, rotation, errors on purpose.
-    let key: serde_json::Value = serde_json::from_slice(&cli(&["--json", "key", "create", "--alias", "alias/canary"], None).stdout).unwrap();
+    let key: serde_json::Value =
+        serde_json::from_slice(&cli(&["--json", "key", "create", "--alias", "alias/canary"], None).stdout).unwrap();
     let key_id = key["KeyMetadata"]["KeyId"].as_str().unwrap().to_string();
     let other: serde_json::Value = serde_json::from_slice(&cli(&["--json", "key", "create"], None).stdout).unwrap();
     let other_id = other["KeyMetadata"]["KeyId"].as_str().unwrap().to_string();
@@ -98,21 +106,42 @@ fn canaries_appear_nowhere() {
     assert!(!cli(&["decrypt-blob", "-c", "tenant=wrong", blob_file.to_str().unwrap()], None).status.success());
     cli(&["key", "rotate", "alias/canary"], None);
     for _ in 0..3 {
-        let dk: serde_json::Value = serde_json::from_slice(&cli(&["--json", "data-key", "-k", &key_id], None).stdout).unwrap();
+        let dk: serde_json::Value =
+            serde_json::from_slice(&cli(&["--json", "data-key", "-k", &key_id], None).stdout).unwrap();
         canaries.push(STANDARD.decode(dk["Plaintext"].as_str().unwrap()).unwrap());
     }
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut c = custody_client::Client::connect(&custody_client::Profile::load(&profile).unwrap()).await.unwrap();
-        let enc = c.call("TrentService.Encrypt", json!({ "KeyId": key_id, "Plaintext": STANDARD.encode(&canaries[1]) })).await.unwrap();
-        c.call("TrentService.ReEncrypt", json!({ "CiphertextBlob": enc["CiphertextBlob"], "DestinationKeyId": other_id })).await.unwrap();
+        let enc = c
+            .call("TrentService.Encrypt", json!({ "KeyId": key_id, "Plaintext": STANDARD.encode(&canaries[1]) }))
+            .await
+            .unwrap();
+        c.call(
+            "TrentService.ReEncrypt",
+            json!({ "CiphertextBlob": enc["CiphertextBlob"], "DestinationKeyId": other_id }),
+        )
+        .await
+        .unwrap();
         let r = c.call("TrentService.GenerateRandom", json!({ "NumberOfBytes": 32 })).await.unwrap();
         canaries.push(STANDARD.decode(r["Plaintext"].as_str().unwrap()).unwrap());
         // Errors on purpose, with canaries in the failing requests.
         c.call("TrentService.DisableKey", json!({ "KeyId": other_id })).await.unwrap();
-        assert!(c.call("TrentService.Encrypt", json!({ "KeyId": other_id, "Plaintext": STANDARD.encode(&canaries[2]) })).await.is_err());
-        assert!(c.call("TrentService.Encrypt", json!({ "KeyId": "alias/none", "Plaintext": STANDARD.encode(&canaries[3]) })).await.is_err());
-        assert!(c.call_bytes("TrentService.Encrypt", format!("{{\"KeyId\": \"{key_id}\", \"Plaintext\": \"{}\"", STANDARD.encode(&canaries[3])).into_bytes()).await.is_err());
+        assert!(c
+            .call("TrentService.Encrypt", json!({ "KeyId": other_id, "Plaintext": STANDARD.encode(&canaries[2]) }))
+            .await
+            .is_err());
+        assert!(c
+            .call("TrentService.Encrypt", json!({ "KeyId": "alias/none", "Plaintext": STANDARD.encode(&canaries[3]) }))
+            .await
+            .is_err());
+        assert!(c
+            .call_bytes(
+                "TrentService.Encrypt",
+                format!("{{\"KeyId\": \"{key_id}\", \"Plaintext\": \"{}\"", STANDARD.encode(&canaries[3])).into_bytes()
+            )
+            .await
+            .is_err());
     });
     let export = dir.path().join("export.jsonl");
     assert!(cli(&["audit", "export", "--out", export.to_str().unwrap()], None).status.success());

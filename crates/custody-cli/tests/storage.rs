@@ -197,6 +197,12 @@ async fn the_scheduler_destroys_material_and_keeps_a_tombstone() {
         }
     }
     assert_eq!(state, "Destroyed", "DescribeKey still answers for a destroyed key");
+    let records = server.kms().audit_records(0, 1000).unwrap();
+    let destroyed: Vec<_> = records.iter().filter(|r| r.event.action == "Custody.ScheduledDestruction").collect();
+    assert_eq!(destroyed.len(), 1, "the scheduler's destruction is in the audit trail");
+    assert!(destroyed[0].event.key_id.as_deref().unwrap().ends_with(&k));
+    let schedules = records.iter().filter(|r| r.event.action == "TrentService.ScheduleKeyDeletion").count();
+    assert_eq!(schedules, 1, "a state change is recorded once, with the change");
     match c.call("TrentService.Decrypt", json!({ "CiphertextBlob": blob })).await {
         Err(custody_client::ClientError::Api { code, .. }) => assert_eq!(code, "KMSInvalidStateException"),
         other => panic!("{other:?}"),

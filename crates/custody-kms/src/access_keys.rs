@@ -94,7 +94,7 @@ impl Kms {
             active: true,
             created_at: now_ms(),
         };
-        u.barrier.apply(&[u.barrier.put(Table::AccessKeys, &id, &record, Expect::Absent)])?;
+        self.commit(&u, caller.into(), None, vec![u.barrier.put(Table::AccessKeys, &id, &record, Expect::Absent)])?;
         tracing::info!(access_key_id = %id, principal = %principal, "access key created");
         Ok(NewAccessKey { id, secret, principal })
     }
@@ -136,7 +136,12 @@ impl Kms {
         let _proof = authorize::<act::UpdateAccessKey>(caller, None)?;
         let mut key = self.access_key_in_tenant(&u, caller, id)?;
         key.value.active = active;
-        u.barrier.apply(&[u.barrier.put(Table::AccessKeys, id, &key.value, Expect::Rev(key.rev))])?;
+        self.commit(
+            &u,
+            caller.into(),
+            None,
+            vec![u.barrier.put(Table::AccessKeys, id, &key.value, Expect::Rev(key.rev))],
+        )?;
         Ok(())
     }
 
@@ -145,7 +150,7 @@ impl Kms {
         let u = self.unsealed()?;
         let _proof = authorize::<act::DeleteAccessKey>(caller, None)?;
         let key = self.access_key_in_tenant(&u, caller, id)?;
-        u.barrier.apply(&[u.barrier.delete(Table::AccessKeys, id, Expect::Rev(key.rev))])?;
+        self.commit(&u, caller.into(), None, vec![u.barrier.delete(Table::AccessKeys, id, Expect::Rev(key.rev))])?;
         Ok(())
     }
 
@@ -180,7 +185,7 @@ impl Kms {
         if !principal.enabled {
             return Err(unrecognized());
         }
-        let caller = Caller { tenant: key.tenant, name: key.principal, roles: principal.roles };
+        let caller = Caller { tenant: key.tenant, name: key.principal, roles: principal.roles, audit: None };
         Ok((caller, SecretBytes::new(key.secret.into_bytes())))
     }
 }

@@ -160,6 +160,42 @@ pub(crate) struct Sequencer {
     alerts: std::sync::atomic::AtomicU64,
 }
 
+/// A request's audit event, prepared before the service acts, so that a state change commits in
+/// the same transaction as its record (then the server writes no second record).
+#[derive(Debug)]
+pub struct AuditScope {
+    event: AuditEvent,
+    context: Option<BTreeMap<String, String>>,
+    started: std::time::Instant,
+    recorded: Mutex<Option<u64>>,
+}
+
+impl AuditScope {
+    /// A scope for `event` (outcome and duration are filled in at commit).
+    pub fn new(event: AuditEvent, context: Option<BTreeMap<String, String>>) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self { event, context, started: std::time::Instant::now(), recorded: Mutex::new(None) })
+    }
+
+    /// The sequence number of the record written with a state change, if one was.
+    pub fn recorded(&self) -> Option<u64> {
+        *self.recorded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Who makes a state change: a caller (whose request scope is recorded with it) or the
+/// scheduler acting on its own (recorded as a system event).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Actor<'a> {
+    Caller(&'a Caller),
+    Scheduler { action: &'static str },
+}
+
+impl<'a> From<&'a Caller> for Actor<'a> {
+    fn from(c: &'a Caller) -> Self {
+        Actor::Caller(c)
+    }
+}
+
 /// Health of the audit trail, for `/healthz` and status.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct AuditHealth {
@@ -213,7 +249,7 @@ impl Kms {
         let u = self.unsealed()?;
         let hmac = u.root.audit_hmac_key();
         event.encryption_context = context.map(|c| c.iter().map(|(k, v)| (k.clone(), hmac.token(v))).collect());
-        let result = self.append_record(&u, event);
+        let result = self.append_record(&u, event, Vec::new());
         self.audit_seq.failing.store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
         result
     }
@@ -224,7 +260,65 @@ impl Kms {
         AuditHealth { failing: self.audit_seq.failing.load(Relaxed), alerts: self.audit_seq.alerts.load(Relaxed) }
     }
 
-    fn append_record(&self, u: &Unsealed, event: AuditEvent) -> Result<u64, KmsError> {
+    /// Applies a state change together with its audit record, in one transaction.
+    pub(crate) fn commit(
+        &self,
+        u: &Unsealed,
+        actor: Actor<'_>,
+        key_id: Option<String>,
+        writes: Vec<Write>,
+    ) -> Result<(), KmsError> {
+        let (event, context, scope) = match actor {
+            Actor::Caller(c) => match &c.audit {
+                // Library use without a request scope (tests, tools): the caller records.
+                None => return Ok(u.barrier.apply(&writes)?),
+                Some(scope) => {
+                    let mut event = scope.event.clone();
+                    event.outcome = Outcome::Success;
+                    event.principal = Some(c.arn());
+                    event.duration_ms = scope.started.elapsed().as_millis() as u64;
+                    if key_id.is_some() {
+                        event.key_id = key_id;
+                    }
+                    (event, scope.context.clone(), Some(scope))
+                }
+            },
+            Actor::Scheduler { action } => {
+                let event = AuditEvent {
+                    time: now_ms(),
+                    request_id: String::new(),
+                    node: String::new(),
+                    source: "custody scheduler".into(),
+                    tls_identity: None,
+                    principal: Some("custody:scheduler".into()),
+                    access_key_id: None,
+                    action: action.into(),
+                    key_id,
+                    encryption_context: None,
+                    outcome: Outcome::Success,
+                    error_code: None,
+                    detail: None,
+                    duration_ms: 0,
+                    alert: false,
+                };
+                (event, None, None)
+            }
+        };
+        let hmac = u.root.audit_hmac_key();
+        let mut event = event;
+        event.encryption_context = context.map(|c| c.iter().map(|(k, v)| (k.clone(), hmac.token(v))).collect());
+        let result = self.append_record(u, event, writes);
+        self.audit_seq
+            .failing
+            .store(matches!(result, Err(KmsError::Internal(_))), std::sync::atomic::Ordering::Relaxed);
+        let seq = result?;
+        if let Some(scope) = scope {
+            *scope.recorded.lock().unwrap_or_else(|p| p.into_inner()) = Some(seq);
+        }
+        Ok(())
+    }
+
+    fn append_record(&self, u: &Unsealed, event: AuditEvent, state_writes: Vec<Write>) -> Result<u64, KmsError> {
         let mut state = self.audit_seq.state.lock().unwrap_or_else(|p| p.into_inner());
         for _ in 0..8 {
             let (seq, prev) = match *state {
@@ -244,6 +338,7 @@ impl Kms {
             if seq % self.config.audit_checkpoint_every.max(1) == 0 {
                 writes.push(self.checkpoint_write(u, seq, &hash)?);
             }
+            writes.extend(state_writes.iter().cloned());
             match u.barrier.apply(&writes) {
                 Ok(()) => {
                     *state = Some((seq + 1, hash));
@@ -253,8 +348,16 @@ impl Kms {
                     }
                     return Ok(seq);
                 }
-                // Another writer took this number: learn the new end and try again.
-                Err(StoreError::Conflict { .. }) => *state = None,
+                // Either another writer took this sequence number (learn the new end and retry),
+                // or the state change itself lost a race (then it is the caller's conflict).
+                Err(StoreError::Conflict { .. }) => {
+                    let end = self.trail_end(u)?;
+                    if end.0 == seq && !state_writes.is_empty() {
+                        *state = Some(end);
+                        return Err(KmsError::Conflict);
+                    }
+                    *state = Some(end);
+                }
                 Err(e) => {
                     *state = None;
                     return Err(e.into());

@@ -17,9 +17,18 @@ pub struct Caller {
     pub(crate) tenant: TenantId,
     pub(crate) name: PrincipalName,
     pub(crate) roles: Vec<Role>,
+    /// The request's audit record, written together with any state change it makes.
+    pub(crate) audit: Option<std::sync::Arc<crate::audit::AuditScope>>,
 }
 
 impl Caller {
+    /// Attaches the request's audit scope: a state change the request makes then commits in
+    /// the same transaction as its audit record.
+    pub fn with_audit(mut self, scope: std::sync::Arc<crate::audit::AuditScope>) -> Self {
+        self.audit = Some(scope);
+        self
+    }
+
     /// The caller's tenant.
     pub fn tenant(&self) -> &TenantId {
         &self.tenant

@@ -138,7 +138,7 @@ impl Kms {
         validate_policy(&policy)?;
         let (u, mut key, _proof) = self.prepare::<act::PutKeyPolicy>(caller, r)?;
         key.value.policy = Some(policy);
-        self.save_key(&u, &key, vec![])
+        self.save_key(&u, caller, &key, vec![])
     }
 
     /// ListKeyPolicies: always `["default"]`.
@@ -205,7 +205,8 @@ impl Kms {
             issuing_account: format!("arn:aws:iam::{}:root", key.value.tenant),
             created_at: now_ms(),
         };
-        u.barrier.apply(&[u.barrier.put(Table::Grants, &format!("{prefix}{id}"), &record, Expect::Absent)])?;
+        let write = u.barrier.put(Table::Grants, &format!("{prefix}{id}"), &record, Expect::Absent);
+        self.commit(&u, caller.into(), Some(self.key_arn(&key.value)), vec![write])?;
         Ok((token, id))
     }
 
@@ -279,14 +280,14 @@ impl Kms {
             return Err(KmsError::InvalidGrantToken("The grant token is not valid.".into()));
         }
         let _proof = crate::authz::authorize::<act::RetireGrant>(caller, Some(&key.value))?;
-        Ok(u.barrier.apply(&[u.barrier.delete(Table::Grants, &grant.key, Expect::Rev(grant.rev))])?)
+        self.commit(&u, caller.into(), None, vec![u.barrier.delete(Table::Grants, &grant.key, Expect::Rev(grant.rev))])
     }
 
     /// RevokeGrant.
     pub fn revoke_grant(&self, caller: &Caller, r: &KeyRef, grant_id: &str) -> Result<(), KmsError> {
         let u = self.unsealed()?;
         let grant = self.grant_by_id::<act::RevokeGrant>(&u, caller, r, grant_id)?;
-        Ok(u.barrier.apply(&[u.barrier.delete(Table::Grants, &grant.key, Expect::Rev(grant.rev))])?)
+        self.commit(&u, caller.into(), None, vec![u.barrier.delete(Table::Grants, &grant.key, Expect::Rev(grant.rev))])
     }
 
     fn grant_by_id<A: crate::authz::ActionKind>(

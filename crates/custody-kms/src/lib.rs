@@ -24,7 +24,9 @@ use custody_crypto::{KeyMaterial, RootKey};
 use custody_store::{Backend, Barrier, Expect, Table, Versioned, Write};
 
 pub use access_keys::{AccessKeyInfo, NewAccessKey};
-pub use audit::{AuditCheckpoint, AuditEvent, AuditHealth, AuditQuery, AuditRecord, AuditVerification, Outcome};
+pub use audit::{
+    AuditCheckpoint, AuditEvent, AuditHealth, AuditQuery, AuditRecord, AuditScope, AuditVerification, Outcome,
+};
 pub use authz::{Action, Caller};
 pub use error::KmsError;
 pub use grants::{default_policy, CreateGrantRequest, GRANT_OPERATIONS};
@@ -167,11 +169,17 @@ impl Kms {
         u.barrier.put(Table::Versions, &version_row(key.id, version), &record, Expect::Absent)
     }
 
-    /// Writes a changed key record (conditional on the revision read) with `extra` writes,
-    /// atomically.
-    fn save_key(&self, u: &Unsealed, key: &Versioned<KeyRecord>, extra: Vec<Write>) -> Result<(), KmsError> {
+    /// Writes a changed key record (conditional on the revision read) with `extra` writes and
+    /// the audit record, atomically.
+    fn save_key<'a>(
+        &self,
+        u: &Unsealed,
+        actor: impl Into<audit::Actor<'a>>,
+        key: &Versioned<KeyRecord>,
+        extra: Vec<Write>,
+    ) -> Result<(), KmsError> {
         let mut writes = vec![u.barrier.put(Table::Keys, &key.key, &key.value, Expect::Rev(key.rev))];
         writes.extend(extra);
-        Ok(u.barrier.apply(&writes)?)
+        self.commit(u, actor.into(), Some(self.key_arn(&key.value)), writes)
     }
 }

@@ -180,7 +180,7 @@ impl Kms {
             u.barrier.put(Table::Keys, &key.id.to_string(), &key, Expect::Absent),
             self.new_version(&u, &key, 1, now, &proof),
         ];
-        u.barrier.apply(&writes)?;
+        self.commit(&u, caller.into(), Some(self.key_arn(&key)), writes)?;
         tracing::info!(key_id = %key.id, tenant = %key.tenant, "key created");
         Ok(self.metadata(&key))
     }
@@ -242,7 +242,7 @@ impl Kms {
                 let next = key.value.rotation.next_rotation.unwrap_or(0).max(now_ms());
                 key.value.rotation.next_rotation = Some(next);
             }
-            self.save_key(&u, &key, vec![])?;
+            self.save_key(&u, caller, &key, vec![])?;
             tracing::info!(key_id = %key.value.id, state = state.as_str(), "key state changed");
         }
         Ok(())
@@ -268,7 +268,7 @@ impl Kms {
         key.value.state = KeyState::PendingDeletion;
         key.value.deletion_date = Some(date);
         key.value.pending_window_days = Some(days);
-        self.save_key(&u, &key, vec![])?;
+        self.save_key(&u, caller, &key, vec![])?;
         tracing::warn!(key_id = %key.value.id, days, "key scheduled for deletion");
         Ok(ScheduledDeletion {
             key_id: self.key_arn(&key.value),
@@ -284,7 +284,7 @@ impl Kms {
         key.value.state = KeyState::Disabled;
         key.value.deletion_date = None;
         key.value.pending_window_days = None;
-        self.save_key(&u, &key, vec![])?;
+        self.save_key(&u, caller, &key, vec![])?;
         tracing::info!(key_id = %key.value.id, "key deletion cancelled");
         Ok(self.key_arn(&key.value))
     }
@@ -294,7 +294,7 @@ impl Kms {
         validate_description(&description)?;
         let (u, mut key, _proof) = self.prepare::<act::TagResource>(caller, r)?;
         key.value.description = description;
-        self.save_key(&u, &key, vec![])
+        self.save_key(&u, caller, &key, vec![])
     }
 
     // ----- rotation -----
@@ -315,7 +315,7 @@ impl Kms {
             rotation.enabled = true;
             rotation.period_days = period;
             rotation.next_rotation = Some(now_ms() + i64::from(period) * self.config.day_ms);
-            self.save_key(&u, &key, vec![])?;
+            self.save_key(&u, caller, &key, vec![])?;
         }
         Ok(())
     }
@@ -326,7 +326,7 @@ impl Kms {
         if key.value.rotation.enabled {
             key.value.rotation.enabled = false;
             key.value.rotation.next_rotation = None;
-            self.save_key(&u, &key, vec![])?;
+            self.save_key(&u, caller, &key, vec![])?;
         }
         Ok(())
     }
@@ -347,13 +347,14 @@ impl Kms {
     pub fn rotate_key_on_demand(&self, caller: &Caller, r: &KeyRef) -> Result<String, KmsError> {
         let (u, key, proof) = self.prepare::<act::RotateKeyOnDemand>(caller, r)?;
         let id = key.value.id;
-        self.rotate(&u, key, RotationKind::OnDemand, &proof)?;
+        self.rotate(&u, caller.into(), key, RotationKind::OnDemand, &proof)?;
         Ok(id.to_string())
     }
 
     fn rotate<A: authz::CreatesMaterial>(
         &self,
         u: &Unsealed,
+        actor: crate::audit::Actor<'_>,
         mut key: Versioned<KeyRecord>,
         kind: RotationKind,
         proof: &Authorized<A>,
@@ -367,7 +368,7 @@ impl Kms {
             key.value.rotation.next_rotation =
                 Some(now + i64::from(key.value.rotation.period_days) * self.config.day_ms);
         }
-        self.save_key(u, &key, vec![write])?;
+        self.save_key(u, actor, &key, vec![write])?;
         tracing::info!(key_id = %key.value.id, version, kind = kind.as_str(), "key rotated");
         Ok(version)
     }
@@ -406,7 +407,7 @@ impl Kms {
         let (u, mut key, _proof) = self.prepare::<act::TagResource>(caller, r)?;
         key.value.tags.extend(tags);
         validate_tags(&key.value.tags)?;
-        self.save_key(&u, &key, vec![])
+        self.save_key(&u, caller, &key, vec![])
     }
 
     /// UntagResource: removes tags by key (absent keys are ignored, as in AWS).
@@ -415,7 +416,7 @@ impl Kms {
         for k in keys {
             key.value.tags.remove(k);
         }
-        self.save_key(&u, &key, vec![])
+        self.save_key(&u, caller, &key, vec![])
     }
 
     /// ListResourceTags, in tag-key order. The marker is the last tag key listed.
@@ -443,8 +444,9 @@ impl Kms {
         let now = now_ms();
         let record = AliasRecord { name: alias.to_string(), key_id: key.value.id, created_at: now, updated_at: now };
         let row = format!("{}/{}", caller.tenant, alias);
-        u.barrier.apply(&[u.barrier.put(Table::Aliases, &row, &record, Expect::Absent)]).map_err(|e| match e {
-            custody_store::StoreError::Conflict { .. } => KmsError::AlreadyExists(format!(
+        let write = u.barrier.put(Table::Aliases, &row, &record, Expect::Absent);
+        self.commit(&u, caller.into(), Some(self.key_arn(&key.value)), vec![write]).map_err(|e| match e {
+            KmsError::Conflict => KmsError::AlreadyExists(format!(
                 "An alias with the name {} already exists",
                 ids::alias_arn(&self.config.region, &caller.tenant, alias)
             )),
@@ -465,7 +467,8 @@ impl Kms {
         let (u, key, _proof) = self.prepare::<act::UpdateAlias>(caller, target)?;
         existing.value.key_id = key.value.id;
         existing.value.updated_at = now_ms();
-        Ok(u.barrier.apply(&[u.barrier.put(Table::Aliases, &row, &existing.value, Expect::Rev(existing.rev))])?)
+        let write = u.barrier.put(Table::Aliases, &row, &existing.value, Expect::Rev(existing.rev));
+        self.commit(&u, caller.into(), Some(self.key_arn(&key.value)), vec![write])
     }
 
     /// DeleteAlias.
@@ -477,7 +480,7 @@ impl Kms {
         if let Some(key) = self.key_by_id(&u, existing.value.key_id)? {
             let _proof = authorize::<act::DeleteAlias>(caller, Some(&key.value))?;
         }
-        Ok(u.barrier.apply(&[u.barrier.delete(Table::Aliases, &row, Expect::Rev(existing.rev))])?)
+        self.commit(&u, caller.into(), None, vec![u.barrier.delete(Table::Aliases, &row, Expect::Rev(existing.rev))])
     }
 
     fn alias_not_found(&self, caller: &Caller, alias: &AliasName) -> KmsError {
@@ -781,7 +784,14 @@ impl Kms {
                         if key.value.rotation.enabled && key.value.rotation.next_rotation.is_some_and(|t| t <= now) =>
                     {
                         let proof = authz::scheduler::<act::RotateKeyOnDemand>();
-                        self.rotate(&u, key, RotationKind::Automatic, &proof).map(|_| report.rotated += 1)
+                        self.rotate(
+                            &u,
+                            crate::audit::Actor::Scheduler { action: "Custody.ScheduledRotation" },
+                            key,
+                            RotationKind::Automatic,
+                            &proof,
+                        )
+                        .map(|_| report.rotated += 1)
                     }
                     KeyState::PendingDeletion if key.value.deletion_date.is_some_and(|t| t <= now) => {
                         self.destroy(&u, key).map(|_| report.destroyed += 1)
@@ -826,7 +836,7 @@ impl Kms {
         key.value.destroyed_at = Some(now_ms());
         key.value.rotation.enabled = false;
         key.value.rotation.next_rotation = None;
-        self.save_key(u, &key, writes)?;
+        self.save_key(u, crate::audit::Actor::Scheduler { action: "Custody.ScheduledDestruction" }, &key, writes)?;
         u.barrier.backend().erase_freed()?;
         tracing::warn!(key_id = %id, "key material destroyed");
         Ok(())

@@ -320,7 +320,7 @@ impl Kms {
         if !record.enabled || record.tenant != tenant {
             return Err(denied());
         }
-        Ok(Caller { tenant, name, roles: record.roles })
+        Ok(Caller { tenant, name, roles: record.roles, audit: None })
     }
 
     /// The internal CA certificate (PEM).

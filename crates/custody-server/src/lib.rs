@@ -256,14 +256,16 @@ async fn handle(
     let started = Instant::now();
     let time = custody_kms::model::now_ms();
     let request_id = uuid::Uuid::new_v4().to_string();
-    let (action, hints, dispatched) = route(&state, &identity, req).await;
+    let (action, hints, dispatched) = route(&state, &identity, peer, &request_id, req).await;
+    let dispatched_recorded = dispatched.recorded.is_some();
     let (result, auth_principal, access_key_id) = (dispatched.result, dispatched.principal, dispatched.access_key_id);
     let principal = match &*identity {
         Identity::Certificate(uri) => uri.as_str(),
         Identity::CertificateWithoutIdentity => "<certificate without identity>",
         Identity::Anonymous => "-",
     };
-    let audited = if action == "healthz" {
+    // A state change already committed its record with it.
+    let audited = if action == "healthz" || dispatched_recorded {
         Ok(())
     } else {
         let mut event = audit_event(time, &request_id, peer, &identity, &action, hints.key, &result, started);
@@ -320,13 +322,20 @@ fn early(action: &str, e: ApiError) -> Routed {
     (
         action.to_string(),
         protocol::AuditHints::default(),
-        protocol::Dispatched { result: Err(e), principal: None, access_key_id: None },
+        protocol::Dispatched { result: Err(e), principal: None, access_key_id: None, recorded: None },
     )
 }
 
-async fn route(state: &Arc<State>, identity: &Arc<Identity>, req: Request<Incoming>) -> Routed {
+async fn route(
+    state: &Arc<State>,
+    identity: &Arc<Identity>,
+    peer: SocketAddr,
+    request_id: &str,
+    req: Request<Incoming>,
+) -> Routed {
     if req.uri().path() == "/healthz" && req.method() == Method::GET {
-        let dispatched = protocol::Dispatched { result: health(&state.kms), principal: None, access_key_id: None };
+        let dispatched =
+            protocol::Dispatched { result: health(&state.kms), principal: None, access_key_id: None, recorded: None };
         return ("healthz".into(), protocol::AuditHints::default(), dispatched);
     }
     if req.method() != Method::POST || req.uri().path() != "/" {
@@ -363,9 +372,25 @@ async fn route(state: &Arc<State>, identity: &Arc<Identity>, req: Request<Incomi
         }
     };
     let hints = protocol::audit_hints(&body);
+    // The record a state change commits with; the rest is filled in at commit.
+    let template = audit_event(
+        custody_kms::model::now_ms(),
+        request_id,
+        peer,
+        identity,
+        &target,
+        hints.key.clone(),
+        &Ok(serde_json::Value::Null),
+        Instant::now(),
+    );
+    let scope = custody_kms::AuditScope::new(
+        custody_kms::AuditEvent { node: state.node.clone(), ..template },
+        hints.context.clone(),
+    );
     let kms = state.kms.clone();
     let identity = identity.clone();
     let t = target.clone();
+    let s = scope.clone();
     let dispatched = tokio::task::spawn_blocking(move || {
         let req = sigv4::RequestParts {
             method: parts.method.as_str(),
@@ -374,7 +399,7 @@ async fn route(state: &Arc<State>, identity: &Arc<Identity>, req: Request<Incomi
             headers: &parts.headers,
             body: &body,
         };
-        protocol::dispatch(&kms, &identity, &req, &t)
+        protocol::dispatch(&kms, &identity, &req, &t, Some(s))
     })
     .await
     .unwrap_or_else(|_| protocol::Dispatched {
@@ -385,8 +410,9 @@ async fn route(state: &Arc<State>, identity: &Arc<Identity>, req: Request<Incomi
         )),
         principal: None,
         access_key_id: None,
+        recorded: None,
     });
-    (target, hints, dispatched)
+    (target, hints, protocol::Dispatched { recorded: scope.recorded(), ..dispatched })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -169,20 +169,31 @@ pub struct Dispatched {
     pub principal: Option<String>,
     /// SigV4 access key id presented (even if it was refused).
     pub access_key_id: Option<String>,
+    /// The audit record written together with a state change, if the action made one.
+    pub recorded: Option<u64>,
 }
 
-/// Who sent a request and how, as far as one request can tell.
+/// Who sent a request and how, as far as one request can tell; and the request's audit scope,
+/// attached to the caller once authenticated.
 #[derive(Debug, Default)]
 struct Auth {
     principal: Option<String>,
     access_key_id: Option<String>,
+    scope: Option<std::sync::Arc<custody_kms::AuditScope>>,
 }
 
-/// Runs one action. Blocking: call from a blocking-capable thread.
-pub fn dispatch(kms: &Kms, identity: &Identity, req: &RequestParts<'_>, target: &str) -> Dispatched {
-    let mut auth = Auth::default();
+/// Runs one action. Blocking: call from a blocking-capable thread. A state change the action
+/// makes is recorded through `scope`, in the same transaction.
+pub fn dispatch(
+    kms: &Kms,
+    identity: &Identity,
+    req: &RequestParts<'_>,
+    target: &str,
+    scope: Option<std::sync::Arc<custody_kms::AuditScope>>,
+) -> Dispatched {
+    let mut auth = Auth { scope, ..Auth::default() };
     let result = run(kms, identity, req, target, &mut auth);
-    Dispatched { result, principal: auth.principal, access_key_id: auth.access_key_id }
+    Dispatched { result, principal: auth.principal, access_key_id: auth.access_key_id, recorded: None }
 }
 
 fn run(
@@ -233,7 +244,10 @@ fn authenticate(kms: &Kms, identity: &Identity, req: &RequestParts<'_>, auth: &m
         },
     };
     auth.principal = Some(caller.arn());
-    Ok(caller)
+    Ok(match auth.scope.clone() {
+        Some(scope) => caller.with_audit(scope),
+        None => caller,
+    })
 }
 
 fn custody_action(
