@@ -156,8 +156,30 @@ pub struct AuditQuery {
 #[derive(Debug, Default)]
 pub(crate) struct Sequencer {
     state: Mutex<Option<(u64, [u8; 32])>>,
+    /// Records waiting for the next group commit, each with the slot its result goes to.
+    queue: Mutex<Vec<(AuditEvent, std::sync::Arc<Slot>)>>,
+    /// Signalled (under `queue`) when a group commit has filled its slots.
+    committed: std::sync::Condvar,
     failing: std::sync::atomic::AtomicBool,
     alerts: std::sync::atomic::AtomicU64,
+}
+
+/// Where a group commit leaves one record's result (sequence number, or why it failed).
+#[derive(Debug, Default)]
+struct Slot(Mutex<Option<Result<u64, String>>>);
+
+impl Slot {
+    fn fill(&self, r: Result<u64, String>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+
+    fn take(&self) -> Option<Result<u64, String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn is_filled(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
 }
 
 /// A request's audit event, prepared before the service acts, so that a state change commits in
@@ -249,9 +271,54 @@ impl Kms {
         let u = self.unsealed()?;
         let hmac = u.root.audit_hmac_key();
         event.encryption_context = context.map(|c| c.iter().map(|(k, v)| (k.clone(), hmac.token(v))).collect());
-        let result = self.append_record(&u, event, Vec::new());
-        self.audit_seq.failing.store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
-        result
+        // Group commit: queue the record; whoever can take the sequencer commits everything
+        // queued in one transaction (one fsync for many requests) while the others wait for
+        // their slot to be filled.
+        let slot = std::sync::Arc::new(Slot::default());
+        let seq = &self.audit_seq;
+        seq.queue.lock().unwrap_or_else(|p| p.into_inner()).push((event, slot.clone()));
+        loop {
+            if let Some(done) = slot.take() {
+                return done.map_err(KmsError::Internal);
+            }
+            let state = match seq.state.try_lock() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            };
+            match state {
+                Some(mut state) => {
+                    let batch = std::mem::take(&mut *seq.queue.lock().unwrap_or_else(|p| p.into_inner()));
+                    let (events, slots): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                    let result = if events.is_empty() {
+                        Ok(Vec::new())
+                    } else {
+                        self.append_records(&u, &mut state, events, Vec::new())
+                    };
+                    drop(state);
+                    seq.failing.store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
+                    let outcome: Vec<Result<u64, String>> = match result {
+                        Ok(seqs) => seqs.into_iter().map(Ok).collect(),
+                        Err(e) => vec![Err(e.internal_detail().unwrap_or_else(|| e.to_string())); slots.len()],
+                    };
+                    for (s, r) in slots.iter().zip(outcome) {
+                        s.fill(r);
+                    }
+                    // Notify under the queue lock, so a waiter cannot miss it.
+                    let _q = seq.queue.lock().unwrap_or_else(|p| p.into_inner());
+                    seq.committed.notify_all();
+                }
+                None => {
+                    let q = seq.queue.lock().unwrap_or_else(|p| p.into_inner());
+                    if slot.is_filled() {
+                        continue;
+                    }
+                    // Woken when the current leader finishes; the timeout only guards against
+                    // a leader that took the sequencer for a state change (which does not notify).
+                    let _ = seq.committed.wait_timeout(q, std::time::Duration::from_millis(2));
+                }
+            }
+        }
     }
 
     /// Health of the trail: whether writes are failing, and alerts since start.
@@ -307,56 +374,71 @@ impl Kms {
         let hmac = u.root.audit_hmac_key();
         let mut event = event;
         event.encryption_context = context.map(|c| c.iter().map(|(k, v)| (k.clone(), hmac.token(v))).collect());
-        let result = self.append_record(u, event, writes);
-        self.audit_seq
-            .failing
-            .store(matches!(result, Err(KmsError::Internal(_))), std::sync::atomic::Ordering::Relaxed);
-        let seq = result?;
+        let mut state = self.audit_seq.state.lock().unwrap_or_else(|p| p.into_inner());
+        let result = self.append_records(u, &mut state, vec![event], writes);
+        drop(state);
+        let failing = matches!(result, Err(KmsError::Internal(_)));
+        self.audit_seq.failing.store(failing, std::sync::atomic::Ordering::Relaxed);
+        let seq = result?[0];
         if let Some(scope) = scope {
             *scope.recorded.lock().unwrap_or_else(|p| p.into_inner()) = Some(seq);
         }
         Ok(())
     }
 
-    fn append_record(&self, u: &Unsealed, event: AuditEvent, state_writes: Vec<Write>) -> Result<u64, KmsError> {
-        let mut state = self.audit_seq.state.lock().unwrap_or_else(|p| p.into_inner());
+    /// Appends `events` (chained, in order) and `state_writes` in one transaction. The caller
+    /// holds the sequencer lock (`state`).
+    fn append_records(
+        &self,
+        u: &Unsealed,
+        state: &mut Option<(u64, [u8; 32])>,
+        events: Vec<AuditEvent>,
+        state_writes: Vec<Write>,
+    ) -> Result<Vec<u64>, KmsError> {
         for _ in 0..8 {
-            let (seq, prev) = match *state {
+            let (first, mut prev) = match *state {
                 Some(s) => s,
                 None => self.trail_end(u)?,
             };
-            let written_at = now_ms();
-            let hash = record_hash(&prev, seq, written_at, &event);
-            let record = AuditRecord {
-                seq,
-                written_at,
-                prev_hash: hex::encode(prev),
-                hash: hex::encode(hash),
-                event: event.clone(),
-            };
-            let mut writes = vec![u.barrier.put(Table::Audit, &row_key(seq), &record, Expect::Absent)];
-            if seq % self.config.audit_checkpoint_every.max(1) == 0 {
-                writes.push(self.checkpoint_write(u, seq, &hash)?);
+            let mut writes = Vec::with_capacity(events.len() + state_writes.len() + 1);
+            let mut seqs = Vec::with_capacity(events.len());
+            for (i, event) in events.iter().enumerate() {
+                let seq = first + i as u64;
+                let written_at = now_ms();
+                let hash = record_hash(&prev, seq, written_at, event);
+                let record = AuditRecord {
+                    seq,
+                    written_at,
+                    prev_hash: hex::encode(prev),
+                    hash: hex::encode(hash),
+                    event: event.clone(),
+                };
+                writes.push(u.barrier.put(Table::Audit, &row_key(seq), &record, Expect::Absent));
+                if seq % self.config.audit_checkpoint_every.max(1) == 0 {
+                    writes.push(self.checkpoint_write(u, seq, &hash)?);
+                }
+                prev = hash;
+                seqs.push(seq);
             }
             writes.extend(state_writes.iter().cloned());
             match u.barrier.apply(&writes) {
                 Ok(()) => {
-                    *state = Some((seq + 1, hash));
-                    if event.alert {
+                    *state = Some((first + events.len() as u64, prev));
+                    for event in events.iter().filter(|e| e.alert) {
                         self.audit_seq.alerts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!(seq, action = %event.action, outcome = ?event.outcome, "audit alert");
+                        tracing::warn!(action = %event.action, outcome = ?event.outcome, "audit alert");
                     }
-                    return Ok(seq);
+                    return Ok(seqs);
                 }
-                // Either another writer took this sequence number (learn the new end and retry),
-                // or the state change itself lost a race (then it is the caller's conflict).
+                // Either another writer took these sequence numbers (learn the new end and
+                // retry), or the state change itself lost a race (then it is the caller's conflict).
                 Err(StoreError::Conflict { .. }) => {
                     let end = self.trail_end(u)?;
-                    if end.0 == seq && !state_writes.is_empty() {
-                        *state = Some(end);
+                    let taken = end.0 != first;
+                    *state = Some(end);
+                    if !taken {
                         return Err(KmsError::Conflict);
                     }
-                    *state = Some(end);
                 }
                 Err(e) => {
                     *state = None;
@@ -364,7 +446,7 @@ impl Kms {
                 }
             }
         }
-        Err(KmsError::Internal("could not allocate an audit sequence number".into()))
+        Err(KmsError::Internal("could not allocate audit sequence numbers".into()))
     }
 
     /// Signs a checkpoint for the newest record if it has none yet (the timer calls this, so the

@@ -450,7 +450,7 @@ impl Kms {
                 "An alias with the name {} already exists",
                 ids::alias_arn(&self.config.region, &caller.tenant, alias)
             )),
-            other => other.into(),
+            other => other,
         })
     }
 

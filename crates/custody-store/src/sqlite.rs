@@ -128,6 +128,18 @@ impl Backend for SqliteBackend {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
         for w in writes {
+            // The common append (audit records, new keys): one INSERT, a duplicate is a conflict.
+            if let Write::Put { table, key, value, expect: Expect::Absent } = w {
+                let inserted = tx
+                    .prepare_cached("INSERT INTO rows (tbl, key, rev, value) VALUES (?1, ?2, 1, ?3) ON CONFLICT (tbl, key) DO NOTHING")
+                    .map_err(db)?
+                    .execute(params![table.name(), key, value])
+                    .map_err(db)?;
+                if inserted == 0 {
+                    return Err(StoreError::Conflict { table: table.name(), key: key.clone() });
+                }
+                continue;
+            }
             let (table, key, expect) = match w {
                 Write::Put { table, key, expect, .. } | Write::Delete { table, key, expect } => (*table, key, *expect),
             };
