@@ -126,6 +126,8 @@ pub struct AuditVerification {
     pub records: u64,
     /// Checkpoints checked.
     pub checkpoints: u64,
+    /// First sequence number present (above 1 when retention pruned older records).
+    pub first_seq: u64,
     /// Last sequence number seen.
     pub last_seq: u64,
     /// The first problem, if any.
@@ -570,6 +572,60 @@ impl Kms {
         }
     }
 
+    /// Applies the retention settings: deletes the oldest records that are past both limits that
+    /// are set, but only up to a signed checkpoint, which stays as the anchor of what remains (the
+    /// first remaining record links to it, so the trail still verifies). Returns how many records
+    /// were deleted.
+    pub fn prune_audit(&self) -> Result<u64, KmsError> {
+        let (days, count) = (self.config.audit_retain_days, self.config.audit_retain_records);
+        if days == 0 && count == 0 {
+            return Ok(0);
+        }
+        let u = self.unsealed()?;
+        let _state = self.audit_seq.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(last) = u.barrier.backend().last(Table::Audit)? else { return Ok(0) };
+        let last_seq: u64 = last.key.parse().map_err(|_| KmsError::Integrity(format!("audit/{}", last.key)))?;
+        // The newest record each limit allows deleting.
+        let by_count = if count == 0 { u64::MAX } else { last_seq.saturating_sub(count) };
+        let by_age = if days == 0 {
+            u64::MAX
+        } else {
+            let cutoff = now_ms() - days as i64 * self.config.day_ms;
+            let mut newest_old = 0;
+            for r in u.barrier.scan::<AuditRecord>(Table::Audit, "", None, usize::MAX)? {
+                if r.value.event.time >= cutoff {
+                    break;
+                }
+                newest_old = r.value.seq;
+            }
+            newest_old
+        };
+        let limit = by_count.min(by_age);
+        // Prune up to the newest checkpoint within the limit; keep that checkpoint as the anchor.
+        let anchor = u
+            .barrier
+            .scan::<AuditCheckpoint>(Table::AuditCheckpoints, "", None, usize::MAX)?
+            .into_iter()
+            .map(|c| c.value.seq)
+            .filter(|&s| s <= limit && s < last_seq)
+            .max();
+        let Some(anchor) = anchor else { return Ok(0) };
+        let backend = u.barrier.backend();
+        let doomed =
+            backend.scan(Table::Audit, "", None, usize::MAX)?.into_iter().take_while(|r| r.key <= row_key(anchor));
+        let mut writes: Vec<Write> =
+            doomed.map(|r| u.barrier.delete(Table::Audit, &r.key, Expect::Rev(r.rev))).collect();
+        let pruned = writes.len() as u64;
+        for cp in backend.scan(Table::AuditCheckpoints, "", None, usize::MAX)? {
+            if cp.key < row_key(anchor) {
+                writes.push(u.barrier.delete(Table::AuditCheckpoints, &cp.key, Expect::Rev(cp.rev)));
+            }
+        }
+        u.barrier.apply(&writes)?;
+        tracing::info!(pruned, anchor, "audit records pruned by retention");
+        Ok(pruned)
+    }
+
     /// Audit records after sequence number `after`, oldest first, at most `limit`.
     pub fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, KmsError> {
         let u = self.unsealed()?;
@@ -650,7 +706,7 @@ pub fn verify_trail(
             }
         }
     }
-    let (mut count, mut last_seq) = (0u64, 0u64);
+    let (mut count, mut last_seq, mut first_seq) = (0u64, 0u64, 0u64);
     let mut prev: Option<[u8; 32]> = None;
     for item in records {
         let rec = match item {
@@ -671,8 +727,17 @@ pub fn verify_trail(
                 problem(seq, format!("record {seq} is out of order (after {last_seq})"));
             }
         }
-        if last_seq == 0 && seq == 1 {
-            prev = Some(GENESIS);
+        if last_seq == 0 {
+            first_seq = seq;
+            if seq == 1 {
+                prev = Some(GENESIS);
+            } else {
+                // A pruned trail starts right after a signed checkpoint, its anchor.
+                match checkpoint_hashes.get(&(seq - 1)) {
+                    Some(h) => prev = parse_hash(h),
+                    None => problem(seq, format!("the trail starts at {seq} without a signed checkpoint for {}: records before it were removed", seq - 1)),
+                }
+            }
         }
         match prev {
             Some(p) if hex::encode(p) != rec.prev_hash => {
@@ -704,5 +769,5 @@ pub fn verify_trail(
         }
     }
     let first = problems.into_iter().min_by_key(|p| p.seq);
-    AuditVerification { records: count, checkpoints: checked_cps, last_seq, problem: first }
+    AuditVerification { records: count, checkpoints: checked_cps, first_seq, last_seq, problem: first }
 }

@@ -50,11 +50,21 @@ pub struct KmsConfig {
     pub day_ms: i64,
     /// A signed audit checkpoint after every this many records.
     pub audit_checkpoint_every: u64,
+    /// Keep audit records at least this many days (0: forever).
+    pub audit_retain_days: u64,
+    /// Keep at least this many of the newest audit records (0: all).
+    pub audit_retain_records: u64,
 }
 
 impl Default for KmsConfig {
     fn default() -> Self {
-        Self { region: "us-east-1".into(), day_ms: DAY_MS, audit_checkpoint_every: 100 }
+        Self {
+            region: "us-east-1".into(),
+            day_ms: DAY_MS,
+            audit_checkpoint_every: 100,
+            audit_retain_days: 0,
+            audit_retain_records: 0,
+        }
     }
 }
 

@@ -86,7 +86,11 @@ fn key(seq: u64) -> String {
 fn tampering_is_found_and_located() {
     let t = trail();
     let ok = verify_after(&t, "");
-    assert_eq!((ok.records, ok.checkpoints, ok.last_seq, ok.problem.clone()), (1000, 10, 1000, None), "{ok:?}");
+    assert_eq!(
+        (ok.records, ok.checkpoints, ok.first_seq, ok.last_seq, ok.problem.clone()),
+        (1000, 10, 1, 1000, None),
+        "{ok:?}"
+    );
 
     let edited = verify_after(&t, &format!("UPDATE rows SET value = CAST(substr(value, 1, 60) || X'00' || substr(value, 62) AS BLOB) WHERE tbl='audit' AND key={}", key(500)));
     let p = edited.problem.unwrap();
@@ -167,4 +171,34 @@ fn exports_verify_and_expose_edits() {
     assert!(!text.contains("acme-corp"));
     let token = kms.audit_hash(&caller, "acme-corp").unwrap();
     assert_eq!(records[2].event.encryption_context.as_ref().unwrap()["tenant"], token);
+}
+
+#[test]
+fn retention_prunes_at_a_checkpoint_and_the_rest_still_verifies() {
+    let t = trail();
+    let copy = tempfile::tempdir().unwrap();
+    let path = copy.path().join("custody.db");
+    std::fs::copy(t.dir.path().join("custody.db"), &path).unwrap();
+    let config = KmsConfig { audit_retain_records: 350, ..KmsConfig::default() };
+    let backend = Arc::new(SqliteBackend::open(&path).unwrap());
+    let kms = Kms::open(backend, config).unwrap();
+    kms.unseal_with_root(RootKey::from_bytes(&t.root).unwrap()).unwrap();
+    let caller = kms.authenticate_certificate(&t.identity).unwrap();
+    // Keep the newest 350 (651..1000): records up to the newest checkpoint before them (600) go.
+    assert_eq!(kms.prune_audit().unwrap(), 600);
+    assert_eq!(kms.prune_audit().unwrap(), 0, "nothing more until another checkpoint is old enough");
+    let v = kms.verify_audit(&caller).unwrap();
+    assert_eq!((v.first_seq, v.last_seq, v.records, v.problem), (601, 1000, 400, None));
+    // New records continue the chain after pruning.
+    kms.record_audit(event(1001), None).unwrap();
+    assert_eq!(kms.verify_audit(&caller).unwrap().problem, None);
+    // Removing more than retention did, without an anchor, is detected.
+    drop(kms);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(&format!("DELETE FROM rows WHERE tbl='audit' AND key <= {}", key(610))).unwrap();
+    let kms = Kms::open(Arc::new(SqliteBackend::open(&path).unwrap()), KmsConfig::default()).unwrap();
+    kms.unseal_with_root(RootKey::from_bytes(&t.root).unwrap()).unwrap();
+    let caller = kms.authenticate_certificate(&t.identity).unwrap();
+    let p = kms.verify_audit(&caller).unwrap().problem.unwrap();
+    assert_eq!(p.seq, 611, "{p:?}");
 }

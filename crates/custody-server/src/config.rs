@@ -56,7 +56,9 @@ pub const SETTINGS: &[Setting] = &[
         default: "10000",
         doc: "Also sign a checkpoint this often when records have none yet, so the unsigned tail of the trail stays short.",
     },
-Setting { name: "node_name", env: "CUSTODY_NODE_NAME", kind: Kind::Text, default: "<host name>", doc: "This node's name in audit records." },
+Setting { name: "audit_retain_days", env: "CUSTODY_AUDIT_RETAIN_DAYS", kind: Kind::Integer, default: "0", doc: "Delete audit records older than this many days (0: keep forever). Pruning stops at a signed checkpoint, which anchors what remains, so the trail still verifies." },
+    Setting { name: "audit_retain_records", env: "CUSTODY_AUDIT_RETAIN_RECORDS", kind: Kind::Integer, default: "0", doc: "Keep at most about this many of the newest audit records (0: all); pruned at checkpoints like `audit_retain_days`." },
+    Setting { name: "node_name", env: "CUSTODY_NODE_NAME", kind: Kind::Text, default: "<host name>", doc: "This node's name in audit records." },
     Setting { name: "log_format", env: "CUSTODY_LOG_FORMAT", kind: Kind::Text, default: "text", doc: "`text` or `json` (one JSON object per line)." },
     Setting { name: "tls.cert_file", env: "CUSTODY_TLS_CERT_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.crt", doc: "Server certificate chain (PEM)." },
     Setting { name: "tls.key_file", env: "CUSTODY_TLS_KEY_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.key", doc: "Server private key (PEM, PKCS#8)." },
@@ -92,6 +94,12 @@ pub struct ServerConfig {
     /// See [`SETTINGS`].
     #[serde(default = "defaults::audit_checkpoint_interval_ms")]
     pub audit_checkpoint_interval_ms: u64,
+    /// See [`SETTINGS`].
+    #[serde(default)]
+    pub audit_retain_days: u64,
+    /// See [`SETTINGS`].
+    #[serde(default)]
+    pub audit_retain_records: u64,
     /// See [`SETTINGS`]. `None`: the host name.
     #[serde(default)]
     pub node_name: Option<String>,
@@ -307,6 +315,8 @@ mod tests {
                 "max_request_bytes" => c.max_request_bytes.to_string(),
                 "log_format" => c.log_format.clone(),
                 "audit_checkpoint_every" => c.audit_checkpoint_every.to_string(),
+                "audit_retain_days" => c.audit_retain_days.to_string(),
+                "audit_retain_records" => c.audit_retain_records.to_string(),
                 "audit_checkpoint_interval_ms" => c.audit_checkpoint_interval_ms.to_string(),
                 "danger_day_length_ms" => c.danger_day_length_ms.to_string(),
                 other => panic!("setting {other} has no default check"),

@@ -99,6 +99,8 @@ impl Server {
                     region: config.region.clone(),
                     day_ms,
                     audit_checkpoint_every: config.audit_checkpoint_every,
+                    audit_retain_days: config.audit_retain_days,
+                    audit_retain_records: config.audit_retain_records,
                 },
             )
             .map_err(|e| StartError::Store(e.to_string()))?,
@@ -539,6 +541,12 @@ async fn scheduler(kms: Arc<Kms>, every: Duration, mut shutdown: watch::Receiver
             _ = shutdown.changed() => return,
         }
         let kms = kms.clone();
+        let pruner = kms.clone();
+        match tokio::task::spawn_blocking(move || pruner.prune_audit()).await {
+            Ok(Ok(_)) | Ok(Err(custody_kms::KmsError::Sealed)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "audit retention failed"),
+            Err(e) => tracing::error!(error = %e, "audit retention task panicked"),
+        }
         match tokio::task::spawn_blocking(move || kms.run_due_work()).await {
             Ok(Ok(report)) if report.rotated + report.destroyed > 0 => {
                 tracing::info!(rotated = report.rotated, destroyed = report.destroyed, "scheduler pass");
