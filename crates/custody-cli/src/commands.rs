@@ -280,6 +280,16 @@ pub enum AuditCommand {
         #[arg(long, short = 'o')]
         out: Option<PathBuf>,
     },
+    /// The newest records of your account; with -f, keep printing new ones as they come.
+    #[command(after_help = "Examples:\n  custody audit tail\n  custody audit tail -f -n 50")]
+    Tail {
+        /// Keep following new records.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// How many recent records to start with.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: u64,
+    },
     /// The token a value has in audit records' encryption contexts (HMAC-SHA256 under the audit key).
     #[command(after_help = "Example:\n  custody audit query --json | grep \"$(custody audit hash acme-corp)\"")]
     Hash {
@@ -823,20 +833,7 @@ async fn audit(conn: &ConnArgs, cmd: AuditCommand, json: bool) -> Result<()> {
             let r = c.call("Custody.ListAuditRecords", body).await?;
             output(json, &r, || {
                 for rec in r["Records"].as_array().into_iter().flatten() {
-                    let s = |k: &str| rec[k].as_str().unwrap_or("-").to_string();
-                    println!(
-                        "{:>8}  {}  {:<15}  {:<36}  {}  {}",
-                        rec["seq"],
-                        fmt_time(&json!(rec["time"].as_f64().map(|t| t / 1000.0))),
-                        rec["outcome"].as_str().unwrap_or("-"),
-                        s("action"),
-                        rec["principal"]
-                            .as_str()
-                            .or(rec["tls_identity"].as_str())
-                            .or(rec["access_key_id"].as_str())
-                            .unwrap_or("-"),
-                        s("key_id")
-                    );
+                    print_audit_line(rec);
                 }
             });
             Ok(())
@@ -891,12 +888,48 @@ async fn audit(conn: &ConnArgs, cmd: AuditCommand, json: bool) -> Result<()> {
                     .map_err(|e| CliError::new(exit::FAILURE, e.to_string())),
             }
         }
+        AuditCommand::Tail { follow, lines } => {
+            let mut c = connect(conn).await?;
+            let last = c.call("Custody.ListAuditRecords", json!({ "Limit": 1, "After": u64::MAX - 1 })).await?;
+            // That call is itself recorded (as LastSeq + 1), so the window starts one later.
+            let mut after = (last["LastSeq"].as_u64().unwrap_or(0) + 1).saturating_sub(lines);
+            loop {
+                let r = c.call("Custody.ListAuditRecords", json!({ "After": after, "Limit": 1000 })).await?;
+                for rec in r["Records"].as_array().into_iter().flatten() {
+                    if json {
+                        println!("{}", serde_json::to_string(rec).expect("json"));
+                    } else {
+                        print_audit_line(rec);
+                    }
+                }
+                after = r["LastSeq"].as_u64().unwrap_or(after).max(after);
+                if !follow {
+                    return Ok(());
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
         AuditCommand::Hash { value } => {
             let r = connect(conn).await?.call("Custody.AuditHash", json!({ "Value": value })).await?;
             output(json, &r, || println!("{}", r["Hash"].as_str().unwrap_or("")));
             Ok(())
         }
     }
+}
+
+fn print_audit_line(rec: &Value) {
+    let who =
+        rec["principal"].as_str().or(rec["tls_identity"].as_str()).or(rec["access_key_id"].as_str()).unwrap_or("-");
+    println!(
+        "{:>8}  {}  {:<15}{}  {:<36}  {}  {}",
+        rec["seq"],
+        fmt_time(&json!(rec["time"].as_f64().map(|t| t / 1000.0))),
+        rec["outcome"].as_str().unwrap_or("-"),
+        if rec["alert"] == true { " !" } else { "  " },
+        rec["action"].as_str().unwrap_or("-"),
+        who,
+        rec["key_id"].as_str().unwrap_or("-")
+    );
 }
 
 /// Verifies an export file with the same verifier the server uses.

@@ -85,7 +85,8 @@ async fn one_record_per_request_and_nothing_secret_in_it() {
 #[tokio::test]
 async fn when_the_audit_cannot_be_written_nothing_is_answered() {
     let (dir, layout) = common::keyfile_dir();
-    let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
+    // No checkpoint timer in the way: each refused request waits out SQLite's 10 s busy timeout.
+    let (server, profile) = common::start(dir.path(), &layout, |c| c.audit_checkpoint_interval_ms = 3_600_000).await;
     let mut c = common::admin_client(&profile).await;
     let k = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
         .as_str()
@@ -144,7 +145,13 @@ async fn when_the_audit_cannot_be_written_nothing_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_export_and_hash_through_the_cli() {
     let (dir, layout) = common::keyfile_dir();
-    let (server, profile) = common::start(dir.path(), &layout, |c| c.audit_checkpoint_every = 5).await;
+    let sink = dir.path().join("audit.jsonl");
+    let sink_path = sink.clone();
+    let (server, profile) = common::start(dir.path(), &layout, move |c| {
+        c.audit_checkpoint_every = 5;
+        c.audit_file = Some(sink_path);
+    })
+    .await;
     let mut c = common::admin_client(&profile).await;
     let k = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
         .as_str()
@@ -196,5 +203,16 @@ async fn verify_export_and_hash_through_the_cli() {
     let (_, out, _) = run(&["--json", "audit", "query", "--action", "Encrypt", "--since", "1h"]);
     let q: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(q["Records"].as_array().unwrap().len(), 12);
+    let (code, out, _) = run(&["audit", "tail", "-n", "5"]);
+    assert_eq!((code, out.lines().count()), (Some(0), 5), "{out}");
+
+    // The file sink has every record the database has, in order, as JSON lines.
+    let in_db: Vec<u64> = server.kms().audit_records(0, 1000).unwrap().iter().map(|r| r.seq).collect();
+    let in_file: Vec<u64> = std::fs::read_to_string(&sink)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<custody_kms::AuditRecord>(l).unwrap().seq)
+        .collect();
+    assert_eq!(in_file, in_db);
     server.shutdown().await;
 }

@@ -206,6 +206,7 @@ fn every_command_has_help_with_an_example() {
         &["audit", "verify"],
         &["audit", "export"],
         &["audit", "hash"],
+        &["audit", "tail"],
     ];
     for c in commands {
         let out = custody().args(*c).arg("--help").output().unwrap();

@@ -155,8 +155,12 @@ pub struct AuditQuery {
 
 /// Sequencer state: next sequence number and the last hash, learned from the store on first use;
 /// plus the health of the trail and the alert count since start.
-#[derive(Debug, Default)]
+/// Receives every committed batch of records, in order, after it is durable (for a file sink).
+pub type AuditSink = Box<dyn Fn(&[AuditRecord]) + Send + Sync>;
+
+#[derive(Default)]
 pub(crate) struct Sequencer {
+    sink: std::sync::OnceLock<AuditSink>,
     state: Mutex<Option<(u64, [u8; 32])>>,
     /// Records waiting for the next group commit, each with the slot its result goes to.
     queue: Mutex<Vec<(AuditEvent, std::sync::Arc<Slot>)>>,
@@ -164,6 +168,12 @@ pub(crate) struct Sequencer {
     committed: std::sync::Condvar,
     failing: std::sync::atomic::AtomicBool,
     alerts: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Sequencer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequencer").field("sink", &self.sink.get().is_some()).finish_non_exhaustive()
+    }
 }
 
 /// Where a group commit leaves one record's result (sequence number, or why it failed).
@@ -323,6 +333,17 @@ impl Kms {
         }
     }
 
+    /// Sends every record, once durable, to `sink` too (set once, at start).
+    pub fn set_audit_sink(&self, sink: AuditSink) {
+        let _ = self.audit_seq.sink.set(sink);
+    }
+
+    /// The newest record's sequence number (0 when the trail is empty).
+    pub fn audit_last_seq(&self) -> Result<u64, KmsError> {
+        let u = self.unsealed()?;
+        Ok(u.barrier.backend().last(Table::Audit)?.and_then(|r| r.key.parse().ok()).unwrap_or(0))
+    }
+
     /// Health of the trail: whether writes are failing, and alerts since start.
     pub fn audit_health(&self) -> AuditHealth {
         use std::sync::atomic::Ordering::Relaxed;
@@ -404,6 +425,7 @@ impl Kms {
             };
             let mut writes = Vec::with_capacity(events.len() + state_writes.len() + 1);
             let mut seqs = Vec::with_capacity(events.len());
+            let mut records = Vec::with_capacity(events.len());
             for (i, event) in events.iter().enumerate() {
                 let seq = first + i as u64;
                 let written_at = now_ms();
@@ -416,6 +438,7 @@ impl Kms {
                     event: event.clone(),
                 };
                 writes.push(u.barrier.put(Table::Audit, &row_key(seq), &record, Expect::Absent));
+                records.push(record);
                 if seq % self.config.audit_checkpoint_every.max(1) == 0 {
                     writes.push(self.checkpoint_write(u, seq, &hash)?);
                 }
@@ -426,6 +449,9 @@ impl Kms {
             match u.barrier.apply(&writes) {
                 Ok(()) => {
                     *state = Some((first + events.len() as u64, prev));
+                    if let Some(sink) = self.audit_seq.sink.get() {
+                        sink(&records);
+                    }
                     for event in events.iter().filter(|e| e.alert) {
                         self.audit_seq.alerts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::warn!(action = %event.action, outcome = ?event.outcome, "audit alert");
@@ -455,7 +481,12 @@ impl Kms {
     /// unsigned tail is never older than the checkpoint interval).
     pub fn audit_checkpoint(&self) -> Result<Option<u64>, KmsError> {
         let u = self.unsealed()?;
-        let state = self.audit_seq.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Never make requests wait for the timer: if a commit is under way, try next tick.
+        let state = match self.audit_seq.state.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+        };
         let (next, last_hash) = match *state {
             Some(s) => s,
             None => self.trail_end(&u)?,

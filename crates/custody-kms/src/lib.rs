@@ -25,7 +25,8 @@ use custody_store::{Backend, Barrier, Expect, Table, Versioned, Write};
 
 pub use access_keys::{AccessKeyInfo, NewAccessKey};
 pub use audit::{
-    AuditCheckpoint, AuditEvent, AuditHealth, AuditQuery, AuditRecord, AuditScope, AuditVerification, Outcome,
+    AuditCheckpoint, AuditEvent, AuditHealth, AuditQuery, AuditRecord, AuditScope, AuditSink, AuditVerification,
+    Outcome,
 };
 pub use authz::{Action, Caller};
 pub use error::KmsError;

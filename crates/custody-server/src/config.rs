@@ -58,6 +58,8 @@ pub const SETTINGS: &[Setting] = &[
     },
 Setting { name: "audit_retain_days", env: "CUSTODY_AUDIT_RETAIN_DAYS", kind: Kind::Integer, default: "0", doc: "Delete audit records older than this many days (0: keep forever). Pruning stops at a signed checkpoint, which anchors what remains, so the trail still verifies." },
     Setting { name: "audit_retain_records", env: "CUSTODY_AUDIT_RETAIN_RECORDS", kind: Kind::Integer, default: "0", doc: "Keep at most about this many of the newest audit records (0: all); pruned at checkpoints like `audit_retain_days`." },
+    Setting { name: "audit_file", env: "CUSTODY_AUDIT_FILE", kind: Kind::Text, default: "<none>", doc: "Also append every audit record to this file as a JSON line (mode 0600), for log shippers. The database trail stays the authoritative, verifiable one." },
+    Setting { name: "audit_file_max_bytes", env: "CUSTODY_AUDIT_FILE_MAX_BYTES", kind: Kind::Integer, default: "104857600", doc: "Rotate the audit file at this size, keeping five old files (FILE.1 to FILE.5)." },
     Setting { name: "node_name", env: "CUSTODY_NODE_NAME", kind: Kind::Text, default: "<host name>", doc: "This node's name in audit records." },
     Setting { name: "log_format", env: "CUSTODY_LOG_FORMAT", kind: Kind::Text, default: "text", doc: "`text` or `json` (one JSON object per line)." },
     Setting { name: "tls.cert_file", env: "CUSTODY_TLS_CERT_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.crt", doc: "Server certificate chain (PEM)." },
@@ -100,6 +102,12 @@ pub struct ServerConfig {
     /// See [`SETTINGS`].
     #[serde(default)]
     pub audit_retain_records: u64,
+    /// See [`SETTINGS`].
+    #[serde(default)]
+    pub audit_file: Option<PathBuf>,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::audit_file_max_bytes")]
+    pub audit_file_max_bytes: u64,
     /// See [`SETTINGS`]. `None`: the host name.
     #[serde(default)]
     pub node_name: Option<String>,
@@ -156,6 +164,9 @@ mod defaults {
     }
     pub fn max_request_bytes() -> usize {
         65_536
+    }
+    pub fn audit_file_max_bytes() -> u64 {
+        100 * 1024 * 1024
     }
     pub fn audit_checkpoint_every() -> u64 {
         100
@@ -316,6 +327,7 @@ mod tests {
                 "log_format" => c.log_format.clone(),
                 "audit_checkpoint_every" => c.audit_checkpoint_every.to_string(),
                 "audit_retain_days" => c.audit_retain_days.to_string(),
+                "audit_file_max_bytes" => c.audit_file_max_bytes.to_string(),
                 "audit_retain_records" => c.audit_retain_records.to_string(),
                 "audit_checkpoint_interval_ms" => c.audit_checkpoint_interval_ms.to_string(),
                 "danger_day_length_ms" => c.danger_day_length_ms.to_string(),

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod audit_file;
 pub mod config;
 pub mod keyfile;
 pub mod protocol;
@@ -130,6 +131,11 @@ impl Server {
             let root = keyfile::read(&path).map_err(StartError::Store)?;
             kms.unseal_with_root(root)
                 .map_err(|e| StartError::Store(format!("the key file does not unseal this store: {e}")))?;
+        }
+        if let Some(path) = &config.audit_file {
+            let file = audit_file::AuditFile::open(path, config.audit_file_max_bytes)
+                .map_err(|e| StartError::Store(format!("cannot open the audit file {}: {e}", path.display())))?;
+            kms.set_audit_sink(Box::new(move |records| file.write(records)));
         }
         let tls = tls::server_config(&config.cert_file(), &config.key_file(), &config.client_ca_file())?;
         let listener = TcpListener::bind(config.listen)

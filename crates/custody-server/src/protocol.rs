@@ -297,7 +297,7 @@ fn custody_action(
                 outcome,
                 since: f.get("Since").and_then(Value::as_i64),
             };
-            Ok(json!({ "Records": kms.query_audit(&caller, &q)? }))
+            Ok(json!({ "Records": kms.query_audit(&caller, &q)?, "LastSeq": kms.audit_last_seq()? }))
         }
         "VerifyAudit" => {
             let caller = authenticate(kms, identity, req, auth)?;
