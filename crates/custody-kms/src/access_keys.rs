@@ -108,26 +108,19 @@ impl Kms {
         let u = self.unsealed()?;
         let _proof = authorize::<act::ListAccessKeys>(caller, None)?;
         let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let chunk = u.barrier.scan::<AccessKeyRecord>(Table::AccessKeys, "", after.as_deref(), 256)?;
-            let done = chunk.len() < 256;
-            for k in chunk {
-                after = Some(k.key.clone());
-                let k = k.value;
-                if k.tenant == caller.tenant && principal.is_none_or(|p| *p == k.principal) {
-                    out.push(AccessKeyInfo {
-                        access_key_id: k.id,
-                        principal: k.principal.to_string(),
-                        status: if k.active { "Active" } else { "Inactive" },
-                        create_date: crate::model::aws_time(k.created_at),
-                    });
-                }
+        u.barrier.for_each::<AccessKeyRecord, KmsError>(Table::AccessKeys, "", None, |k| {
+            let k = k.value;
+            if k.tenant == caller.tenant && principal.is_none_or(|p| *p == k.principal) {
+                out.push(AccessKeyInfo {
+                    access_key_id: k.id,
+                    principal: k.principal.to_string(),
+                    status: if k.active { "Active" } else { "Inactive" },
+                    create_date: crate::model::aws_time(k.created_at),
+                });
             }
-            if done {
-                return Ok(out);
-            }
-        }
+            Ok(std::ops::ControlFlow::Continue(()))
+        })?;
+        Ok(out)
     }
 
     /// Activates or deactivates an access key of the caller's account.

@@ -1,6 +1,7 @@
 //! The operations, one method each, AWS semantics.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow::{Break, Continue};
 
 use custody_crypto::blob::{self, BlobHeader};
 use custody_crypto::{random, EncryptionContext, SecretBytes};
@@ -201,26 +202,20 @@ impl Kms {
         let u = self.unsealed()?;
         let _proof = authorize::<act::ListKeys>(caller, None)?;
         let limit = page_limit(limit)?;
-        let mut items = Vec::new();
-        let mut after = marker.map(str::to_string);
-        // Keys of all tenants share the table; scan in chunks until the page is full.
-        loop {
-            let chunk = u.barrier.scan::<KeyRecord>(Table::Keys, "", after.as_deref(), 256)?;
-            let exhausted = chunk.len() < 256;
-            for k in chunk {
-                after = Some(k.key.clone());
-                if k.value.tenant == caller.tenant {
-                    if items.len() == limit {
-                        let next = items.last().map(|e: &KeyListEntry| e.key_id.clone());
-                        return Ok(Page { items, next_marker: next });
-                    }
-                    items.push(KeyListEntry { key_id: k.value.id.to_string(), key_arn: self.key_arn(&k.value) });
-                }
+        let (mut items, mut next_marker) = (Vec::new(), None);
+        // Keys of all tenants share the table: skip other tenants' until the page is full.
+        u.barrier.for_each::<KeyRecord, KmsError>(Table::Keys, "", marker, |k| {
+            if k.value.tenant != caller.tenant {
+                return Ok(Continue(()));
             }
-            if exhausted {
-                return Ok(Page { items, next_marker: None });
+            if items.len() == limit {
+                next_marker = items.last().map(|e: &KeyListEntry| e.key_id.clone());
+                return Ok(Break(()));
             }
-        }
+            items.push(KeyListEntry { key_id: k.value.id.to_string(), key_arn: self.key_arn(&k.value) });
+            Ok(Continue(()))
+        })?;
+        Ok(Page { items, next_marker })
     }
 
     /// EnableKey.
@@ -506,33 +501,27 @@ impl Kms {
         let u = self.unsealed()?;
         let _proof = authorize::<act::ListAliases>(caller, None)?;
         let prefix = format!("{}/", caller.tenant);
-        let mut after = marker.map(|m| format!("{prefix}{m}"));
-        let mut items = Vec::new();
-        loop {
-            let chunk = u.barrier.scan::<AliasRecord>(Table::Aliases, &prefix, after.as_deref(), 256)?;
-            let exhausted = chunk.len() < 256;
-            for a in chunk {
-                after = Some(a.key.clone());
-                if filter.is_some_and(|id| id != a.value.key_id) {
-                    continue;
-                }
-                if items.len() == limit {
-                    let next = items.last().map(|e: &AliasListEntry| e.alias_name.clone());
-                    return Ok(Page { items, next_marker: next });
-                }
-                let name = AliasName::parse(&a.value.name)?;
-                items.push(AliasListEntry {
-                    alias_arn: ids::alias_arn(&self.config.region, &caller.tenant, &name),
-                    alias_name: a.value.name,
-                    target_key_id: a.value.key_id.to_string(),
-                    creation_date: aws_time(a.value.created_at),
-                    last_updated_date: aws_time(a.value.updated_at),
-                });
+        let after = marker.map(|m| format!("{prefix}{m}"));
+        let (mut items, mut next_marker) = (Vec::new(), None);
+        u.barrier.for_each::<AliasRecord, KmsError>(Table::Aliases, &prefix, after.as_deref(), |a| {
+            if filter.is_some_and(|id| id != a.value.key_id) {
+                return Ok(Continue(()));
             }
-            if exhausted {
-                return Ok(Page { items, next_marker: None });
+            if items.len() == limit {
+                next_marker = items.last().map(|e: &AliasListEntry| e.alias_name.clone());
+                return Ok(Break(()));
             }
-        }
+            let name = AliasName::parse(&a.value.name)?;
+            items.push(AliasListEntry {
+                alias_arn: ids::alias_arn(&self.config.region, &caller.tenant, &name),
+                alias_name: a.value.name,
+                target_key_id: a.value.key_id.to_string(),
+                creation_date: aws_time(a.value.created_at),
+                last_updated_date: aws_time(a.value.updated_at),
+            });
+            Ok(Continue(()))
+        })?;
+        Ok(Page { items, next_marker })
     }
 
     // ----- cryptographic operations -----
@@ -773,40 +762,27 @@ impl Kms {
         let u = self.unsealed()?;
         let now = now_ms();
         let mut report = WorkReport::default();
-        let mut after: Option<String> = None;
-        loop {
-            let chunk = u.barrier.scan::<KeyRecord>(Table::Keys, "", after.as_deref(), 256)?;
-            let exhausted = chunk.len() < 256;
-            for key in chunk {
-                after = Some(key.key.clone());
-                let result = match key.value.state {
-                    KeyState::Enabled
-                        if key.value.rotation.enabled && key.value.rotation.next_rotation.is_some_and(|t| t <= now) =>
-                    {
-                        let proof = authz::scheduler::<act::RotateKeyOnDemand>();
-                        self.rotate(
-                            &u,
-                            crate::audit::Actor::Scheduler { action: "Custody.ScheduledRotation" },
-                            key,
-                            RotationKind::Automatic,
-                            &proof,
-                        )
-                        .map(|_| report.rotated += 1)
-                    }
-                    KeyState::PendingDeletion if key.value.deletion_date.is_some_and(|t| t <= now) => {
-                        self.destroy(&u, key).map(|_| report.destroyed += 1)
-                    }
-                    _ => Ok(()),
-                };
-                match result {
-                    Ok(()) | Err(KmsError::Conflict) => {}
-                    Err(e) => tracing::error!(error = %e, "scheduled work failed; will retry on the next pass"),
+        u.barrier.for_each::<KeyRecord, KmsError>(Table::Keys, "", None, |key| {
+            let result = match key.value.state {
+                KeyState::Enabled
+                    if key.value.rotation.enabled && key.value.rotation.next_rotation.is_some_and(|t| t <= now) =>
+                {
+                    let proof = authz::scheduler::<act::RotateKeyOnDemand>();
+                    let actor = crate::audit::Actor::Scheduler { action: "Custody.ScheduledRotation" };
+                    self.rotate(&u, actor, key, RotationKind::Automatic, &proof).map(|_| report.rotated += 1)
                 }
+                KeyState::PendingDeletion if key.value.deletion_date.is_some_and(|t| t <= now) => {
+                    self.destroy(&u, key).map(|_| report.destroyed += 1)
+                }
+                _ => Ok(()),
+            };
+            match result {
+                Ok(()) | Err(KmsError::Conflict) => {}
+                Err(e) => tracing::error!(error = %e, "scheduled work failed; will retry on the next pass"),
             }
-            if exhausted {
-                return Ok(report);
-            }
-        }
+            Ok(Continue(()))
+        })?;
+        Ok(report)
     }
 
     /// Erases a key's material; keeps the key record as a tombstone; deletes its aliases.
@@ -817,20 +793,12 @@ impl Kms {
             writes.push(u.barrier.delete(Table::Versions, &version_row(id, v), Expect::Any));
         }
         let prefix = format!("{}/", key.value.tenant);
-        let mut after = None;
-        loop {
-            let aliases = u.barrier.scan::<AliasRecord>(Table::Aliases, &prefix, after.as_deref(), 256)?;
-            let exhausted = aliases.len() < 256;
-            for a in aliases {
-                after = Some(a.key.clone());
-                if a.value.key_id == id {
-                    writes.push(u.barrier.delete(Table::Aliases, &a.key, Expect::Rev(a.rev)));
-                }
+        u.barrier.for_each::<AliasRecord, KmsError>(Table::Aliases, &prefix, None, |a| {
+            if a.value.key_id == id {
+                writes.push(u.barrier.delete(Table::Aliases, &a.key, Expect::Rev(a.rev)));
             }
-            if exhausted {
-                break;
-            }
-        }
+            Ok(Continue(()))
+        })?;
         writes.extend(self.grant_deletes(u, id)?);
         key.value.state = KeyState::Destroyed;
         key.value.destroyed_at = Some(now_ms());

@@ -145,12 +145,24 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let state =
             Arc::new(State { kms: kms.clone(), node: config.node_name(), max_request_bytes: config.max_request_bytes });
-        tokio::spawn(scheduler(kms.clone(), Duration::from_millis(config.scheduler_interval_ms), shutdown_rx.clone()));
-        tokio::spawn(checkpointer(
-            kms.clone(),
-            Duration::from_millis(config.audit_checkpoint_interval_ms),
+        let every = Duration::from_millis(config.scheduler_interval_ms);
+        let k = kms.clone();
+        tokio::spawn(periodic("retention", every, shutdown_rx.clone(), move || k.prune_audit(), |_| {}));
+        let k = kms.clone();
+        tokio::spawn(periodic(
+            "scheduler",
+            every,
             shutdown_rx.clone(),
+            move || k.run_due_work(),
+            |r| {
+                if r.rotated + r.destroyed > 0 {
+                    tracing::info!(rotated = r.rotated, destroyed = r.destroyed, "scheduler pass");
+                }
+            },
         ));
+        let k = kms.clone();
+        let every = Duration::from_millis(config.audit_checkpoint_interval_ms);
+        tokio::spawn(periodic("audit checkpoint", every, shutdown_rx.clone(), move || k.audit_checkpoint(), |_| {}));
         let task = tokio::spawn(accept_loop(listener, TlsAcceptor::from(tls), state, shutdown_rx));
         tracing::info!(%local_addr, "custody listening (TLS 1.3)");
         Ok(Self { local_addr, kms, shutdown, task })
@@ -520,8 +532,16 @@ fn is_alert(action: &str, outcome: custody_kms::Outcome, error_code: Option<&str
     }
 }
 
-/// Signs a checkpoint for records that have none, so the unsigned tail stays short.
-async fn checkpointer(kms: Arc<Kms>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+/// Runs `work` on the blocking pool every `every` until shutdown, logging failures (a sealed
+/// server simply has nothing to do yet).
+async fn periodic<T: Send + 'static>(
+    name: &'static str,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    work: impl Fn() -> Result<T, custody_kms::KmsError> + Send + Sync + 'static,
+    report: impl Fn(T) + Send + 'static,
+) {
+    let work = Arc::new(work);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -529,37 +549,12 @@ async fn checkpointer(kms: Arc<Kms>, every: Duration, mut shutdown: watch::Recei
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let kms = kms.clone();
-        match tokio::task::spawn_blocking(move || kms.audit_checkpoint()).await {
-            Ok(Ok(_)) | Ok(Err(custody_kms::KmsError::Sealed)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "audit checkpoint failed"),
-            Err(e) => tracing::error!(error = %e, "audit checkpoint task panicked"),
-        }
-    }
-}
-
-async fn scheduler(kms: Arc<Kms>, every: Duration, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        let kms = kms.clone();
-        let pruner = kms.clone();
-        match tokio::task::spawn_blocking(move || pruner.prune_audit()).await {
-            Ok(Ok(_)) | Ok(Err(custody_kms::KmsError::Sealed)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "audit retention failed"),
-            Err(e) => tracing::error!(error = %e, "audit retention task panicked"),
-        }
-        match tokio::task::spawn_blocking(move || kms.run_due_work()).await {
-            Ok(Ok(report)) if report.rotated + report.destroyed > 0 => {
-                tracing::info!(rotated = report.rotated, destroyed = report.destroyed, "scheduler pass");
-            }
-            Ok(Ok(_)) | Ok(Err(custody_kms::KmsError::Sealed)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "scheduler pass failed"),
-            Err(e) => tracing::error!(error = %e, "scheduler task panicked"),
+        let w = work.clone();
+        match tokio::task::spawn_blocking(move || w()).await {
+            Ok(Ok(v)) => report(v),
+            Ok(Err(custody_kms::KmsError::Sealed)) => {}
+            Ok(Err(e)) => tracing::error!(task = name, error = %e, "background task failed; will retry"),
+            Err(e) => tracing::error!(task = name, error = %e, "background task panicked"),
         }
     }
 }

@@ -63,6 +63,32 @@ impl Barrier {
             .collect()
     }
 
+    /// Visits every row with `prefix` after `after`, in key order, reading in bounded chunks, until
+    /// `f` breaks or the rows run out.
+    pub fn for_each<T: DeserializeOwned, E: From<StoreError>>(
+        &self,
+        table: Table,
+        prefix: &str,
+        after: Option<&str>,
+        mut f: impl FnMut(Versioned<T>) -> Result<std::ops::ControlFlow<()>, E>,
+    ) -> Result<(), E> {
+        const CHUNK: usize = 256;
+        let mut after = after.map(str::to_string);
+        loop {
+            let chunk = self.scan::<T>(table, prefix, after.as_deref(), CHUNK)?;
+            let exhausted = chunk.len() < CHUNK;
+            for row in chunk {
+                after = Some(row.key.clone());
+                if f(row)?.is_break() {
+                    return Ok(());
+                }
+            }
+            if exhausted {
+                return Ok(());
+            }
+        }
+    }
+
     /// A sealed put, to apply in a batch.
     pub fn put<T: Serialize>(&self, table: Table, key: &str, value: &T, expect: Expect) -> Write {
         assert_ne!(table, Table::Meta, "the meta table is never sealed");
