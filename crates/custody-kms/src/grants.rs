@@ -88,7 +88,8 @@ pub fn validate_policy(policy: &str) -> Result<(), KmsError> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Stored grant. No `Debug`: the token is a bearer credential.
+#[derive(Clone, Serialize, Deserialize)]
 struct GrantRecord {
     id: String,
     key_id: KeyId,
