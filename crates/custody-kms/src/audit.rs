@@ -164,8 +164,6 @@ pub(crate) struct Sequencer {
     state: Mutex<Option<(u64, [u8; 32])>>,
     /// Records waiting for the next group commit, each with the slot its result goes to.
     queue: Mutex<Vec<(AuditEvent, std::sync::Arc<Slot>)>>,
-    /// Signalled (under `queue`) when a group commit has filled its slots.
-    committed: std::sync::Condvar,
     failing: std::sync::atomic::AtomicBool,
     alerts: std::sync::atomic::AtomicU64,
 }
@@ -176,21 +174,36 @@ impl std::fmt::Debug for Sequencer {
     }
 }
 
-/// Where a group commit leaves one record's result (sequence number, or why it failed).
+/// Where a group commit leaves one record's result (sequence number, or why it failed), and
+/// how the waiting request is woken.
 #[derive(Debug, Default)]
-struct Slot(Mutex<Option<Result<u64, String>>>);
+struct Slot {
+    result: Mutex<Option<Result<u64, String>>>,
+    wake: std::sync::Condvar,
+}
 
 impl Slot {
     fn fill(&self, r: Result<u64, String>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        self.wake.notify_one();
+    }
+
+    /// Wakes the waiting request without a result (so it tries to lead the next group).
+    fn nudge(&self) {
+        let _g = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        self.wake.notify_one();
     }
 
     fn take(&self) -> Option<Result<u64, String>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.result.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    fn is_filled(&self) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    /// Waits until filled or nudged (or a short timeout, as a safety net).
+    fn wait(&self) {
+        let g = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            let _ = self.wake.wait_timeout(g, std::time::Duration::from_millis(2));
+        }
     }
 }
 
@@ -316,19 +329,12 @@ impl Kms {
                     for (s, r) in slots.iter().zip(outcome) {
                         s.fill(r);
                     }
-                    // Notify under the queue lock, so a waiter cannot miss it.
-                    let _q = seq.queue.lock().unwrap_or_else(|p| p.into_inner());
-                    seq.committed.notify_all();
-                }
-                None => {
-                    let q = seq.queue.lock().unwrap_or_else(|p| p.into_inner());
-                    if slot.is_filled() {
-                        continue;
+                    // Hand leadership to the oldest request still queued, if any.
+                    if let Some((_, next)) = seq.queue.lock().unwrap_or_else(|p| p.into_inner()).first() {
+                        next.nudge();
                     }
-                    // Woken when the current leader finishes; the timeout only guards against
-                    // a leader that took the sequencer for a state change (which does not notify).
-                    let _ = seq.committed.wait_timeout(q, std::time::Duration::from_millis(2));
                 }
+                None => slot.wait(),
             }
         }
     }
