@@ -225,3 +225,50 @@ fn without_a_server_the_error_says_what_to_do() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("CUSTODY_ENDPOINT"), "{err}");
 }
+
+#[test]
+fn unseal_reads_shares_from_standard_input() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = custody()
+        .args(["--json", "init", "--data"])
+        .arg(&data)
+        .args(["--shares", "3", "--threshold", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let init: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shares: Vec<String> =
+        init["Shares"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    assert_eq!(shares.len(), 3, "without --shares-dir the shares are printed (once)");
+    let server = common::spawn_server(&data);
+    let profile = dir.path().join("p.toml");
+    let text = std::fs::read_to_string(init["Profile"].as_str().unwrap()).unwrap();
+    std::fs::write(
+        &profile,
+        text.replace(
+            "https://localhost:8443",
+            &format!("https://localhost:{}", server.addr.rsplit(':').next().unwrap()),
+        ),
+    )
+    .unwrap();
+    // A wrong line is refused and does not count; two good shares unseal.
+    let mut child = custody()
+        .arg("--profile")
+        .arg(&profile)
+        .arg("unseal")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = format!("custody-share-not-a-share\n{}\n{}\n", shares[2], shares[0]);
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stderr.contains("share refused"), "{stderr}");
+    assert!(stdout.contains("Unsealed."), "{stdout}");
+    server.terminate();
+}
