@@ -628,6 +628,10 @@ async fn status(conn: &ConnArgs, json: bool) -> Result<()> {
         if let Some(w) = &who {
             println!("you are:       {}", w["Arn"].as_str().unwrap_or("?"));
         }
+        if status["Sealed"] == false {
+            let audit = if status["AuditFailing"] == true { "FAILING: requests are refused" } else { "ok" };
+            println!("audit trail:   {audit}; {} alerts since start", status["Alerts"]);
+        }
         println!("TLS:           1.3, key exchange {kx}");
     }
     if status["Sealed"] == true {
