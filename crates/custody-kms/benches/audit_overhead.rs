@@ -10,33 +10,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use custody_crypto::{EncryptionContext, RootKey, SecretBytes};
-use custody_kms::{
-    AuditEvent, CreateKeyRequest, InitOptions, InitSeal, KeyRef, Kms, KmsConfig, Outcome, PrincipalName,
-};
-use custody_store::{Backend, SqliteBackend};
+use custody_crypto::{EncryptionContext, SecretBytes};
+use custody_kms::{AuditEvent, CreateKeyRequest, KeyRef, KmsConfig, Outcome};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let seconds: u64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(5);
     let threads: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(8);
-    let dir = tempfile::tempdir().unwrap();
-    let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&dir.path().join("custody.db")).unwrap());
-    let root = RootKey::generate();
-    let bytes = *root.expose_secret();
-    let out = Kms::init(
-        &backend,
-        InitOptions {
-            seal: InitSeal::KeyFile { root, path: None },
-            tenant: None,
-            admin: PrincipalName::parse("admin").unwrap(),
-            server_names: vec!["localhost".into()],
-        },
-    )
-    .unwrap();
-    let kms = Arc::new(Kms::open(backend, KmsConfig::default()).unwrap());
-    kms.unseal_with_root(RootKey::from_bytes(&bytes).unwrap()).unwrap();
-    let caller = kms.authenticate_certificate(&format!("spiffe://custody/{}/admin", out.tenant)).unwrap();
+    let store = common::keyfile_store();
+    let (kms, caller) = store.open(KmsConfig::default());
+    let kms = Arc::new(kms);
     let key = KeyRef::parse(&kms.create_key(&caller, CreateKeyRequest::default()).unwrap().key_id, "KeyId").unwrap();
 
     let run = |audit: bool| -> f64 {

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use custody_crypto::RootKey;
-use custody_kms::{AuditEvent, Caller, InitOptions, InitSeal, Kms, KmsConfig, Outcome, PrincipalName};
-use custody_store::{Backend, SqliteBackend};
+use custody_kms::{AuditEvent, Kms, KmsConfig, Outcome};
+use custody_store::SqliteBackend;
 
 fn event(i: u64) -> AuditEvent {
     let outcomes = [Outcome::Success, Outcome::Failed, Outcome::Denied, Outcome::Unauthenticated];
@@ -31,50 +31,31 @@ fn event(i: u64) -> AuditEvent {
     }
 }
 
-struct Trail {
-    dir: tempfile::TempDir,
-    root: [u8; 32],
-    identity: String,
-}
+mod common;
 
 /// A store with 1,000 records (checkpoints every 100), flushed to the main database file.
-fn trail() -> Trail {
-    let dir = tempfile::tempdir().unwrap();
-    let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&dir.path().join("custody.db")).unwrap());
-    let root = RootKey::generate();
-    let bytes = *root.expose_secret();
-    let out = Kms::init(
-        &backend,
-        InitOptions {
-            seal: InitSeal::KeyFile { root, path: None },
-            tenant: None,
-            admin: PrincipalName::parse("admin").unwrap(),
-            server_names: vec!["localhost".into()],
-        },
-    )
-    .unwrap();
-    let kms = Kms::open(backend.clone(), KmsConfig::default()).unwrap();
-    kms.unseal_with_root(RootKey::from_bytes(&bytes).unwrap()).unwrap();
+fn trail() -> common::Store {
+    let store = common::keyfile_store();
+    let (kms, _) = store.open(KmsConfig::default());
     let ctx = BTreeMap::from([("tenant".to_string(), "acme-corp".to_string())]);
     for i in 1..=1000 {
         let seq = kms.record_audit(event(i), (i % 3 == 0).then_some(&ctx)).unwrap();
         assert_eq!(seq, i);
     }
-    backend.erase_freed().unwrap();
-    Trail { dir, root: bytes, identity: format!("spiffe://custody/{}/admin", out.tenant) }
+    store.backend.erase_freed().unwrap();
+    store
 }
 
 /// Opens a copy of the trail's database, lets `tamper` edit it with SQL, and verifies.
-fn verify_after(t: &Trail, tamper: &str) -> custody_kms::AuditVerification {
+fn verify_after(t: &common::Store, tamper: &str) -> custody_kms::AuditVerification {
     let copy = tempfile::tempdir().unwrap();
     let path = copy.path().join("custody.db");
     std::fs::copy(t.dir.path().join("custody.db"), &path).unwrap();
     if !tamper.is_empty() {
         rusqlite::Connection::open(&path).unwrap().execute_batch(tamper).unwrap();
     }
-    let kms = Kms::open(Arc::new(SqliteBackend::open(&path).unwrap()), KmsConfig::default()).unwrap();
-    kms.unseal_with_root(RootKey::from_bytes(&t.root).unwrap()).unwrap();
-    let caller: Caller = kms.authenticate_certificate(&t.identity).unwrap();
+    let (kms, caller) =
+        common::open_at(Arc::new(SqliteBackend::open(&path).unwrap()), &t.root, &t.identity, KmsConfig::default());
     kms.verify_audit(&caller).unwrap()
 }
 
@@ -180,10 +161,7 @@ fn retention_prunes_at_a_checkpoint_and_the_rest_still_verifies() {
     let path = copy.path().join("custody.db");
     std::fs::copy(t.dir.path().join("custody.db"), &path).unwrap();
     let config = KmsConfig { audit_retain_records: 350, ..KmsConfig::default() };
-    let backend = Arc::new(SqliteBackend::open(&path).unwrap());
-    let kms = Kms::open(backend, config).unwrap();
-    kms.unseal_with_root(RootKey::from_bytes(&t.root).unwrap()).unwrap();
-    let caller = kms.authenticate_certificate(&t.identity).unwrap();
+    let (kms, caller) = common::open_at(Arc::new(SqliteBackend::open(&path).unwrap()), &t.root, &t.identity, config);
     // Keep the newest 350 (651..1000): records up to the newest checkpoint before them (600) go.
     assert_eq!(kms.prune_audit().unwrap(), 600);
     assert_eq!(kms.prune_audit().unwrap(), 0, "nothing more until another checkpoint is old enough");
@@ -196,9 +174,8 @@ fn retention_prunes_at_a_checkpoint_and_the_rest_still_verifies() {
     drop(kms);
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(&format!("DELETE FROM rows WHERE tbl='audit' AND key <= {}", key(610))).unwrap();
-    let kms = Kms::open(Arc::new(SqliteBackend::open(&path).unwrap()), KmsConfig::default()).unwrap();
-    kms.unseal_with_root(RootKey::from_bytes(&t.root).unwrap()).unwrap();
-    let caller = kms.authenticate_certificate(&t.identity).unwrap();
+    let (kms, caller) =
+        common::open_at(Arc::new(SqliteBackend::open(&path).unwrap()), &t.root, &t.identity, KmsConfig::default());
     let p = kms.verify_audit(&caller).unwrap().problem.unwrap();
     assert_eq!(p.seq, 611, "{p:?}");
 }

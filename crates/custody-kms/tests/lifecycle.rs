@@ -1,14 +1,14 @@
 //! The service end to end, without the network: seal, keys, lifecycle, crypto, scheduler.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use custody_crypto::{EncryptionContext, RootKey, SecretBytes};
-use custody_kms::{CreateKeyRequest, InitOptions, InitSeal, KeyRef, Kms, KmsConfig, KmsError, PrincipalName};
-use custody_store::{Backend, SqliteBackend};
+use custody_crypto::{EncryptionContext, SecretBytes};
+use custody_kms::{CreateKeyRequest, InitSeal, KeyRef, Kms, KmsConfig, KmsError};
+
+mod common;
 
 struct Fixture {
-    _dir: tempfile::TempDir,
+    _store: common::Store,
     path: std::path::PathBuf,
     kms: Kms,
     caller: custody_kms::Caller,
@@ -16,26 +16,9 @@ struct Fixture {
 }
 
 fn keyfile_fixture(day_ms: i64) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("custody.db");
-    let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&path).unwrap());
-    let root = RootKey::generate();
-    let root_copy = RootKey::from_bytes(root.expose_secret()).unwrap();
-    let out = Kms::init(
-        &backend,
-        InitOptions {
-            seal: InitSeal::KeyFile { root, path: None },
-            tenant: None,
-            admin: PrincipalName::parse("admin").unwrap(),
-            server_names: vec!["localhost".into()],
-        },
-    )
-    .unwrap();
-    let kms = Kms::open(backend, KmsConfig { day_ms, ..KmsConfig::default() }).unwrap();
-    kms.unseal_with_root(root_copy).unwrap();
-    let identity = format!("spiffe://custody/{}/admin", out.tenant);
-    let caller = kms.authenticate_certificate(&identity).unwrap();
-    Fixture { _dir: dir, path, kms, caller, identity }
+    let store = common::keyfile_store();
+    let (kms, caller) = store.open(KmsConfig { day_ms, ..KmsConfig::default() });
+    Fixture { path: store.path.clone(), identity: store.identity.clone(), _store: store, kms, caller }
 }
 
 fn ctx(pairs: &[(&str, &str)]) -> EncryptionContext {
@@ -233,19 +216,7 @@ fn tags_and_limits() {
 
 #[test]
 fn shamir_unseal_three_of_five_and_wrong_shares() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("custody.db");
-    let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&path).unwrap());
-    let out = Kms::init(
-        &backend,
-        InitOptions {
-            seal: InitSeal::Shamir { threshold: 3, shares: 5 },
-            tenant: None,
-            admin: PrincipalName::parse("admin").unwrap(),
-            server_names: vec!["localhost".into()],
-        },
-    )
-    .unwrap();
+    let (_dir, backend, out) = common::init(InitSeal::Shamir { threshold: 3, shares: 5 });
     assert_eq!(out.shares.len(), 5);
     let texts: Vec<String> = out.shares.iter().map(|s| s.to_text().to_string()).collect();
     let kms = Kms::open(backend.clone(), KmsConfig::default()).unwrap();
@@ -253,18 +224,7 @@ fn shamir_unseal_three_of_five_and_wrong_shares() {
     assert!(matches!(kms.authenticate_certificate(&identity), Err(KmsError::Sealed)));
 
     // A share of another store is refused and does not count.
-    let dir2 = tempfile::tempdir().unwrap();
-    let other: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&dir2.path().join("c.db")).unwrap());
-    let foreign = Kms::init(
-        &other,
-        InitOptions {
-            seal: InitSeal::Shamir { threshold: 3, shares: 5 },
-            tenant: None,
-            admin: PrincipalName::parse("admin").unwrap(),
-            server_names: vec!["localhost".into()],
-        },
-    )
-    .unwrap();
+    let (_dir2, _other, foreign) = common::init(InitSeal::Shamir { threshold: 3, shares: 5 });
     assert!(matches!(kms.submit_share(&foreign.shares[0].to_text()), Err(KmsError::InvalidShare(_))));
     assert!(matches!(kms.submit_share("not a share"), Err(KmsError::InvalidShare(_))));
     assert_eq!(kms.status().unwrap().progress, 0);
