@@ -155,6 +155,28 @@ pub struct AuditQuery {
 
 /// Sequencer state: next sequence number and the last hash, learned from the store on first use;
 /// plus the health of the trail and the alert count since start.
+/// Told the result of one queued record: its sequence number, or why it could not be written.
+pub type Completion = Box<dyn FnOnce(Result<u64, String>) + Send>;
+
+/// The audit thread: commits whatever is queued, as one group, for as long as the service lives.
+fn committer(kms: std::sync::Weak<Kms>) {
+    loop {
+        let Some(kms) = kms.upgrade() else { return };
+        let seq = &kms.audit_seq;
+        {
+            let q = seq.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if q.is_empty() {
+                // Re-check the service is alive once a second while idle.
+                let _ = seq.work.wait_timeout(q, std::time::Duration::from_secs(1));
+                continue;
+            }
+        }
+        let Ok(u) = kms.unsealed() else { continue };
+        let mut state = seq.state.lock().unwrap_or_else(|p| p.into_inner());
+        kms.commit_queued(&u, &mut state);
+    }
+}
+
 /// Receives every committed batch of records, in order, after it is durable (for a file sink).
 pub type AuditSink = Box<dyn Fn(&[AuditRecord]) + Send + Sync>;
 
@@ -162,8 +184,12 @@ pub type AuditSink = Box<dyn Fn(&[AuditRecord]) + Send + Sync>;
 pub(crate) struct Sequencer {
     sink: std::sync::OnceLock<AuditSink>,
     state: Mutex<Option<(u64, [u8; 32])>>,
-    /// Records waiting for the next group commit, each with the slot its result goes to.
-    queue: Mutex<Vec<(AuditEvent, std::sync::Arc<Slot>)>>,
+    /// Records waiting for the next group commit, each with how to tell its request the result.
+    queue: Mutex<Vec<(AuditEvent, Completion)>>,
+    /// Wakes the audit thread (under `queue`).
+    work: std::sync::Condvar,
+    /// The audit thread, started by the first [`Kms::submit_audit`].
+    committer: std::sync::OnceLock<std::thread::JoinHandle<()>>,
     failing: std::sync::atomic::AtomicBool,
     alerts: std::sync::atomic::AtomicU64,
 }
@@ -185,12 +211,6 @@ struct Slot {
 impl Slot {
     fn fill(&self, r: Result<u64, String>) {
         *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-        self.wake.notify_one();
-    }
-
-    /// Wakes the waiting request without a result (so it tries to lead the next group).
-    fn nudge(&self) {
-        let _g = self.result.lock().unwrap_or_else(|p| p.into_inner());
         self.wake.notify_one();
     }
 
@@ -288,54 +308,83 @@ impl Kms {
     /// only HMAC tokens of its values are stored. Fails (and the caller must not report success)
     /// if the record cannot be written; fails with [`KmsError::Sealed`] while sealed, when only
     /// the server log can record the request.
-    pub fn record_audit(
-        &self,
-        mut event: AuditEvent,
-        context: Option<&BTreeMap<String, String>>,
-    ) -> Result<u64, KmsError> {
+    pub fn record_audit(&self, event: AuditEvent, context: Option<&BTreeMap<String, String>>) -> Result<u64, KmsError> {
         let u = self.unsealed()?;
-        let hmac = u.root.audit_hmac_key();
-        event.encryption_context = context.map(|c| c.iter().map(|(k, v)| (k.clone(), hmac.token(v))).collect());
         // Group commit: queue the record; whoever can take the sequencer commits everything
         // queued in one transaction (one fsync for many requests) while the others wait for
         // their slot to be filled.
         let slot = std::sync::Arc::new(Slot::default());
-        let seq = &self.audit_seq;
-        seq.queue.lock().unwrap_or_else(|p| p.into_inner()).push((event, slot.clone()));
+        let filled = slot.clone();
+        self.enqueue_audit(&u, event, context, Box::new(move |r| filled.fill(r)));
         loop {
             if let Some(done) = slot.take() {
                 return done.map_err(KmsError::Internal);
             }
-            let state = match seq.state.try_lock() {
+            let state = match self.audit_seq.state.try_lock() {
                 Ok(g) => Some(g),
                 Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
                 Err(std::sync::TryLockError::WouldBlock) => None,
             };
             match state {
-                Some(mut state) => {
-                    let batch = std::mem::take(&mut *seq.queue.lock().unwrap_or_else(|p| p.into_inner()));
-                    let (events, slots): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                    let result = if events.is_empty() {
-                        Ok(Vec::new())
-                    } else {
-                        self.append_records(&u, &mut state, events, Vec::new())
-                    };
-                    drop(state);
-                    seq.failing.store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
-                    let outcome: Vec<Result<u64, String>> = match result {
-                        Ok(seqs) => seqs.into_iter().map(Ok).collect(),
-                        Err(e) => vec![Err(e.internal_detail().unwrap_or_else(|| e.to_string())); slots.len()],
-                    };
-                    for (s, r) in slots.iter().zip(outcome) {
-                        s.fill(r);
-                    }
-                    // Hand leadership to the oldest request still queued, if any.
-                    if let Some((_, next)) = seq.queue.lock().unwrap_or_else(|p| p.into_inner()).first() {
-                        next.nudge();
-                    }
-                }
+                Some(mut state) => self.commit_queued(&u, &mut state),
                 None => slot.wait(),
             }
+        }
+    }
+
+    /// Like [`Kms::record_audit`], without blocking: the record is committed by the audit
+    /// thread with whatever else is queued, and `done` is called once it is durable (or cannot
+    /// be written). The server awaits `done` instead of holding a thread per request.
+    pub fn submit_audit(
+        self: &std::sync::Arc<Self>,
+        event: AuditEvent,
+        context: Option<&BTreeMap<String, String>>,
+        done: Completion,
+    ) {
+        let u = match self.unsealed() {
+            Ok(u) => u,
+            Err(e) => return done(Err(e.to_string())),
+        };
+        self.enqueue_audit(&u, event, context, done);
+        self.audit_seq.committer.get_or_init(|| {
+            let kms = std::sync::Arc::downgrade(self);
+            std::thread::Builder::new()
+                .name("custody-audit".into())
+                .spawn(move || committer(kms))
+                .expect("the audit thread can be spawned")
+        });
+        let _q = self.audit_seq.queue.lock().unwrap_or_else(|p| p.into_inner());
+        self.audit_seq.work.notify_one();
+    }
+
+    fn enqueue_audit(
+        &self,
+        u: &Unsealed,
+        mut event: AuditEvent,
+        context: Option<&BTreeMap<String, String>>,
+        done: Completion,
+    ) {
+        let hmac = u.root.audit_hmac_key();
+        event.encryption_context = context.map(|c| c.iter().map(|(k, v)| (k.clone(), hmac.token(v))).collect());
+        self.audit_seq.queue.lock().unwrap_or_else(|p| p.into_inner()).push((event, done));
+    }
+
+    /// Commits everything queued, in one transaction, and completes each request. The caller
+    /// holds the sequencer lock.
+    fn commit_queued(&self, u: &Unsealed, state: &mut Option<(u64, [u8; 32])>) {
+        let batch = std::mem::take(&mut *self.audit_seq.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        if batch.is_empty() {
+            return;
+        }
+        let (events, completions): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let result = self.append_records(u, state, events, Vec::new());
+        self.audit_seq.failing.store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
+        let outcome: Vec<Result<u64, String>> = match result {
+            Ok(seqs) => seqs.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e.internal_detail().unwrap_or_else(|| e.to_string())); completions.len()],
+        };
+        for (done, r) in completions.into_iter().zip(outcome) {
+            done(r);
         }
     }
 

@@ -293,12 +293,18 @@ async fn handle(
         event.node = state.node.clone();
         event.access_key_id = access_key_id.clone();
         let kms = state.kms.clone();
-        let context = hints.context;
-        match tokio::task::spawn_blocking(move || kms.record_audit(event, context.as_ref())).await {
+        // Wait for the audit thread to make the record durable, without holding a thread.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        kms.submit_audit(event, hints.context.as_ref(), Box::new(move |r| drop(tx.send(r))));
+        match rx.await {
+            Ok(Ok(_)) => Ok(()),
             // While sealed only status and unseal are answered, and only the log can record them.
-            Ok(Ok(_)) | Ok(Err(custody_kms::KmsError::Sealed)) => Ok(()),
-            Ok(Err(e)) => Err(e.internal_detail().unwrap_or_else(|| e.to_string())),
-            Err(e) => Err(e.to_string()),
+            Ok(Err(e)) if kms.status().is_ok_and(|s| s.sealed) => {
+                tracing::debug!(error = %e, "request while sealed: recorded in the log only");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("the audit thread stopped".into()),
         }
     };
     let (status, body) = match (audited, result) {
