@@ -274,24 +274,15 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
-    let time = custody_kms::model::now_ms();
     let request_id = uuid::Uuid::new_v4().to_string();
-    let (action, hints, dispatched) = route(&state, &identity, peer, &request_id, req).await;
-    let dispatched_recorded = dispatched.recorded.is_some();
-    let (result, auth_principal, access_key_id) = (dispatched.result, dispatched.principal, dispatched.access_key_id);
-    let principal = match &*identity {
-        Identity::Certificate(uri) => uri.as_str(),
-        Identity::CertificateWithoutIdentity => "<certificate without identity>",
-        Identity::Anonymous => "-",
-    };
+    let (base, dispatched) = route(&state, &identity, peer, &request_id, req).await;
+    let action = base.action.clone();
+    let protocol::Dispatched { result, principal: auth_principal, access_key_id, recorded, hints } = dispatched;
     // A state change already committed its record with it.
-    let audited = if action == "healthz" || dispatched_recorded {
+    let audited = if action == "healthz" || recorded.is_some() {
         Ok(())
     } else {
-        let mut event = audit_event(time, &request_id, peer, &identity, &action, hints.key, &result, started);
-        event.principal = auth_principal.clone();
-        event.node = state.node.clone();
-        event.access_key_id = access_key_id.clone();
+        let event = finish_event(base, hints.key, &result, auth_principal.clone(), access_key_id.clone(), started);
         let kms = state.kms.clone();
         // Wait for the audit thread to make the record durable, without holding a thread.
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -327,7 +318,12 @@ async fn handle(
             (e.status, e.body())
         }
     };
-    let principal = auth_principal.as_deref().unwrap_or(principal);
+    let principal = match (&auth_principal, &*identity) {
+        (Some(arn), _) => arn.as_str(),
+        (None, Identity::Certificate(uri)) => uri.as_str(),
+        (None, Identity::CertificateWithoutIdentity) => "<certificate without identity>",
+        (None, Identity::Anonymous) => "-",
+    };
     let access_key_id = access_key_id.as_deref().unwrap_or("-");
     let ms = started.elapsed().as_millis() as u64;
     tracing::info!(%request_id, %peer, principal, access_key_id, action = %action, status, ms, "request");
@@ -341,38 +337,26 @@ async fn handle(
     resp
 }
 
-/// Action name, the key the request names (for the audit record), and what dispatch produced.
-type Routed = (String, protocol::AuditHints, protocol::Dispatched);
-
-fn early(action: &str, e: ApiError) -> Routed {
-    (
-        action.to_string(),
-        protocol::AuditHints::default(),
-        protocol::Dispatched { result: Err(e), principal: None, access_key_id: None, recorded: None },
-    )
-}
-
+/// Reads the request and runs it: the audit event so far (its `action` is the operation), and
+/// what dispatch produced.
 async fn route(
     state: &Arc<State>,
     identity: &Arc<Identity>,
     peer: SocketAddr,
     request_id: &str,
     req: Request<Incoming>,
-) -> Routed {
+) -> (custody_kms::AuditEvent, protocol::Dispatched) {
+    let base = |action: &str| base_event(request_id, peer, identity, action, &state.node);
     if req.uri().path() == "/healthz" && req.method() == Method::GET {
-        let dispatched =
-            protocol::Dispatched { result: health(&state.kms), principal: None, access_key_id: None, recorded: None };
-        return ("healthz".into(), protocol::AuditHints::default(), dispatched);
+        return (base("healthz"), protocol::Dispatched::answered(health(&state.kms)));
     }
     if req.method() != Method::POST || req.uri().path() != "/" {
-        return early(
-            "-",
-            ApiError::new(
-                404,
-                "UnknownOperationException",
-                "custody answers POST / (AWS JSON protocol) and GET /healthz",
-            ),
+        let e = ApiError::new(
+            404,
+            "UnknownOperationException",
+            "custody answers POST / (AWS JSON protocol) and GET /healthz",
         );
+        return (base("-"), protocol::Dispatched::refused(e));
     }
     let target = req
         .headers()
@@ -380,43 +364,24 @@ async fn route(
         .and_then(|v| v.to_str().ok())
         .map(|t| t.chars().take(128).collect::<String>());
     let Some(target) = target else {
-        return early("-", ApiError::new(400, "UnknownOperationException", "missing X-Amz-Target header"));
+        let e = ApiError::new(400, "UnknownOperationException", "missing X-Amz-Target header");
+        return (base("-"), protocol::Dispatched::refused(e));
     };
     let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !content_type.starts_with(AMZ_JSON) && !content_type.starts_with("application/json") {
-        return early(
-            &target,
-            ApiError::new(400, "SerializationException", format!("Content-Type must be {AMZ_JSON}")),
-        );
+        let e = ApiError::new(400, "SerializationException", format!("Content-Type must be {AMZ_JSON}"));
+        return (base(&target), protocol::Dispatched::refused(e));
     }
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, state.max_request_bytes).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
             let msg = format!("the request body is larger than {} bytes or was cut off", state.max_request_bytes);
-            return early(&target, ApiError::new(413, "ValidationException", msg));
+            return (base(&target), protocol::Dispatched::refused(ApiError::new(413, "ValidationException", msg)));
         }
     };
-    let hints = protocol::audit_hints(&body);
-    // The record a state change commits with; the rest is filled in at commit.
-    let template = audit_event(
-        custody_kms::model::now_ms(),
-        request_id,
-        peer,
-        identity,
-        &target,
-        hints.key.clone(),
-        &Ok(serde_json::Value::Null),
-        Instant::now(),
-    );
-    let scope = custody_kms::AuditScope::new(
-        custody_kms::AuditEvent { node: state.node.clone(), ..template },
-        hints.context.clone(),
-    );
-    let kms = state.kms.clone();
-    let identity = identity.clone();
-    let t = target.clone();
-    let s = scope.clone();
+    let event = base(&target);
+    let (kms, identity, audit) = (state.kms.clone(), identity.clone(), event.clone());
     let dispatched = tokio::task::spawn_blocking(move || {
         let req = sigv4::RequestParts {
             method: parts.method.as_str(),
@@ -425,31 +390,58 @@ async fn route(
             headers: &parts.headers,
             body: &body,
         };
-        protocol::dispatch(&kms, &identity, &req, &t, Some(s))
+        protocol::dispatch(&kms, &identity, &req, &audit.action.clone(), audit)
     })
     .await
-    .unwrap_or_else(|_| protocol::Dispatched {
-        result: Err(ApiError::new(
+    .unwrap_or_else(|_| {
+        protocol::Dispatched::refused(ApiError::new(
             500,
             "KMSInternalException",
             "The request could not be completed because of an internal error.",
-        )),
-        principal: None,
-        access_key_id: None,
-        recorded: None,
+        ))
     });
-    (target, hints, protocol::Dispatched { recorded: scope.recorded(), ..dispatched })
+    (event, dispatched)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn audit_event(
-    time: i64,
+/// What is known of a request before it runs. A state change commits with this (completed by
+/// the service); otherwise [`finish_event`] completes it after the answer is known.
+fn base_event(
     request_id: &str,
     peer: SocketAddr,
     identity: &Identity,
     action: &str,
+    node: &str,
+) -> custody_kms::AuditEvent {
+    custody_kms::AuditEvent {
+        time: custody_kms::model::now_ms(),
+        request_id: request_id.to_string(),
+        node: node.to_string(),
+        source: peer.to_string(),
+        tls_identity: match identity {
+            Identity::Certificate(uri) => Some(uri.clone()),
+            Identity::CertificateWithoutIdentity => Some("<certificate without identity>".into()),
+            Identity::Anonymous => None,
+        },
+        principal: None,
+        access_key_id: None,
+        action: action.to_string(),
+        key_id: None,
+        encryption_context: None,
+        outcome: custody_kms::Outcome::Success,
+        error_code: None,
+        detail: None,
+        duration_ms: 0,
+        alert: false,
+    }
+}
+
+/// Completes a request's event with how it ended.
+fn finish_event(
+    base: custody_kms::AuditEvent,
     key_hint: Option<String>,
     result: &Result<serde_json::Value, ApiError>,
+    principal: Option<String>,
+    access_key_id: Option<String>,
     started: Instant,
 ) -> custody_kms::AuditEvent {
     use custody_kms::Outcome;
@@ -470,25 +462,15 @@ fn audit_event(
         }
     };
     custody_kms::AuditEvent {
-        time,
-        request_id: request_id.to_string(),
-        source: peer.to_string(),
-        principal: None,
-        access_key_id: None,
-        tls_identity: match identity {
-            Identity::Certificate(uri) => Some(uri.clone()),
-            Identity::CertificateWithoutIdentity => Some("<certificate without identity>".into()),
-            Identity::Anonymous => None,
-        },
-        action: action.to_string(),
+        principal,
+        access_key_id,
         key_id,
-        encryption_context: None,
-        alert: is_alert(action, outcome, error_code.as_deref()),
-        node: String::new(),
+        alert: is_alert(&base.action, outcome, error_code.as_deref()),
         outcome,
         error_code,
         detail,
         duration_ms: started.elapsed().as_millis() as u64,
+        ..base
     }
 }
 

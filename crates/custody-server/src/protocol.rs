@@ -14,6 +14,7 @@ use custody_kms::{
     AliasName, AuditQuery, Caller, CreateGrantRequest, CreateKeyRequest, KeyRef, Kms, KmsError, Outcome, Page,
     PrincipalName,
 };
+use custody_kms::{AuditEvent, AuditScope};
 
 use crate::sigv4::{self, RequestParts};
 use serde_json::{json, Map, Value};
@@ -88,7 +89,7 @@ impl From<KmsError> for ApiError {
 
 /// What the audit record says about a request's body: the key it names and its encryption
 /// context (values are turned into HMAC tokens before they are stored).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct AuditHints {
     /// The key named.
     pub key: Option<String>,
@@ -96,20 +97,12 @@ pub struct AuditHints {
     pub context: Option<BTreeMap<String, String>>,
 }
 
-/// Reads [`AuditHints`] from a request body (bounded; never the plaintext or blob itself).
-pub fn audit_hints(body: &[u8]) -> AuditHints {
-    let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(body) else { return AuditHints::default() };
-    let context =
-        ["EncryptionContext", "DestinationEncryptionContext", "SourceEncryptionContext"].iter().find_map(|f| {
-            let Value::Object(c) = m.get(*f)? else { return None };
-            Some(
-                c.iter()
-                    .take(64)
-                    .filter_map(|(k, v)| Some((k.chars().take(256).collect(), v.as_str()?.to_string())))
-                    .collect(),
-            )
-        });
-    AuditHints { key: key_hint(&m), context }
+impl std::fmt::Debug for AuditHints {
+    /// Context keys only: their values end up in the audit trail as HMAC tokens, not in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Option<Vec<&String>> = self.context.as_ref().map(|c| c.keys().collect());
+        f.debug_struct("AuditHints").field("key", &self.key).field("context_keys", &keys).finish()
+    }
 }
 
 fn key_hint(m: &Map<String, Value>) -> Option<String> {
@@ -161,7 +154,6 @@ const UNSUPPORTED_AWS_ACTIONS: &[&str] = &[
 ];
 
 /// What a dispatched request produced, and who it turned out to be from (for the audit record).
-#[derive(Debug)]
 pub struct Dispatched {
     /// The answer.
     pub result: Result<Value, ApiError>,
@@ -171,6 +163,32 @@ pub struct Dispatched {
     pub access_key_id: Option<String>,
     /// The audit record written together with a state change, if the action made one.
     pub recorded: Option<u64>,
+    /// What the body named, for the audit record.
+    pub hints: AuditHints,
+}
+
+impl Dispatched {
+    /// An answer made without the service's dispatch (health, refusals before it).
+    pub fn answered(result: Result<Value, ApiError>) -> Self {
+        Self { result, principal: None, access_key_id: None, recorded: None, hints: AuditHints::default() }
+    }
+
+    /// A request refused before it reached the service.
+    pub fn refused(e: ApiError) -> Self {
+        Self::answered(Err(e))
+    }
+}
+
+impl std::fmt::Debug for Dispatched {
+    /// Never the result body: it may hold plaintext or a data key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatched")
+            .field("ok", &self.result.is_ok())
+            .field("principal", &self.principal)
+            .field("access_key_id", &self.access_key_id)
+            .field("recorded", &self.recorded)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Who sent a request and how, as far as one request can tell; and the request's audit scope,
@@ -182,18 +200,19 @@ struct Auth {
     scope: Option<std::sync::Arc<custody_kms::AuditScope>>,
 }
 
-/// Runs one action. Blocking: call from a blocking-capable thread. A state change the action
-/// makes is recorded through `scope`, in the same transaction.
-pub fn dispatch(
-    kms: &Kms,
-    identity: &Identity,
-    req: &RequestParts<'_>,
-    target: &str,
-    scope: Option<std::sync::Arc<custody_kms::AuditScope>>,
-) -> Dispatched {
-    let mut auth = Auth { scope, ..Auth::default() };
-    let result = run(kms, identity, req, target, &mut auth);
-    Dispatched { result, principal: auth.principal, access_key_id: auth.access_key_id, recorded: None }
+/// Runs one action. Blocking: call from a blocking-capable thread. `audit` is the request's
+/// audit event so far; a state change the action makes commits together with it.
+pub fn dispatch(kms: &Kms, identity: &Identity, req: &RequestParts<'_>, target: &str, audit: AuditEvent) -> Dispatched {
+    let mut auth = Auth::default();
+    let mut hints = AuditHints::default();
+    let result = Fields::parse(req.body).and_then(|fields| {
+        hints = fields.audit_hints();
+        let scope = AuditScope::new(AuditEvent { key_id: hints.key.clone(), ..audit }, hints.context.clone());
+        auth.scope = Some(scope);
+        run(kms, identity, req, target, &fields, &mut auth)
+    });
+    let recorded = auth.scope.as_ref().and_then(|s| s.recorded());
+    Dispatched { result, principal: auth.principal, access_key_id: auth.access_key_id, recorded, hints }
 }
 
 fn run(
@@ -201,17 +220,17 @@ fn run(
     identity: &Identity,
     req: &RequestParts<'_>,
     target: &str,
+    fields: &Fields,
     auth: &mut Auth,
 ) -> Result<Value, ApiError> {
     let (service, action) = target
         .split_once('.')
         .ok_or_else(|| ApiError::new(400, "UnknownOperationException", format!("unknown operation {target:?}")))?;
-    let fields = Fields::parse(req.body)?;
     match service {
-        "Custody" => custody_action(kms, identity, req, action, &fields, auth),
+        "Custody" => custody_action(kms, identity, req, action, fields, auth),
         "TrentService" => {
             let caller = authenticate(kms, identity, req, auth)?;
-            kms_action(kms, &caller, action, &fields)
+            kms_action(kms, &caller, action, fields)
         }
         _ => Err(ApiError::new(400, "UnknownOperationException", format!("unknown service {service:?}"))),
     }
@@ -608,10 +627,19 @@ fn page_json<T>(name: &str, page: Page<T>, item: impl Fn(T) -> Value) -> Value {
 }
 
 /// A request body's fields, with typed accessors whose errors name the field as AWS does.
-struct Fields(Map<String, Value>);
+pub struct Fields(Map<String, Value>);
+
+impl std::fmt::Debug for Fields {
+    /// Field names only: a body may carry plaintext.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
 
 impl Fields {
-    fn parse(body: &[u8]) -> Result<Self, ApiError> {
+    /// Parses a request body: empty, or one JSON object. Anything else is a
+    /// `SerializationException`.
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Ok(Self(Map::new()));
         }
@@ -620,6 +648,23 @@ impl Fields {
             Ok(_) => Err(ApiError::serialization("the request body must be a JSON object")),
             Err(e) => Err(ApiError::serialization(format!("the request body is not valid JSON: {e}"))),
         }
+    }
+
+    /// What the audit record says about this body: the key it names and its encryption context
+    /// (bounded; never the plaintext or the blob itself).
+    pub fn audit_hints(&self) -> AuditHints {
+        let m = &self.0;
+        let context =
+            ["EncryptionContext", "DestinationEncryptionContext", "SourceEncryptionContext"].iter().find_map(|f| {
+                let Value::Object(c) = m.get(*f)? else { return None };
+                Some(
+                    c.iter()
+                        .take(64)
+                        .filter_map(|(k, v)| Some((k.chars().take(256).collect(), v.as_str()?.to_string())))
+                        .collect(),
+                )
+            });
+        AuditHints { key: key_hint(m), context }
     }
 
     fn get(&self, name: &str) -> Option<&Value> {
