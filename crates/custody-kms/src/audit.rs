@@ -229,12 +229,23 @@ impl Slot {
 
 /// A request's audit event, prepared before the service acts, so that a state change commits in
 /// the same transaction as its record (then the server writes no second record).
-#[derive(Debug)]
 pub struct AuditScope {
     event: AuditEvent,
     context: Option<BTreeMap<String, String>>,
     started: std::time::Instant,
     recorded: Mutex<Option<u64>>,
+}
+
+impl std::fmt::Debug for AuditScope {
+    /// Context keys only: values reach the trail as HMAC tokens, never a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Option<Vec<&String>> = self.context.as_ref().map(|c| c.keys().collect());
+        f.debug_struct("AuditScope")
+            .field("action", &self.event.action)
+            .field("request_id", &self.event.request_id)
+            .field("context_keys", &keys)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AuditScope {
@@ -287,6 +298,11 @@ struct Hashed<'a> {
     seq: u64,
     written_at: Millis,
     event: &'a AuditEvent,
+}
+
+/// An encryption context as the trail keeps it: keys as given, values as HMAC tokens.
+fn hidden_context(u: &Unsealed, context: Option<&BTreeMap<String, String>>) -> Option<BTreeMap<String, String>> {
+    context.map(|c| c.iter().map(|(k, v)| (k.clone(), u.audit_hmac.token(v))).collect())
 }
 
 fn row_key(seq: u64) -> String {
@@ -364,8 +380,7 @@ impl Kms {
         context: Option<&BTreeMap<String, String>>,
         done: Completion,
     ) {
-        let hmac = u.root.audit_hmac_key();
-        event.encryption_context = context.map(|c| c.iter().map(|(k, v)| (k.clone(), hmac.token(v))).collect());
+        event.encryption_context = hidden_context(u, context);
         self.audit_seq.queue.lock().unwrap_or_else(|p| p.into_inner()).push((event, done));
     }
 
@@ -449,9 +464,7 @@ impl Kms {
                 (event, None, None)
             }
         };
-        let hmac = u.root.audit_hmac_key();
-        let mut event = event;
-        event.encryption_context = context.map(|c| c.iter().map(|(k, v)| (k.clone(), hmac.token(v))).collect());
+        let event = AuditEvent { encryption_context: hidden_context(u, context.as_ref()), ..event };
         let mut state = self.audit_seq.state.lock().unwrap_or_else(|p| p.into_inner());
         let result = self.append_records(u, &mut state, vec![event], writes);
         drop(state);
@@ -612,7 +625,7 @@ impl Kms {
     pub fn audit_hash(&self, caller: &Caller, value: &str) -> Result<String, KmsError> {
         let u = self.unsealed()?;
         let _proof = authorize::<act::ReadAudit>(caller, None)?;
-        Ok(u.root.audit_hmac_key().token(value))
+        Ok(u.audit_hmac.token(value))
     }
 
     /// Records of the caller's account matching `q`, oldest first.

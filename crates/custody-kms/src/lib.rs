@@ -83,6 +83,8 @@ pub struct Kms {
 struct Unsealed {
     root: RootKey,
     barrier: Barrier,
+    /// Derived once at unseal: every audit record with an encryption context uses it.
+    audit_hmac: custody_crypto::audit::AuditHmacKey,
 }
 
 impl Kms {

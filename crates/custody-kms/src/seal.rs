@@ -306,7 +306,8 @@ impl Kms {
             return Err(KmsError::InvalidShare("the key does not unseal this store".into()));
         }
         let barrier = Barrier::new(self.backend.clone(), root.barrier_key());
-        Ok(Unsealed { root, barrier })
+        let audit_hmac = root.audit_hmac_key();
+        Ok(Unsealed { root, barrier, audit_hmac })
     }
 
     /// Maps a verified client-certificate identity (`spiffe://custody/<tenant>/<principal>`) to a
