@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use custody_cli::bootstrap::{self, Bootstrap, SealChoice};
 use serde_json::json;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
@@ -19,25 +21,8 @@ fn main() {
     let connections: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(16);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async move {
-        let dir = tempfile::tempdir().unwrap();
-        let (layout, _) = bootstrap::init(Bootstrap {
-            data_dir: dir.path().join("data"),
-            seal: SealChoice::KeyFile(dir.path().join("root.key")),
-            tenant: None,
-            admin: custody_kms::PrincipalName::parse("admin").unwrap(),
-            server_names: vec!["localhost".into()],
-            endpoint: "https://localhost:1".into(),
-        })
-        .unwrap();
-        let config = custody_server::ServerConfig {
-            data_dir: layout.data_dir.clone(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..custody_server::ServerConfig::default()
-        };
-        let server = custody_server::Server::start(config).await.unwrap();
-        let endpoint = format!("https://localhost:{}", server.local_addr().port());
-        let profile =
-            custody_client::Profile::load(&bootstrap::write_profile(&layout, "admin", &endpoint).unwrap()).unwrap();
+        let (dir, layout) = common::keyfile_dir();
+        let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
         let mut admin = custody_client::Client::connect(&profile).await.unwrap();
         let key = admin.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
             .as_str()

@@ -265,23 +265,24 @@ pub fn check_state(key: &KeyRecord, action: Action, arn: &str) -> Result<(), Kms
 fn check_usage(key: &KeyRecord, action: Action, arn: &str) -> Result<(), KmsError> {
     use Action::*;
     let hmac = key.spec.mac_algorithm().is_some();
-    let usage = key.spec.usage();
-    match action {
-        Encrypt | Decrypt | ReEncryptFrom | ReEncryptTo | GenerateDataKey | GenerateDataKeyWithoutPlaintext if hmac => {
-            Err(KmsError::InvalidKeyUsage(format!(
-                "{arn} key usage is {usage} which is not valid for {}.",
-                action.name()
-            )))
-        }
-        GenerateMac | VerifyMac if !hmac => Err(KmsError::InvalidKeyUsage(format!(
+    let encrypts = matches!(
+        action,
+        Encrypt | Decrypt | ReEncryptFrom | ReEncryptTo | GenerateDataKey | GenerateDataKeyWithoutPlaintext
+    );
+    let macs = matches!(action, GenerateMac | VerifyMac);
+    if (encrypts && hmac) || (macs && !hmac) {
+        let usage = key.spec.usage();
+        return Err(KmsError::InvalidKeyUsage(format!(
             "{arn} key usage is {usage} which is not valid for {}.",
             action.name()
-        ))),
-        EnableKeyRotation | RotateKeyOnDemand if hmac => {
-            Err(KmsError::UnsupportedOperation(format!("{arn} is an HMAC key; only symmetric encryption keys rotate.")))
-        }
-        _ => Ok(()),
+        )));
     }
+    if hmac && matches!(action, EnableKeyRotation | RotateKeyOnDemand) {
+        return Err(KmsError::UnsupportedOperation(format!(
+            "{arn} is an HMAC key; only symmetric encryption keys rotate."
+        )));
+    }
+    Ok(())
 }
 
 fn state_phrase(state: KeyState) -> &'static str {
