@@ -37,11 +37,6 @@ impl SecretBytes {
         self.0.is_empty()
     }
 
-    /// An explicit copy of the secret.
-    pub fn duplicate(&self) -> Self {
-        Self::copy_from(&self.0)
-    }
-
     /// Constant-time comparison.
     pub fn ct_eq(&self, other: &Self) -> bool {
         self.0.len() == other.0.len() && bool::from(self.0.as_slice().ct_eq(other.0.as_slice()))

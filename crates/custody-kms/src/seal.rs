@@ -4,7 +4,7 @@ use std::sync::{Arc, RwLock};
 
 use custody_crypto::pki::{self, IssuedCert};
 use custody_crypto::shamir::{self, UnsealShare};
-use custody_crypto::{RootKey, RootKeyCheck, SecretBytes};
+use custody_crypto::{RootKey, RootKeyCheck};
 use custody_store::{Backend, Barrier, Expect, Table, Write};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
@@ -322,32 +322,6 @@ impl Kms {
             return Err(denied());
         }
         Ok(Caller { tenant, name, roles: record.roles, audit: None })
-    }
-
-    /// The internal CA certificate (PEM).
-    pub fn ca_certificate(&self) -> Result<String, KmsError> {
-        let u = self.unsealed()?;
-        let ca = u
-            .barrier
-            .get::<CaRecord>(Table::Pki, "ca")?
-            .ok_or_else(|| KmsError::Integrity("pki/ca is missing".into()))?;
-        Ok(ca.value.cert_pem)
-    }
-
-    /// The internal CA with its key, for issuing certificates.
-    pub fn ca_for_issuing(&self) -> Result<IssuedCert, KmsError> {
-        let u = self.unsealed()?;
-        let ca = u
-            .barrier
-            .get::<CaRecord>(Table::Pki, "ca")?
-            .ok_or_else(|| KmsError::Integrity("pki/ca is missing".into()))?
-            .value;
-        Ok(IssuedCert {
-            cert_pem: ca.cert_pem,
-            key_pem: SecretBytes::new(ca.key_pem.into_bytes()),
-            serial: ca.serial,
-            not_after: OffsetDateTime::from_unix_timestamp(ca.not_after / 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH),
-        })
     }
 }
 

@@ -1,6 +1,6 @@
 //! The embedded SQLite backend (WAL, `synchronous=FULL`, `secure_delete=ON`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -23,7 +23,6 @@ const MIGRATIONS: &[&str] = &[
 /// and custody's rows are small.
 #[derive(Debug)]
 pub struct SqliteBackend {
-    path: PathBuf,
     conn: Mutex<Connection>,
 }
 
@@ -37,14 +36,9 @@ impl SqliteBackend {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
         conn.pragma_update(None, "secure_delete", "ON").map_err(db)?;
-        let backend = Self { path: path.to_path_buf(), conn: Mutex::new(conn) };
+        let backend = Self { conn: Mutex::new(conn) };
         backend.migrate()?;
         Ok(backend)
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Schema version this binary writes.

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -120,8 +120,4 @@ pub fn spawn_server(data: &Path) -> Running {
         }
         lines.push(line);
     }
-}
-
-pub fn profile_path(layout: &Layout) -> PathBuf {
-    layout.admin_profile()
 }
