@@ -629,7 +629,13 @@ async fn status(conn: &ConnArgs, json: bool) -> Result<()> {
             println!("you are:       {}", w["Arn"].as_str().unwrap_or("?"));
         }
         if status["Sealed"] == false {
-            let audit = if status["AuditFailing"] == true { "FAILING: requests are refused" } else { "ok" };
+            let audit = if status["AuditDisabled"] == true {
+                "DISABLED by danger_disable_audit: nothing is recorded"
+            } else if status["AuditFailing"] == true {
+                "FAILING: requests are refused"
+            } else {
+                "ok"
+            };
             println!("audit trail:   {audit}; {} alerts since start", status["Alerts"]);
         }
         println!("TLS:           1.3, key exchange {kx}");

@@ -281,6 +281,8 @@ pub struct AuditHealth {
     pub failing: bool,
     /// Records flagged `alert` since this process started.
     pub alerts: u64,
+    /// `danger_disable_audit` is set: nothing is recorded.
+    pub disabled: bool,
 }
 
 const SIGNING_KEY_ROW: &str = "audit-signing-key";
@@ -326,6 +328,9 @@ impl Kms {
     /// the server log can record the request.
     pub fn record_audit(&self, event: AuditEvent, context: Option<&BTreeMap<String, String>>) -> Result<u64, KmsError> {
         let u = self.unsealed()?;
+        if self.config.danger_disable_audit {
+            return Ok(0);
+        }
         // Group commit: queue the record; whoever can take the sequencer commits everything
         // queued in one transaction (one fsync for many requests) while the others wait for
         // their slot to be filled.
@@ -361,6 +366,9 @@ impl Kms {
             Ok(u) => u,
             Err(e) => return done(Err(e.to_string())),
         };
+        if self.config.danger_disable_audit {
+            return done(Ok(0));
+        }
         self.enqueue_audit(&u, event, context, done);
         self.audit_seq.committer.get_or_init(|| {
             let kms = std::sync::Arc::downgrade(self);
@@ -417,7 +425,11 @@ impl Kms {
     /// Health of the trail: whether writes are failing, and alerts since start.
     pub fn audit_health(&self) -> AuditHealth {
         use std::sync::atomic::Ordering::Relaxed;
-        AuditHealth { failing: self.audit_seq.failing.load(Relaxed), alerts: self.audit_seq.alerts.load(Relaxed) }
+        AuditHealth {
+            failing: self.audit_seq.failing.load(Relaxed),
+            alerts: self.audit_seq.alerts.load(Relaxed),
+            disabled: self.config.danger_disable_audit,
+        }
     }
 
     /// Applies a state change together with its audit record, in one transaction.
@@ -428,6 +440,9 @@ impl Kms {
         key_id: Option<String>,
         writes: Vec<Write>,
     ) -> Result<(), KmsError> {
+        if self.config.danger_disable_audit {
+            return Ok(u.barrier.apply(&writes)?);
+        }
         let (event, context, scope) = match actor {
             Actor::Caller(c) => match &c.audit {
                 // Library use without a request scope (tests, tools): the caller records.

@@ -55,6 +55,22 @@ pub struct KmsConfig {
     pub audit_retain_days: u64,
     /// Keep at least this many of the newest audit records (0: all).
     pub audit_retain_records: u64,
+    /// Whether a policy or grant may give one principal both administration of a key and
+    /// Decrypt with it.
+    pub separation_of_duties: SeparationOfDuties,
+    /// Benchmarks only: write no audit records (`danger_disable_audit`).
+    pub danger_disable_audit: bool,
+}
+
+/// What happens when a key policy or grant would let one principal both administer a key and
+/// decrypt with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeparationOfDuties {
+    /// Refused (the default).
+    #[default]
+    Enforce,
+    /// Allowed, with an audit alert (development).
+    Warn,
 }
 
 impl Default for KmsConfig {
@@ -65,6 +81,8 @@ impl Default for KmsConfig {
             audit_checkpoint_every: 100,
             audit_retain_days: 0,
             audit_retain_records: 0,
+            separation_of_duties: SeparationOfDuties::Enforce,
+            danger_disable_audit: false,
         }
     }
 }

@@ -65,6 +65,8 @@ Setting { name: "audit_retain_days", env: "CUSTODY_AUDIT_RETAIN_DAYS", kind: Kin
     Setting { name: "tls.cert_file", env: "CUSTODY_TLS_CERT_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.crt", doc: "Server certificate chain (PEM)." },
     Setting { name: "tls.key_file", env: "CUSTODY_TLS_KEY_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.key", doc: "Server private key (PEM, PKCS#8)." },
     Setting { name: "tls.client_ca_file", env: "CUSTODY_TLS_CLIENT_CA_FILE", kind: Kind::Text, default: "<data_dir>/tls/ca.crt", doc: "CA whose client certificates are accepted (the internal CA)." },
+    Setting { name: "separation_of_duties", env: "CUSTODY_SEPARATION_OF_DUTIES", kind: Kind::Text, default: "enforce", doc: "`enforce`: a key policy or grant that would let one principal both administer a key and decrypt with it is refused. `warn`: allowed, with an audit alert (what `custody dev` uses)." },
+    Setting { name: "danger_disable_audit", env: "CUSTODY_DANGER_DISABLE_AUDIT", kind: Kind::Bool, default: "false", doc: "DANGER, benchmarks only: write no audit records at all, so the audit's cost can be measured against the same server without it. Requests are then unrecorded; the server logs an error at start and `custody status` shows it." },
     Setting { name: "danger_day_length_ms", env: "CUSTODY_DANGER_DAY_LENGTH_MS", kind: Kind::Integer, default: "86400000", doc: "DANGER, tests only: the length of a \"day\" for deletion waiting periods and rotation periods. Anything below the default shortens the 7-day minimum deletion window and lets a test destroy keys in seconds; the server logs a warning at start when it is set." },
 ];
 
@@ -120,6 +122,12 @@ pub struct ServerConfig {
     /// See [`SETTINGS`].
     #[serde(default = "defaults::day_length_ms")]
     pub danger_day_length_ms: u64,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::separation_of_duties")]
+    pub separation_of_duties: String,
+    /// See [`SETTINGS`].
+    #[serde(default)]
+    pub danger_disable_audit: bool,
 }
 
 /// `[tls]` settings.
@@ -176,6 +184,9 @@ mod defaults {
     }
     pub fn log_format() -> String {
         "text".into()
+    }
+    pub fn separation_of_duties() -> String {
+        "enforce".into()
     }
     pub fn day_length_ms() -> u64 {
         custody_kms::DAY_MS as u64
@@ -252,6 +263,12 @@ impl ServerConfig {
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(ConfigError(format!("log_format must be text or json, got {:?}", self.log_format)));
+        }
+        if !matches!(self.separation_of_duties.as_str(), "enforce" | "warn") {
+            return Err(ConfigError(format!(
+                "separation_of_duties must be `enforce` or `warn`, got {:?}",
+                self.separation_of_duties
+            )));
         }
         if self.max_request_bytes < 1024 {
             return Err(ConfigError("max_request_bytes must be at least 1024".into()));
@@ -331,6 +348,8 @@ mod tests {
                 "audit_retain_records" => c.audit_retain_records.to_string(),
                 "audit_checkpoint_interval_ms" => c.audit_checkpoint_interval_ms.to_string(),
                 "danger_day_length_ms" => c.danger_day_length_ms.to_string(),
+                "separation_of_duties" => c.separation_of_duties.clone(),
+                "danger_disable_audit" => c.danger_disable_audit.to_string(),
                 other => panic!("setting {other} has no default check"),
             };
             assert_eq!(shown, s.default, "{}", s.name);

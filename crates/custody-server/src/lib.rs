@@ -93,6 +93,9 @@ impl Server {
                 "danger_day_length_ms is set: deletion windows and rotation periods are shortened (tests only)"
             );
         }
+        if config.danger_disable_audit {
+            tracing::error!("danger_disable_audit is set: NO audit records are written (benchmarks only)");
+        }
         let kms = Arc::new(
             Kms::open(
                 backend,
@@ -102,6 +105,11 @@ impl Server {
                     audit_checkpoint_every: config.audit_checkpoint_every,
                     audit_retain_days: config.audit_retain_days,
                     audit_retain_records: config.audit_retain_records,
+                    separation_of_duties: match config.separation_of_duties.as_str() {
+                        "warn" => custody_kms::SeparationOfDuties::Warn,
+                        _ => custody_kms::SeparationOfDuties::Enforce,
+                    },
+                    danger_disable_audit: config.danger_disable_audit,
                 },
             )
             .map_err(|e| StartError::Store(e.to_string()))?,
@@ -382,7 +390,7 @@ async fn route(
     };
     let event = base(&target);
     let (kms, identity, audit) = (state.kms.clone(), identity.clone(), event.clone());
-    let dispatched = tokio::task::spawn_blocking(move || {
+    let run = move || {
         let req = sigv4::RequestParts {
             method: parts.method.as_str(),
             path: parts.uri.path(),
@@ -391,9 +399,11 @@ async fn route(
             body: &body,
         };
         protocol::dispatch(&kms, &identity, &req, &audit.action.clone(), audit)
-    })
-    .await
-    .unwrap_or_else(|_| {
+    };
+    if protocol::runs_inline(&target) {
+        return (event, run());
+    }
+    let dispatched = tokio::task::spawn_blocking(run).await.unwrap_or_else(|_| {
         protocol::Dispatched::refused(ApiError::new(
             500,
             "KMSInternalException",
@@ -483,7 +493,7 @@ fn health(kms: &Kms) -> Result<serde_json::Value, ApiError> {
         Ok(s) => serde_json::json!({
             "status": if audit.failing { "degraded" } else { "ok" },
             "sealed": s.sealed,
-            "audit": if audit.failing { "failing" } else { "ok" },
+            "audit": if audit.disabled { "DISABLED (danger_disable_audit)" } else if audit.failing { "failing" } else { "ok" },
             "alerts": audit.alerts,
             "version": version,
         }),

@@ -200,7 +200,25 @@ struct Auth {
     scope: Option<std::sync::Arc<custody_kms::AuditScope>>,
 }
 
-/// Runs one action. Blocking: call from a blocking-capable thread. `audit` is the request's
+/// Actions that only read the store and compute: they never wait for a commit, so the server runs
+/// them on its async workers instead of handing each to a blocking thread (their audit record is
+/// awaited separately). Anything that may commit a state change is not listed.
+pub fn runs_inline(target: &str) -> bool {
+    matches!(
+        target,
+        "TrentService.Encrypt"
+            | "TrentService.Decrypt"
+            | "TrentService.ReEncrypt"
+            | "TrentService.GenerateDataKey"
+            | "TrentService.GenerateDataKeyWithoutPlaintext"
+            | "TrentService.GenerateMac"
+            | "TrentService.VerifyMac"
+            | "TrentService.GenerateRandom"
+            | "TrentService.DescribeKey"
+    )
+}
+
+/// Runs one action. May block on a commit unless [`runs_inline`] says the action never commits. `audit` is the request's
 /// audit event so far; a state change the action makes commits together with it.
 pub fn dispatch(kms: &Kms, identity: &Identity, req: &RequestParts<'_>, target: &str, audit: AuditEvent) -> Dispatched {
     let mut auth = Auth::default();
@@ -386,6 +404,7 @@ fn status_json(kms: &Kms) -> Result<Value, KmsError> {
         "StoreId": s.store_id,
         "AuditFailing": kms.audit_health().failing,
         "Alerts": kms.audit_health().alerts,
+        "AuditDisabled": kms.audit_health().disabled,
         "Version": env!("CARGO_PKG_VERSION"),
     }))
 }
