@@ -15,6 +15,7 @@ mod grants;
 pub mod ids;
 pub mod model;
 mod ops;
+pub mod policy;
 mod seal;
 
 use std::sync::{Arc, RwLock};
