@@ -29,6 +29,8 @@ pub struct Bootstrap {
     pub tenant: Option<TenantId>,
     /// First administrator.
     pub admin: PrincipalName,
+    /// Its roles (`custody init`: security officer and tenant admin; `custody dev`: all).
+    pub admin_roles: Vec<custody_kms::Role>,
     /// Names in the server certificate.
     pub server_names: Vec<String>,
     /// Endpoint written into the administrator's profile.
@@ -105,7 +107,13 @@ pub fn init(b: Bootstrap) -> Result<(Layout, InitOutput), String> {
     let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&layout.database()).map_err(|e| e.to_string())?);
     let out = Kms::init(
         &backend,
-        InitOptions { seal, tenant: b.tenant, admin: b.admin.clone(), server_names: b.server_names },
+        InitOptions {
+            seal,
+            tenant: b.tenant,
+            admin: b.admin.clone(),
+            admin_roles: b.admin_roles,
+            server_names: b.server_names,
+        },
     )
     .map_err(|e| e.to_string())?;
     let tls = b.data_dir.join("tls");

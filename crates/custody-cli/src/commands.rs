@@ -17,6 +17,8 @@ use crate::exit::{self, CliError};
 use crate::{Cli, Command, ConnArgs};
 
 type Result<T> = std::result::Result<T, CliError>;
+/// What CLI commands return.
+pub(crate) type CliResult<T> = Result<T>;
 
 /// `custody init`
 #[derive(Debug, Args)]
@@ -89,7 +91,13 @@ pub enum KeyCommand {
         /// Tag as KEY=VALUE (repeatable).
         #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_pair)]
         tags: Vec<(String, String)>,
+        /// Key policy (a JSON file); default: the server's default key policy.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
     },
+    /// Show or replace a key's policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// List keys.
     #[command(after_help = "Example:\n  custody key list --json")]
     List,
@@ -298,6 +306,30 @@ pub enum AuditCommand {
     },
 }
 
+/// `custody key policy ...`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Print a key's policy (JSON).
+    #[command(after_help = "Example:\n  custody key policy get alias/payments > policy.json")]
+    Get {
+        /// Key id, ARN or alias.
+        key: String,
+    },
+    /// Replace a key's policy with the JSON in FILE.
+    #[command(after_help = "Example:\n  custody key policy put alias/payments policy.json")]
+    Put {
+        /// Key id, ARN or alias.
+        key: String,
+        /// Policy document (JSON).
+        file: PathBuf,
+    },
+}
+
+fn read_policy(p: &Path) -> Result<String> {
+    std::fs::read_to_string(p)
+        .map_err(|e| CliError::new(exit::USAGE, format!("cannot read the policy {}: {e}", p.display())))
+}
+
 /// `custody access-key ...`
 #[derive(Debug, Subcommand)]
 pub enum AccessKeyCommand {
@@ -391,7 +423,7 @@ pub struct DataKeyArgs {
     pub without_plaintext: bool,
 }
 
-fn parse_pair(s: &str) -> std::result::Result<(String, String), String> {
+pub(crate) fn parse_pair(s: &str) -> std::result::Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
@@ -412,6 +444,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::DataKey(a) => data_key(&cli.conn, a, json).await,
         Command::AccessKey(a) => access_key(&cli.conn, a, json).await,
         Command::Audit(cmd) => audit(&cli.conn, cmd, json).await,
+        Command::Tenant(cmd) => crate::access::tenant(&cli.conn, cmd, json).await,
+        Command::Principal(cmd) => crate::access::principal(&cli.conn, cmd, json).await,
+        Command::Access(cmd) => crate::access::access(&cli.conn, cmd, json).await,
     }
 }
 
@@ -438,6 +473,7 @@ fn init(a: InitArgs, json: bool) -> Result<()> {
     }
     let (layout, out) = bootstrap::init(Bootstrap {
         data_dir: a.data.clone(),
+        admin_roles: custody_kms::InitOptions::FIRST_ADMIN_ROLES.to_vec(),
         seal: seal.clone(),
         tenant,
         admin,
@@ -552,7 +588,7 @@ pub(crate) fn profile(conn: &ConnArgs) -> Result<Profile> {
     }))
 }
 
-async fn connect(conn: &ConnArgs) -> Result<Client> {
+pub(crate) async fn connect(conn: &ConnArgs) -> Result<Client> {
     Ok(Client::connect(&profile(conn)?).await?)
 }
 
@@ -649,9 +685,13 @@ async fn status(conn: &ConnArgs, json: bool) -> Result<()> {
 async fn key(conn: &ConnArgs, cmd: KeyCommand, json: bool) -> Result<()> {
     let mut c = connect(conn).await?;
     match cmd {
-        KeyCommand::Create { description, alias, tags } => {
+        KeyCommand::Create { description, alias, tags, policy } => {
             let tags: Vec<Value> = tags.into_iter().map(|(k, v)| json!({"TagKey": k, "TagValue": v})).collect();
-            let r = c.call("TrentService.CreateKey", json!({ "Description": description, "Tags": tags })).await?;
+            let mut body = json!({ "Description": description, "Tags": tags });
+            if let Some(p) = policy {
+                body["Policy"] = json!(read_policy(&p)?);
+            }
+            let r = c.call("TrentService.CreateKey", body).await?;
             if let Some(alias) = &alias {
                 let id = r["KeyMetadata"]["KeyId"].clone();
                 c.call("TrentService.CreateAlias", json!({ "AliasName": alias, "TargetKeyId": id })).await.map_err(|e| {
@@ -666,6 +706,19 @@ async fn key(conn: &ConnArgs, cmd: KeyCommand, json: bool) -> Result<()> {
                     println!("Alias:        {a}");
                 }
             });
+        }
+        KeyCommand::Policy(PolicyCommand::Get { key }) => {
+            let r = c.call("TrentService.GetKeyPolicy", json!({ "KeyId": key, "PolicyName": "default" })).await?;
+            output(json, &r, || {
+                let text = r["Policy"].as_str().unwrap_or("");
+                let pretty =
+                    serde_json::from_str::<Value>(text).map(|v| serde_json::to_string_pretty(&v).unwrap_or_default());
+                println!("{}", pretty.unwrap_or_else(|_| text.to_string()));
+            });
+        }
+        KeyCommand::Policy(PolicyCommand::Put { key, file }) => {
+            let body = json!({ "KeyId": key, "PolicyName": "default", "Policy": read_policy(&file)? });
+            simple(&mut c, json, "TrentService.PutKeyPolicy", body, "Key policy replaced.").await?
         }
         KeyCommand::List => {
             let keys = paginate(&mut c, "TrentService.ListKeys", json!({}), "Keys").await?;
@@ -1118,7 +1171,7 @@ async fn data_key(conn: &ConnArgs, a: DataKeyArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn simple(c: &mut Client, json: bool, target: &str, body: Value, done: &str) -> Result<()> {
+pub(crate) async fn simple(c: &mut Client, json: bool, target: &str, body: Value, done: &str) -> Result<()> {
     let r = c.call(target, body).await?;
     output(json, &r, || println!("{done}"));
     Ok(())
@@ -1136,7 +1189,7 @@ async fn paginate(c: &mut Client, target: &str, mut body: Value, field: &str) ->
     }
 }
 
-fn context(pairs: &[(String, String)]) -> BTreeMap<String, String> {
+pub(crate) fn context(pairs: &[(String, String)]) -> BTreeMap<String, String> {
     pairs.iter().cloned().collect()
 }
 
@@ -1161,7 +1214,7 @@ fn write_output(out: Option<&Path>, bytes: &[u8]) -> Result<()> {
     }
 }
 
-fn output(json: bool, value: &Value, human: impl FnOnce()) {
+pub(crate) fn output(json: bool, value: &Value, human: impl FnOnce()) {
     if json {
         print_json(value);
     } else {

@@ -37,6 +37,7 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
         }
         bootstrap::init(Bootstrap {
             data_dir: a.data.clone(),
+            admin_roles: custody_kms::Role::ALL.to_vec(),
             seal: SealChoice::KeyFile(key_file.clone()),
             tenant: None,
             admin: PrincipalName::parse(ADMIN).expect("valid name"),
@@ -49,6 +50,9 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
     config.data_dir = a.data.clone();
     config.listen = a.listen;
     config.seal = Some(format!("keyfile:{}", key_file.display()));
+    // Development only: one principal holds every role and new keys are usable by it.
+    config.separation_of_duties = "warn".into();
+    config.default_key_policy = "tenant".into();
     let server = custody_server::Server::start(config).await.map_err(|e| fail(e.to_string()))?;
     let addr = server.local_addr();
     let host = match addr.ip() {

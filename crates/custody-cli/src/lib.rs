@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod bootstrap;
 mod commands;
 mod dev;
@@ -127,4 +128,13 @@ Examples:
   custody data-key -k alias/app --bytes 64 --without-plaintext"
     )]
     DataKey(commands::DataKeyArgs),
+    /// Tenants (security officer).
+    #[command(subcommand)]
+    Tenant(access::TenantCommand),
+    /// Principals of your tenant (tenant admin).
+    #[command(subcommand)]
+    Principal(access::PrincipalCommand),
+    /// Who can do what: `who-can` and `explain` (auditor or key admin).
+    #[command(subcommand)]
+    Access(access::AccessCommand),
 }

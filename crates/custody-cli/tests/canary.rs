@@ -44,6 +44,8 @@ fn canaries_appear_nowhere() {
         .arg(&data)
         .args(["--listen", "127.0.0.1:0"])
         .env("RUST_LOG", "trace")
+        .env("CUSTODY_SEPARATION_OF_DUTIES", "warn")
+        .env("CUSTODY_DEFAULT_KEY_POLICY", "tenant")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -69,6 +71,7 @@ fn canaries_appear_nowhere() {
     let text = std::fs::read_to_string(data.join("admin/profile.toml")).unwrap();
     std::fs::write(&profile, text.replace("https://localhost:8443", &format!("https://localhost:{port}"))).unwrap();
 
+    common::all_roles(&profile);
     let mut canaries: Vec<Vec<u8>> =
         (0..4).map(|i| format!("CANARY-{i}-7d1f3e9a-plaintext-value").into_bytes()).collect();
     let cli_log = dir.path().join("cli.log");

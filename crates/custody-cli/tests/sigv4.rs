@@ -198,6 +198,7 @@ fn access_keys_through_the_cli() {
         ),
     )
     .unwrap();
+    common::all_roles(&profile);
     let run = |args: &[&str]| {
         let out = common::custody().arg("--profile").arg(&profile).args(args).output().unwrap();
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));

@@ -94,6 +94,7 @@ fn shamir_rotation_restart_and_errors() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not issued for this store"));
 
     unseal(&profile, &shares[0..3]);
+    common::all_roles(&profile);
     let status = json(&profile, &["status"]);
     assert_eq!(status["Status"]["Sealed"], false);
     assert_eq!(status["KeyExchange"], "X25519MLKEM768");
@@ -207,6 +208,20 @@ fn every_command_has_help_with_an_example() {
         &["audit", "export"],
         &["audit", "hash"],
         &["audit", "tail"],
+        &["key", "policy", "get"],
+        &["key", "policy", "put"],
+        &["tenant", "create"],
+        &["tenant", "list"],
+        &["principal", "create"],
+        &["principal", "list"],
+        &["principal", "describe"],
+        &["principal", "disable"],
+        &["principal", "enable"],
+        &["principal", "roles"],
+        &["principal", "delete"],
+        &["principal", "cert", "issue"],
+        &["access", "who-can"],
+        &["access", "explain"],
     ];
     for c in commands {
         let out = custody().args(*c).arg("--help").output().unwrap();

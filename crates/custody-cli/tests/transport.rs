@@ -143,6 +143,7 @@ async fn a_sealed_server_answers_only_health_status_and_unseal() {
     let dir = tempfile::tempdir().unwrap();
     let (layout, init) = custody_cli::bootstrap::init(custody_cli::bootstrap::Bootstrap {
         data_dir: dir.path().join("data"),
+        admin_roles: custody_kms::Role::ALL.to_vec(),
         seal: custody_cli::bootstrap::SealChoice::Shamir { threshold: 2, shares: 3 },
         tenant: None,
         admin: custody_kms::PrincipalName::parse("admin").unwrap(),
@@ -200,6 +201,7 @@ async fn the_seal_setting_follows_the_store_and_contradictions_are_refused() {
     let dir2 = tempfile::tempdir().unwrap();
     let (layout2, _) = custody_cli::bootstrap::init(custody_cli::bootstrap::Bootstrap {
         data_dir: dir2.path().join("d"),
+        admin_roles: custody_kms::Role::ALL.to_vec(),
         seal: custody_cli::bootstrap::SealChoice::Shamir { threshold: 2, shares: 2 },
         tenant: None,
         admin: custody_kms::PrincipalName::parse("admin").unwrap(),

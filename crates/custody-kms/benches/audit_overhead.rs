@@ -21,7 +21,7 @@ fn main() {
     let seconds: u64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(5);
     let threads: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(8);
     let store = common::keyfile_store();
-    let (kms, caller) = store.open(KmsConfig::default());
+    let (kms, caller) = store.open(KmsConfig::development());
     let kms = Arc::new(kms);
     let key = KeyRef::parse(&kms.create_key(&caller, CreateKeyRequest::default()).unwrap().key_id, "KeyId").unwrap();
 

@@ -74,8 +74,9 @@ impl Kms {
         principal: Option<PrincipalName>,
     ) -> Result<NewAccessKey, KmsError> {
         let u = self.unsealed()?;
-        let _proof = authorize::<act::CreateAccessKey>(caller, None)?;
+        let _proof = authorize::<act::CreateAccessKey>(caller)?;
         let principal = principal.unwrap_or_else(|| caller.name.clone());
+        caller.may_manage(&principal, crate::Action::CreateAccessKey)?;
         let row = format!("{}/{}", caller.tenant, principal);
         if u.barrier.get::<PrincipalRecord>(Table::Principals, &row)?.is_none() {
             return Err(KmsError::NotFound(format!("Principal {principal} is not found.")));
@@ -106,7 +107,17 @@ impl Kms {
         principal: Option<&PrincipalName>,
     ) -> Result<Vec<AccessKeyInfo>, KmsError> {
         let u = self.unsealed()?;
-        let _proof = authorize::<act::ListAccessKeys>(caller, None)?;
+        let _proof = authorize::<act::ListAccessKeys>(caller)?;
+        // Everyone's for a tenant admin; one's own otherwise.
+        let own = caller.name.clone();
+        let principal = match principal {
+            Some(p) => {
+                caller.may_manage(p, crate::Action::ListAccessKeys)?;
+                Some(p)
+            }
+            None if caller.roles.contains(&crate::model::Role::TenantAdmin) => None,
+            None => Some(&own),
+        };
         let mut out = Vec::new();
         u.barrier.for_each::<AccessKeyRecord, KmsError>(Table::AccessKeys, "", None, |k| {
             let k = k.value;
@@ -126,8 +137,9 @@ impl Kms {
     /// Activates or deactivates an access key of the caller's account.
     pub fn update_access_key(&self, caller: &Caller, id: &str, active: bool) -> Result<(), KmsError> {
         let u = self.unsealed()?;
-        let _proof = authorize::<act::UpdateAccessKey>(caller, None)?;
+        let _proof = authorize::<act::UpdateAccessKey>(caller)?;
         let mut key = self.access_key_in_tenant(&u, caller, id)?;
+        caller.may_manage(&key.value.principal, crate::Action::UpdateAccessKey)?;
         key.value.active = active;
         self.commit(
             &u,
@@ -141,8 +153,9 @@ impl Kms {
     /// Deletes an access key of the caller's account.
     pub fn delete_access_key(&self, caller: &Caller, id: &str) -> Result<(), KmsError> {
         let u = self.unsealed()?;
-        let _proof = authorize::<act::DeleteAccessKey>(caller, None)?;
+        let _proof = authorize::<act::DeleteAccessKey>(caller)?;
         let key = self.access_key_in_tenant(&u, caller, id)?;
+        caller.may_manage(&key.value.principal, crate::Action::DeleteAccessKey)?;
         self.commit(&u, caller.into(), None, vec![u.barrier.delete(Table::AccessKeys, id, Expect::Rev(key.rev))])?;
         Ok(())
     }
@@ -157,6 +170,23 @@ impl Kms {
             Some(k) if k.value.tenant == caller.tenant => Ok(k),
             _ => Err(KmsError::NotFound(format!("Access key {id} is not found."))),
         }
+    }
+
+    /// Deletes of every access key of one principal (when it is deleted).
+    pub(crate) fn access_key_deletes(
+        &self,
+        u: &crate::Unsealed,
+        tenant: &crate::TenantId,
+        principal: &PrincipalName,
+    ) -> Result<Vec<custody_store::Write>, KmsError> {
+        let mut out = Vec::new();
+        u.barrier.for_each::<AccessKeyRecord, KmsError>(Table::AccessKeys, "", None, |k| {
+            if k.value.tenant == *tenant && k.value.principal == *principal {
+                out.push(u.barrier.delete(Table::AccessKeys, &k.key, Expect::Rev(k.rev)));
+            }
+            Ok(std::ops::ControlFlow::Continue(()))
+        })?;
+        Ok(out)
     }
 
     /// Looks up an access key for SigV4: the caller it authenticates and the secret to verify the
@@ -178,7 +208,8 @@ impl Kms {
         if !principal.enabled {
             return Err(unrecognized());
         }
-        let caller = Caller { tenant: key.tenant, name: key.principal, roles: principal.roles, audit: None };
+        let caller =
+            Caller { tenant: key.tenant, name: key.principal, roles: principal.roles, audit: None, source_ip: None };
         Ok((caller, SecretBytes::new(key.secret.into_bytes())))
     }
 }

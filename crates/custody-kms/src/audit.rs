@@ -234,6 +234,8 @@ pub struct AuditScope {
     context: Option<BTreeMap<String, String>>,
     started: std::time::Instant,
     recorded: Mutex<Option<u64>>,
+    /// Set by the service when the request deserves an alert (a relaxed separation of duties).
+    alert: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for AuditScope {
@@ -251,7 +253,23 @@ impl std::fmt::Debug for AuditScope {
 impl AuditScope {
     /// A scope for `event` (outcome and duration are filled in at commit).
     pub fn new(event: AuditEvent, context: Option<BTreeMap<String, String>>) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(Self { event, context, started: std::time::Instant::now(), recorded: Mutex::new(None) })
+        std::sync::Arc::new(Self {
+            event,
+            context,
+            started: std::time::Instant::now(),
+            recorded: Mutex::new(None),
+            alert: Mutex::new(None),
+        })
+    }
+
+    /// Marks the request's record as an alert, with why (kept in the record's detail).
+    pub fn flag_alert(&self, why: String) {
+        *self.alert.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    /// Why the request was flagged, if it was.
+    pub fn alert(&self) -> Option<String> {
+        self.alert.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The sequence number of the record written with a state change, if one was.
@@ -455,6 +473,10 @@ impl Kms {
                     if key_id.is_some() {
                         event.key_id = key_id;
                     }
+                    if let Some(why) = scope.alert() {
+                        event.alert = true;
+                        event.detail = Some(why);
+                    }
                     (event, scope.context.clone(), Some(scope))
                 }
             },
@@ -639,13 +661,13 @@ impl Kms {
     /// The HMAC token of a value, as it appears in encryption contexts in the trail.
     pub fn audit_hash(&self, caller: &Caller, value: &str) -> Result<String, KmsError> {
         let u = self.unsealed()?;
-        let _proof = authorize::<act::ReadAudit>(caller, None)?;
+        let _proof = authorize::<act::ReadAudit>(caller)?;
         Ok(u.audit_hmac.token(value))
     }
 
     /// Records of the caller's account matching `q`, oldest first.
     pub fn query_audit(&self, caller: &Caller, q: &AuditQuery) -> Result<Vec<AuditRecord>, KmsError> {
-        let _proof = authorize::<act::ReadAudit>(caller, None)?;
+        let _proof = authorize::<act::ReadAudit>(caller)?;
         if !(1..=10_000).contains(&q.limit) {
             return Err(KmsError::validation("limit", "Member must have value between 1 and 10000"));
         }
@@ -755,7 +777,7 @@ impl Kms {
     /// checkpoint. Requires the caller to be allowed to read the audit trail.
     pub fn export_audit(&self, caller: &Caller) -> Result<(String, Vec<AuditRecord>, Vec<AuditCheckpoint>), KmsError> {
         let u = self.unsealed()?;
-        let _proof = authorize::<act::ReadAudit>(caller, None)?;
+        let _proof = authorize::<act::ReadAudit>(caller)?;
         let records =
             u.barrier.scan::<AuditRecord>(Table::Audit, "", None, usize::MAX)?.into_iter().map(|v| v.value).collect();
         let checkpoints = u
@@ -770,7 +792,7 @@ impl Kms {
     /// Verifies the stored trail end to end (authorized like reading it).
     pub fn verify_audit(&self, caller: &Caller) -> Result<AuditVerification, KmsError> {
         let u = self.unsealed()?;
-        let _proof = authorize::<act::ReadAudit>(caller, None)?;
+        let _proof = authorize::<act::ReadAudit>(caller)?;
         let key = self.audit_signing_key(&u)?;
         // Rows are opened one by one so that a record that fails its seal is reported, not fatal.
         let rows = u.barrier.backend().scan(Table::Audit, "", None, usize::MAX)?;

@@ -1,9 +1,9 @@
 //! Authorization and key-state checks: the two gates every operation passes (DESIGN.md §4).
 //!
-//! [`authorize`] is the only way to get an [`Authorized<A>`]; the operations that touch key
-//! material or change a key take one by value, so an operation cannot forget the check. In this
-//! version the rule is simple (an administrator of the key's tenant may do everything); key
-//! policies and grants plug into [`authorize`] without changing any operation.
+//! An [`Authorized<A>`] is the proof an operation needs; only this module makes one: [`authorize`]
+//! for actions on no key (the caller's roles decide) and `Kms::authorize_key` (in `access.rs`)
+//! for actions on a key (roles, then the key policy and grants). Operations that touch key
+//! material or change a key take one by value, so an operation cannot forget the check.
 
 use std::marker::PhantomData;
 
@@ -19,6 +19,8 @@ pub struct Caller {
     pub(crate) roles: Vec<Role>,
     /// The request's audit record, written together with any state change it makes.
     pub(crate) audit: Option<std::sync::Arc<crate::audit::AuditScope>>,
+    /// The caller's address (for `aws:SourceIp` conditions).
+    pub(crate) source_ip: Option<std::net::IpAddr>,
 }
 
 impl Caller {
@@ -29,6 +31,22 @@ impl Caller {
         self
     }
 
+    /// Records where the request came from (`aws:SourceIp` in key policy conditions).
+    pub fn with_source_ip(mut self, ip: std::net::IpAddr) -> Self {
+        self.source_ip = Some(ip);
+        self
+    }
+
+    /// The caller's roles.
+    pub fn roles(&self) -> &[Role] {
+        &self.roles
+    }
+
+    /// As the policy evaluator sees it.
+    pub(crate) fn subject(&self) -> crate::policy::Subject<'_> {
+        crate::policy::Subject { tenant: &self.tenant, name: &self.name }
+    }
+
     /// The caller's tenant.
     pub fn tenant(&self) -> &TenantId {
         &self.tenant
@@ -37,6 +55,15 @@ impl Caller {
     /// The caller's principal name.
     pub fn name(&self) -> &PrincipalName {
         &self.name
+    }
+
+    /// Whether the caller may manage `principal`'s credentials: its own, or anyone's in its
+    /// tenant as a tenant admin.
+    pub(crate) fn may_manage(&self, principal: &PrincipalName, action: Action) -> Result<(), KmsError> {
+        if *principal == self.name || self.roles.contains(&Role::TenantAdmin) {
+            return Ok(());
+        }
+        Err(denied(self, action, &format!("principal {principal}")))
     }
 
     /// The caller's ARN (IAM-style, as AWS error messages name callers).
@@ -56,6 +83,11 @@ macro_rules! actions {
             /// The AWS action name (as in `kms:Encrypt`).
             pub fn name(self) -> &'static str {
                 match self { $(Action::$name => stringify!($name)),* }
+            }
+
+            /// The action with this AWS name.
+            pub fn from_name(name: &str) -> Option<Self> {
+                match name { $(stringify!($name) => Some(Action::$name),)* _ => None }
             }
         }
 
@@ -155,6 +187,26 @@ actions! {
     DeleteAccessKey,
     /// Read the audit trail (custody)
     ReadAudit,
+    /// UpdateKeyDescription
+    UpdateKeyDescription,
+    /// Create a tenant (custody)
+    CreateTenant,
+    /// List tenants (custody)
+    ListTenants,
+    /// Create a principal (custody)
+    CreatePrincipal,
+    /// List principals (custody)
+    ListPrincipals,
+    /// Describe a principal (custody)
+    DescribePrincipal,
+    /// Enable, disable or change the roles of a principal (custody)
+    UpdatePrincipal,
+    /// Delete a principal (custody)
+    DeletePrincipal,
+    /// Issue a client certificate for a principal (custody)
+    IssueCertificate,
+    /// Who can / explain (custody)
+    ExplainAccess,
 }
 
 /// Implemented by the marker type of each action.
@@ -179,22 +231,66 @@ pub struct Authorized<A: ActionKind> {
     _action: PhantomData<fn() -> A>,
 }
 
-/// The one authorization decision. `key` is `None` for actions on no key (CreateKey, ListKeys,
-/// GenerateRandom), which are checked against the caller's tenant.
-pub fn authorize<A: ActionKind>(caller: &Caller, key: Option<&KeyRecord>) -> Result<Authorized<A>, KmsError> {
-    let same_tenant = key.is_none_or(|k| k.tenant == caller.tenant);
-    if same_tenant && caller.roles.contains(&Role::Administrator) {
-        return Ok(Authorized { _action: PhantomData });
+/// Which roles may take `action` at all. For actions on a key the key policy (or a grant) must
+/// allow it too; for the others this is the whole decision.
+pub fn roles_for(action: Action) -> &'static [Role] {
+    use Action::*;
+    use Role::*;
+    match action {
+        CreateKey | EnableKey | DisableKey | ScheduleKeyDeletion | CancelKeyDeletion | EnableKeyRotation
+        | DisableKeyRotation | RotateKeyOnDemand | TagResource | UntagResource | UpdateKeyDescription | CreateAlias
+        | UpdateAlias | DeleteAlias | PutKeyPolicy | CreateGrant | RevokeGrant => &[KeyAdmin],
+        Encrypt
+        | Decrypt
+        | ReEncryptFrom
+        | ReEncryptTo
+        | GenerateDataKey
+        | GenerateDataKeyWithoutPlaintext
+        | GenerateMac
+        | VerifyMac
+        | GenerateRandom => &[KeyUser],
+        DescribeKey | ListKeys | ListAliases | GetKeyRotationStatus | ListKeyRotations | ListResourceTags
+        | GetKeyPolicy | ListKeyPolicies | ListGrants | ListRetirableGrants => &[KeyAdmin, KeyUser, Auditor],
+        // Retiring is checked against the grant's retiring principal and grantee instead.
+        RetireGrant => &[TenantAdmin, KeyAdmin, KeyUser, Auditor, SecurityOfficer],
+        // Principals manage their own access keys; a tenant admin manages everyone's (the
+        // operations check which).
+        CreateAccessKey | ListAccessKeys | UpdateAccessKey | DeleteAccessKey => {
+            &[TenantAdmin, KeyAdmin, KeyUser, Auditor, SecurityOfficer]
+        }
+        ReadAudit => &[Auditor],
+        ExplainAccess => &[Auditor, KeyAdmin],
+        CreateTenant | ListTenants => &[SecurityOfficer],
+        CreatePrincipal | UpdatePrincipal | DeletePrincipal | IssueCertificate => &[TenantAdmin],
+        ListPrincipals | DescribePrincipal => &[TenantAdmin, Auditor],
     }
-    let resource = match key {
-        Some(k) => format!("key/{}", k.id),
-        None => format!("account {}", caller.tenant),
-    };
-    Err(KmsError::AccessDenied(format!(
+}
+
+/// Whether `roles` include one that may take `action`.
+pub fn role_permits(roles: &[Role], action: Action) -> bool {
+    roles_for(action).iter().any(|r| roles.contains(r))
+}
+
+/// The refusal every denied action gets (AWS's wording).
+pub(crate) fn denied(caller: &Caller, action: Action, resource: &str) -> KmsError {
+    KmsError::AccessDenied(format!(
         "User: {} is not authorized to perform: kms:{} on resource: {resource}",
         caller.arn(),
-        A::ACTION.name()
-    )))
+        action.name()
+    ))
+}
+
+/// The decision for an action on no key: the caller's roles.
+pub fn authorize<A: ActionKind>(caller: &Caller) -> Result<Authorized<A>, KmsError> {
+    if role_permits(&caller.roles, A::ACTION) {
+        return Ok(Authorized { _action: PhantomData });
+    }
+    Err(denied(caller, A::ACTION, &format!("account {}", caller.tenant)))
+}
+
+/// Proof for an action on a key, once `Kms::authorize_key` has decided.
+pub(crate) fn allowed<A: ActionKind>() -> Authorized<A> {
+    Authorized { _action: PhantomData }
 }
 
 /// The key-state table (AWS's "key states and their effect", one place). `arn` names the key in

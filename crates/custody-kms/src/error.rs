@@ -54,6 +54,10 @@ pub enum KmsError {
     /// A key policy document is not acceptable.
     #[error("{0}")]
     MalformedPolicy(String),
+    /// A policy, grant or role assignment would let one principal both administer a key and
+    /// decrypt with it (separation of duties is enforced).
+    #[error("{0}")]
+    SeparationOfDuties(String),
     /// A grant token is not valid.
     #[error("{0}")]
     InvalidGrantToken(String),

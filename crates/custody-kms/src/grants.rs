@@ -1,9 +1,5 @@
-//! Key policies and grants: stored, validated and listed with AWS semantics.
-//!
-//! Enforcement belongs to the access-control work: today `authz::authorize` lets an
-//! administrator of the key's account do everything, and neither policies nor grants widen or
-//! narrow that yet. They are kept so that clients that manage them work unchanged, and so that
-//! the policy engine finds them in place.
+//! Key policies and grants: stored, validated, listed with AWS semantics, and enforced by
+//! `access.rs` (a policy statement or a grant must open every action on a key).
 
 use custody_crypto::random;
 use custody_store::{Expect, Table, Versioned};
@@ -42,64 +38,31 @@ pub const GRANT_OPERATIONS: &[&str] = &[
     "DeriveSharedSecret",
 ];
 
-/// The default key policy: the account may administer and use the key through its own
-/// permissions (AWS's default).
-pub fn default_policy(account: &str) -> String {
-    serde_json::json!({
-        "Version": "2012-10-17",
-        "Id": "key-default-1",
-        "Statement": [{
-            "Sid": "Enable IAM User Permissions",
-            "Effect": "Allow",
-            "Principal": { "AWS": format!("arn:aws:iam::{account}:root") },
-            "Action": "kms:*",
-            "Resource": "*"
-        }]
-    })
-    .to_string()
-}
-
-/// Checks a policy document's shape: a JSON object of at most 32 KiB with a non-empty
-/// `Statement` list whose entries have an `Effect` of Allow or Deny.
-pub fn validate_policy(policy: &str) -> Result<(), KmsError> {
-    let bad = |why: &str| {
-        KmsError::MalformedPolicy(format!(
-            "The new key policy will not allow you to update the key policy in the future, or is malformed: {why}"
-        ))
-    };
+/// Checks a policy document: at most 32 KiB, and everything in it is something custody
+/// evaluates as written (see [`crate::policy::Policy::parse`]).
+pub fn validate_policy(policy: &str) -> Result<crate::policy::Policy, KmsError> {
     if policy.len() > MAX_POLICY_BYTES {
         return Err(KmsError::validation(
             "policy",
             format!("Member must have length less than or equal to {MAX_POLICY_BYTES}"),
         ));
     }
-    let doc: Value = serde_json::from_str(policy).map_err(|e| bad(&format!("not JSON ({e})")))?;
-    let statements = match doc.get("Statement") {
-        Some(Value::Array(s)) if !s.is_empty() => s.clone(),
-        Some(Value::Object(_)) => vec![doc["Statement"].clone()],
-        _ => return Err(bad("it needs a Statement")),
-    };
-    for s in &statements {
-        match s.get("Effect").and_then(Value::as_str) {
-            Some("Allow" | "Deny") => {}
-            _ => return Err(bad("every statement needs an Effect of Allow or Deny")),
-        }
-    }
-    Ok(())
+    crate::policy::Policy::parse(policy)
+        .map_err(|e| KmsError::MalformedPolicy(format!("The key policy is malformed: {}", e.0)))
 }
 
 /// Stored grant. No `Debug`: the token is a bearer credential.
 #[derive(Clone, Serialize, Deserialize)]
-struct GrantRecord {
-    id: String,
-    key_id: KeyId,
+pub(crate) struct GrantRecord {
+    pub(crate) id: String,
+    pub(crate) key_id: KeyId,
     /// Only ever stored inside a sealed row.
     token: String,
     name: Option<String>,
-    grantee: String,
+    pub(crate) grantee: String,
     retiring: Option<String>,
-    operations: Vec<String>,
-    constraints: Option<Value>,
+    pub(crate) operations: Vec<String>,
+    pub(crate) constraints: Option<Value>,
     issuing_account: String,
     created_at: Millis,
 }
@@ -124,7 +87,9 @@ impl Kms {
     pub fn get_key_policy(&self, caller: &Caller, r: &KeyRef, name: Option<&str>) -> Result<String, KmsError> {
         check_policy_name(name)?;
         let (_, key, _) = self.prepare::<act::GetKeyPolicy>(caller, r)?;
-        Ok(key.value.policy.clone().unwrap_or_else(|| default_policy(key.value.tenant.as_str())))
+        Ok(key.value.policy.clone().unwrap_or_else(|| {
+            crate::access::default_policy(key.value.tenant.as_str(), self.config.default_key_policy)
+        }))
     }
 
     /// PutKeyPolicy.
@@ -136,9 +101,12 @@ impl Kms {
         policy: String,
     ) -> Result<(), KmsError> {
         check_policy_name(name)?;
-        validate_policy(&policy)?;
+        let parsed = validate_policy(&policy)?;
         let (u, mut key, _proof) = self.prepare::<act::PutKeyPolicy>(caller, r)?;
         key.value.policy = Some(policy);
+        let grants = self.grants_of(&u, key.value.id)?;
+        let conflicts = self.duty_conflicts(&u, &key.value, &parsed, &grants)?;
+        self.enforce_duties(caller, "this key policy", conflicts)?;
         self.save_key(&u, caller, &key, vec![])
     }
 
@@ -177,6 +145,15 @@ impl Kms {
                 ));
             }
         }
+        if crate::policy::PrincipalPattern::parse(&req.grantee).map_or(true, |p| {
+            matches!(p, crate::policy::PrincipalPattern::Any | crate::policy::PrincipalPattern::Foreign(_))
+        }) {
+            return Err(KmsError::validation(
+                "granteePrincipal",
+                "give a principal ARN (arn:aws:iam::<account>:user/<name>) or an account (arn:aws:iam::<account>:root)",
+            ));
+        }
+        validate_constraints(req.constraints.as_ref(), &req.operations)?;
         let (u, key, _proof) = self.prepare::<act::CreateGrant>(caller, r)?;
         let prefix = format!("{}/", key.value.id);
         if req.name.is_some() {
@@ -206,6 +183,11 @@ impl Kms {
             issuing_account: format!("arn:aws:iam::{}:root", key.value.tenant),
             created_at: now_ms(),
         };
+        let mut grants = self.grants_of(&u, key.value.id)?;
+        grants.push(record.clone());
+        let policy = self.key_policy(&key.value)?;
+        let conflicts = self.duty_conflicts(&u, &key.value, &policy, &grants)?;
+        self.enforce_duties(caller, "this grant", conflicts)?;
         let write = u.barrier.put(Table::Grants, &format!("{prefix}{id}"), &record, Expect::Absent);
         self.commit(&u, caller.into(), Some(self.key_arn(&key.value)), vec![write])?;
         Ok((token, id))
@@ -242,7 +224,7 @@ impl Kms {
         marker: Option<&str>,
     ) -> Result<Page<Value>, KmsError> {
         let u = self.unsealed()?;
-        let _proof = crate::authz::authorize::<act::ListRetirableGrants>(caller, None)?;
+        let _proof = crate::authz::authorize::<act::ListRetirableGrants>(caller)?;
         let mut out = Vec::new();
         for g in u.barrier.scan::<GrantRecord>(Table::Grants, "", marker, 100_000)? {
             let key = self.key_by_id(&u, g.value.key_id)?;
@@ -277,10 +259,21 @@ impl Kms {
         };
         let key =
             self.key_by_id(&u, grant.value.key_id)?.ok_or_else(|| KmsError::NotFound("Grant not found.".into()))?;
-        if key.value.tenant != *caller.tenant() {
-            return Err(KmsError::InvalidGrantToken("The grant token is not valid.".into()));
+        // AWS: the retiring principal, the grantee (when RetireGrant is among its operations), or
+        // the account that owns the key.
+        let me = caller.subject();
+        let is = |p: Option<&str>| {
+            p.and_then(|p| crate::policy::PrincipalPattern::parse(p).ok())
+                .is_some_and(|p| p.matches(&me, &key.value.tenant))
+        };
+        let may = is(grant.value.retiring.as_deref())
+            || (is(Some(&grant.value.grantee)) && grant.value.operations.iter().any(|o| o == "RetireGrant"))
+            || (key.value.tenant == *caller.tenant()
+                && crate::authz::role_permits(caller.roles(), crate::Action::RevokeGrant));
+        if !may {
+            return Err(crate::authz::denied(caller, crate::Action::RetireGrant, &self.key_arn(&key.value)));
         }
-        let _proof = crate::authz::authorize::<act::RetireGrant>(caller, Some(&key.value))?;
+        let _proof = crate::authz::authorize::<act::RetireGrant>(caller)?;
         self.commit(&u, caller.into(), None, vec![u.barrier.delete(Table::Grants, &grant.key, Expect::Rev(grant.rev))])
     }
 
@@ -312,6 +305,36 @@ impl Kms {
         let rows = u.barrier.backend().scan(Table::Grants, &format!("{key}/"), None, 100_000)?;
         Ok(rows.into_iter().map(|r| u.barrier.delete(Table::Grants, &r.key, Expect::Rev(r.rev))).collect())
     }
+}
+
+/// Grant constraints: `EncryptionContextEquals` and/or `EncryptionContextSubset`, each a map of
+/// strings, and only on grants whose operations all take an encryption context.
+fn validate_constraints(c: Option<&Value>, operations: &[String]) -> Result<(), KmsError> {
+    let Some(c) = c else { return Ok(()) };
+    let bad = |why: &str| KmsError::validation("constraints", why.to_string());
+    let o = c.as_object().ok_or_else(|| bad("must be an object"))?;
+    for (k, v) in o {
+        if k != "EncryptionContextEquals" && k != "EncryptionContextSubset" {
+            return Err(bad("only EncryptionContextEquals and EncryptionContextSubset are supported"));
+        }
+        let m = v.as_object().ok_or_else(|| bad("a constraint is a map of strings"))?;
+        if m.values().any(|x| !x.is_string()) {
+            return Err(bad("a constraint is a map of strings"));
+        }
+    }
+    const TAKES_CONTEXT: &[&str] = &[
+        "Encrypt",
+        "Decrypt",
+        "ReEncryptFrom",
+        "ReEncryptTo",
+        "GenerateDataKey",
+        "GenerateDataKeyWithoutPlaintext",
+        "RetireGrant",
+    ];
+    if let Some(op) = operations.iter().find(|o| !TAKES_CONTEXT.contains(&o.as_str())) {
+        return Err(bad(&format!("operation {op} does not take an encryption context, so it cannot be constrained")));
+    }
+    Ok(())
 }
 
 fn check_policy_name(name: Option<&str>) -> Result<(), KmsError> {

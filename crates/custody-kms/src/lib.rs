@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod access;
 mod access_keys;
 pub mod audit;
 pub mod authz;
@@ -16,6 +17,7 @@ pub mod ids;
 pub mod model;
 mod ops;
 pub mod policy;
+mod principals;
 mod seal;
 
 use std::sync::{Arc, RwLock};
@@ -24,6 +26,7 @@ use custody_crypto::keys::WrapAad;
 use custody_crypto::{KeyMaterial, RootKey};
 use custody_store::{Backend, Barrier, Expect, Table, Versioned, Write};
 
+pub use access::{default_policy, parse_action, AccessEntry, DefaultKeyPolicy, Explanation};
 pub use access_keys::{AccessKeyInfo, NewAccessKey};
 pub use audit::{
     AuditCheckpoint, AuditEvent, AuditHealth, AuditQuery, AuditRecord, AuditScope, AuditSink, AuditVerification,
@@ -31,9 +34,11 @@ pub use audit::{
 };
 pub use authz::{Action, Caller};
 pub use error::KmsError;
-pub use grants::{default_policy, CreateGrantRequest, GRANT_OPERATIONS};
+pub use grants::{CreateGrantRequest, GRANT_OPERATIONS};
 pub use ids::{AliasName, KeyId, KeyRef, PrincipalName, TenantId};
+pub use model::Role;
 pub use ops::*;
+pub use principals::{IssuedClientCert, PrincipalInfo, TenantInfo, CLIENT_CERT_TTL};
 pub use seal::{InitOptions, InitOutput, InitSeal, SealStatus};
 
 use crate::authz::{Authorized, CreatesMaterial, UsesMaterial};
@@ -61,6 +66,8 @@ pub struct KmsConfig {
     pub separation_of_duties: SeparationOfDuties,
     /// Benchmarks only: write no audit records (`danger_disable_audit`).
     pub danger_disable_audit: bool,
+    /// What the policy of a key created without one allows.
+    pub default_key_policy: DefaultKeyPolicy,
 }
 
 /// What happens when a key policy or grant would let one principal both administer a key and
@@ -74,6 +81,18 @@ pub enum SeparationOfDuties {
     Warn,
 }
 
+impl KmsConfig {
+    /// What `custody dev` runs with: separation of duties relaxed to `warn`, and new keys
+    /// usable by the tenant's key users.
+    pub fn development() -> Self {
+        Self {
+            separation_of_duties: SeparationOfDuties::Warn,
+            default_key_policy: DefaultKeyPolicy::Tenant,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for KmsConfig {
     fn default() -> Self {
         Self {
@@ -84,6 +103,7 @@ impl Default for KmsConfig {
             audit_retain_records: 0,
             separation_of_duties: SeparationOfDuties::Enforce,
             danger_disable_audit: false,
+            default_key_policy: DefaultKeyPolicy::KeyAdminsOnly,
         }
     }
 }
@@ -129,14 +149,20 @@ impl Kms {
         ids::key_arn(&self.config.region, &key.tenant, key.id)
     }
 
-    /// Finds the key `r` names, in the caller's tenant. A key of another tenant and a key that
-    /// does not exist give the same answer.
+    /// Finds the key `r` names: by id or alias in the caller's tenant, or by key ARN in any
+    /// tenant (authorization then decides; a foreign key the caller may not use is reported as
+    /// not found, exactly like a key that does not exist).
     fn resolve(&self, u: &Unsealed, caller: &Caller, r: &KeyRef) -> Result<Versioned<KeyRecord>, KmsError> {
         let not_found = |what: &str| KmsError::NotFound(format!("{what} is not found."));
         let in_scope = |region: &str, tenant: &TenantId| region == self.config.region && *tenant == caller.tenant;
         let id = match r {
             KeyRef::Id(id) => *id,
-            KeyRef::KeyArn { region, tenant, id } if in_scope(region, tenant) => *id,
+            KeyRef::KeyArn { region, tenant, id } if region == &self.config.region => {
+                return match self.key_by_id(u, *id)? {
+                    Some(k) if k.value.tenant == *tenant => Ok(k),
+                    _ => Err(not_found(&ids::key_arn(region, tenant, *id))),
+                };
+            }
             KeyRef::KeyArn { region, tenant, id } => return Err(not_found(&ids::key_arn(region, tenant, *id))),
             KeyRef::Alias(alias) => self.alias_target(u, caller, alias)?,
             KeyRef::AliasArn { region, tenant, alias } if in_scope(region, tenant) => {

@@ -217,11 +217,43 @@ pub struct AliasRecord {
     pub updated_at: Millis,
 }
 
-/// Built-in roles. The foundation has one; the access-control work adds the rest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Built-in roles (docs/ACCESS.md has the table). A role says what kind of action a principal
+/// may take at all; for actions on a key, the key's policy or a grant must also allow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Role {
-    /// May do everything in its tenant.
-    Administrator,
+    /// Manages the principals of its tenant (and their credentials).
+    TenantAdmin,
+    /// Creates and manages keys: policy, rotation, enable/disable, deletion, aliases, tags,
+    /// grants. No cryptographic operation.
+    KeyAdmin,
+    /// Uses keys that a key policy or grant opens to it.
+    KeyUser,
+    /// Reads the audit trail and asks who can do what.
+    Auditor,
+    /// Seal and unseal, tenants, backup and root rotation.
+    SecurityOfficer,
+}
+
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 5] = [Role::TenantAdmin, Role::KeyAdmin, Role::KeyUser, Role::Auditor, Role::SecurityOfficer];
+
+    /// The role's name (`key-admin`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::TenantAdmin => "tenant-admin",
+            Role::KeyAdmin => "key-admin",
+            Role::KeyUser => "key-user",
+            Role::Auditor => "auditor",
+            Role::SecurityOfficer => "security-officer",
+        }
+    }
+
+    /// Parses a role name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
 }
 
 /// A principal (table `principals`, row key = `<tenant>/<name>`).

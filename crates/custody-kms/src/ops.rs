@@ -154,7 +154,7 @@ impl Kms {
     /// CreateKey: a new SYMMETRIC_DEFAULT key with its first version.
     pub fn create_key(&self, caller: &Caller, req: CreateKeyRequest) -> Result<KeyMetadata, KmsError> {
         let u = self.unsealed()?;
-        let proof = authorize::<act::CreateKey>(caller, None)?;
+        let proof = authorize::<act::CreateKey>(caller)?;
         validate_description(&req.description)?;
         validate_tags(&req.tags)?;
         if let Some(p) = &req.policy {
@@ -177,6 +177,8 @@ impl Kms {
             destroyed_at: None,
             policy: req.policy,
         };
+        let conflicts = self.duty_conflicts(&u, &key, &self.key_policy(&key)?, &[])?;
+        self.enforce_duties(caller, "this key's policy", conflicts)?;
         let writes = vec![
             u.barrier.put(Table::Keys, &key.id.to_string(), &key, Expect::Absent),
             self.new_version(&u, &key, 1, now, &proof),
@@ -200,7 +202,7 @@ impl Kms {
         marker: Option<&str>,
     ) -> Result<Page<KeyListEntry>, KmsError> {
         let u = self.unsealed()?;
-        let _proof = authorize::<act::ListKeys>(caller, None)?;
+        let _proof = authorize::<act::ListKeys>(caller)?;
         let limit = page_limit(limit)?;
         let (mut items, mut next_marker) = (Vec::new(), None);
         // Keys of all tenants share the table: skip other tenants' until the page is full.
@@ -287,7 +289,7 @@ impl Kms {
     /// UpdateKeyDescription.
     pub fn update_key_description(&self, caller: &Caller, r: &KeyRef, description: String) -> Result<(), KmsError> {
         validate_description(&description)?;
-        let (u, mut key, _proof) = self.prepare::<act::TagResource>(caller, r)?;
+        let (u, mut key, _proof) = self.prepare::<act::UpdateKeyDescription>(caller, r)?;
         key.value.description = description;
         self.save_key(&u, caller, &key, vec![])
     }
@@ -457,7 +459,7 @@ impl Kms {
             u.barrier.get::<AliasRecord>(Table::Aliases, &row)?.ok_or_else(|| self.alias_not_found(caller, alias))?;
         let old = self.key_by_id(&u, existing.value.key_id)?;
         if let Some(old) = &old {
-            let _proof = authorize::<act::UpdateAlias>(caller, Some(&old.value))?;
+            let _proof = self.authorize_key::<act::UpdateAlias>(&u, caller, &old.value, None)?;
         }
         let (u, key, _proof) = self.prepare::<act::UpdateAlias>(caller, target)?;
         existing.value.key_id = key.value.id;
@@ -473,7 +475,7 @@ impl Kms {
         let existing =
             u.barrier.get::<AliasRecord>(Table::Aliases, &row)?.ok_or_else(|| self.alias_not_found(caller, alias))?;
         if let Some(key) = self.key_by_id(&u, existing.value.key_id)? {
-            let _proof = authorize::<act::DeleteAlias>(caller, Some(&key.value))?;
+            let _proof = self.authorize_key::<act::DeleteAlias>(&u, caller, &key.value, None)?;
         }
         self.commit(&u, caller.into(), None, vec![u.barrier.delete(Table::Aliases, &row, Expect::Rev(existing.rev))])
     }
@@ -499,7 +501,7 @@ impl Kms {
             None => None,
         };
         let u = self.unsealed()?;
-        let _proof = authorize::<act::ListAliases>(caller, None)?;
+        let _proof = authorize::<act::ListAliases>(caller)?;
         let prefix = format!("{}/", caller.tenant);
         let after = marker.map(|m| format!("{prefix}{m}"));
         let (mut items, mut next_marker) = (Vec::new(), None);
@@ -540,7 +542,7 @@ impl Kms {
                 format!("Member must have length between 1 and {MAX_ENCRYPT_PLAINTEXT}"),
             ));
         }
-        let (u, key, proof) = self.prepare::<act::Encrypt>(caller, r)?;
+        let (u, key, proof) = self.prepare_in::<act::Encrypt>(caller, r, Some(context))?;
         let blob = self.seal_blob(&u, &key.value, context, plaintext.expose_secret(), &proof)?;
         Ok(Encrypted {
             ciphertext_blob: blob,
@@ -558,7 +560,7 @@ impl Kms {
         context: &EncryptionContext,
         key: Option<&KeyRef>,
     ) -> Result<Decrypted, KmsError> {
-        let (u, key, proof) = self.prepare_blob::<act::Decrypt>(caller, ciphertext, key)?;
+        let (u, key, proof) = self.prepare_blob::<act::Decrypt>(caller, ciphertext, key, context)?;
         let plaintext = self.open_blob(&u, &key.value, ciphertext, context, &proof)?;
         Ok(Decrypted { plaintext, key_arn: self.key_arn(&key.value) })
     }
@@ -574,8 +576,10 @@ impl Kms {
         destination_key: &KeyRef,
         destination_context: &EncryptionContext,
     ) -> Result<Encrypted, KmsError> {
-        let (u, src, src_proof) = self.prepare_blob::<act::ReEncryptFrom>(caller, ciphertext, source_key)?;
-        let (_, dst, dst_proof) = self.prepare::<act::ReEncryptTo>(caller, destination_key)?;
+        let (u, src, src_proof) =
+            self.prepare_blob::<act::ReEncryptFrom>(caller, ciphertext, source_key, source_context)?;
+        let (_, dst, dst_proof) =
+            self.prepare_in::<act::ReEncryptTo>(caller, destination_key, Some(destination_context))?;
         let plaintext = self.open_blob(&u, &src.value, ciphertext, source_context, &src_proof)?;
         let blob = self.seal_blob(&u, &dst.value, destination_context, plaintext.expose_secret(), &dst_proof)?;
         Ok(Encrypted {
@@ -603,10 +607,10 @@ impl Kms {
         }
         let data_key = random::secret(len);
         let (blob, key) = if with_plaintext {
-            let (u, key, proof) = self.prepare::<act::GenerateDataKey>(caller, r)?;
+            let (u, key, proof) = self.prepare_in::<act::GenerateDataKey>(caller, r, Some(context))?;
             (self.seal_blob(&u, &key.value, context, data_key.expose_secret(), &proof)?, key)
         } else {
-            let (u, key, proof) = self.prepare::<act::GenerateDataKeyWithoutPlaintext>(caller, r)?;
+            let (u, key, proof) = self.prepare_in::<act::GenerateDataKeyWithoutPlaintext>(caller, r, Some(context))?;
             (self.seal_blob(&u, &key.value, context, data_key.expose_secret(), &proof)?, key)
         };
         Ok(Encrypted {
@@ -655,7 +659,7 @@ impl Kms {
     /// GenerateRandom: 1–1024 random bytes.
     pub fn generate_random(&self, caller: &Caller, len: usize) -> Result<SecretBytes, KmsError> {
         self.unsealed()?;
-        let _proof = authorize::<act::GenerateRandom>(caller, None)?;
+        let _proof = authorize::<act::GenerateRandom>(caller)?;
         if len == 0 || len > MAX_GENERATED_BYTES {
             return Err(KmsError::validation(
                 "numberOfBytes",
@@ -695,23 +699,27 @@ impl Kms {
     }
 
     /// Resolves the key a blob names (checking an explicit KeyId against it), then authorizes.
+    /// The blob may name a key of another tenant whose policy opens it to the caller.
     #[allow(clippy::type_complexity)]
     fn prepare_blob<A: ActionKind>(
         &self,
         caller: &Caller,
         ciphertext: &[u8],
         key: Option<&KeyRef>,
+        context: &EncryptionContext,
     ) -> Result<(std::sync::Arc<Unsealed>, Versioned<KeyRecord>, Authorized<A>), KmsError> {
         let header = BlobHeader::parse(ciphertext).map_err(|_| KmsError::InvalidCiphertext)?;
         let named = KeyId::from_bytes(header.key_id);
+        let u = self.unsealed()?;
         if let Some(r) = key {
-            let (_, given, _) = self.prepare::<act::DescribeKey>(caller, r)?;
-            if given.value.id != named {
+            if self.resolve(&u, caller, r)?.value.id != named {
                 return Err(KmsError::IncorrectKey);
             }
         }
         // A blob naming a key the caller cannot see is simply an invalid ciphertext to them.
-        self.prepare::<A>(caller, &KeyRef::Id(named)).map_err(|e| match e {
+        let found = self.key_by_id(&u, named)?.ok_or(KmsError::InvalidCiphertext)?;
+        let r = KeyRef::KeyArn { region: self.config.region.clone(), tenant: found.value.tenant.clone(), id: named };
+        self.prepare_in::<A>(caller, &r, Some(context)).map_err(|e| match e {
             KmsError::NotFound(_) => KmsError::InvalidCiphertext,
             other => other,
         })
@@ -724,9 +732,21 @@ impl Kms {
         caller: &Caller,
         r: &KeyRef,
     ) -> Result<(std::sync::Arc<Unsealed>, Versioned<KeyRecord>, Authorized<A>), KmsError> {
+        self.prepare_in::<A>(caller, r, None)
+    }
+
+    /// [`Kms::prepare`] for an action that takes an encryption context (key policy conditions
+    /// and grant constraints see it).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn prepare_in<A: ActionKind>(
+        &self,
+        caller: &Caller,
+        r: &KeyRef,
+        context: Option<&EncryptionContext>,
+    ) -> Result<(std::sync::Arc<Unsealed>, Versioned<KeyRecord>, Authorized<A>), KmsError> {
         let u = self.unsealed()?;
         let key = self.resolve(&u, caller, r)?;
-        let proof = authorize::<A>(caller, Some(&key.value))?;
+        let proof = self.authorize_key::<A>(&u, caller, &key.value, context.map(|c| c.pairs()))?;
         authz::check_state(&key.value, A::ACTION, &self.key_arn(&key.value))?;
         Ok((u, key, proof))
     }

@@ -55,8 +55,16 @@ pub struct InitOptions {
     pub tenant: Option<TenantId>,
     /// The first administrator's name.
     pub admin: PrincipalName,
+    /// The first administrator's roles ([`InitOptions::FIRST_ADMIN_ROLES`] in production).
+    pub admin_roles: Vec<Role>,
     /// DNS names and IP addresses for the server certificate.
     pub server_names: Vec<String>,
+}
+
+impl InitOptions {
+    /// The first administrator is a security officer and the tenant admin of the first tenant,
+    /// not a key user (ACCESS.md).
+    pub const FIRST_ADMIN_ROLES: [Role; 2] = [Role::SecurityOfficer, Role::TenantAdmin];
 }
 
 /// What `init` produced: everything the operator must keep. The shares exist nowhere else.
@@ -190,7 +198,7 @@ impl Kms {
                 &PrincipalRecord {
                     tenant: tenant.clone(),
                     name: opts.admin.clone(),
-                    roles: vec![Role::Administrator],
+                    roles: opts.admin_roles.clone(),
                     enabled: true,
                     created_at: now,
                 },
@@ -321,7 +329,7 @@ impl Kms {
         if !record.enabled || record.tenant != tenant {
             return Err(denied());
         }
-        Ok(Caller { tenant, name, roles: record.roles, audit: None })
+        Ok(Caller { tenant, name, roles: record.roles, audit: None, source_ip: None })
     }
 }
 

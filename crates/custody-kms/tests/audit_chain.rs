@@ -36,7 +36,7 @@ mod common;
 /// A store with 1,000 records (checkpoints every 100), flushed to the main database file.
 fn trail() -> common::Store {
     let store = common::keyfile_store();
-    let (kms, _) = store.open(KmsConfig::default());
+    let (kms, _) = store.open(KmsConfig::development());
     let ctx = BTreeMap::from([("tenant".to_string(), "acme-corp".to_string())]);
     for i in 1..=1000 {
         let seq = kms.record_audit(event(i), (i % 3 == 0).then_some(&ctx)).unwrap();
@@ -55,7 +55,7 @@ fn verify_after(t: &common::Store, tamper: &str) -> custody_kms::AuditVerificati
         rusqlite::Connection::open(&path).unwrap().execute_batch(tamper).unwrap();
     }
     let (kms, caller) =
-        common::open_at(Arc::new(SqliteBackend::open(&path).unwrap()), &t.root, &t.identity, KmsConfig::default());
+        common::open_at(Arc::new(SqliteBackend::open(&path).unwrap()), &t.root, &t.identity, KmsConfig::development());
     kms.verify_audit(&caller).unwrap()
 }
 
@@ -120,8 +120,9 @@ fn tampering_is_found_and_located() {
 #[test]
 fn exports_verify_and_expose_edits() {
     let t = trail();
-    let kms = Kms::open(Arc::new(SqliteBackend::open(&t.dir.path().join("custody.db")).unwrap()), KmsConfig::default())
-        .unwrap();
+    let kms =
+        Kms::open(Arc::new(SqliteBackend::open(&t.dir.path().join("custody.db")).unwrap()), KmsConfig::development())
+            .unwrap();
     kms.unseal_with_root(RootKey::from_bytes(&t.root).unwrap()).unwrap();
     let caller = kms.authenticate_certificate(&t.identity).unwrap();
     let (public_key, records, checkpoints) = kms.export_audit(&caller).unwrap();
@@ -160,7 +161,7 @@ fn retention_prunes_at_a_checkpoint_and_the_rest_still_verifies() {
     let copy = tempfile::tempdir().unwrap();
     let path = copy.path().join("custody.db");
     std::fs::copy(t.dir.path().join("custody.db"), &path).unwrap();
-    let config = KmsConfig { audit_retain_records: 350, ..KmsConfig::default() };
+    let config = KmsConfig { audit_retain_records: 350, ..KmsConfig::development() };
     let (kms, caller) = common::open_at(Arc::new(SqliteBackend::open(&path).unwrap()), &t.root, &t.identity, config);
     // Keep the newest 350 (651..1000): records up to the newest checkpoint before them (600) go.
     assert_eq!(kms.prune_audit().unwrap(), 600);
@@ -175,7 +176,7 @@ fn retention_prunes_at_a_checkpoint_and_the_rest_still_verifies() {
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(&format!("DELETE FROM rows WHERE tbl='audit' AND key <= {}", key(610))).unwrap();
     let (kms, caller) =
-        common::open_at(Arc::new(SqliteBackend::open(&path).unwrap()), &t.root, &t.identity, KmsConfig::default());
+        common::open_at(Arc::new(SqliteBackend::open(&path).unwrap()), &t.root, &t.identity, KmsConfig::development());
     let p = kms.verify_audit(&caller).unwrap().problem.unwrap();
     assert_eq!(p.seq, 611, "{p:?}");
 }

@@ -17,7 +17,7 @@ struct Fixture {
 
 fn keyfile_fixture(day_ms: i64) -> Fixture {
     let store = common::keyfile_store();
-    let (kms, caller) = store.open(KmsConfig { day_ms, ..KmsConfig::default() });
+    let (kms, caller) = store.open(KmsConfig { day_ms, ..KmsConfig::development() });
     Fixture { path: store.path.clone(), identity: store.identity.clone(), _store: store, kms, caller }
 }
 
@@ -219,7 +219,7 @@ fn shamir_unseal_three_of_five_and_wrong_shares() {
     let (_dir, backend, out) = common::init(InitSeal::Shamir { threshold: 3, shares: 5 });
     assert_eq!(out.shares.len(), 5);
     let texts: Vec<String> = out.shares.iter().map(|s| s.to_text().to_string()).collect();
-    let kms = Kms::open(backend.clone(), KmsConfig::default()).unwrap();
+    let kms = Kms::open(backend.clone(), KmsConfig::development()).unwrap();
     let identity = format!("spiffe://custody/{}/admin", out.tenant);
     assert!(matches!(kms.authenticate_certificate(&identity), Err(KmsError::Sealed)));
 
@@ -239,7 +239,7 @@ fn shamir_unseal_three_of_five_and_wrong_shares() {
 
     // A restart is sealed again; any other three shares unseal.
     drop(kms);
-    let kms = Kms::open(backend, KmsConfig::default()).unwrap();
+    let kms = Kms::open(backend, KmsConfig::development()).unwrap();
     assert!(kms.status().unwrap().sealed);
     for t in [&texts[0], &texts[3], &texts[1]] {
         kms.submit_share(t).unwrap();

@@ -66,6 +66,7 @@ Setting { name: "audit_retain_days", env: "CUSTODY_AUDIT_RETAIN_DAYS", kind: Kin
     Setting { name: "tls.key_file", env: "CUSTODY_TLS_KEY_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.key", doc: "Server private key (PEM, PKCS#8)." },
     Setting { name: "tls.client_ca_file", env: "CUSTODY_TLS_CLIENT_CA_FILE", kind: Kind::Text, default: "<data_dir>/tls/ca.crt", doc: "CA whose client certificates are accepted (the internal CA)." },
     Setting { name: "separation_of_duties", env: "CUSTODY_SEPARATION_OF_DUTIES", kind: Kind::Text, default: "enforce", doc: "`enforce`: a key policy or grant that would let one principal both administer a key and decrypt with it is refused. `warn`: allowed, with an audit alert (what `custody dev` uses)." },
+    Setting { name: "default_key_policy", env: "CUSTODY_DEFAULT_KEY_POLICY", kind: Kind::Text, default: "key-admins", doc: "The policy of a key created without one. `key-admins`: the tenant's key admins administer it and nobody may use it until a key policy or grant opens it. `tenant`: also every key user of the tenant may use it (what `custody dev` uses)." },
     Setting { name: "danger_disable_audit", env: "CUSTODY_DANGER_DISABLE_AUDIT", kind: Kind::Bool, default: "false", doc: "DANGER, benchmarks only: write no audit records at all, so the audit's cost can be measured against the same server without it. Requests are then unrecorded; the server logs an error at start and `custody status` shows it." },
     Setting { name: "danger_day_length_ms", env: "CUSTODY_DANGER_DAY_LENGTH_MS", kind: Kind::Integer, default: "86400000", doc: "DANGER, tests only: the length of a \"day\" for deletion waiting periods and rotation periods. Anything below the default shortens the 7-day minimum deletion window and lets a test destroy keys in seconds; the server logs a warning at start when it is set." },
 ];
@@ -128,6 +129,9 @@ pub struct ServerConfig {
     /// See [`SETTINGS`].
     #[serde(default)]
     pub danger_disable_audit: bool,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::default_key_policy")]
+    pub default_key_policy: String,
 }
 
 /// `[tls]` settings.
@@ -184,6 +188,9 @@ mod defaults {
     }
     pub fn log_format() -> String {
         "text".into()
+    }
+    pub fn default_key_policy() -> String {
+        "key-admins".into()
     }
     pub fn separation_of_duties() -> String {
         "enforce".into()
@@ -270,6 +277,12 @@ impl ServerConfig {
                 self.separation_of_duties
             )));
         }
+        if !matches!(self.default_key_policy.as_str(), "key-admins" | "tenant") {
+            return Err(ConfigError(format!(
+                "default_key_policy must be `key-admins` or `tenant`, got {:?}",
+                self.default_key_policy
+            )));
+        }
         if self.max_request_bytes < 1024 {
             return Err(ConfigError("max_request_bytes must be at least 1024".into()));
         }
@@ -350,6 +363,7 @@ mod tests {
                 "danger_day_length_ms" => c.danger_day_length_ms.to_string(),
                 "separation_of_duties" => c.separation_of_duties.clone(),
                 "danger_disable_audit" => c.danger_disable_audit.to_string(),
+                "default_key_policy" => c.default_key_policy.clone(),
                 other => panic!("setting {other} has no default check"),
             };
             assert_eq!(shown, s.default, "{}", s.name);

@@ -110,6 +110,10 @@ impl Server {
                         _ => custody_kms::SeparationOfDuties::Enforce,
                     },
                     danger_disable_audit: config.danger_disable_audit,
+                    default_key_policy: match config.default_key_policy.as_str() {
+                        "tenant" => custody_kms::DefaultKeyPolicy::Tenant,
+                        _ => custody_kms::DefaultKeyPolicy::KeyAdminsOnly,
+                    },
                 },
             )
             .map_err(|e| StartError::Store(e.to_string()))?,

@@ -66,6 +66,7 @@ impl From<KmsError> for ApiError {
             KmsError::InvalidKeyUsage(_) => ApiError::new(400, "InvalidKeyUsageException", message),
             KmsError::InvalidMac => ApiError::new(400, "KMSInvalidMacException", message),
             KmsError::MalformedPolicy(_) => ApiError::new(400, "MalformedPolicyDocumentException", message),
+            KmsError::SeparationOfDuties(_) => ApiError::new(400, "SeparationOfDutiesException", message),
             KmsError::InvalidGrantToken(_) => ApiError::new(400, "InvalidGrantTokenException", message),
             KmsError::IncorrectKey => ApiError::new(400, "IncorrectKeyException", message),
             KmsError::InvalidShare(_) => ApiError::new(400, "InvalidShareException", message),
@@ -198,6 +199,8 @@ struct Auth {
     principal: Option<String>,
     access_key_id: Option<String>,
     scope: Option<std::sync::Arc<custody_kms::AuditScope>>,
+    /// The peer's address (for `aws:SourceIp`).
+    source_ip: Option<std::net::IpAddr>,
 }
 
 /// Actions that only read the store and compute: they never wait for a commit, so the server runs
@@ -221,7 +224,8 @@ pub fn runs_inline(target: &str) -> bool {
 /// Runs one action. May block on a commit unless [`runs_inline`] says the action never commits. `audit` is the request's
 /// audit event so far; a state change the action makes commits together with it.
 pub fn dispatch(kms: &Kms, identity: &Identity, req: &RequestParts<'_>, target: &str, audit: AuditEvent) -> Dispatched {
-    let mut auth = Auth::default();
+    let mut auth =
+        Auth { source_ip: audit.source.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()), ..Auth::default() };
     let mut hints = AuditHints::default();
     let result = Fields::parse(req.body).and_then(|fields| {
         hints = fields.audit_hints();
@@ -281,6 +285,10 @@ fn authenticate(kms: &Kms, identity: &Identity, req: &RequestParts<'_>, auth: &m
         },
     };
     auth.principal = Some(caller.arn());
+    let caller = match auth.source_ip {
+        Some(ip) => caller.with_source_ip(ip),
+        None => caller,
+    };
     Ok(match auth.scope.clone() {
         Some(scope) => caller.with_audit(scope),
         None => caller,
@@ -354,8 +362,104 @@ fn custody_action(
             let caller = authenticate(kms, identity, req, auth)?;
             access_key_action(kms, &caller, action, f)
         }
+        "CreateTenant" | "ListTenants" | "CreatePrincipal" | "ListPrincipals" | "DescribePrincipal"
+        | "UpdatePrincipal" | "DeletePrincipal" | "IssueCertificate" | "WhoCan" | "ExplainAccess" => {
+            let caller = authenticate(kms, identity, req, auth)?;
+            access_action(kms, &caller, action, f)
+        }
         other => Err(ApiError::new(400, "UnknownOperationException", format!("unknown custody operation {other:?}"))),
     }
+}
+
+fn principal_name(f: &Fields, field: &str) -> Result<PrincipalName, ApiError> {
+    let name = f.required_str(field)?;
+    PrincipalName::parse(name).ok_or_else(|| {
+        KmsError::validation(field, "a principal name is 1-64 letters, digits and . _ - (not starting with a dot)")
+            .into()
+    })
+}
+
+fn roles(f: &Fields) -> Result<Option<Vec<custody_kms::Role>>, ApiError> {
+    if f.get("Roles").is_none() {
+        return Ok(None);
+    }
+    f.string_list("Roles")?
+        .iter()
+        .map(|r| {
+            custody_kms::Role::parse(r).ok_or_else(|| {
+                KmsError::validation(
+                    "roles",
+                    format!("{r:?} is not a role: tenant-admin, key-admin, key-user, auditor, security-officer"),
+                )
+                .into()
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()
+        .map(Some)
+}
+
+fn issued_cert_json(c: &custody_kms::IssuedClientCert) -> Value {
+    let key = std::str::from_utf8(c.key_pem.expose_secret()).expect("PEM is text");
+    json!({ "Certificate": c.cert_pem, "PrivateKey": key, "CaCertificate": c.ca_pem, "Serial": c.serial, "NotAfter": c.not_after })
+}
+
+fn access_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Value, ApiError> {
+    let context = |f: &Fields| -> Result<Option<BTreeMap<String, String>>, ApiError> {
+        Ok(match f.get("EncryptionContext") {
+            None => None,
+            Some(_) => Some(f.context("EncryptionContext")?.pairs().clone()),
+        })
+    };
+    Ok(match action {
+        "CreateTenant" => {
+            let id = f
+                .optional_str("TenantId")?
+                .map(|t| {
+                    custody_kms::TenantId::parse(t)
+                        .ok_or_else(|| KmsError::validation("tenantId", "a tenant id is 12 digits"))
+                })
+                .transpose()?;
+            let admin = principal_name(f, "AdminName")?;
+            let (tenant, cert) = kms.create_tenant(caller, id, f.optional_str("Name")?.unwrap_or("tenant"), &admin)?;
+            json!({ "Tenant": tenant, "Admin": admin.as_str(), "AdminCertificate": issued_cert_json(&cert) })
+        }
+        "ListTenants" => json!({ "Tenants": kms.list_tenants(caller)? }),
+        "CreatePrincipal" => {
+            let name = principal_name(f, "Name")?;
+            json!({ "Principal": kms.create_principal(caller, &name, roles(f)?.unwrap_or_default())? })
+        }
+        "ListPrincipals" => json!({ "Principals": kms.list_principals(caller)? }),
+        "DescribePrincipal" => json!({ "Principal": kms.describe_principal(caller, &principal_name(f, "Name")?)? }),
+        "UpdatePrincipal" => {
+            let name = principal_name(f, "Name")?;
+            json!({ "Principal": kms.update_principal(caller, &name, f.optional_bool("Enabled")?, roles(f)?)? })
+        }
+        "DeletePrincipal" => {
+            kms.delete_principal(caller, &principal_name(f, "Name")?)?;
+            json!({})
+        }
+        "IssueCertificate" => {
+            let ttl = f.get("TtlSeconds").and_then(Value::as_u64).map(std::time::Duration::from_secs);
+            issued_cert_json(&kms.issue_certificate(caller, &principal_name(f, "Name")?, ttl)?)
+        }
+        "WhoCan" => {
+            let entries = kms.who_can(caller, &f.key_ref("KeyId")?, f.required_str("Action")?, context(f)?.as_ref())?;
+            json!({ "Principals": entries })
+        }
+        "ExplainAccess" => {
+            let e = kms.explain(
+                caller,
+                f.required_str("Principal")?,
+                f.required_str("Action")?,
+                &f.key_ref("KeyId")?,
+                context(f)?.as_ref(),
+            )?;
+            serde_json::to_value(e).expect("serializable")
+        }
+        other => {
+            return Err(ApiError::new(400, "UnknownOperationException", format!("unknown custody operation {other:?}")))
+        }
+    })
 }
 
 fn access_key_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Value, ApiError> {

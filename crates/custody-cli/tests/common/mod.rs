@@ -27,6 +27,7 @@ pub fn keyfile_dir() -> (tempfile::TempDir, Layout) {
     let data = dir.path().join("data");
     let (layout, _) = bootstrap::init(Bootstrap {
         data_dir: data.clone(),
+        admin_roles: custody_kms::Role::ALL.to_vec(),
         seal: SealChoice::KeyFile(dir.path().join("root.key")),
         tenant: None,
         admin: PrincipalName::parse("admin").unwrap(),
@@ -42,6 +43,9 @@ pub fn config(dir: &Path, layout: &Layout) -> ServerConfig {
         data_dir: layout.data_dir.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         seal: Some(format!("keyfile:{}", dir.join("root.key").display())),
+        // As `custody dev` runs; the access-control tests start production-like servers.
+        separation_of_duties: "warn".into(),
+        default_key_policy: "tenant".into(),
         ..ServerConfig::default()
     }
 }
@@ -92,11 +96,15 @@ impl Running {
 /// Runs `custody server` and waits for its "listening" line on stderr.
 // The child is moved into `Running`, whose Drop kills and waits for it.
 #[allow(clippy::zombie_processes)]
+/// Starts `custody server` as `custody dev` configures it (separation of duties `warn`, new keys
+/// usable by the tenant's key users); see [`all_roles`].
 pub fn spawn_server(data: &Path) -> Running {
     let mut child = custody()
         .args(["server", "--data"])
         .arg(data)
         .args(["--listen", "127.0.0.1:0"])
+        .env("CUSTODY_SEPARATION_OF_DUTIES", "warn")
+        .env("CUSTODY_DEFAULT_KEY_POLICY", "tenant")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -120,4 +128,15 @@ pub fn spawn_server(data: &Path) -> Running {
         }
         lines.push(line);
     }
+}
+
+/// Gives the administrator of `profile` every role, as `custody dev` does, so a test can manage
+/// and use keys with one identity (needs a server with separation of duties relaxed to `warn`).
+pub fn all_roles(profile: &Path) {
+    let mut args = vec!["principal", "roles", "admin"];
+    for r in custody_kms::Role::ALL {
+        args.extend(["--role", r.as_str()]);
+    }
+    let out = custody().arg("--profile").arg(profile).args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -23,6 +23,7 @@ pub fn options(seal: InitSeal) -> InitOptions {
         seal,
         tenant: None,
         admin: PrincipalName::parse("admin").unwrap(),
+        admin_roles: custody_kms::Role::ALL.to_vec(),
         server_names: vec!["localhost".into()],
     }
 }
