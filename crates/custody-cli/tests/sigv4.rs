@@ -3,88 +3,9 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::HeaderMap;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
 
-struct Signer {
-    id: String,
-    secret: String,
-    region: String,
-}
-
-/// Sends `TrentService.<action>` signed with SigV4 at time `when`, with `tweak` applied to the
-/// headers after signing. Returns (status, body).
-async fn send(
-    addr: std::net::SocketAddr,
-    ca: &std::path::Path,
-    signer: &Signer,
-    action: &str,
-    body: Value,
-    when: time::OffsetDateTime,
-    tweak: impl FnOnce(&mut HeaderMap),
-) -> (u16, Value) {
-    let body = serde_json::to_vec(&body).unwrap();
-    let format = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
-    let amz_date = when.format(&format).unwrap();
-    let mut headers = HeaderMap::new();
-    headers.insert("host", format!("127.0.0.1:{}", addr.port()).parse().unwrap());
-    headers.insert("content-type", "application/x-amz-json-1.1".parse().unwrap());
-    headers.insert("x-amz-date", amz_date.parse().unwrap());
-    headers.insert("x-amz-target", format!("TrentService.{action}").parse().unwrap());
-    let signed: Vec<String> = ["content-type", "host", "x-amz-date", "x-amz-target"].map(String::from).to_vec();
-    let req =
-        custody_server::sigv4::RequestParts { method: "POST", path: "/", query: "", headers: &headers, body: &body };
-    let canonical = custody_server::sigv4::canonical_request(&req, &signed).unwrap();
-    let date = &amz_date[..8];
-    let scope = format!("{date}/{}/kms/aws4_request", signer.region);
-    let sts =
-        format!("AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}", custody_crypto::sigv4::sha256_hex(canonical.as_bytes()));
-    let key = custody_crypto::sigv4::signing_key(
-        &custody_crypto::SecretBytes::copy_from(signer.secret.as_bytes()),
-        date,
-        &signer.region,
-        "kms",
-    );
-    let sig = hex::encode(custody_crypto::sigv4::sign(&key, sts.as_bytes()));
-    let auth = format!(
-        "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={}, Signature={sig}",
-        signer.id,
-        signed.join(";")
-    );
-    headers.insert("authorization", auth.parse().unwrap());
-    tweak(&mut headers);
-
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_file(ca).unwrap()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
-    tokio::spawn(conn);
-    let mut request = hyper::Request::post("/").body(Full::new(Bytes::from(body))).unwrap();
-    *request.headers_mut() = headers;
-    let resp = sender.send_request(request).await.unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap())
-}
-
-fn code(v: &Value) -> &str {
-    v["__type"].as_str().unwrap_or("")
-}
+use common::{code, send, Signer};
 
 #[tokio::test]
 async fn signatures_right_and_wrong() {

@@ -230,7 +230,7 @@ impl Kms {
             return Ok(authz::allowed());
         }
         if key.tenant != caller.tenant {
-            return Err(KmsError::NotFound(format!("Key '{}' does not exist", self.key_arn(key))));
+            return Err(KmsError::NotFound(format!("{} is not found.", self.key_arn(key))));
         }
         tracing::debug!(key_id = %key.id, action = A::ACTION.name(), reason = %e.reason, "access denied");
         Err(authz::denied(caller, A::ACTION, &self.key_arn(key)))
@@ -356,7 +356,7 @@ impl Kms {
         let _proof = authz::authorize::<authz::act::ExplainAccess>(caller)?;
         let key = self.resolve(&u, caller, r)?;
         if key.value.tenant != caller.tenant {
-            return Err(KmsError::NotFound(format!("Key '{}' does not exist", self.key_arn(&key.value))));
+            return Err(KmsError::NotFound(format!("{} is not found.", self.key_arn(&key.value))));
         }
         Ok((u, key.value))
     }
