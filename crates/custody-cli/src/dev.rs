@@ -81,13 +81,18 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
     if json {
         crate::commands::print_json(&json!({
             "Endpoint": endpoint, "Profile": profile, "CaFile": ca, "EnvFile": abs(env_file), "FirstRun": first_run,
-            "AwsAccessKeyId": key_id,
+            "AwsAccessKeyId": key_id, "SeparationOfDuties": "warn",
         }));
     } else {
         println!("custody dev is running (TLS 1.3, unsealed with the DEVELOPMENT key file {}).", key_file.display());
         if first_run {
             println!("Initialized a new store in {}.", a.data.display());
         }
+        println!(
+            "Development mode only: separation of duties is relaxed to `warn` (one principal, `admin`, holds every \
+             role; policies that give it both key administration and Decrypt are allowed and flagged as audit alerts), \
+             and new keys are usable by the tenant's key users. docs/ACCESS.md describes production."
+        );
         println!("\nIn another shell:\n\n  source {}\n\nor set:\n\n{}", env_file.display(), indent(&env));
         println!(
             "Try: custody key create --description demo\nStop with Ctrl-C; the keys are kept in {}.",

@@ -476,3 +476,118 @@ async fn disabling_a_principal_stops_its_next_request_on_an_open_connection() {
         "ValidationException"
     );
 }
+
+/// Runs the `custody` binary with `profile`, expecting success; returns stdout.
+fn cli(profile: &Path, args: &[&str]) -> String {
+    let out = common::custody().arg("--profile").arg(profile).args(args).output().unwrap();
+    assert!(out.status.success(), "custody {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_principals_and_access_through_the_cli() {
+    let w = world().await;
+    let dir = w._dir.path();
+    let admin = dir.join("data/admin/profile.toml");
+    // Tenant admin: principals and their certificates, which work at once.
+    cli(&admin, &["principal", "create", "ops", "--role", "key-admin", "--role", "auditor"]);
+    cli(&admin, &["principal", "create", "app", "--role", "key-user"]);
+    let ops_dir = dir.join("ops");
+    let out = common::custody()
+        .arg("--profile")
+        .arg(&admin)
+        .args(["--json", "principal", "cert", "issue", "ops", "--ttl", "2h", "--out"])
+        .arg(&ops_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let issued: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ops = std::path::PathBuf::from(issued["Profile"].as_str().unwrap());
+    let key_mode = std::fs::metadata(ops_dir.join("ops.key")).unwrap().permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key_mode) & 0o777, 0o600);
+    // The certificate lives about 2 hours.
+    let not_after = issued["NotAfter"].as_i64().unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!((now + 7000..=now + 7300).contains(&not_after), "{not_after} vs {now}");
+    let listed = cli(&admin, &["principal", "list"]);
+    assert!(listed.contains("ops") && listed.contains("key-admin,auditor"), "{listed}");
+
+    // The new key admin creates a key; who-can and explain answer from its identity.
+    let key: Value = serde_json::from_str(&cli(&ops, &["--json", "key", "create", "--alias", "alias/cli"])).unwrap();
+    let arn = key["KeyMetadata"]["Arn"].as_str().unwrap();
+    let who: Value =
+        serde_json::from_str(&cli(&ops, &["--json", "access", "who-can", arn, "--action", "Decrypt"])).unwrap();
+    assert_eq!(who["Principals"].as_array().unwrap().len(), 0, "nobody may decrypt under the default policy: {who}");
+    let why = cli(&ops, &["access", "explain", "app", "Decrypt", "alias/cli"]);
+    assert!(why.starts_with("DENIED: no statement"), "{why}");
+    // A policy from a file opens Decrypt to app; the CLI shows it.
+    let policy = dir.join("policy.json");
+    let fetched = cli(&ops, &["key", "policy", "get", "alias/cli"]);
+    let mut doc: Value = serde_json::from_str(&fetched).unwrap();
+    doc["Statement"].as_array_mut().unwrap().push(json!({
+        "Sid": "App", "Effect": "Allow", "Principal": { "AWS": format!("arn:aws:iam::{}:user/app", w.tenant) },
+        "Action": ["kms:Encrypt", "kms:Decrypt"], "Resource": "*"
+    }));
+    std::fs::write(&policy, doc.to_string()).unwrap();
+    cli(&ops, &["key", "policy", "put", "alias/cli", policy.to_str().unwrap()]);
+    let why = cli(&ops, &["access", "explain", "app", "Decrypt", "alias/cli"]);
+    assert!(why.starts_with("ALLOWED") && why.contains("\"App\""), "{why}");
+    let who = cli(&ops, &["access", "who-can", "alias/cli"]);
+    assert!(who.contains(":user/app") && who.contains("statement \"App\""), "{who}");
+    // A malformed policy is refused with the reason, and changes nothing.
+    std::fs::write(&policy, r#"{"Statement":{"Effect":"Allow","Principal":"*","Action":"kms:*","Resource":"*","Condition":{"NumericLessThan":{"kms:CallerAccount":"1"}}}}"#).unwrap();
+    let out = common::custody()
+        .arg("--profile")
+        .arg(&ops)
+        .args(["key", "policy", "put", "alias/cli"])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unsupported condition operator"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unchanged: Value = serde_json::from_str(&cli(&ops, &["key", "policy", "get", "alias/cli"])).unwrap();
+    assert!(unchanged.to_string().contains("\"App\""), "the previous policy stays: {unchanged}");
+
+    // Security officer: a second tenant, whose admin's profile works right away.
+    let beta = dir.join("beta");
+    let out = common::custody()
+        .arg("--profile")
+        .arg(&admin)
+        .args(["--json", "tenant", "create", "--name", "beta", "--admin", "badmin", "--out"])
+        .arg(&beta)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b_profile = std::path::PathBuf::from(created["AdminCertificate"]["Profile"].as_str().unwrap());
+    let b_list = cli(&b_profile, &["principal", "list"]);
+    assert!(b_list.contains("badmin") && !b_list.contains("ops"), "{b_list}");
+    assert!(cli(&admin, &["tenant", "list"]).contains("beta"));
+}
+
+#[tokio::test]
+async fn relaxed_separation_of_duties_is_allowed_with_an_audit_alert() {
+    // `custody dev`'s settings: one principal holds every role.
+    let (dir, layout) = common::keyfile_dir();
+    let (_server, profile) = common::start(dir.path(), &layout, |_| {}).await;
+    let mut admin = Client::connect(&profile).await.unwrap();
+    let key = admin.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["Arn"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let both = json!({ "Statement": { "Sid": "All", "Effect": "Allow", "Principal": { "AWS": admin.call("Custody.WhoAmI", json!({})).await.unwrap()["Arn"] }, "Action": "kms:*", "Resource": "*" } }).to_string();
+    admin
+        .call("TrentService.PutKeyPolicy", json!({ "KeyId": key, "PolicyName": "default", "Policy": both }))
+        .await
+        .unwrap();
+    let records = admin.call("Custody.ListAuditRecords", json!({ "Action": "PutKeyPolicy" })).await.unwrap();
+    let r = &records["Records"][0];
+    assert_eq!(r["alert"], true, "{r}");
+    assert!(r["detail"].as_str().unwrap().contains("separation of duties"), "{r}");
+    let status = admin.call("Custody.GetStatus", json!({})).await.unwrap();
+    assert!(status["Alerts"].as_u64().unwrap() >= 1);
+}

@@ -63,6 +63,7 @@ fn dev_starts_writes_the_environment_and_keeps_keys() {
     let data = dir.path().join("devdata");
     let dev = start_dev(dir.path(), &data);
     assert_eq!(dev.info["FirstRun"], true);
+    assert_eq!(dev.info["SeparationOfDuties"], "warn", "dev says separation of duties is relaxed");
     let endpoint = dev.info["Endpoint"].as_str().unwrap().to_string();
     assert!(!endpoint.ends_with(":0"), "the real port is reported: {endpoint}");
     let env = std::fs::read_to_string(data.join("env")).unwrap();
