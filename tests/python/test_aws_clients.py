@@ -262,9 +262,16 @@ def test_key_policies_are_kept(aws_env):
     key_id = c.create_key()["KeyMetadata"]["KeyId"]
     assert c.list_key_policies(KeyId=key_id)["PolicyNames"] == ["default"]
     default = json.loads(c.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"])
-    assert default["Statement"][0]["Action"] == "kms:*"
-    policy = {"Version": "2012-10-17", "Statement": [{"Sid": "x", "Effect": "Allow", "Principal": {"AWS": "*"},
-                                                        "Action": "kms:Decrypt", "Resource": "*"}]}
+    account = c.describe_key(KeyId=key_id)["KeyMetadata"]["AWSAccountId"]
+    # The default policy: the tenant's key admins administer; `custody dev` adds use by its key users.
+    assert default["Statement"][0]["Principal"]["AWS"] == f"arn:aws:iam::{account}:root"
+    assert "kms:PutKeyPolicy" in default["Statement"][0]["Action"]
+    assert "kms:Decrypt" not in default["Statement"][0]["Action"]
+    assert any("kms:Decrypt" in s["Action"] for s in default["Statement"][1:])
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Sid": "admins", "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{account}:root"},
+         "Action": ["kms:Get*", "kms:Put*", "kms:Describe*"], "Resource": "*"},
+        {"Sid": "x", "Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "kms:Decrypt", "Resource": "*"}]}
     c.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
     assert json.loads(c.get_key_policy(KeyId=key_id)["Policy"]) == policy
     with pytest.raises(c.exceptions.MalformedPolicyDocumentException):

@@ -31,12 +31,8 @@ pub enum DefaultKeyPolicy {
 /// The default key policy of a key in `account`.
 pub fn default_policy(account: &str, flavor: DefaultKeyPolicy) -> String {
     let root = format!("arn:aws:iam::{account}:root");
-    let admin: Vec<String> = ADMIN_ACTIONS
-        .iter()
-        .chain(crate::policy::READ_ACTIONS)
-        .filter(|a| **a != "ListAliases")
-        .map(|a| format!("kms:{a}"))
-        .collect();
+    let admin: Vec<String> =
+        ADMIN_ACTIONS.iter().chain(crate::policy::READ_ACTIONS).map(|a| format!("kms:{a}")).collect();
     let mut statements = vec![json!({
         "Sid": "Allow key administration by the tenant's key admins",
         "Effect": "Allow",

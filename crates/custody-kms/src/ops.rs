@@ -496,12 +496,20 @@ impl Kms {
         marker: Option<&str>,
     ) -> Result<Page<AliasListEntry>, KmsError> {
         let limit = page_limit(limit)?;
+        let u = self.unsealed()?;
+        // An account-level action (AWS: an IAM permission, not a key policy one), even when
+        // filtered by a key of the caller's tenant.
+        let _proof = authorize::<act::ListAliases>(caller)?;
         let filter = match key {
-            Some(r) => Some(self.prepare::<act::ListAliases>(caller, r)?.1.value.id),
+            Some(r) => {
+                let k = self.resolve(&u, caller, r)?;
+                if k.value.tenant != caller.tenant {
+                    return Err(KmsError::NotFound(format!("{} is not found.", self.key_arn(&k.value))));
+                }
+                Some(k.value.id)
+            }
             None => None,
         };
-        let u = self.unsealed()?;
-        let _proof = authorize::<act::ListAliases>(caller)?;
         let prefix = format!("{}/", caller.tenant);
         let after = marker.map(|m| format!("{prefix}{m}"));
         let (mut items, mut next_marker) = (Vec::new(), None);

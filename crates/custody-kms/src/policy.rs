@@ -345,7 +345,6 @@ pub const READ_ACTIONS: &[&str] = &[
     "ListKeyRotations",
     "ListResourceTags",
     "ListGrants",
-    "ListAliases",
 ];
 
 /// Cryptographic actions on a key.
