@@ -95,7 +95,8 @@ fn b64(bytes: &[u8]) -> String {
 /// Runs `action` as both identities of a principal (its certificate and its access key) and
 /// returns the two outcomes ("OK" or the error code).
 async fn both(w: &World, who: &mut (Client, Signer), action: &str, body: Value) -> (String, String) {
-    let mtls = match who.0.call(&format!("TrentService.{action}"), body.clone()).await {
+    let target = if action.contains('.') { action.to_string() } else { format!("TrentService.{action}") };
+    let mtls = match who.0.call(&target, body.clone()).await {
         Ok(_) => "OK".to_string(),
         Err(e) => err_code(Err(e)),
     };
@@ -111,6 +112,8 @@ async fn each_role_over_mtls_and_sigv4() {
     let mut keyadmin = principal(&w, &mut admin, "keyadmin", &["key-admin"]).await;
     let mut app = principal(&w, &mut admin, "app", &["key-user"]).await;
     let mut auditor = principal(&w, &mut admin, "auditor", &["auditor"]).await;
+    let mut tadmin = principal(&w, &mut admin, "tadmin", &["tenant-admin"]).await;
+    let mut officer = principal(&w, &mut admin, "officer", &["security-officer"]).await;
     let mut first = Client::connect(&w.admin_profile).await.unwrap();
 
     // The first administrator is a security officer and tenant admin, not a key admin or user.
@@ -150,12 +153,40 @@ async fn each_role_over_mtls_and_sigv4() {
         ("auditor", "Encrypt", encrypt.clone(), "AccessDeniedException"),
         ("auditor", "CreateKey", json!({}), "AccessDeniedException"),
         ("auditor", "ScheduleKeyDeletion", json!({ "KeyId": key }), "AccessDeniedException"),
+        ("auditor", "Custody.ListAuditRecords", json!({}), "OK"),
+        ("auditor", "Custody.WhoCan", json!({ "KeyId": key, "Action": "Decrypt" }), "OK"),
+        ("auditor", "Custody.CreatePrincipal", json!({ "Name": "x1", "Roles": [] }), "AccessDeniedException"),
+        ("key-user", "Custody.ListAuditRecords", json!({}), "AccessDeniedException"),
+        ("key-user", "Custody.WhoCan", json!({ "KeyId": key, "Action": "Decrypt" }), "AccessDeniedException"),
+        ("key-admin", "Custody.WhoCan", json!({ "KeyId": key, "Action": "Decrypt" }), "OK"),
+        ("key-admin", "Custody.ListPrincipals", json!({}), "AccessDeniedException"),
+        ("tenant-admin", "Custody.ListPrincipals", json!({}), "OK"),
+        ("tenant-admin", "Custody.IssueCertificate", json!({ "Name": "app", "TtlSeconds": 600 }), "OK"),
+        ("tenant-admin", "Custody.DescribePrincipal", json!({ "Name": "app" }), "OK"),
+        ("tenant-admin", "CreateKey", json!({}), "AccessDeniedException"),
+        ("tenant-admin", "ListKeys", json!({}), "AccessDeniedException"),
+        ("tenant-admin", "Encrypt", encrypt.clone(), "AccessDeniedException"),
+        ("tenant-admin", "Custody.ListAuditRecords", json!({}), "AccessDeniedException"),
+        ("tenant-admin", "Custody.CreateTenant", json!({ "Name": "t", "AdminName": "a" }), "AccessDeniedException"),
+        (
+            "tenant-admin",
+            "Custody.CreatePrincipal",
+            json!({ "Name": "so2", "Roles": ["security-officer"] }),
+            "AccessDeniedException",
+        ),
+        ("security-officer", "Custody.ListTenants", json!({}), "OK"),
+        ("security-officer", "Custody.CreatePrincipal", json!({ "Name": "x2", "Roles": [] }), "AccessDeniedException"),
+        ("security-officer", "CreateKey", json!({}), "AccessDeniedException"),
+        ("security-officer", "Encrypt", encrypt.clone(), "AccessDeniedException"),
+        ("security-officer", "DescribeKey", json!({ "KeyId": key }), "AccessDeniedException"),
     ];
     let mut failures = Vec::new();
     for (role, action, body, want) in matrix {
         let who = match role {
             "key-admin" => &mut keyadmin,
             "key-user" => &mut app,
+            "tenant-admin" => &mut tadmin,
+            "security-officer" => &mut officer,
             _ => &mut auditor,
         };
         let (mtls, sigv4) = both(&w, who, action, body).await;
@@ -590,4 +621,75 @@ async fn relaxed_separation_of_duties_is_allowed_with_an_audit_alert() {
     assert!(r["detail"].as_str().unwrap().contains("separation of duties"), "{r}");
     let status = admin.call("Custody.GetStatus", json!({})).await.unwrap();
     assert!(status["Alerts"].as_u64().unwrap() >= 1);
+}
+
+#[tokio::test]
+async fn grants_open_use_within_their_constraints_until_retired_or_revoked() {
+    let w = world().await;
+    let mut admin = Client::connect(&w.admin_profile).await.unwrap();
+    let mut keyadmin = principal(&w, &mut admin, "keyadmin", &["key-admin"]).await;
+    let mut app = principal(&w, &mut admin, "app", &["key-user"]).await;
+    let mut other = principal(&w, &mut admin, "other", &["key-user"]).await;
+    let user = |n: &str| format!("arn:aws:iam::{}:user/{n}", w.tenant);
+    // The default policy opens use to nobody; a grant opens it to app, for app=billing only.
+    let key = keyadmin.0.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["Arn"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let grant = keyadmin
+        .0
+        .call(
+            "TrentService.CreateGrant",
+            json!({ "KeyId": key, "GranteePrincipal": user("app"), "RetiringPrincipal": user("app"),
+                    "Operations": ["Encrypt", "Decrypt"], "Constraints": { "EncryptionContextSubset": { "app": "billing" } } }),
+        )
+        .await
+        .unwrap();
+    let enc = |ctx: Value| json!({ "KeyId": key, "Plaintext": b64(b"granted"), "EncryptionContext": ctx });
+    assert_eq!(
+        both(&w, &mut app, "Encrypt", enc(json!({ "app": "billing", "more": "x" }))).await,
+        ("OK".into(), "OK".into())
+    );
+    let denied = ("AccessDeniedException".to_string(), "AccessDeniedException".to_string());
+    assert_eq!(both(&w, &mut app, "Encrypt", enc(json!({ "app": "hr" }))).await, denied);
+    assert_eq!(both(&w, &mut app, "Encrypt", enc(json!({}))).await, denied);
+    assert_eq!(both(&w, &mut other, "Encrypt", enc(json!({ "app": "billing" }))).await, denied);
+    // Not an operation of the grant.
+    assert_eq!(
+        both(
+            &w,
+            &mut app,
+            "GenerateDataKey",
+            json!({ "KeyId": key, "NumberOfBytes": 32, "EncryptionContext": { "app": "billing" } })
+        )
+        .await,
+        denied
+    );
+    let blob = app.0.call("TrentService.Encrypt", enc(json!({ "app": "billing" }))).await.unwrap();
+    let back = app
+        .0
+        .call("TrentService.Decrypt", json!({ "CiphertextBlob": blob["CiphertextBlob"], "EncryptionContext": { "app": "billing" }, "GrantTokens": [grant["GrantToken"]] }))
+        .await
+        .unwrap();
+    assert_eq!(back["Plaintext"], b64(b"granted"));
+    // Constraints only on operations that take a context; unknown constraint kinds refused.
+    let r = keyadmin
+        .0
+        .call("TrentService.CreateGrant", json!({ "KeyId": key, "GranteePrincipal": user("app"), "Operations": ["DescribeKey"], "Constraints": { "EncryptionContextEquals": { "a": "b" } } }))
+        .await;
+    assert_eq!(err_code(r), "ValidationException");
+    // Another principal cannot retire it; the retiring principal can, and use stops at once.
+    let retire = json!({ "GrantToken": grant["GrantToken"] });
+    assert_eq!(err_code(other.0.call("TrentService.RetireGrant", retire.clone()).await), "AccessDeniedException");
+    app.0.call("TrentService.RetireGrant", retire).await.unwrap();
+    assert_eq!(both(&w, &mut app, "Encrypt", enc(json!({ "app": "billing" }))).await, denied);
+    // A whole-account grant reaches every key user of the tenant; revoking it ends that.
+    let g = keyadmin
+        .0
+        .call("TrentService.CreateGrant", json!({ "KeyId": key, "GranteePrincipal": format!("arn:aws:iam::{}:root", w.tenant), "Operations": ["Encrypt"] }))
+        .await
+        .unwrap();
+    assert_eq!(both(&w, &mut other, "Encrypt", enc(json!({}))).await, ("OK".into(), "OK".into()));
+    keyadmin.0.call("TrentService.RevokeGrant", json!({ "KeyId": key, "GrantId": g["GrantId"] })).await.unwrap();
+    assert_eq!(both(&w, &mut other, "Encrypt", enc(json!({}))).await, denied);
 }

@@ -175,7 +175,9 @@ pub async fn send(
     headers.insert("host", format!("127.0.0.1:{}", addr.port()).parse().unwrap());
     headers.insert("content-type", "application/x-amz-json-1.1".parse().unwrap());
     headers.insert("x-amz-date", amz_date.parse().unwrap());
-    headers.insert("x-amz-target", format!("TrentService.{action}").parse().unwrap());
+    // `Encrypt` is `TrentService.Encrypt`; a custody action is given in full (`Custody.WhoCan`).
+    let target = if action.contains('.') { action.to_string() } else { format!("TrentService.{action}") };
+    headers.insert("x-amz-target", target.parse().unwrap());
     let signed: Vec<String> = ["content-type", "host", "x-amz-date", "x-amz-target"].map(String::from).to_vec();
     let req =
         custody_server::sigv4::RequestParts { method: "POST", path: "/", query: "", headers: &headers, body: &body };
