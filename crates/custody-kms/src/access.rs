@@ -132,13 +132,29 @@ pub(crate) fn constraints_hold(constraints: Option<&Value>, context: Option<&BTr
 }
 
 impl Kms {
-    /// The key's policy, parsed (the default one if it has none).
-    pub(crate) fn key_policy(&self, key: &KeyRecord) -> Result<Policy, KmsError> {
+    /// The key's policy, parsed (the default one if it has none). Parsed policies are kept by
+    /// their text, so a request parses nothing (the cache is emptied when it reaches 10,000).
+    pub(crate) fn key_policy(&self, key: &KeyRecord) -> Result<std::sync::Arc<Policy>, KmsError> {
         let text = match &key.policy {
             Some(p) => std::borrow::Cow::Borrowed(p.as_str()),
-            None => std::borrow::Cow::Owned(default_policy(key.tenant.as_str(), self.config.default_key_policy)),
+            // The default policy depends only on the tenant (and the server's setting).
+            None => std::borrow::Cow::Owned(format!("default:{}", key.tenant)),
         };
-        Policy::parse(&text).map_err(|e| KmsError::Integrity(format!("keys/{}: stored policy: {}", key.id, e.0)))
+        if let Some(p) = self.policies.lock().unwrap_or_else(|p| p.into_inner()).get(text.as_ref()) {
+            return Ok(p.clone());
+        }
+        let parsed = match &key.policy {
+            Some(p) => Policy::parse(p),
+            None => Policy::parse(&default_policy(key.tenant.as_str(), self.config.default_key_policy)),
+        }
+        .map_err(|e| KmsError::Integrity(format!("keys/{}: stored policy: {}", key.id, e.0)))?;
+        let parsed = std::sync::Arc::new(parsed);
+        let mut cache = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= 10_000 {
+            cache.clear();
+        }
+        cache.insert(text.into_owned(), parsed.clone());
+        Ok(parsed)
     }
 
     pub(crate) fn grants_of(&self, u: &Unsealed, key: KeyId) -> Result<Vec<GrantRecord>, KmsError> {

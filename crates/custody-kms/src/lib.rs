@@ -115,6 +115,8 @@ pub struct Kms {
     config: KmsConfig,
     seal: RwLock<seal::SealState>,
     audit_seq: audit::Sequencer,
+    /// Parsed key policies by their text (a policy is parsed once, not on every request).
+    policies: std::sync::Mutex<std::collections::HashMap<String, Arc<policy::Policy>>>,
 }
 
 /// What exists only while unsealed.

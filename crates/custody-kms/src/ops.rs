@@ -177,7 +177,8 @@ impl Kms {
             destroyed_at: None,
             policy: req.policy,
         };
-        let conflicts = self.duty_conflicts(&u, &key, &self.key_policy(&key)?, &[])?;
+        let policy = self.key_policy(&key)?;
+        let conflicts = self.duty_conflicts(&u, &key, &policy, &[])?;
         self.enforce_duties(caller, "this key's policy", conflicts)?;
         let writes = vec![
             u.barrier.put(Table::Keys, &key.id.to_string(), &key, Expect::Absent),

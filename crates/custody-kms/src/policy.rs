@@ -159,15 +159,10 @@ struct Patterns {
 }
 
 impl Patterns {
-    fn matches(&self, value: &str, case_insensitive: bool) -> bool {
-        let hit = self.patterns.iter().any(|p| {
-            if case_insensitive {
-                glob(&p.to_ascii_lowercase(), &value.to_ascii_lowercase())
-            } else {
-                glob(p, value)
-            }
-        });
-        hit != self.not
+    /// Action patterns compare case-insensitively: they are kept in lower case, and the value is
+    /// lowered by the caller.
+    fn matches(&self, value: &str) -> bool {
+        self.patterns.iter().any(|p| glob(p, value)) != self.not
     }
 }
 
@@ -448,15 +443,15 @@ impl Policy {
         let allowed = self.statements.iter().any(|s| {
             s.effect == Effect::Allow
                 && s.principals.contains(pattern)
-                && s.actions.matches(&format!("kms:{action}"), true)
-                && s.resources.matches(resource, false)
+                && s.actions.matches(&format!("kms:{action}").to_ascii_lowercase())
+                && s.resources.matches(resource)
         });
         let denied = self.statements.iter().any(|s| {
             s.effect == Effect::Deny
                 && s.conditions.is_empty()
                 && covers(s)
-                && s.actions.matches(&format!("kms:{action}"), true)
-                && s.resources.matches(resource, false)
+                && s.actions.matches(&format!("kms:{action}").to_ascii_lowercase())
+                && s.resources.matches(resource)
         });
         allowed && !denied
     }
@@ -515,7 +510,8 @@ impl Statement {
                 (None, None) => bad(format!("{label}: needs {yes} (or {no})")),
             }
         };
-        let actions = pair("Action", "NotAction")?;
+        let mut actions = pair("Action", "NotAction")?;
+        actions.patterns.iter_mut().for_each(|a| a.make_ascii_lowercase());
         for a in &actions.patterns {
             if a != "*" && !a.contains(':') {
                 return bad(format!("{label}: action {a:?} needs a service prefix, as in kms:Decrypt"));
@@ -568,26 +564,37 @@ impl Statement {
 
     fn applies(&self, r: &RequestFacts<'_>) -> bool {
         self.principals.iter().any(|p| p.matches(&r.subject, r.key_tenant))
-            && self.actions.matches(&format!("kms:{}", r.action), true)
-            && self.resources.matches(r.resource, false)
+            && self.actions.matches(&format!("kms:{}", r.action).to_ascii_lowercase())
+            && self.resources.matches(r.resource)
             && self.conditions.iter().all(|c| c.holds(r))
     }
 }
 
 /// IAM wildcards: `*` any run of characters, `?` one character.
 pub fn glob(pattern: &str, value: &str) -> bool {
+    if !pattern.contains(['*', '?']) {
+        return pattern == value;
+    }
+    if pattern.is_ascii() && value.is_ascii() {
+        return glob_in(pattern.as_bytes(), value.as_bytes());
+    }
     let (p, v): (Vec<char>, Vec<char>) = (pattern.chars().collect(), value.chars().collect());
+    glob_in(&p, &v)
+}
+
+fn glob_in<T: Copy + PartialEq + From<u8>>(p: &[T], v: &[T]) -> bool {
+    let (star, any) = (T::from(b'*'), T::from(b'?'));
     let (mut pi, mut vi) = (0, 0);
-    let (mut star, mut mark) = (None, 0);
+    let (mut star_at, mut mark) = (None, 0);
     while vi < v.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == v[vi]) {
+        if pi < p.len() && (p[pi] == any || p[pi] == v[vi]) {
             pi += 1;
             vi += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
+        } else if pi < p.len() && p[pi] == star {
+            star_at = Some(pi);
             mark = vi;
             pi += 1;
-        } else if let Some(s) = star {
+        } else if let Some(s) = star_at {
             pi = s + 1;
             mark += 1;
             vi = mark;
@@ -595,7 +602,7 @@ pub fn glob(pattern: &str, value: &str) -> bool {
             return false;
         }
     }
-    p[pi..].iter().all(|c| *c == '*')
+    p[pi..].iter().all(|c| *c == star)
 }
 
 fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {

@@ -230,6 +230,7 @@ impl Kms {
             config,
             seal: RwLock::new(SealState::Sealed { submitted: Vec::new() }),
             audit_seq: Default::default(),
+            policies: Default::default(),
         };
         kms.meta()?;
         Ok(kms)
