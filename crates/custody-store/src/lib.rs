@@ -4,7 +4,8 @@
 //!
 //! - a [`Backend`] is an ordered key-value store of rows `(table, key) -> (revision, value)` with
 //!   atomic batches of conditional writes. SQLite ([`SqliteBackend`]) is the embedded default;
-//!   PostgreSQL will be a second implementation of the same trait.
+//!   PostgreSQL ([`PostgresBackend`]) is the second implementation; one conformance suite
+//!   (`tests/conformance.rs`) runs on both.
 //! - the [`Barrier`] seals every row's value under a key derived from the root key, with the
 //!   table and row key as AAD (DESIGN.md §10). The database sees table names, row keys (ids) and
 //!   revisions; a value changed, swapped with another row's, or moved to another table fails to
@@ -16,11 +17,13 @@
 #![deny(missing_docs)]
 
 mod barrier;
+mod postgres;
 mod sqlite;
 
 use std::fmt;
 
 pub use barrier::{Barrier, Versioned};
+pub use postgres::{PostgresBackend, PostgresOptions};
 pub use sqlite::SqliteBackend;
 
 /// The tables custody keeps. Row keys are chosen so that a prefix scan lists what belongs

@@ -250,49 +250,6 @@ mod tests {
     }
 
     #[test]
-    fn revisions_and_preconditions() {
-        let dir = tempfile::tempdir().unwrap();
-        let b = SqliteBackend::open(&dir.path().join("s.db")).unwrap();
-        b.apply(&[put(Table::Keys, "a", b"1", Expect::Absent)]).unwrap();
-        assert_eq!(b.get(Table::Keys, "a").unwrap().unwrap().rev, 1);
-        assert!(matches!(b.apply(&[put(Table::Keys, "a", b"x", Expect::Absent)]), Err(StoreError::Conflict { .. })));
-        b.apply(&[put(Table::Keys, "a", b"2", Expect::Rev(1))]).unwrap();
-        let row = b.get(Table::Keys, "a").unwrap().unwrap();
-        assert_eq!((row.rev, row.value.as_slice()), (2, &b"2"[..]));
-        // A failed precondition anywhere in the batch writes nothing.
-        let r = b.apply(&[put(Table::Keys, "b", b"new", Expect::Absent), put(Table::Keys, "a", b"3", Expect::Rev(1))]);
-        assert!(r.is_err());
-        assert!(b.get(Table::Keys, "b").unwrap().is_none());
-        b.apply(&[Write::Delete { table: Table::Keys, key: "a".into(), expect: Expect::Rev(2) }]).unwrap();
-        assert!(b.get(Table::Keys, "a").unwrap().is_none());
-    }
-
-    #[test]
-    fn scans_are_ordered_prefixed_and_paginated() {
-        let dir = tempfile::tempdir().unwrap();
-        let b = SqliteBackend::open(&dir.path().join("s.db")).unwrap();
-        let writes: Vec<_> =
-            ["t1/a", "t1/b", "t1/c", "t2/a", "t1"].iter().map(|k| put(Table::Aliases, k, b"v", Expect::Any)).collect();
-        b.apply(&writes).unwrap();
-        let keys = |rows: Vec<Row>| rows.into_iter().map(|r| r.key).collect::<Vec<_>>();
-        assert_eq!(keys(b.scan(Table::Aliases, "t1/", None, 10).unwrap()), ["t1/a", "t1/b", "t1/c"]);
-        assert_eq!(keys(b.scan(Table::Aliases, "t1/", None, 2).unwrap()), ["t1/a", "t1/b"]);
-        assert_eq!(keys(b.scan(Table::Aliases, "t1/", Some("t1/b"), 10).unwrap()), ["t1/c"]);
-        assert!(b.scan(Table::Keys, "", None, 10).unwrap().is_empty(), "tables are separate");
-        assert_eq!(b.last(Table::Aliases).unwrap().unwrap().key, "t2/a");
-        assert!(b.last(Table::Keys).unwrap().is_none());
-    }
-
-    #[test]
-    fn reopening_keeps_data_and_schema() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        SqliteBackend::open(&path).unwrap().apply(&[put(Table::Meta, "m", b"v", Expect::Any)]).unwrap();
-        let b = SqliteBackend::open(&path).unwrap();
-        assert_eq!(b.get(Table::Meta, "m").unwrap().unwrap().value, b"v");
-    }
-
-    #[test]
     fn deleted_bytes_leave_the_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
