@@ -35,6 +35,9 @@ pub struct Bootstrap {
     pub server_names: Vec<String>,
     /// Endpoint written into the administrator's profile.
     pub endpoint: String,
+    /// PostgreSQL instead of `DIR/custody.db` (the data directory still holds TLS files and the
+    /// administrator's profile).
+    pub database: Option<custody_store::PostgresOptions>,
 }
 
 /// Seal choice at init.
@@ -71,9 +74,9 @@ impl Layout {
     pub fn admin_profile(&self) -> PathBuf {
         self.data_dir.join("admin/profile.toml")
     }
-    /// Whether a store exists here.
+    /// Whether a store exists here (a SQLite store, or the files `init` writes for any store).
     pub fn is_initialized(&self) -> bool {
-        self.database().exists()
+        self.database().exists() || self.ca_cert().exists()
     }
 }
 
@@ -82,7 +85,7 @@ pub fn init(b: Bootstrap) -> Result<(Layout, InitOutput), String> {
     let layout = Layout { data_dir: b.data_dir.clone() };
     if layout.is_initialized() {
         return Err(format!(
-            "{} is already initialized (custody.db exists); nothing was changed",
+            "{} is already initialized (custody.db or tls/ca.crt exists); nothing was changed",
             b.data_dir.display()
         ));
     }
@@ -104,7 +107,10 @@ pub fn init(b: Bootstrap) -> Result<(Layout, InitOutput), String> {
             InitSeal::KeyFile { root, path: Some(abs.display().to_string()) }
         }
     };
-    let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&layout.database()).map_err(|e| e.to_string())?);
+    let backend: Arc<dyn Backend> = match &b.database {
+        Some(pg) => Arc::new(custody_store::PostgresBackend::connect(pg).map_err(|e| format!("PostgreSQL: {e}"))?),
+        None => Arc::new(SqliteBackend::open(&layout.database()).map_err(|e| e.to_string())?),
+    };
     let out = Kms::init(
         &backend,
         InitOptions {

@@ -50,6 +50,13 @@ pub struct InitArgs {
     /// Endpoint to write into the administrator's profile.
     #[arg(long = "profile-endpoint", default_value = "https://localhost:8443")]
     pub profile_endpoint: String,
+    /// Keep the store in PostgreSQL instead of DIR/custody.db (the server then needs the same
+    /// `database_url`).
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// PostgreSQL schema for the store.
+    #[arg(long, default_value = "custody")]
+    pub database_schema: String,
 }
 
 /// `custody server`
@@ -479,6 +486,11 @@ fn init(a: InitArgs, json: bool) -> Result<()> {
         admin,
         server_names: a.server_names,
         endpoint: a.profile_endpoint,
+        database: a.database_url.clone().map(|url| custody_store::PostgresOptions {
+            url,
+            schema: a.database_schema.clone(),
+            allow_plaintext: std::env::var("CUSTODY_DANGER_ALLOW_PLAINTEXT_DATABASE").is_ok_and(|v| v == "true"),
+        }),
     })
     .map_err(|m| CliError::new(exit::FAILURE, m))?;
     let shares: Vec<Zeroizing<String>> = out.shares.iter().map(|s| s.to_text()).collect();

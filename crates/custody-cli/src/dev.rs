@@ -36,6 +36,7 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
             names.push(ip.to_string());
         }
         bootstrap::init(Bootstrap {
+            database: None,
             data_dir: a.data.clone(),
             admin_roles: custody_kms::Role::ALL.to_vec(),
             seal: SealChoice::KeyFile(key_file.clone()),

@@ -74,7 +74,9 @@ Examples:
 Examples:
   custody init --data /var/lib/custody                      3-of-5 shares, printed once
   custody init --data ./d --shares 5 --threshold 3 --shares-dir ./shares
-  custody init --data ./d --seal keyfile:./d/root.key       development only")]
+  custody init --data ./d --seal keyfile:./d/root.key       development only
+  custody init --data ./d --database-url postgres://custody@127.0.0.1/kms
+                                    (then run the server with CUSTODY_DATABASE_URL set the same)")]
     Init(commands::InitArgs),
     /// Run the server.
     #[command(after_help = "\

@@ -23,6 +23,7 @@ struct World {
 async fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
     let (layout, out) = custody_cli::bootstrap::init(custody_cli::bootstrap::Bootstrap {
+        database: None,
         data_dir: dir.path().join("data"),
         admin_roles: custody_kms::InitOptions::FIRST_ADMIN_ROLES.to_vec(),
         seal: custody_cli::bootstrap::SealChoice::KeyFile(dir.path().join("root.key")),

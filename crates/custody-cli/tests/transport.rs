@@ -142,6 +142,7 @@ async fn requests_without_a_certificate_are_unauthenticated_but_health_and_statu
 async fn a_sealed_server_answers_only_health_status_and_unseal() {
     let dir = tempfile::tempdir().unwrap();
     let (layout, init) = custody_cli::bootstrap::init(custody_cli::bootstrap::Bootstrap {
+        database: None,
         data_dir: dir.path().join("data"),
         admin_roles: custody_kms::Role::ALL.to_vec(),
         seal: custody_cli::bootstrap::SealChoice::Shamir { threshold: 2, shares: 3 },
@@ -200,6 +201,7 @@ async fn the_seal_setting_follows_the_store_and_contradictions_are_refused() {
     // A Shamir store refuses a key file.
     let dir2 = tempfile::tempdir().unwrap();
     let (layout2, _) = custody_cli::bootstrap::init(custody_cli::bootstrap::Bootstrap {
+        database: None,
         data_dir: dir2.path().join("d"),
         admin_roles: custody_kms::Role::ALL.to_vec(),
         seal: custody_cli::bootstrap::SealChoice::Shamir { threshold: 2, shares: 2 },

@@ -523,7 +523,18 @@ impl Kms {
         events: Vec<AuditEvent>,
         state_writes: Vec<Write>,
     ) -> Result<Vec<u64>, KmsError> {
-        for _ in 0..8 {
+        // Several nodes append to one trail: a node that loses the race for a sequence number
+        // learns the new end and tries again. Every loss means another node's group committed,
+        // so the trail always progresses; the time budget only bounds one request's wait.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut attempt = 0u32;
+        while std::time::Instant::now() < deadline {
+            attempt += 1;
+            if attempt > 1 {
+                // Desynchronize nodes that keep colliding.
+                let jitter = u64::from(custody_crypto::random::array::<1>()[0]) * u64::from(attempt.min(20));
+                std::thread::sleep(std::time::Duration::from_micros(jitter));
+            }
             let (first, mut prev) = match *state {
                 Some(s) => s,
                 None => self.trail_end(u)?,

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use custody_kms::{Kms, KmsConfig};
-use custody_store::{Backend, SqliteBackend};
+use custody_store::Backend;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
@@ -76,16 +76,7 @@ pub struct Server {
 impl Server {
     /// Opens the store, unseals with the key file if so configured, and starts serving.
     pub async fn start(config: ServerConfig) -> Result<Self, StartError> {
-        let db = config.database_path();
-        if !db.exists() {
-            return Err(StartError::Store(format!(
-                "{} is not initialized: run `custody init --data {}` first",
-                config.data_dir.display(),
-                config.data_dir.display()
-            )));
-        }
-        let backend: Arc<dyn Backend> =
-            Arc::new(SqliteBackend::open(&db).map_err(|e| StartError::Store(e.to_string()))?);
+        let backend: Arc<dyn Backend> = config.open_backend().map_err(StartError::Store)?;
         let day_ms = i64::try_from(config.danger_day_length_ms).unwrap_or(custody_kms::DAY_MS);
         if day_ms != custody_kms::DAY_MS {
             tracing::warn!(

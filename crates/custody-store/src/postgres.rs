@@ -36,7 +36,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// Arbitrary constant for the migration advisory lock ("custody" in ASCII).
-const MIGRATION_LOCK: i64 = 0x6375_7374_6f64_79;
+const MIGRATION_LOCK: i64 = 0x0063_7573_746f_6479;
 
 /// How to reach the database.
 #[derive(Clone)]
@@ -113,10 +113,8 @@ impl PostgresBackend {
                 opts.schema
             )));
         }
-        let config: tokio_postgres::Config = opts
-            .url
-            .parse()
-            .map_err(|e| StoreError::Database(format!("the database URL is not valid: {e}")))?;
+        let config: tokio_postgres::Config =
+            opts.url.parse().map_err(|e| StoreError::Database(format!("the database URL is not valid: {e}")))?;
         if !config.get_hosts().iter().all(is_loopback) && !opts.allow_plaintext {
             return Err(StoreError::Database(
                 "the database is not on this machine and custody cannot use TLS to PostgreSQL yet: \
@@ -145,9 +143,9 @@ impl PostgresBackend {
                 .map_err(db)?;
             Ok::<_, StoreError>(client)
         };
-        let (writer, reader) = rt.block_on(async {
+        let (writer, reader) = run_on(&rt, async move {
             let writer = connect(config.clone(), schema.clone()).await?;
-            let reader = connect(config, schema.clone()).await?;
+            let reader = connect(config, schema).await?;
             Ok::<_, StoreError>((writer, reader))
         })?;
         let backend = Self {
@@ -168,11 +166,7 @@ impl PostgresBackend {
         &self,
         f: impl Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.rt.as_ref().expect("the runtime lives as long as the backend").spawn(async move {
-            let _ = tx.send(f.await);
-        });
-        rx.recv().map_err(|_| StoreError::Database("the database task stopped".into()))?
+        run_on(self.rt.as_ref().expect("the runtime lives as long as the backend"), f)
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
@@ -210,6 +204,19 @@ impl PostgresBackend {
             writer.lock().await.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.map_err(db)
         })
     }
+}
+
+/// Runs `f` on `rt` and waits on a plain channel: callable from any thread, including a worker
+/// of another runtime (where `block_on` would panic).
+fn run_on<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    f: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(f.await);
+    });
+    rx.recv().map_err(|_| StoreError::Database("the database task stopped".into()))?
 }
 
 fn row(r: &tokio_postgres::Row, key: Option<String>) -> Row {
@@ -250,7 +257,10 @@ impl Backend for PostgresBackend {
         let reader = self.reader.clone();
         self.run(async move {
             let r = reader
-                .query_opt("SELECT key, rev, value FROM rows WHERE tbl = $1 ORDER BY key DESC LIMIT 1", &[&table.name()])
+                .query_opt(
+                    "SELECT key, rev, value FROM rows WHERE tbl = $1 ORDER BY key DESC LIMIT 1",
+                    &[&table.name()],
+                )
                 .await
                 .map_err(db)?;
             Ok(r.map(|r| row(&r, None)))

@@ -141,7 +141,10 @@ fn scans_are_ordered_prefixed_and_paginated(f: &dyn Fixture) {
     let writes: Vec<_> = names.iter().map(|k| put(Table::Aliases, k, b"v", Expect::Any)).collect();
     b.apply(&writes).unwrap();
     // Byte order (upper case before lower case; UTF-8 after ASCII), whatever the locale.
-    assert_eq!(keys(b.scan(Table::Aliases, "t1/", None, 10).unwrap()), ["t1/B", "t1/Z", "t1/a", "t1/b", "t1/c", "t1/é"]);
+    assert_eq!(
+        keys(b.scan(Table::Aliases, "t1/", None, 10).unwrap()),
+        ["t1/B", "t1/Z", "t1/a", "t1/b", "t1/c", "t1/é"]
+    );
     assert_eq!(keys(b.scan(Table::Aliases, "t1/", None, 2).unwrap()), ["t1/B", "t1/Z"]);
     assert_eq!(keys(b.scan(Table::Aliases, "t1/", Some("t1/b"), 10).unwrap()), ["t1/c", "t1/é"]);
     // `after` before the prefix starts at the prefix.
@@ -151,7 +154,8 @@ fn scans_are_ordered_prefixed_and_paginated(f: &dyn Fixture) {
     assert_eq!(b.last(Table::Aliases).unwrap().unwrap().key, "t2/a");
     assert!(b.last(Table::Keys).unwrap().is_none());
     // Zero-padded sequence numbers sort as numbers (the audit trail relies on it).
-    let seq: Vec<_> = [9u64, 10, 100, 2].iter().map(|n| put(Table::Audit, &format!("{n:020}"), b"r", Expect::Absent)).collect();
+    let seq: Vec<_> =
+        [9u64, 10, 100, 2].iter().map(|n| put(Table::Audit, &format!("{n:020}"), b"r", Expect::Absent)).collect();
     b.apply(&seq).unwrap();
     assert_eq!(b.last(Table::Audit).unwrap().unwrap().key, format!("{:020}", 100));
 }

@@ -26,6 +26,7 @@ pub fn keyfile_dir() -> (tempfile::TempDir, Layout) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (layout, _) = bootstrap::init(Bootstrap {
+        database: None,
         data_dir: data.clone(),
         admin_roles: custody_kms::Role::ALL.to_vec(),
         seal: SealChoice::KeyFile(dir.path().join("root.key")),
