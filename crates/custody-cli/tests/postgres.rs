@@ -87,3 +87,63 @@ async fn two_nodes_share_one_postgresql_store() {
     node_b.shutdown().await;
     custody_store::PostgresBackend::connect(&pg).unwrap().drop_schema().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_schedulers_never_rotate_twice() {
+    let url = std::env::var("CUSTODY_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.into());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let schema = format!("custody_e2e_{nanos:x}");
+    let pg = custody_store::PostgresOptions { url: url.clone(), schema: schema.clone(), allow_plaintext: false };
+    let dir = tempfile::tempdir().unwrap();
+    let (layout, _) = custody_cli::bootstrap::init(custody_cli::bootstrap::Bootstrap {
+        database: Some(pg.clone()),
+        data_dir: dir.path().join("data"),
+        admin_roles: custody_kms::Role::ALL.to_vec(),
+        seal: custody_cli::bootstrap::SealChoice::KeyFile(dir.path().join("root.key")),
+        tenant: None,
+        admin: custody_kms::PrincipalName::parse("admin").unwrap(),
+        server_names: vec!["localhost".into(), "127.0.0.1".into()],
+        endpoint: "https://127.0.0.1:1".into(),
+    })
+    .unwrap();
+    // A "day" of 11 ms: the shortest rotation period (90 days) is about one second. Both nodes'
+    // schedulers look for due work every 50 ms.
+    let node = |c: &mut custody_server::ServerConfig| {
+        c.database_url = Some(url.clone());
+        c.database_schema = schema.clone();
+        c.danger_day_length_ms = 11;
+        c.scheduler_interval_ms = 50;
+    };
+    let (node_a, profile) = common::start(dir.path(), &layout, node).await;
+    let (node_b, _) = common::start(dir.path(), &layout, node).await;
+    let mut a = Client::connect(&profile).await.unwrap();
+    let key = a.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let started = std::time::Instant::now();
+    a.call("TrentService.EnableKeyRotation", json!({ "KeyId": key, "RotationPeriodInDays": 90 })).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    a.call("TrentService.DisableKeyRotation", json!({ "KeyId": key })).await.unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    let rotations = a.call("TrentService.ListKeyRotations", json!({ "KeyId": key })).await.unwrap();
+    let dates: Vec<f64> =
+        rotations["Rotations"].as_array().unwrap().iter().map(|r| r["RotationDate"].as_f64().unwrap()).collect();
+    let period = 90.0 * 0.011;
+    let expected = (elapsed / period).floor() as usize;
+    assert!(
+        (expected.saturating_sub(1)..=expected).contains(&dates.len()),
+        "{} rotations in {elapsed:.2} s with a {period:.2} s period (expected {expected}): {dates:?}",
+        dates.len()
+    );
+    for w in dates.windows(2) {
+        assert!(w[1] - w[0] >= period * 0.9, "two rotations {:.3} s apart: {dates:?}", w[1] - w[0]);
+    }
+    // Every version exists once and encrypts (the newest is primary).
+    let blob = a.call("TrentService.Encrypt", json!({ "KeyId": key, "Plaintext": "eA==" })).await.unwrap();
+    a.call("TrentService.Decrypt", json!({ "CiphertextBlob": blob["CiphertextBlob"] })).await.unwrap();
+    drop(a);
+    node_a.shutdown().await;
+    node_b.shutdown().await;
+    custody_store::PostgresBackend::connect(&pg).unwrap().drop_schema().unwrap();
+}
