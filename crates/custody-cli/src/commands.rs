@@ -454,6 +454,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Tenant(cmd) => crate::access::tenant(&cli.conn, cmd, json).await,
         Command::Principal(cmd) => crate::access::principal(&cli.conn, cmd, json).await,
         Command::Access(cmd) => crate::access::access(&cli.conn, cmd, json).await,
+        Command::Check => check(&cli.conn, json).await,
     }
 }
 
@@ -1181,6 +1182,29 @@ async fn data_key(conn: &ConnArgs, a: DataKeyArgs, json: bool) -> Result<()> {
         println!("ciphertext: {}", r["CiphertextBlob"].as_str().unwrap_or(""));
     });
     Ok(())
+}
+
+async fn check(conn: &ConnArgs, json: bool) -> Result<()> {
+    let mut c = connect(conn).await?;
+    let r = c.call("Custody.CheckStore", json!({})).await?;
+    let problems: Vec<&str> = r["Problems"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    output(json, &r, || {
+        println!(
+            "{} rows opened, {} keys, {} versions unwrapped, {} audit records verified.",
+            r["Rows"], r["Keys"], r["Versions"], r["AuditRecords"]
+        );
+        if problems.is_empty() {
+            println!("The store is sound.");
+        }
+        for p in &problems {
+            println!("PROBLEM: {p}");
+        }
+    });
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::new(exit::FAILURE, format!("{} problem(s) found in the store", problems.len())))
+    }
 }
 
 pub(crate) async fn simple(c: &mut Client, json: bool, target: &str, body: Value, done: &str) -> Result<()> {

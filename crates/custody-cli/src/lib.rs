@@ -136,6 +136,10 @@ Examples:
     /// Principals of your tenant (tenant admin).
     #[command(subcommand)]
     Principal(access::PrincipalCommand),
+    /// Check the store's integrity: every row opens, every key version unwraps, aliases point at
+    /// live keys, the audit trail verifies. Exits 1 if anything is wrong.
+    #[command(after_help = "Examples:\n  custody check\n  custody check --json")]
+    Check,
     /// Who can do what: `who-can` and `explain` (auditor or key admin).
     #[command(subcommand)]
     Access(access::AccessCommand),

@@ -214,3 +214,39 @@ async fn the_scheduler_destroys_material_and_keeps_a_tombstone() {
         .unwrap();
     assert_eq!(versions, 0, "destroyed material rows are gone");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_finds_what_was_changed_outside_custody() {
+    let (dir, layout) = common::keyfile_dir();
+    let (_server, profile) = common::start(dir.path(), &layout, |_| {}).await;
+    let path = dir.path().join("data/admin/profile.toml");
+    let mut c = common::admin_client(&profile).await;
+    let a = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.call("TrentService.RotateKeyOnDemand", json!({ "KeyId": a })).await.unwrap();
+    c.call("TrentService.CreateAlias", json!({ "AliasName": "alias/a", "TargetKeyId": a })).await.unwrap();
+    let run = || common::custody().arg("--profile").arg(&path).args(["--json", "check"]).output().unwrap();
+    let clean = run();
+    assert!(clean.status.success(), "{}", String::from_utf8_lossy(&clean.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&clean.stdout).unwrap();
+    assert_eq!((report["Keys"].as_u64(), report["Versions"].as_u64()), (Some(1), Some(2)), "{report}");
+    assert!(report["Problems"].as_array().unwrap().is_empty());
+
+    // Version 1's row replaced by version 2's, and the key row deleted behind the alias.
+    let conn = rusqlite::Connection::open(layout.database()).unwrap();
+    conn.execute(
+        "UPDATE rows SET value = (SELECT value FROM rows WHERE tbl='versions' AND key=?1) WHERE tbl='versions' AND key=?2",
+        [format!("{a}/{:010}", 2), format!("{a}/{:010}", 1)],
+    )
+    .unwrap();
+    let broken = run();
+    assert_eq!(broken.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&broken.stdout).unwrap();
+    let problems = report["Problems"].to_string();
+    assert!(problems.contains(&format!("versions/{a}/{:010}", 1)), "{problems}");
+    conn.execute("DELETE FROM rows WHERE tbl='keys' AND key=?1", [&a]).unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&run().stdout).unwrap();
+    assert!(report["Problems"].to_string().contains("alias"), "{report}");
+}

@@ -222,6 +222,7 @@ fn every_command_has_help_with_an_example() {
         &["principal", "cert", "issue"],
         &["access", "who-can"],
         &["access", "explain"],
+        &["check"],
     ];
     for c in commands {
         let out = custody().args(*c).arg("--help").output().unwrap();

@@ -207,6 +207,8 @@ actions! {
     IssueCertificate,
     /// Who can / explain (custody)
     ExplainAccess,
+    /// Check the store's integrity (custody)
+    CheckStore,
 }
 
 /// Implemented by the marker type of each action.
@@ -260,6 +262,7 @@ pub fn roles_for(action: Action) -> &'static [Role] {
         }
         ReadAudit => &[Auditor],
         ExplainAccess => &[Auditor, KeyAdmin],
+        CheckStore => &[SecurityOfficer, Auditor],
         CreateTenant | ListTenants => &[SecurityOfficer],
         CreatePrincipal | UpdatePrincipal | DeletePrincipal | IssueCertificate => &[TenantAdmin],
         ListPrincipals | DescribePrincipal => &[TenantAdmin, Auditor],

@@ -11,6 +11,7 @@ mod access;
 mod access_keys;
 pub mod audit;
 pub mod authz;
+mod check;
 pub mod error;
 mod grants;
 pub mod ids;
@@ -33,6 +34,7 @@ pub use audit::{
     Outcome,
 };
 pub use authz::{Action, Caller};
+pub use check::CheckReport;
 pub use error::KmsError;
 pub use grants::{CreateGrantRequest, GRANT_OPERATIONS};
 pub use ids::{AliasName, KeyId, KeyRef, PrincipalName, TenantId};

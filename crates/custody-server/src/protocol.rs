@@ -354,6 +354,10 @@ fn custody_action(
             Ok(json!({ "PublicKey": public_key, "Records": records, "Checkpoints": checkpoints }))
         }
         "GetAuditPublicKey" => Ok(json!({ "PublicKey": kms.audit_public_key()? })),
+        "CheckStore" => {
+            let caller = authenticate(kms, identity, req, auth)?;
+            Ok(serde_json::to_value(kms.check_store(&caller)?).expect("serializable"))
+        }
         "AuditHash" => {
             let caller = authenticate(kms, identity, req, auth)?;
             Ok(json!({ "Hash": kms.audit_hash(&caller, f.required_str("Value")?)? }))
