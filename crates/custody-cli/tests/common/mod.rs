@@ -94,18 +94,23 @@ impl Running {
     }
 }
 
-/// Runs `custody server` and waits for its "listening" line on stderr.
+/// Starts `custody server` as `custody dev` configures it (separation of duties `warn`, new keys
+/// usable by the tenant's key users; see [`all_roles`]) and waits for its "listening" line.
+pub fn spawn_server(data: &Path) -> Running {
+    spawn_server_with(data, &[])
+}
+
+/// [`spawn_server`] with more environment variables (`CUSTODY_DATABASE_URL`, ...).
 // The child is moved into `Running`, whose Drop kills and waits for it.
 #[allow(clippy::zombie_processes)]
-/// Starts `custody server` as `custody dev` configures it (separation of duties `warn`, new keys
-/// usable by the tenant's key users); see [`all_roles`].
-pub fn spawn_server(data: &Path) -> Running {
+pub fn spawn_server_with(data: &Path, env: &[(&str, &str)]) -> Running {
     let mut child = custody()
         .args(["server", "--data"])
         .arg(data)
         .args(["--listen", "127.0.0.1:0"])
         .env("CUSTODY_SEPARATION_OF_DUTIES", "warn")
         .env("CUSTODY_DEFAULT_KEY_POLICY", "tenant")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
