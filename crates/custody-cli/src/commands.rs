@@ -57,6 +57,9 @@ pub struct InitArgs {
     /// PostgreSQL schema for the store.
     #[arg(long, default_value = "custody")]
     pub database_schema: String,
+    /// CA certificate (PEM) of the PostgreSQL server, for TLS (required for a remote database).
+    #[arg(long, value_name = "FILE", env = "CUSTODY_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
 }
 
 /// `custody server`
@@ -491,6 +494,7 @@ fn init(a: InitArgs, json: bool) -> Result<()> {
             url,
             schema: a.database_schema.clone(),
             allow_plaintext: std::env::var("CUSTODY_DANGER_ALLOW_PLAINTEXT_DATABASE").is_ok_and(|v| v == "true"),
+            ca_file: a.database_ca_file.clone(),
         }),
     })
     .map_err(|m| CliError::new(exit::FAILURE, m))?;

@@ -142,7 +142,12 @@ fn postgresql_survives_sigkill() {
         std::env::var("CUSTODY_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let schema = format!("custody_e2e_{nanos:x}");
-    let pg = custody_store::PostgresOptions { url: url.clone(), schema: schema.clone(), allow_plaintext: false };
+    let pg = custody_store::PostgresOptions {
+        url: url.clone(),
+        schema: schema.clone(),
+        allow_plaintext: false,
+        ca_file: None,
+    };
     let dir = tempfile::tempdir().unwrap();
     let data = init(dir.path(), Some(pg.clone()));
     crash_and_recover(&data, &[("CUSTODY_DATABASE_URL", &url), ("CUSTODY_DATABASE_SCHEMA", &schema)]);

@@ -17,7 +17,12 @@ async fn two_nodes_share_one_postgresql_store() {
     let url = std::env::var("CUSTODY_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.into());
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let schema = format!("custody_e2e_{nanos:x}");
-    let pg = custody_store::PostgresOptions { url: url.clone(), schema: schema.clone(), allow_plaintext: false };
+    let pg = custody_store::PostgresOptions {
+        url: url.clone(),
+        schema: schema.clone(),
+        allow_plaintext: false,
+        ca_file: None,
+    };
     let dir = tempfile::tempdir().unwrap();
     let (layout, _) = custody_cli::bootstrap::init(custody_cli::bootstrap::Bootstrap {
         database: Some(pg.clone()),
@@ -93,7 +98,12 @@ async fn two_schedulers_never_rotate_twice() {
     let url = std::env::var("CUSTODY_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.into());
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let schema = format!("custody_e2e_{nanos:x}");
-    let pg = custody_store::PostgresOptions { url: url.clone(), schema: schema.clone(), allow_plaintext: false };
+    let pg = custody_store::PostgresOptions {
+        url: url.clone(),
+        schema: schema.clone(),
+        allow_plaintext: false,
+        ca_file: None,
+    };
     let dir = tempfile::tempdir().unwrap();
     let (layout, _) = custody_cli::bootstrap::init(custody_cli::bootstrap::Bootstrap {
         database: Some(pg.clone()),

@@ -39,7 +39,8 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "data_dir", env: "CUSTODY_DATA_DIR", kind: Kind::Text, default: "./custody-data", doc: "Directory with the store (custody.db) and the TLS files written by `custody init`." },
     Setting { name: "database_url", env: "CUSTODY_DATABASE_URL", kind: Kind::Text, default: "<none: SQLite in data_dir>", doc: "PostgreSQL connection string (`postgres://user@host:5432/db` or libpq key=value). Unset: the embedded SQLite store `<data_dir>/custody.db`. Several custody servers may share one database." },
     Setting { name: "database_schema", env: "CUSTODY_DATABASE_SCHEMA", kind: Kind::Text, default: "custody", doc: "PostgreSQL schema custody's table lives in (created if absent); one custody store per schema." },
-    Setting { name: "danger_allow_plaintext_database", env: "CUSTODY_DANGER_ALLOW_PLAINTEXT_DATABASE", kind: Kind::Bool, default: "false", doc: "DANGER: allow a plaintext connection to a PostgreSQL server that is not on this machine (custody does not speak TLS to PostgreSQL yet, so without this a remote database is refused). Sealed rows stay sealed, but row keys, revisions and the database password cross the network in the clear." },
+    Setting { name: "database_ca_file", env: "CUSTODY_DATABASE_CA_FILE", kind: Kind::Text, default: "<none>", doc: "CA certificate(s), PEM, that sign the PostgreSQL server's certificate. Required when the database is not on this machine (custody then connects with TLS 1.3 and verifies the certificate and host name) or when the URL says `sslmode=require`." },
+    Setting { name: "danger_allow_plaintext_database", env: "CUSTODY_DANGER_ALLOW_PLAINTEXT_DATABASE", kind: Kind::Bool, default: "false", doc: "DANGER: connect to a PostgreSQL server that is not on this machine without TLS. Sealed rows stay sealed, but row keys, revisions and the database password cross the network in the clear." },
     Setting { name: "listen", env: "CUSTODY_LISTEN", kind: Kind::Text, default: "127.0.0.1:8443", doc: "Address and port to listen on (port 0 picks a free port)." },
     Setting { name: "region", env: "CUSTODY_REGION", kind: Kind::Text, default: "us-east-1", doc: "Region named in key and alias ARNs." },
     Setting { name: "seal", env: "CUSTODY_SEAL", kind: Kind::Text, default: "as initialized", doc: "How the store is unsealed; by default as `custody init` set it up. `shamir`: start sealed, unseal with shares. `keyfile:PATH`: development only, unseal at start with the root key in PATH (overrides the path recorded at init). A setting that contradicts the store is refused at start." },
@@ -87,6 +88,9 @@ pub struct ServerConfig {
     /// See [`SETTINGS`].
     #[serde(default = "defaults::database_schema")]
     pub database_schema: String,
+    /// See [`SETTINGS`].
+    #[serde(default)]
+    pub database_ca_file: Option<PathBuf>,
     /// See [`SETTINGS`].
     #[serde(default)]
     pub danger_allow_plaintext_database: bool,
@@ -338,6 +342,7 @@ impl ServerConfig {
             url: url.clone(),
             schema: self.database_schema.clone(),
             allow_plaintext: self.danger_allow_plaintext_database,
+            ca_file: self.database_ca_file.clone(),
         })
     }
 
@@ -345,9 +350,6 @@ impl ServerConfig {
     /// `data_dir` (which must have been initialized).
     pub fn open_backend(&self) -> Result<std::sync::Arc<dyn custody_store::Backend>, String> {
         if let Some(pg) = self.postgres() {
-            if self.danger_allow_plaintext_database {
-                tracing::warn!("danger_allow_plaintext_database is set: a remote database is reached without TLS");
-            }
             let b = custody_store::PostgresBackend::connect(&pg).map_err(|e| format!("PostgreSQL: {e}"))?;
             return Ok(std::sync::Arc::new(b));
         }
@@ -411,6 +413,7 @@ mod tests {
                 "database_url" => c.database_url.clone().unwrap_or_else(|| "<none: SQLite in data_dir>".into()),
                 "database_schema" => c.database_schema.clone(),
                 "danger_allow_plaintext_database" => c.danger_allow_plaintext_database.to_string(),
+                "database_ca_file" => c.database_ca_file.as_ref().map_or("<none>".into(), |p| p.display().to_string()),
                 "default_key_policy" => c.default_key_policy.clone(),
                 other => panic!("setting {other} has no default check"),
             };

@@ -12,8 +12,11 @@
 //!   before checking its revision, so concurrent writers (several nodes) serialize per row.
 //! - Migrations take a transaction-scoped advisory lock, so nodes starting together apply each
 //!   migration once.
-//! - A connection to a host that is not loopback is refused (TLS to the database is not built
-//!   yet) unless `allow_plaintext` is set (`danger_allow_plaintext_database`).
+//! - A connection to a host that is not loopback (nor a Unix socket) uses TLS 1.3 with the
+//!   server's certificate verified against `ca_file` and its host name checked (rustls with
+//!   aws-lc-rs, through tokio-postgres-rustls); plaintext there is refused unless
+//!   `allow_plaintext` is set (`danger_allow_plaintext_database`). On loopback, `sslmode=require`
+//!   in the URL asks for the same verified TLS.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -47,6 +50,8 @@ pub struct PostgresOptions {
     pub schema: String,
     /// Allow a plaintext connection to a host that is not loopback.
     pub allow_plaintext: bool,
+    /// CA certificates (PEM) that sign the database server's certificate; needed for TLS.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for PostgresOptions {
@@ -82,8 +87,37 @@ impl Drop for PostgresBackend {
 fn db(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
         Some(d) => StoreError::Database(format!("{} ({})", d.message(), d.code().code())),
-        None => StoreError::Database(e.to_string()),
+        None => {
+            // The cause is usually in the chain ("invalid peer certificate: UnknownIssuer").
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                message = format!("{message}: {s}");
+                source = s.source();
+            }
+            StoreError::Database(message)
+        }
     }
+}
+
+/// TLS 1.3 only, server certificate verified against `ca_file` (rustls with aws-lc-rs).
+fn tls_config(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, StoreError> {
+    use rustls::pki_types::pem::PemObject;
+    let bad = |why: String| StoreError::Database(format!("database_ca_file {}: {why}", ca_file.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(ca_file).map_err(|e| bad(e.to_string()))?;
+    for cert in certs {
+        roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate in it".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| StoreError::Database(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 fn is_loopback(host: &tokio_postgres::config::Host) -> bool {
@@ -115,14 +149,26 @@ impl PostgresBackend {
         }
         let config: tokio_postgres::Config =
             opts.url.parse().map_err(|e| StoreError::Database(format!("the database URL is not valid: {e}")))?;
-        if !config.get_hosts().iter().all(is_loopback) && !opts.allow_plaintext {
-            return Err(StoreError::Database(
-                "the database is not on this machine and custody cannot use TLS to PostgreSQL yet: \
-                 refusing to send keys in plaintext (set danger_allow_plaintext_database = true only \
-                 on a network you trust)"
-                    .into(),
-            ));
-        }
+        let mut config = config;
+        let remote = !config.get_hosts().iter().all(is_loopback);
+        let asked = config.get_ssl_mode() == tokio_postgres::config::SslMode::Require;
+        let tls = if (remote && !opts.allow_plaintext) || asked {
+            let Some(ca) = &opts.ca_file else {
+                return Err(StoreError::Database(
+                    "the database connection needs TLS (the database is not on this machine, or the URL says \
+                     sslmode=require): set database_ca_file to the CA certificate that signed the database \
+                     server's certificate (or, on a network you trust, danger_allow_plaintext_database = true)"
+                        .into(),
+                ));
+            };
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            Some(tls_config(ca)?)
+        } else {
+            if remote {
+                tracing::warn!("danger_allow_plaintext_database: connecting to a remote database without TLS");
+            }
+            None
+        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("custody-postgres")
@@ -130,18 +176,36 @@ impl PostgresBackend {
             .build()
             .map_err(|e| StoreError::Database(format!("cannot start the database runtime: {e}")))?;
         let schema = opts.schema.clone();
-        let connect = |config: tokio_postgres::Config, schema: String| async move {
-            let (client, connection) = config.connect(NoTls).await.map_err(db)?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::error!(error = %e, "PostgreSQL connection ended");
-                }
-            });
-            client
-                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema};"))
-                .await
-                .map_err(db)?;
-            Ok::<_, StoreError>(client)
+        let connect = move |config: tokio_postgres::Config, schema: String| {
+            let tls = tls.clone();
+            async move {
+                let client = match tls {
+                    Some(tls) => {
+                        let (client, connection) =
+                            config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls)).await.map_err(db)?;
+                        tokio::spawn(async move {
+                            if let Err(e) = connection.await {
+                                tracing::error!(error = %e, "PostgreSQL connection ended");
+                            }
+                        });
+                        client
+                    }
+                    None => {
+                        let (client, connection) = config.connect(NoTls).await.map_err(db)?;
+                        tokio::spawn(async move {
+                            if let Err(e) = connection.await {
+                                tracing::error!(error = %e, "PostgreSQL connection ended");
+                            }
+                        });
+                        client
+                    }
+                };
+                client
+                    .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema};"))
+                    .await
+                    .map_err(db)?;
+                Ok::<_, StoreError>(client)
+            }
         };
         let (writer, reader) = run_on(&rt, async move {
             let writer = connect(config.clone(), schema.clone()).await?;

@@ -47,7 +47,7 @@ impl Postgres {
     fn new() -> Self {
         let url = std::env::var("CUSTODY_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.into());
         let schema = format!("custody_test_{}", uuid_like());
-        let opts = PostgresOptions { url: url.clone(), schema, allow_plaintext: false };
+        let opts = PostgresOptions { url: url.clone(), schema, allow_plaintext: false, ca_file: None };
         let first = PostgresBackend::connect(&opts).unwrap_or_else(|e| {
             panic!(
                 "PostgreSQL is not reachable at {url}: {e}\n\
@@ -247,10 +247,80 @@ fn a_remote_database_without_tls_is_refused() {
         url: "postgres://custody@db.example.internal:5432/custody".into(),
         schema: "custody".into(),
         allow_plaintext: false,
+        ca_file: None,
     };
     let e = PostgresBackend::connect(&opts).unwrap_err().to_string();
-    assert!(e.contains("danger_allow_plaintext_database"), "{e}");
+    assert!(e.contains("database_ca_file") && e.contains("danger_allow_plaintext_database"), "{e}");
     // A bad schema name never reaches SQL.
-    let bad = PostgresOptions { url: DEFAULT_URL.into(), schema: "x; DROP TABLE y".into(), allow_plaintext: false };
+    let bad = PostgresOptions {
+        url: DEFAULT_URL.into(),
+        schema: "x; DROP TABLE y".into(),
+        allow_plaintext: false,
+        ca_file: None,
+    };
     assert!(PostgresBackend::connect(&bad).unwrap_err().to_string().contains("invalid schema name"));
+}
+
+/// The test server's own certificate file and whether it has TLS on (asked over a plain
+/// loopback connection).
+fn server_tls() -> (bool, String) {
+    let url = std::env::var("CUSTODY_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.into());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let ssl: String = client.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+        let cert: String = client.query_one("SHOW ssl_cert_file", &[]).await.unwrap().get(0);
+        (ssl == "on", cert)
+    })
+}
+
+#[test]
+fn tls_to_postgresql_is_verified() {
+    let (on, cert) = server_tls();
+    assert!(
+        on,
+        "the test PostgreSQL has ssl = off: turn it on (Debian's default configuration has it, with the snakeoil \
+         certificate for localhost) so the TLS path is tested"
+    );
+    let schema = format!("custody_test_{}", uuid_like());
+    let url = "postgres://postgres@localhost:5432/test?sslmode=require&application_name=custody_tls_test".to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::copy(&cert, &ca).unwrap_or_else(|e| panic!("cannot read the server certificate {cert}: {e}"));
+
+    // Verified against the right CA: TLS 1.3, and it works.
+    let opts =
+        PostgresOptions { url: url.clone(), schema: schema.clone(), allow_plaintext: false, ca_file: Some(ca.clone()) };
+    let b = PostgresBackend::connect(&opts).unwrap();
+    b.apply(&[put(Table::Meta, "tls", b"yes", Expect::Any)]).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let tls13: i64 = rt.block_on(async {
+        let plain = std::env::var("CUSTODY_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.into());
+        let (client, conn) = tokio_postgres::connect(&plain, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
+                 WHERE application_name = 'custody_tls_test' AND ssl AND version = 'TLSv1.3'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    });
+    assert!(tls13 >= 2, "custody's connections are TLS 1.3: {tls13}");
+    b.drop_schema().unwrap();
+
+    // Another CA: the handshake fails, nothing is sent.
+    let other = dir.path().join("other.pem");
+    let now = time::OffsetDateTime::now_utc();
+    let foreign = custody_crypto::pki::new_ca("not the database's CA", now, time::Duration::days(1)).unwrap();
+    std::fs::write(&other, foreign.cert_pem).unwrap();
+    let e =
+        PostgresBackend::connect(&PostgresOptions { ca_file: Some(other), ..opts.clone() }).unwrap_err().to_string();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    // sslmode=require without a CA file: refused with what to set.
+    let e = PostgresBackend::connect(&PostgresOptions { ca_file: None, ..opts }).unwrap_err().to_string();
+    assert!(e.contains("database_ca_file"), "{e}");
 }
