@@ -31,10 +31,11 @@ fn random_below(n: u64) -> u64 {
     u64::from_le_bytes(custody_crypto::random::array::<8>()) % n
 }
 
-/// Runs the load until the server disappears; records only what the server confirmed.
-async fn load(profile: Profile, mut told: Told) -> Told {
+/// Runs the load until the server disappears (or `until`); records only what the server
+/// confirmed.
+async fn load(profile: Profile, mut told: Told, until: Option<Instant>) -> Told {
     let Ok(mut c) = Client::connect(&profile).await else { return told };
-    loop {
+    while until.is_none_or(|t| Instant::now() < t) {
         let r = match random_below(10) {
             0 => c.call("TrentService.CreateKey", json!({})).await.map(|v| {
                 told.keys.push(v["KeyMetadata"]["KeyId"].as_str().unwrap().to_string());
@@ -58,6 +59,7 @@ async fn load(profile: Profile, mut told: Told) -> Told {
             return told;
         }
     }
+    told
 }
 
 fn crash_and_recover(data: &Path, env: &[(&str, &str)]) {
@@ -74,7 +76,7 @@ fn crash_and_recover(data: &Path, env: &[(&str, &str)]) {
     for _ in 0..KILLS {
         let server = common::spawn_server_with(data, env);
         let profile = profile_for(data, &server.addr);
-        let task = rt.spawn(load(profile, std::mem::take(&mut told)));
+        let task = rt.spawn(load(profile, std::mem::take(&mut told), None));
         std::thread::sleep(Duration::from_millis(50 + random_below(250)));
         drop(server); // SIGKILL, mid-request
         told = rt.block_on(task).unwrap();
@@ -151,5 +153,65 @@ fn postgresql_survives_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let data = init(dir.path(), Some(pg.clone()));
     crash_and_recover(&data, &[("CUSTODY_DATABASE_URL", &url), ("CUSTODY_DATABASE_SCHEMA", &schema)]);
+    custody_store::PostgresBackend::connect(&pg).unwrap().drop_schema().unwrap();
+}
+
+#[test]
+fn one_of_two_nodes_dies_and_the_other_keeps_serving() {
+    let url =
+        std::env::var("CUSTODY_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let schema = format!("custody_e2e_{nanos:x}");
+    let pg = custody_store::PostgresOptions {
+        url: url.clone(),
+        schema: schema.clone(),
+        allow_plaintext: false,
+        ca_file: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = init(dir.path(), Some(pg.clone()));
+    let env = [("CUSTODY_DATABASE_URL", url.as_str()), ("CUSTODY_DATABASE_SCHEMA", schema.as_str())];
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let a = common::spawn_server_with(&data, &env);
+    let b = common::spawn_server_with(&data, &env);
+    let path = data.join("crash-profile.toml");
+    profile_for(&data, &a.addr).save(&path).unwrap();
+    common::all_roles(&path);
+
+    // Load through both nodes; A is killed in the middle of it, B goes on.
+    let through_a = rt.spawn(load(profile_for(&data, &a.addr), Told::default(), None));
+    let until = Instant::now() + Duration::from_millis(1500);
+    let through_b = rt.spawn(load(profile_for(&data, &b.addr), Told::default(), Some(until)));
+    std::thread::sleep(Duration::from_millis(500));
+    drop(a); // SIGKILL
+    let told_a = rt.block_on(through_a).unwrap();
+    let told_b = rt.block_on(through_b).unwrap();
+    assert!(Instant::now() >= until, "B kept serving until the end of the load");
+    assert!(
+        told_a.ciphertexts.len() >= 10 && told_b.ciphertexts.len() >= 30,
+        "{} / {}",
+        told_a.ciphertexts.len(),
+        told_b.ciphertexts.len()
+    );
+
+    // Everything either node confirmed is there, read through the survivor.
+    rt.block_on(async {
+        let mut c = Client::connect(&profile_for(&data, &b.addr)).await.unwrap();
+        for told in [&told_a, &told_b] {
+            for k in &told.keys {
+                c.call("TrentService.DescribeKey", json!({ "KeyId": k }))
+                    .await
+                    .unwrap_or_else(|e| panic!("key {k} lost: {e}"));
+            }
+            for (k, blob, pt) in &told.ciphertexts {
+                let r = c.call("TrentService.Decrypt", json!({ "CiphertextBlob": blob })).await;
+                let r = r.unwrap_or_else(|e| panic!("a ciphertext of {k} no longer decrypts: {e}"));
+                assert_eq!(r["Plaintext"].as_str(), Some(pt.as_str()));
+            }
+        }
+        let check = c.call("Custody.CheckStore", json!({})).await.unwrap();
+        assert!(check["Problems"].as_array().unwrap().is_empty(), "{check}");
+    });
+    drop(b);
     custody_store::PostgresBackend::connect(&pg).unwrap().drop_schema().unwrap();
 }
