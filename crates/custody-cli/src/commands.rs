@@ -1194,8 +1194,8 @@ async fn check(conn: &ConnArgs, json: bool) -> Result<()> {
     let problems: Vec<&str> = r["Problems"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
     output(json, &r, || {
         println!(
-            "{} rows opened, {} keys, {} versions unwrapped, {} audit records verified.",
-            r["Rows"], r["Keys"], r["Versions"], r["AuditRecords"]
+            "{} rows opened, {} keys, {} versions unwrapped ({} canaries decrypted), {} audit records verified.",
+            r["Rows"], r["Keys"], r["Versions"], r["Canaries"], r["AuditRecords"]
         );
         if problems.is_empty() {
             println!("The store is sound.");

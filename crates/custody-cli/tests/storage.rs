@@ -232,6 +232,7 @@ async fn check_finds_what_was_changed_outside_custody() {
     assert!(clean.status.success(), "{}", String::from_utf8_lossy(&clean.stderr));
     let report: serde_json::Value = serde_json::from_slice(&clean.stdout).unwrap();
     assert_eq!((report["Keys"].as_u64(), report["Versions"].as_u64()), (Some(1), Some(2)), "{report}");
+    assert_eq!(report["Canaries"].as_u64(), Some(2), "every version's canary decrypts: {report}");
     assert!(report["Problems"].as_array().unwrap().is_empty());
 
     // Version 1's row replaced by version 2's, and the key row deleted behind the alias.

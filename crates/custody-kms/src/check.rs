@@ -15,12 +15,15 @@ use crate::Kms;
 #[derive(Debug, Clone, Serialize, Default)]
 #[serde(rename_all = "PascalCase")]
 pub struct CheckReport {
+    // (Fields in the order `custody check` prints them.)
     /// Sealed rows opened, all tables.
     pub rows: u64,
     /// Keys checked.
     pub keys: u64,
     /// Key versions unwrapped.
     pub versions: u64,
+    /// Of those, versions whose canary decrypted (versions made before canaries have none).
+    pub canaries: u64,
     /// Audit records verified.
     pub audit_records: u64,
     /// Every problem, one sentence each (empty: the store is sound).
@@ -70,7 +73,14 @@ impl Kms {
                 };
                 match row {
                     Ok(Some(row)) => match u.root.unwrap_key_material(&row.value.wrapped, &aad) {
-                        Ok(_) => r.versions += 1,
+                        Ok(material) => {
+                            r.versions += 1;
+                            match canary_problem(&material, key, v, row.value.canary.as_deref()) {
+                                Some(problem) => r.problems.push(problem),
+                                None if row.value.canary.is_some() => r.canaries += 1,
+                                None => {}
+                            }
+                        }
                         Err(_) => {
                             r.problems.push(format!("key {} version {v} does not unwrap under the root key", key.id))
                         }
@@ -115,5 +125,65 @@ impl Kms {
             r.problems.push(format!("audit trail: record {}: {}", p.seq, p.what));
         }
         Ok(r)
+    }
+}
+
+/// Whether a version's canary (if it has one: versions created before canaries do not) decrypts
+/// to what it should under the version's material.
+fn canary_problem(
+    material: &custody_crypto::KeyMaterial,
+    key: &KeyRecord,
+    version: u32,
+    canary: Option<&str>,
+) -> Option<String> {
+    use base64::Engine;
+    let canary = canary?;
+    let Ok(blob) = base64::engine::general_purpose::STANDARD.decode(canary) else {
+        return Some(format!("key {} version {version}: its canary is not base64", key.id));
+    };
+    match custody_crypto::blob::decrypt(material, &blob, &crate::model::canary_context()) {
+        Ok(pt) if pt.expose_secret() == crate::model::canary_plaintext(key.id, version).as_slice() => None,
+        _ => Some(format!("key {} version {version}: its canary does not decrypt", key.id)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{KeySpec, RotationSettings};
+
+    #[test]
+    fn a_canary_decrypts_only_under_its_own_material() {
+        let key = KeyRecord {
+            id: crate::KeyId::random(),
+            tenant: crate::TenantId::random(),
+            description: String::new(),
+            tags: Default::default(),
+            created_at: 0,
+            state: KeyState::Enabled,
+            spec: KeySpec::SymmetricDefault,
+            primary_version: 1,
+            rotation: RotationSettings { enabled: false, period_days: 365, next_rotation: None },
+            rotations: vec![],
+            deletion_date: None,
+            pending_window_days: None,
+            destroyed_at: None,
+            policy: None,
+        };
+        let (right, wrong) = (custody_crypto::KeyMaterial::generate(32), custody_crypto::KeyMaterial::generate(32));
+        let blob = custody_crypto::blob::encrypt(
+            &right,
+            custody_crypto::blob::BlobHeader { key_id: key.id.to_bytes(), version: 1 },
+            &crate::model::canary_context(),
+            &crate::model::canary_plaintext(key.id, 1),
+        );
+        use base64::Engine;
+        let canary = base64::engine::general_purpose::STANDARD.encode(&blob);
+        assert_eq!(canary_problem(&right, &key, 1, Some(&canary)), None);
+        assert!(canary_problem(&wrong, &key, 1, Some(&canary)).unwrap().contains("does not decrypt"));
+        // Another version's canary under the right material: its plaintext names version 1.
+        assert!(canary_problem(&right, &key, 2, Some(&canary)).is_some());
+        assert!(canary_problem(&right, &key, 1, Some("%%")).unwrap().contains("base64"));
+        assert_eq!(canary_problem(&right, &key, 1, None), None, "versions from before canaries have none");
     }
 }

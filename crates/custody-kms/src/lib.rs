@@ -227,7 +227,19 @@ impl Kms {
     ) -> Write {
         let material = KeyMaterial::generate(key.spec.material_len());
         let aad = WrapAad { tenant: key.tenant.as_str(), key_id: &key.id.to_string(), version };
-        let record = VersionRecord { version, created_at: now, wrapped: u.root.wrap_key_material(&material, &aad) };
+        let canary = custody_crypto::blob::encrypt(
+            &material,
+            custody_crypto::blob::BlobHeader { key_id: key.id.to_bytes(), version },
+            &model::canary_context(),
+            &model::canary_plaintext(key.id, version),
+        );
+        use base64::Engine;
+        let record = VersionRecord {
+            version,
+            created_at: now,
+            wrapped: u.root.wrap_key_material(&material, &aad),
+            canary: Some(base64::engine::general_purpose::STANDARD.encode(canary)),
+        };
         u.barrier.put(Table::Versions, &version_row(key.id, version), &record, Expect::Absent)
     }
 

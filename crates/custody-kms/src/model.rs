@@ -197,6 +197,22 @@ pub struct VersionRecord {
     /// Material wrapped under the root key (AAD: tenant, key id, version).
     #[serde(with = "b64")]
     pub wrapped: Vec<u8>,
+    /// A ciphertext of [`canary_plaintext`] under this version, made when it was created, so a
+    /// check or a restored backup can prove the version still decrypts what it encrypted.
+    /// Base64; absent for versions created before canaries.
+    #[serde(default)]
+    pub canary: Option<String>,
+}
+
+/// What a version's canary decrypts to.
+pub fn canary_plaintext(id: KeyId, version: u32) -> Vec<u8> {
+    format!("custody canary {id}/{version}").into_bytes()
+}
+
+/// The encryption context of canaries (no request ever uses this key).
+pub fn canary_context() -> custody_crypto::EncryptionContext {
+    let pairs = [("custody:canary".to_string(), "v1".to_string())].into_iter().collect();
+    custody_crypto::EncryptionContext::new(pairs).expect("a one-pair context is valid")
 }
 
 /// Row key of a key version.
