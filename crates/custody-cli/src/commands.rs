@@ -458,6 +458,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Principal(cmd) => crate::access::principal(&cli.conn, cmd, json).await,
         Command::Access(cmd) => crate::access::access(&cli.conn, cmd, json).await,
         Command::Check => check(&cli.conn, json).await,
+        Command::Backup(cmd) => crate::backup::backup(&cli.conn, cmd, json).await,
     }
 }
 

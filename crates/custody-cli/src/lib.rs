@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod access;
+mod backup;
 pub mod bootstrap;
 mod commands;
 mod dev;
@@ -136,6 +137,9 @@ Examples:
     /// Principals of your tenant (tenant admin).
     #[command(subcommand)]
     Principal(access::PrincipalCommand),
+    /// Backups that are proven to restore (security officer).
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
     /// Check the store's integrity: every row opens, every key version unwraps, aliases point at
     /// live keys, the audit trail verifies. Exits 1 if anything is wrong.
     #[command(after_help = "Examples:\n  custody check\n  custody check --json")]

@@ -223,6 +223,9 @@ fn every_command_has_help_with_an_example() {
         &["access", "who-can"],
         &["access", "explain"],
         &["check"],
+        &["backup", "create"],
+        &["backup", "verify"],
+        &["backup", "restore"],
     ];
     for c in commands {
         let out = custody().args(*c).arg("--help").output().unwrap();

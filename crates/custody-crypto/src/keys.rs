@@ -21,6 +21,10 @@ const ROOT_CHECK_LABEL: &[u8] = b"custody/v1/root-check";
 const WRAPPED_KEY_LABEL: &[u8] = b"custody/v1/wrapped-key-version";
 /// Seal label of a storage-barrier row.
 const ROW_LABEL: &[u8] = b"custody/v1/row";
+/// Derivation label of the backup key.
+const BACKUP_KEY_LABEL: &[u8] = b"custody/v1/backup-key";
+/// Seal label of a backup's payload.
+const BACKUP_LABEL: &[u8] = b"custody/v1/backup";
 
 /// The root of trust: wraps every key version and every sealed row, held only in memory after
 /// unseal.
@@ -71,6 +75,22 @@ impl RootKey {
     pub fn unwrap_key_material(&self, wrapped: &[u8], aad: &WrapAad<'_>) -> Result<KeyMaterial, OpenError> {
         let kek = self.key_wrapping_key();
         seal::open(&kek.0, WRAPPED_KEY_LABEL, &aad.encode(), wrapped).map(KeyMaterial)
+    }
+
+    /// Seals a backup's payload under a key derived from the root key, so whoever can unseal
+    /// the store (Shamir shares or the key file) can open its backups, and nobody else. `header`
+    /// (the backup's readable header) is bound as AAD.
+    pub fn seal_backup(&self, header: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut key = Secret32([0u8; 32]);
+        self.derive(BACKUP_KEY_LABEL, &mut key.0);
+        seal::seal(&key.0, BACKUP_LABEL, header, payload)
+    }
+
+    /// Opens what [`RootKey::seal_backup`] made, with the same header.
+    pub fn open_backup(&self, header: &[u8], sealed: &[u8]) -> Result<SecretBytes, OpenError> {
+        let mut key = Secret32([0u8; 32]);
+        self.derive(BACKUP_KEY_LABEL, &mut key.0);
+        seal::open(&key.0, BACKUP_LABEL, header, sealed)
     }
 
     fn key_wrapping_key(&self) -> Secret32 {

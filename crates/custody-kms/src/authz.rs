@@ -209,6 +209,8 @@ actions! {
     ExplainAccess,
     /// Check the store's integrity (custody)
     CheckStore,
+    /// Create a backup, read the destruction ledger (custody)
+    CreateBackup,
 }
 
 /// Implemented by the marker type of each action.
@@ -263,6 +265,7 @@ pub fn roles_for(action: Action) -> &'static [Role] {
         ReadAudit => &[Auditor],
         ExplainAccess => &[Auditor, KeyAdmin],
         CheckStore => &[SecurityOfficer, Auditor],
+        CreateBackup => &[SecurityOfficer],
         CreateTenant | ListTenants => &[SecurityOfficer],
         CreatePrincipal | UpdatePrincipal | DeletePrincipal | IssueCertificate => &[TenantAdmin],
         ListPrincipals | DescribePrincipal => &[TenantAdmin, Auditor],

@@ -11,6 +11,7 @@ mod access;
 mod access_keys;
 pub mod audit;
 pub mod authz;
+mod backup;
 mod check;
 pub mod error;
 mod grants;
@@ -34,7 +35,8 @@ pub use audit::{
     Outcome,
 };
 pub use authz::{Action, Caller};
-pub use check::CheckReport;
+pub use backup::{Backup, BackupHeader, Destroyed};
+pub use check::{CheckReport, KeyCheck};
 pub use error::KmsError;
 pub use grants::{CreateGrantRequest, GRANT_OPERATIONS};
 pub use ids::{AliasName, KeyId, KeyRef, PrincipalName, TenantId};

@@ -274,7 +274,7 @@ impl Kms {
         Ok(cert)
     }
 
-    fn issue_for(
+    pub(crate) fn issue_for(
         &self,
         u: &crate::Unsealed,
         p: &PrincipalRecord,

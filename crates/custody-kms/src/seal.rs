@@ -236,6 +236,41 @@ impl Kms {
         Ok(kms)
     }
 
+    /// The store's id.
+    pub fn store_id(&self) -> Result<String, KmsError> {
+        Ok(self.meta()?.store_id)
+    }
+
+    /// New server and administrator certificates from the store's CA, for a tool that holds
+    /// the root key (`custody backup restore` writes them into the new data directory). The
+    /// administrator must exist in the store.
+    pub fn bootstrap_certificates(
+        &self,
+        server_names: &[String],
+        tenant: &TenantId,
+        admin: &PrincipalName,
+    ) -> Result<(String, pki::IssuedCert, crate::IssuedClientCert), KmsError> {
+        let u = self.unsealed()?;
+        let ca = u.barrier.get::<CaRecord>(Table::Pki, "ca")?.ok_or_else(|| KmsError::Internal("no CA".into()))?.value;
+        let issuer = pki::IssuedCert {
+            cert_pem: ca.cert_pem.clone(),
+            key_pem: custody_crypto::SecretBytes::new(ca.key_pem.into_bytes()),
+            serial: ca.serial,
+            not_after: OffsetDateTime::from_unix_timestamp(ca.not_after / 1000)
+                .map_err(|e| KmsError::Internal(e.to_string()))?,
+        };
+        let server = pki::issue_server(&issuer, server_names, OffsetDateTime::now_utc(), SERVER_CERT_LIFETIME)
+            .map_err(|e| KmsError::Internal(e.to_string()))?;
+        let principal = u
+            .barrier
+            .get::<PrincipalRecord>(Table::Principals, &format!("{tenant}/{admin}"))?
+            .ok_or_else(|| KmsError::NotFound(format!("Principal {admin} is not found in tenant {tenant}.")))?
+            .value;
+        let client =
+            self.issue_for(&u, &principal, std::time::Duration::from_secs(ADMIN_CERT_LIFETIME.whole_seconds() as u64))?;
+        Ok((issuer.cert_pem, server, client))
+    }
+
     fn meta(&self) -> Result<StoreMeta, KmsError> {
         let row = self.backend.get(Table::Meta, STORE_META)?.ok_or(KmsError::NotInitialized)?;
         serde_json::from_slice(&row.value).map_err(|e| KmsError::Internal(format!("store metadata unreadable: {e}")))

@@ -354,6 +354,16 @@ fn custody_action(
             Ok(json!({ "PublicKey": public_key, "Records": records, "Checkpoints": checkpoints }))
         }
         "GetAuditPublicKey" => Ok(json!({ "PublicKey": kms.audit_public_key()? })),
+        "CreateBackup" => {
+            let caller = authenticate(kms, identity, req, auth)?;
+            let (header, bytes) = kms.create_backup(&caller)?;
+            use base64::Engine;
+            Ok(json!({ "Header": header, "Backup": base64::engine::general_purpose::STANDARD.encode(bytes) }))
+        }
+        "GetDestructionLedger" => {
+            let caller = authenticate(kms, identity, req, auth)?;
+            Ok(json!({ "Destroyed": kms.destruction_ledger(&caller)? }))
+        }
         "CheckStore" => {
             let caller = authenticate(kms, identity, req, auth)?;
             Ok(serde_json::to_value(kms.check_store(&caller)?).expect("serializable"))
