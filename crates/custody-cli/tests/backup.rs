@@ -60,7 +60,8 @@ async fn backup_destroy_restore_verify() {
     // The wrong root key does not open it; a damaged file is refused.
     let other_key = dir.path().join("other.key");
     custody_server::keyfile::write(&other_key, &custody_crypto::RootKey::generate()).unwrap();
-    let wrong = cli(&admin, &["backup", "verify", file.to_str().unwrap(), "--root-key-file", other_key.to_str().unwrap()]);
+    let wrong =
+        cli(&admin, &["backup", "verify", file.to_str().unwrap(), "--root-key-file", other_key.to_str().unwrap()]);
     assert!(!wrong.status.success());
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("does not open with this root key"));
     let damaged = dir.path().join("damaged.backup");
@@ -68,9 +69,12 @@ async fn backup_destroy_restore_verify() {
     let last = d.len() - 1;
     d[last] ^= 1;
     std::fs::write(&damaged, d).unwrap();
-    assert!(!cli(&admin, &["backup", "verify", damaged.to_str().unwrap(), "--root-key-file", key_file.to_str().unwrap()])
-        .status
-        .success());
+    assert!(!cli(
+        &admin,
+        &["backup", "verify", damaged.to_str().unwrap(), "--root-key-file", key_file.to_str().unwrap()]
+    )
+    .status
+    .success());
 
     // After the backup: one key destroyed, another created.
     c.call("TrentService.ScheduleKeyDeletion", json!({ "KeyId": doomed, "PendingWindowInDays": 7 })).await.unwrap();

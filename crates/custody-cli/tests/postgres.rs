@@ -133,7 +133,8 @@ async fn two_schedulers_never_rotate_twice() {
         .to_string();
     let started = std::time::Instant::now();
     a.call("TrentService.EnableKeyRotation", json!({ "KeyId": key, "RotationPeriodInDays": 90 })).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    // The check: a 1-second rotation period, two nodes, 60 seconds.
+    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
     a.call("TrentService.DisableKeyRotation", json!({ "KeyId": key })).await.unwrap();
     let elapsed = started.elapsed().as_secs_f64();
     let rotations = a.call("TrentService.ListKeyRotations", json!({ "KeyId": key })).await.unwrap();

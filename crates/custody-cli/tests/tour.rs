@@ -114,6 +114,22 @@ fn shamir_rotation_restart_and_errors() {
     let plain = ok(&profile, &["decrypt-blob", "-c", "purpose=tour", blob_file.to_str().unwrap()]);
     assert_eq!(plain, "correct horse battery staple");
 
+    // A backup opens with a quorum of the shares (any three), and not with two.
+    let backup = dir.path().join("tour.backup");
+    ok(&profile, &["backup", "create", "--out", backup.to_str().unwrap()]);
+    let with = |s: &[std::path::PathBuf]| {
+        let mut args = vec!["--json".to_string(), "backup".into(), "verify".into(), backup.display().to_string()];
+        for f in s {
+            args.extend(["--share-file".to_string(), f.display().to_string()]);
+        }
+        run(&profile, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let verified = with(&[shares[0].clone(), shares[2].clone(), shares[4].clone()]);
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
+    assert_eq!(report["Check"]["Canaries"].as_u64(), Some(3), "{report}");
+    assert!(!with(&shares[0..2]).status.success(), "two shares of a 3-of-5 split do not open a backup");
+
     // Restart: sealed again; a different three shares unseal; the old ciphertext still decrypts.
     server.terminate();
     let server = common::spawn_server(&data);
