@@ -67,8 +67,46 @@ async fn two_nodes_share_one_postgresql_store() {
         Err(ClientError::Api { code, .. }) => assert_eq!(code, "DisabledException"),
         other => panic!("{other:?}"),
     }
-    // Concurrent requests on both nodes: one audit chain, verifiable from either node.
     a.call("TrentService.EnableKey", json!({ "KeyId": key })).await.unwrap();
+    b.call("TrentService.Encrypt", json!({ "KeyId": key, "Plaintext": pt })).await.unwrap();
+    // A policy change on A: B enforces it at its next request.
+    let me = a.call("Custody.WhoAmI", json!({})).await.unwrap()["Arn"].clone();
+    let account = a.call("Custody.WhoAmI", json!({})).await.unwrap()["Account"].clone();
+    let policy = json!({ "Statement": [
+        { "Sid": "All", "Effect": "Allow", "Principal": { "AWS": account }, "Action": "kms:*", "Resource": "*" },
+        { "Sid": "NoEncrypt", "Effect": "Deny", "Principal": { "AWS": me }, "Action": "kms:Encrypt", "Resource": "*" } ]})
+    .to_string();
+    a.call("TrentService.PutKeyPolicy", json!({ "KeyId": key, "PolicyName": "default", "Policy": policy }))
+        .await
+        .unwrap();
+    match b.call("TrentService.Encrypt", json!({ "KeyId": key, "Plaintext": pt })).await {
+        Err(ClientError::Api { code, .. }) => assert_eq!(code, "AccessDeniedException"),
+        other => panic!("{other:?}"),
+    }
+    let open = json!({ "Statement": { "Effect": "Allow", "Principal": { "AWS": account }, "Action": "kms:*", "Resource": "*" } });
+    a.call("TrentService.PutKeyPolicy", json!({ "KeyId": key, "PolicyName": "default", "Policy": open.to_string() }))
+        .await
+        .unwrap();
+    // A principal disabled on A is refused by B on an open connection.
+    a.call("Custody.CreatePrincipal", json!({ "Name": "app", "Roles": ["key-user"] })).await.unwrap();
+    let cert = a.call("Custody.IssueCertificate", json!({ "Name": "app" })).await.unwrap();
+    std::fs::write(dir.path().join("app.crt"), cert["Certificate"].as_str().unwrap()).unwrap();
+    std::fs::write(dir.path().join("app.key"), cert["PrivateKey"].as_str().unwrap()).unwrap();
+    let app_profile = custody_client::Profile {
+        cert_file: Some(dir.path().join("app.crt")),
+        key_file: Some(dir.path().join("app.key")),
+        ..profile_b.clone()
+    };
+    let mut app = Client::connect(&app_profile).await.unwrap();
+    app.call("TrentService.GenerateRandom", json!({ "NumberOfBytes": 8 })).await.unwrap();
+    a.call("Custody.UpdatePrincipal", json!({ "Name": "app", "Enabled": false })).await.unwrap();
+    match app.call("TrentService.GenerateRandom", json!({ "NumberOfBytes": 8 })).await {
+        Err(ClientError::Api { code, .. }) => assert_eq!(code, "UnrecognizedClientException"),
+        other => panic!("{other:?}"),
+    }
+    drop(app);
+
+    // Concurrent requests on both nodes: one audit chain, verifiable from either node.
     let mut tasks = Vec::new();
     for p in [profile_a.clone(), profile_b.clone(), profile_a.clone(), profile_b.clone()] {
         let key = key.clone();
