@@ -274,20 +274,25 @@ impl Kms {
         Ok(cert)
     }
 
+    /// The store's CA, ready to issue certificates (its key only ever leaves the sealed row here).
+    pub(crate) fn ca_issuer(&self, u: &crate::Unsealed) -> Result<pki::IssuedCert, KmsError> {
+        let ca = u.barrier.get::<CaRecord>(Table::Pki, "ca")?.ok_or_else(|| KmsError::Internal("no CA".into()))?.value;
+        Ok(pki::IssuedCert {
+            cert_pem: ca.cert_pem,
+            key_pem: custody_crypto::SecretBytes::new(ca.key_pem.into_bytes()),
+            serial: ca.serial,
+            not_after: time::OffsetDateTime::from_unix_timestamp(ca.not_after / 1000)
+                .map_err(|e| KmsError::Internal(e.to_string()))?,
+        })
+    }
+
     pub(crate) fn issue_for(
         &self,
         u: &crate::Unsealed,
         p: &PrincipalRecord,
         ttl: std::time::Duration,
     ) -> Result<IssuedClientCert, KmsError> {
-        let ca = u.barrier.get::<CaRecord>(Table::Pki, "ca")?.ok_or_else(|| KmsError::Internal("no CA".into()))?.value;
-        let issuer = pki::IssuedCert {
-            cert_pem: ca.cert_pem.clone(),
-            key_pem: custody_crypto::SecretBytes::new(ca.key_pem.into_bytes()),
-            serial: ca.serial,
-            not_after: time::OffsetDateTime::from_unix_timestamp(ca.not_after / 1000)
-                .map_err(|e| KmsError::Internal(e.to_string()))?,
-        };
+        let issuer = self.ca_issuer(u)?;
         let lifetime = time::Duration::try_from(ttl).map_err(|e| KmsError::Internal(e.to_string()))?;
         let uri = crate::seal::identity_uri(&p.tenant, &p.name);
         let cert = pki::issue_client(&issuer, &uri, p.name.as_str(), time::OffsetDateTime::now_utc(), lifetime)

@@ -251,14 +251,7 @@ impl Kms {
         admin: &PrincipalName,
     ) -> Result<(String, pki::IssuedCert, crate::IssuedClientCert), KmsError> {
         let u = self.unsealed()?;
-        let ca = u.barrier.get::<CaRecord>(Table::Pki, "ca")?.ok_or_else(|| KmsError::Internal("no CA".into()))?.value;
-        let issuer = pki::IssuedCert {
-            cert_pem: ca.cert_pem.clone(),
-            key_pem: custody_crypto::SecretBytes::new(ca.key_pem.into_bytes()),
-            serial: ca.serial,
-            not_after: OffsetDateTime::from_unix_timestamp(ca.not_after / 1000)
-                .map_err(|e| KmsError::Internal(e.to_string()))?,
-        };
+        let issuer = self.ca_issuer(&u)?;
         let server = pki::issue_server(&issuer, server_names, OffsetDateTime::now_utc(), SERVER_CERT_LIFETIME)
             .map_err(|e| KmsError::Internal(e.to_string()))?;
         let principal = u
