@@ -82,7 +82,7 @@ fn crash_and_recover(data: &Path, env: &[(&str, &str)]) {
         told = rt.block_on(task).unwrap();
     }
     assert!(
-        told.keys.len() >= 3 && told.ciphertexts.len() >= 50,
+        told.keys.len() >= 3 && told.ciphertexts.len() >= 20,
         "the load ran: {} keys, {} ciphertexts",
         told.keys.len(),
         told.ciphertexts.len()
@@ -188,7 +188,7 @@ fn one_of_two_nodes_dies_and_the_other_keeps_serving() {
     let told_b = rt.block_on(through_b).unwrap();
     assert!(Instant::now() >= until, "B kept serving until the end of the load");
     assert!(
-        told_a.ciphertexts.len() >= 10 && told_b.ciphertexts.len() >= 30,
+        told_a.ciphertexts.len() >= 3 && told_b.ciphertexts.len() >= 10,
         "{} / {}",
         told_a.ciphertexts.len(),
         told_b.ciphertexts.len()
