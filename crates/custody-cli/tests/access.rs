@@ -22,17 +22,7 @@ struct World {
 
 async fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
-    let (layout, out) = custody_cli::bootstrap::init(custody_cli::bootstrap::Bootstrap {
-        database: None,
-        data_dir: dir.path().join("data"),
-        admin_roles: custody_kms::InitOptions::FIRST_ADMIN_ROLES.to_vec(),
-        seal: custody_cli::bootstrap::SealChoice::KeyFile(dir.path().join("root.key")),
-        tenant: None,
-        admin: custody_kms::PrincipalName::parse("admin").unwrap(),
-        server_names: vec!["localhost".into(), "127.0.0.1".into()],
-        endpoint: "https://127.0.0.1:1".into(),
-    })
-    .unwrap();
+    let (layout, tenant) = common::init_store(dir.path(), custody_kms::InitOptions::FIRST_ADMIN_ROLES.to_vec(), None);
     // The production defaults: nothing relaxed.
     let (server, profile) = common::start(dir.path(), &layout, |c| {
         c.separation_of_duties = "enforce".into();
@@ -40,14 +30,7 @@ async fn world() -> World {
     })
     .await;
     let addr = server.local_addr();
-    World {
-        ca: layout.ca_cert(),
-        _dir: dir,
-        _server: server,
-        addr,
-        admin_profile: profile,
-        tenant: out.tenant.to_string(),
-    }
+    World { ca: layout.ca_cert(), _dir: dir, _server: server, addr, admin_profile: profile, tenant }
 }
 
 /// Writes an issued certificate (a Custody.IssueCertificate or CreateTenant answer) and returns

@@ -116,19 +116,7 @@ fn crash_and_recover(data: &Path, env: &[(&str, &str)]) {
 }
 
 fn init(dir: &Path, database: Option<custody_store::PostgresOptions>) -> std::path::PathBuf {
-    let data = dir.join("data");
-    custody_cli::bootstrap::init(custody_cli::bootstrap::Bootstrap {
-        database,
-        data_dir: data.clone(),
-        admin_roles: custody_kms::InitOptions::FIRST_ADMIN_ROLES.to_vec(),
-        seal: custody_cli::bootstrap::SealChoice::KeyFile(dir.join("root.key")),
-        tenant: None,
-        admin: custody_kms::PrincipalName::parse("admin").unwrap(),
-        server_names: vec!["localhost".into(), "127.0.0.1".into()],
-        endpoint: "https://localhost:8443".into(),
-    })
-    .unwrap();
-    data
+    common::init_store(dir, custody_kms::InitOptions::FIRST_ADMIN_ROLES.to_vec(), database).0.data_dir
 }
 
 #[test]
@@ -140,16 +128,8 @@ fn sqlite_survives_sigkill() {
 
 #[test]
 fn postgresql_survives_sigkill() {
-    let url =
-        std::env::var("CUSTODY_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let schema = format!("custody_e2e_{nanos:x}");
-    let pg = custody_store::PostgresOptions {
-        url: url.clone(),
-        schema: schema.clone(),
-        allow_plaintext: false,
-        ca_file: None,
-    };
+    let pg = common::test_database();
+    let (url, schema) = (pg.url.clone(), pg.schema.clone());
     let dir = tempfile::tempdir().unwrap();
     let data = init(dir.path(), Some(pg.clone()));
     crash_and_recover(&data, &[("CUSTODY_DATABASE_URL", &url), ("CUSTODY_DATABASE_SCHEMA", &schema)]);
@@ -158,16 +138,8 @@ fn postgresql_survives_sigkill() {
 
 #[test]
 fn one_of_two_nodes_dies_and_the_other_keeps_serving() {
-    let url =
-        std::env::var("CUSTODY_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let schema = format!("custody_e2e_{nanos:x}");
-    let pg = custody_store::PostgresOptions {
-        url: url.clone(),
-        schema: schema.clone(),
-        allow_plaintext: false,
-        ca_file: None,
-    };
+    let pg = common::test_database();
+    let (url, schema) = (pg.url.clone(), pg.schema.clone());
     let dir = tempfile::tempdir().unwrap();
     let data = init(dir.path(), Some(pg.clone()));
     let env = [("CUSTODY_DATABASE_URL", url.as_str()), ("CUSTODY_DATABASE_SCHEMA", schema.as_str())];

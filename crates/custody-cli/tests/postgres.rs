@@ -10,33 +10,12 @@ mod common;
 use custody_client::{Client, ClientError};
 use serde_json::json;
 
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_share_one_postgresql_store() {
-    let url = std::env::var("CUSTODY_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.into());
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let schema = format!("custody_e2e_{nanos:x}");
-    let pg = custody_store::PostgresOptions {
-        url: url.clone(),
-        schema: schema.clone(),
-        allow_plaintext: false,
-        ca_file: None,
-    };
+    let pg = common::test_database();
+    let (url, schema) = (pg.url.clone(), pg.schema.clone());
     let dir = tempfile::tempdir().unwrap();
-    let (layout, _) = custody_cli::bootstrap::init(custody_cli::bootstrap::Bootstrap {
-        database: Some(pg.clone()),
-        data_dir: dir.path().join("data"),
-        admin_roles: custody_kms::Role::ALL.to_vec(),
-        seal: custody_cli::bootstrap::SealChoice::KeyFile(dir.path().join("root.key")),
-        tenant: None,
-        admin: custody_kms::PrincipalName::parse("admin").unwrap(),
-        server_names: vec!["localhost".into(), "127.0.0.1".into()],
-        endpoint: "https://127.0.0.1:1".into(),
-    })
-    .unwrap_or_else(|e| {
-        panic!("init on PostgreSQL at {url} failed: {e}\nSet CUSTODY_TEST_DATABASE_URL to a reachable database.")
-    });
+    let (layout, _) = common::init_store(dir.path(), custody_kms::Role::ALL.to_vec(), Some(pg.clone()));
     assert!(!layout.database().exists(), "no SQLite file when the store is in PostgreSQL");
     let on_pg = |c: &mut custody_server::ServerConfig| {
         c.database_url = Some(url.clone());
@@ -133,27 +112,10 @@ async fn two_nodes_share_one_postgresql_store() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_schedulers_never_rotate_twice() {
-    let url = std::env::var("CUSTODY_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.into());
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let schema = format!("custody_e2e_{nanos:x}");
-    let pg = custody_store::PostgresOptions {
-        url: url.clone(),
-        schema: schema.clone(),
-        allow_plaintext: false,
-        ca_file: None,
-    };
+    let pg = common::test_database();
+    let (url, schema) = (pg.url.clone(), pg.schema.clone());
     let dir = tempfile::tempdir().unwrap();
-    let (layout, _) = custody_cli::bootstrap::init(custody_cli::bootstrap::Bootstrap {
-        database: Some(pg.clone()),
-        data_dir: dir.path().join("data"),
-        admin_roles: custody_kms::Role::ALL.to_vec(),
-        seal: custody_cli::bootstrap::SealChoice::KeyFile(dir.path().join("root.key")),
-        tenant: None,
-        admin: custody_kms::PrincipalName::parse("admin").unwrap(),
-        server_names: vec!["localhost".into(), "127.0.0.1".into()],
-        endpoint: "https://127.0.0.1:1".into(),
-    })
-    .unwrap();
+    let (layout, _) = common::init_store(dir.path(), custody_kms::Role::ALL.to_vec(), Some(pg.clone()));
     // A "day" of 11 ms: the shortest rotation period (90 days) is about one second. Both nodes'
     // schedulers look for due work every 50 ms.
     let node = |c: &mut custody_server::ServerConfig| {

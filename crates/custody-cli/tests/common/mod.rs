@@ -232,3 +232,42 @@ pub async fn send(
 pub fn code(v: &Value) -> &str {
     v["__type"].as_str().unwrap_or("")
 }
+
+/// A PostgreSQL store for one test: `CUSTODY_TEST_DATABASE_URL`, else the machine's server at
+/// 127.0.0.1:5432 (database `test`), in a fresh schema. Drop it with
+/// `PostgresBackend::connect(&opts)?.drop_schema()`.
+pub fn test_database() -> custody_store::PostgresOptions {
+    let url =
+        std::env::var("CUSTODY_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    custody_store::PostgresOptions {
+        url,
+        schema: format!("custody_e2e_{nanos:x}_{}", std::process::id()),
+        allow_plaintext: false,
+        ca_file: None,
+    }
+}
+
+/// `custody init` into `dir/data` with a key file at `dir/root.key`: the first administrator
+/// `admin` with `roles`, the store in `database` (PostgreSQL) or `dir/data/custody.db`. Returns
+/// the layout and the first tenant's id.
+pub fn init_store(
+    dir: &Path,
+    roles: Vec<custody_kms::Role>,
+    database: Option<custody_store::PostgresOptions>,
+) -> (Layout, String) {
+    let (layout, out) = bootstrap::init(Bootstrap {
+        database,
+        data_dir: dir.join("data"),
+        admin_roles: roles,
+        seal: SealChoice::KeyFile(dir.join("root.key")),
+        tenant: None,
+        admin: PrincipalName::parse("admin").unwrap(),
+        server_names: vec!["localhost".into(), "127.0.0.1".into()],
+        endpoint: "https://localhost:8443".into(),
+    })
+    .unwrap_or_else(|e| {
+        panic!("init failed: {e}\n(for PostgreSQL: set CUSTODY_TEST_DATABASE_URL to a reachable database)")
+    });
+    (layout, out.tenant.to_string())
+}
