@@ -73,6 +73,8 @@ impl Caller {
 }
 
 macro_rules! actions {
+    (@material UsesMaterial) => { true };
+    (@material $($other:ident)?) => { false };
     ($($(#[$doc:meta])* $name:ident $(: $marker:ident)?),* $(,)?) => {
         /// Every action the service performs, by its AWS name.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -88,6 +90,12 @@ macro_rules! actions {
             /// The action with this AWS name.
             pub fn from_name(name: &str) -> Option<Self> {
                 match name { $(stringify!($name) => Some(Action::$name),)* _ => None }
+            }
+
+            /// Whether the action uses a key version's material (the cryptographic operations:
+            /// the ones whose marker type is [`UsesMaterial`]).
+            pub fn uses_material(self) -> bool {
+                match self { $(Action::$name => actions!(@material $($marker)?)),* }
             }
         }
 
@@ -244,6 +252,8 @@ pub fn roles_for(action: Action) -> &'static [Role] {
         CreateKey | EnableKey | DisableKey | ScheduleKeyDeletion | CancelKeyDeletion | EnableKeyRotation
         | DisableKeyRotation | RotateKeyOnDemand | TagResource | UntagResource | UpdateKeyDescription | CreateAlias
         | UpdateAlias | DeleteAlias | PutKeyPolicy | CreateGrant | RevokeGrant => &[KeyAdmin],
+        // Listed, not `uses_material()`: this match stays exhaustive, so a new action must be
+        // given its roles here.
         Encrypt
         | Decrypt
         | ReEncryptFrom
@@ -328,30 +338,15 @@ pub fn check_state(key: &KeyRecord, action: Action, arn: &str) -> Result<(), Kms
         },
         _ if always => Ok(()),
         KeyState::Disabled => match action {
-            Encrypt
-            | Decrypt
-            | ReEncryptFrom
-            | ReEncryptTo
-            | GenerateDataKey
-            | GenerateDataKeyWithoutPlaintext
-            | GenerateMac
-            | VerifyMac
-            | EnableKeyRotation
-            | DisableKeyRotation
-            | RotateKeyOnDemand => Err(KmsError::Disabled(format!("{arn} is disabled."))),
+            a if a.uses_material() || matches!(a, EnableKeyRotation | DisableKeyRotation | RotateKeyOnDemand) => {
+                Err(KmsError::Disabled(format!("{arn} is disabled.")))
+            }
             CancelKeyDeletion => Err(invalid()),
             _ => Ok(()),
         },
         KeyState::PendingDeletion => match action {
             CancelKeyDeletion => Ok(()),
-            Encrypt
-            | Decrypt
-            | ReEncryptFrom
-            | ReEncryptTo
-            | GenerateDataKey
-            | GenerateDataKeyWithoutPlaintext
-            | GenerateMac
-            | VerifyMac => {
+            a if a.uses_material() => {
                 // DESIGN.md §5: use of a key pending deletion is a signal worth an alert.
                 tracing::warn!(key_id = %key.id, action = action.name(), "attempt to use a key pending deletion");
                 Err(invalid())
@@ -367,11 +362,8 @@ pub fn check_state(key: &KeyRecord, action: Action, arn: &str) -> Result<(), Kms
 fn check_usage(key: &KeyRecord, action: Action, arn: &str) -> Result<(), KmsError> {
     use Action::*;
     let hmac = key.spec.mac_algorithm().is_some();
-    let encrypts = matches!(
-        action,
-        Encrypt | Decrypt | ReEncryptFrom | ReEncryptTo | GenerateDataKey | GenerateDataKeyWithoutPlaintext
-    );
     let macs = matches!(action, GenerateMac | VerifyMac);
+    let encrypts = action.uses_material() && !macs;
     if (encrypts && hmac) || (macs && !hmac) {
         let usage = key.spec.usage();
         return Err(KmsError::InvalidKeyUsage(format!(
