@@ -1,6 +1,6 @@
 //! No plaintext anywhere: a full workflow with canary plaintexts and data keys, then every byte
 //! custody wrote (server and CLI logs at trace level, the database and its WAL, the audit
-//! export) is searched for every canary in raw, hex and base64 form.
+//! export, backup file) is searched for every canary in raw, hex and base64 form.
 
 mod common;
 
@@ -148,12 +148,14 @@ fn canaries_appear_nowhere() {
     });
     let export = dir.path().join("export.jsonl");
     assert!(cli(&["audit", "export", "--out", export.to_str().unwrap()], None).status.success());
+    let backup = dir.path().join("canary.backup");
+    assert!(cli(&["backup", "create", "--out", backup.to_str().unwrap()], None).status.success());
 
     let _ = std::process::Command::new("kill").args(["-TERM", &server.id().to_string()]).status();
     server.wait().unwrap();
     copier.join().unwrap();
 
-    let mut files = vec![server_log.clone(), cli_log.clone(), export.clone()];
+    let mut files = vec![server_log.clone(), cli_log.clone(), export.clone(), backup.clone()];
     for entry in std::fs::read_dir(&data).unwrap() {
         let p = entry.unwrap().path();
         if p.file_name().unwrap().to_string_lossy().starts_with("custody.db") {
