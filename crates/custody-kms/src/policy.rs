@@ -410,9 +410,10 @@ impl Policy {
 
     /// Evaluates the policy for one request.
     pub fn evaluate(&self, r: &RequestFacts<'_>) -> Decision {
+        let action = format!("kms:{}", r.action).to_ascii_lowercase();
         let mut allow = None;
         for s in &self.statements {
-            if !s.applies(r) {
+            if !s.applies(r, &action) {
                 continue;
             }
             match s.effect {
@@ -562,9 +563,10 @@ impl Statement {
         Ok(Self { label, effect, principals, actions, resources, conditions })
     }
 
-    fn applies(&self, r: &RequestFacts<'_>) -> bool {
+    /// `action` is `kms:<action>` in lower case.
+    fn applies(&self, r: &RequestFacts<'_>, action: &str) -> bool {
         self.principals.iter().any(|p| p.matches(&r.subject, r.key_tenant))
-            && self.actions.matches(&format!("kms:{}", r.action).to_ascii_lowercase())
+            && self.actions.matches(action)
             && self.resources.matches(r.resource)
             && self.conditions.iter().all(|c| c.holds(r))
     }
