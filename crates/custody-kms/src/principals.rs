@@ -11,7 +11,7 @@ use crate::authz::{act, authorize, Caller};
 use crate::error::KmsError;
 use crate::ids::{PrincipalName, TenantId};
 use crate::model::{aws_time, now_ms, CaRecord, PrincipalRecord, Role, TenantRecord};
-use crate::{Kms, SeparationOfDuties};
+use crate::Kms;
 
 /// Default and longest lifetime of a principal's client certificate.
 pub const CLIENT_CERT_TTL: (std::time::Duration, std::time::Duration) =
@@ -304,15 +304,5 @@ impl Kms {
             serial: cert.serial,
             not_after: cert.not_after.unix_timestamp(),
         })
-    }
-}
-
-impl SeparationOfDuties {
-    /// The setting's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SeparationOfDuties::Enforce => "enforce",
-            SeparationOfDuties::Warn => "warn",
-        }
     }
 }

@@ -117,6 +117,23 @@ pub enum Expect {
     Rev(u64),
 }
 
+impl Expect {
+    /// Checks the precondition against the row's current revision (`None`: no row), with the
+    /// conflict error every backend reports.
+    pub fn check(self, table: Table, key: &str, current: Option<u64>) -> Result<(), StoreError> {
+        let ok = match self {
+            Expect::Any => true,
+            Expect::Absent => current.is_none(),
+            Expect::Rev(rev) => current == Some(rev),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict { table: table.name(), key: key.to_string() })
+        }
+    }
+}
+
 /// One write in an atomic batch.
 #[derive(Debug, Clone)]
 pub enum Write {

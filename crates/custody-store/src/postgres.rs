@@ -358,14 +358,7 @@ impl Backend for PostgresBackend {
                     .await
                     .map_err(db)?
                     .map(|r| r.get(0));
-                let ok = match expect {
-                    Expect::Any => true,
-                    Expect::Absent => current.is_none(),
-                    Expect::Rev(rev) => current == Some(rev as i64),
-                };
-                if !ok {
-                    return Err(StoreError::Conflict { table: table.name(), key: key.clone() });
-                }
+                expect.check(table, key, current.map(|r| r as u64))?;
                 match w {
                     Write::Put { value, .. } => {
                         tx.execute(

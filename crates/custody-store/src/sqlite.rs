@@ -200,14 +200,7 @@ impl Backend for SqliteBackend {
                 .query_row(params![table.name(), key], |r| r.get(0))
                 .optional()
                 .map_err(db)?;
-            let ok = match expect {
-                Expect::Any => true,
-                Expect::Absent => current.is_none(),
-                Expect::Rev(rev) => current == Some(rev as i64),
-            };
-            if !ok {
-                return Err(StoreError::Conflict { table: table.name(), key: key.clone() });
-            }
+            expect.check(table, key, current.map(|r| r as u64))?;
             match w {
                 Write::Put { value, .. } => {
                     tx.prepare_cached(
