@@ -725,13 +725,15 @@ impl Kms {
                 return Err(KmsError::IncorrectKey);
             }
         }
-        // A blob naming a key the caller cannot see is simply an invalid ciphertext to them.
-        let found = self.key_by_id(&u, named)?.ok_or(KmsError::InvalidCiphertext)?;
-        let r = KeyRef::KeyArn { region: self.config.region.clone(), tenant: found.value.tenant.clone(), id: named };
-        self.prepare_in::<A>(caller, &r, Some(context)).map_err(|e| match e {
+        // A blob naming a key the caller cannot see is simply an invalid ciphertext to them. The
+        // blob names the key by id, whatever its tenant: authorization decides (a foreign key
+        // opens only where its policy names the caller).
+        let key = self.key_by_id(&u, named)?.ok_or(KmsError::InvalidCiphertext)?;
+        let proof = self.check_resolved::<A>(&u, caller, &key, Some(context)).map_err(|e| match e {
             KmsError::NotFound(_) => KmsError::InvalidCiphertext,
             other => other,
-        })
+        })?;
+        Ok((u, key, proof))
     }
 
     /// Resolve, authorize, check state: the common start of every key operation.
@@ -755,9 +757,21 @@ impl Kms {
     ) -> Result<(std::sync::Arc<Unsealed>, Versioned<KeyRecord>, Authorized<A>), KmsError> {
         let u = self.unsealed()?;
         let key = self.resolve(&u, caller, r)?;
-        let proof = self.authorize_key::<A>(&u, caller, &key.value, context.map(|c| c.pairs()))?;
-        authz::check_state(&key.value, A::ACTION, &self.key_arn(&key.value))?;
+        let proof = self.check_resolved::<A>(&u, caller, &key, context)?;
         Ok((u, key, proof))
+    }
+
+    /// Authorizes `A` on a resolved key and checks the key's state for it.
+    fn check_resolved<A: ActionKind>(
+        &self,
+        u: &Unsealed,
+        caller: &Caller,
+        key: &Versioned<KeyRecord>,
+        context: Option<&EncryptionContext>,
+    ) -> Result<Authorized<A>, KmsError> {
+        let proof = self.authorize_key::<A>(u, caller, &key.value, context.map(|c| c.pairs()))?;
+        authz::check_state(&key.value, A::ACTION, &self.key_arn(&key.value))?;
+        Ok(proof)
     }
 
     fn metadata(&self, key: &KeyRecord) -> KeyMetadata {
