@@ -162,8 +162,24 @@ impl Kms {
         Ok(rows.into_iter().map(|r| r.value).collect())
     }
 
+    /// The key's grants, read on first use into `cache`.
+    fn grants_cached<'c>(
+        &self,
+        u: &Unsealed,
+        key: KeyId,
+        cache: &'c std::cell::OnceCell<Vec<GrantRecord>>,
+    ) -> Result<&'c Vec<GrantRecord>, KmsError> {
+        if let Some(g) = cache.get() {
+            return Ok(g);
+        }
+        let read = self.grants_of(u, key)?;
+        Ok(cache.get_or_init(|| read))
+    }
+
     /// The decision for `who` (holding `roles`) taking `action` on `key`: roles, then the key
-    /// policy (an explicit deny wins), then grants.
+    /// policy (an explicit deny wins), then grants. `grants` holds the key's grants once read
+    /// (only when the policy alone does not decide), so deciding for many principals reads them
+    /// once.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn decide(
         &self,
@@ -174,6 +190,7 @@ impl Kms {
         key: &KeyRecord,
         context: Option<&BTreeMap<String, String>>,
         source_ip: Option<std::net::IpAddr>,
+        grants: &std::cell::OnceCell<Vec<GrantRecord>>,
     ) -> Result<Explanation, KmsError> {
         let arn = self.key_arn(key);
         let facts = RequestFacts {
@@ -211,7 +228,7 @@ impl Kms {
             });
         }
         if let Some(op) = grant_operation(action) {
-            for g in self.grants_of(u, key.id)? {
+            for g in self.grants_cached(u, key.id, grants)? {
                 let grantee = PrincipalPattern::parse(&g.grantee).ok();
                 let matches = grantee.is_some_and(|p| p.matches(&who, &key.tenant));
                 if matches && g.operations.iter().any(|o| o == op) && constraints_hold(g.constraints.as_ref(), context)
@@ -220,7 +237,7 @@ impl Kms {
                         allowed: true,
                         reason: format!("grant {} allows it", g.id),
                         statement: None,
-                        grant_id: Some(g.id),
+                        grant_id: Some(g.id.clone()),
                     });
                 }
             }
@@ -237,7 +254,8 @@ impl Kms {
         key: &KeyRecord,
         context: Option<&BTreeMap<String, String>>,
     ) -> Result<Authorized<A>, KmsError> {
-        let e = self.decide(u, caller.subject(), &caller.roles, A::ACTION, key, context, caller.source_ip)?;
+        let grants = std::cell::OnceCell::new();
+        let e = self.decide(u, caller.subject(), &caller.roles, A::ACTION, key, context, caller.source_ip, &grants)?;
         if e.allowed {
             return Ok(authz::allowed());
         }
@@ -284,7 +302,7 @@ impl Kms {
             });
         }
         let who = Subject { tenant: &tenant, name: &name };
-        self.decide(&u, who, &record.value.roles, action, &key, context, None)
+        self.decide(&u, who, &record.value.roles, action, &key, context, None, &std::cell::OnceCell::new())
     }
 
     /// `custody access who-can`: every principal that can take `action` on the key (given the
@@ -323,7 +341,8 @@ impl Kms {
                 });
             }
         }
-        for g in self.grants_of(&u, key.id)? {
+        let grants = std::cell::OnceCell::new();
+        for g in self.grants_cached(&u, key.id, &grants)? {
             if let Ok(p @ PrincipalPattern::Account(_)) = PrincipalPattern::parse(&g.grantee) {
                 if grant_operation(action).is_some_and(|op| g.operations.iter().any(|o| o == op))
                     && constraints_hold(g.constraints.as_ref(), context)
@@ -343,7 +362,7 @@ impl Kms {
             let p = p.value;
             if p.enabled {
                 let who = Subject { tenant: &p.tenant, name: &p.name };
-                let e = self.decide(&u, who, &p.roles, action, &key, context, None)?;
+                let e = self.decide(&u, who, &p.roles, action, &key, context, None, &grants)?;
                 if e.allowed {
                     out.push(AccessEntry {
                         principal: PrincipalPattern::Named(p.tenant.clone(), p.name.clone()).to_string(),
@@ -385,21 +404,18 @@ impl Kms {
         grants: &[GrantRecord],
     ) -> Result<Vec<String>, KmsError> {
         let arn = self.key_arn(key);
+        let allowed: Vec<&PrincipalPattern> = policy.allowed_patterns().into_iter().map(|(p, _)| p).collect();
+        let grantees: Vec<(Option<PrincipalPattern>, &GrantRecord)> =
+            grants.iter().map(|g| (PrincipalPattern::parse(&g.grantee).ok(), g)).collect();
         let mut candidates: BTreeMap<(TenantId, PrincipalName), Option<Vec<Role>>> = BTreeMap::new();
-        let named = policy
-            .allowed_patterns()
-            .into_iter()
-            .map(|(p, _)| p.clone())
-            .chain(grants.iter().filter_map(|g| PrincipalPattern::parse(&g.grantee).ok()));
-        for p in named {
+        for p in allowed.iter().copied().chain(grantees.iter().filter_map(|(p, _)| p.as_ref())) {
             if let PrincipalPattern::Named(t, n) = p {
-                candidates.insert((t, n), None);
+                candidates.insert((t.clone(), n.clone()), None);
             }
         }
-        let covered: Vec<PrincipalPattern> = policy
-            .allowed_patterns()
-            .into_iter()
-            .map(|(p, _)| p.clone())
+        let covered: Vec<&PrincipalPattern> = allowed
+            .iter()
+            .copied()
             .filter(|p| matches!(p, PrincipalPattern::Any | PrincipalPattern::Account(_)))
             .collect();
         u.barrier.for_each::<PrincipalRecord, KmsError>(Table::Principals, "", None, |p| {
@@ -417,13 +433,13 @@ impl Kms {
             let me = PrincipalPattern::Named(tenant.clone(), name.clone());
             let reaches = |action: &str, role_action: Action| {
                 let role_ok = roles.as_ref().is_none_or(|r| role_permits(r, role_action));
-                let by_policy = policy.allowed_patterns().into_iter().any(|(p, _)| {
+                let by_policy = allowed.iter().any(|p| {
                     p.matches(&subject, &key.tenant) && (p.is_named() || role_ok) && policy.may_allow(p, action, &arn)
                 });
-                let by_grant = grants.iter().any(|g| {
-                    PrincipalPattern::parse(&g.grantee).is_ok_and(|p| {
+                let by_grant = grantees.iter().any(|(p, g)| {
+                    p.as_ref().is_some_and(|p| {
                         p.matches(&subject, &key.tenant)
-                            && (p == me || role_ok)
+                            && (*p == me || role_ok)
                             && g.operations.iter().any(|o| o == action)
                     })
                 });
