@@ -217,18 +217,8 @@ async fn restore(conn: &ConnArgs, a: RestoreArgs, json: bool) -> CliResult<()> {
             .create(&d)
             .map_err(|e| fail(format!("cannot create {}: {e}", d.display())))?;
     }
-    let backend: Arc<dyn Backend> = match &a.database_url {
-        Some(url) => Arc::new(
-            custody_store::PostgresBackend::connect(&custody_store::PostgresOptions {
-                url: url.clone(),
-                schema: a.database_schema.clone(),
-                allow_plaintext: std::env::var("CUSTODY_DANGER_ALLOW_PLAINTEXT_DATABASE").is_ok_and(|v| v == "true"),
-                ca_file: std::env::var_os("CUSTODY_DATABASE_CA_FILE").map(PathBuf::from),
-            })
-            .map_err(|e| fail(format!("PostgreSQL: {e}")))?,
-        ),
-        None => Arc::new(custody_store::SqliteBackend::open(&layout.database()).map_err(|e| fail(e.to_string()))?),
-    };
+    let database = bootstrap::database_options(a.database_url.clone(), &a.database_schema, None).map_err(fail)?;
+    let backend = bootstrap::open_new_store(&layout, database.as_ref()).map_err(fail)?;
     let skip: BTreeSet<String> = kept_destroyed.iter().map(|d| d.key_id.clone()).collect();
     backup.restore_into(backend.as_ref(), &skip).map_err(|e| fail(e.to_string()))?;
     let kms = unsealed(backend, root)?;

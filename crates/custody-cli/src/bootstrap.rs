@@ -107,10 +107,7 @@ pub fn init(b: Bootstrap) -> Result<(Layout, InitOutput), String> {
             InitSeal::KeyFile { root, path: Some(abs.display().to_string()) }
         }
     };
-    let backend: Arc<dyn Backend> = match &b.database {
-        Some(pg) => Arc::new(custody_store::PostgresBackend::connect(pg).map_err(|e| format!("PostgreSQL: {e}"))?),
-        None => Arc::new(SqliteBackend::open(&layout.database()).map_err(|e| e.to_string())?),
-    };
+    let backend = open_new_store(&layout, b.database.as_ref())?;
     let out = Kms::init(
         &backend,
         InitOptions {
@@ -161,4 +158,33 @@ pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The store a command creates (init, restore): PostgreSQL if given, else `DIR/custody.db`.
+pub fn open_new_store(
+    layout: &Layout,
+    database: Option<&custody_store::PostgresOptions>,
+) -> Result<Arc<dyn Backend>, String> {
+    Ok(match database {
+        Some(pg) => Arc::new(custody_store::PostgresBackend::connect(pg).map_err(|e| format!("PostgreSQL: {e}"))?),
+        None => Arc::new(SqliteBackend::open(&layout.database()).map_err(|e| e.to_string())?),
+    })
+}
+
+/// PostgreSQL options for a command that opens a store itself: the URL and schema from its
+/// flags; the TLS settings (`database_ca_file`, `danger_allow_plaintext_database`) read as the
+/// server reads them, from `CUSTODY_*` variables, unless `ca_file` is given.
+pub fn database_options(
+    url: Option<String>,
+    schema: &str,
+    ca_file: Option<PathBuf>,
+) -> Result<Option<custody_store::PostgresOptions>, String> {
+    let Some(url) = url else { return Ok(None) };
+    let mut config = custody_server::ServerConfig::load(None).map_err(|e| e.to_string())?;
+    config.database_url = Some(url);
+    config.database_schema = schema.to_string();
+    if ca_file.is_some() {
+        config.database_ca_file = ca_file;
+    }
+    Ok(config.postgres())
 }

@@ -491,12 +491,8 @@ fn init(a: InitArgs, json: bool) -> Result<()> {
         admin,
         server_names: a.server_names,
         endpoint: a.profile_endpoint,
-        database: a.database_url.clone().map(|url| custody_store::PostgresOptions {
-            url,
-            schema: a.database_schema.clone(),
-            allow_plaintext: std::env::var("CUSTODY_DANGER_ALLOW_PLAINTEXT_DATABASE").is_ok_and(|v| v == "true"),
-            ca_file: a.database_ca_file.clone(),
-        }),
+        database: bootstrap::database_options(a.database_url.clone(), &a.database_schema, a.database_ca_file.clone())
+            .map_err(|m| CliError::new(exit::USAGE, m))?,
     })
     .map_err(|m| CliError::new(exit::FAILURE, m))?;
     let shares: Vec<Zeroizing<String>> = out.shares.iter().map(|s| s.to_text()).collect();
