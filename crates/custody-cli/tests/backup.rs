@@ -93,33 +93,16 @@ async fn backup_destroy_restore_verify() {
 
     // Restore into a new directory: the live store's ledger keeps the destroyed key destroyed.
     let restored_dir = dir.path().join("restored");
-    let restored = ok_json(cli(
-        &admin,
-        &[
-            "--json",
-            "backup",
-            "restore",
-            file.to_str().unwrap(),
-            "--data",
-            restored_dir.to_str().unwrap(),
-            "--root-key-file",
-            key_file.to_str().unwrap(),
-        ],
-    ));
+    let restore = |into: &Path, extra: &[&str]| {
+        let mut args = vec!["--json", "backup", "restore", file.to_str().unwrap(), "--data", into.to_str().unwrap()];
+        args.extend(["--root-key-file", key_file.to_str().unwrap()]);
+        args.extend(extra);
+        cli(&admin, &args)
+    };
+    let restored = ok_json(restore(&restored_dir, &[]));
     assert_eq!(restored["KeptDestroyed"][0]["KeyId"], doomed.as_str(), "{restored}");
     // Not twice into the same place.
-    let again = cli(
-        &admin,
-        &[
-            "backup",
-            "restore",
-            file.to_str().unwrap(),
-            "--data",
-            restored_dir.to_str().unwrap(),
-            "--root-key-file",
-            key_file.to_str().unwrap(),
-        ],
-    );
+    let again = restore(&restored_dir, &[]);
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already holds a store"));
 
     let layout2 = custody_cli::bootstrap::Layout { data_dir: restored_dir.clone() };
@@ -146,20 +129,7 @@ async fn backup_destroy_restore_verify() {
 
     // With --resurrect-destroyed the key comes back whole.
     let resurrected_dir = dir.path().join("resurrected");
-    let out = ok_json(cli(
-        &admin,
-        &[
-            "--json",
-            "backup",
-            "restore",
-            file.to_str().unwrap(),
-            "--data",
-            resurrected_dir.to_str().unwrap(),
-            "--root-key-file",
-            key_file.to_str().unwrap(),
-            "--resurrect-destroyed",
-        ],
-    ));
+    let out = ok_json(restore(&resurrected_dir, &["--resurrect-destroyed"]));
     assert_eq!(out["Resurrected"][0]["KeyId"], doomed.as_str(), "{out}");
     let layout3 = custody_cli::bootstrap::Layout { data_dir: resurrected_dir };
     let (_s3, profile3) = common::start(dir.path(), &layout3, |_| {}).await;

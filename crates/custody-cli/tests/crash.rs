@@ -62,6 +62,21 @@ async fn load(profile: Profile, mut told: Told, until: Option<Instant>) -> Told 
     told
 }
 
+/// Every key a client was told about exists, every ciphertext decrypts to its plaintext, and
+/// `custody check` finds nothing wrong.
+async fn assert_intact(c: &mut Client, told: &Told) {
+    for k in &told.keys {
+        c.call("TrentService.DescribeKey", json!({ "KeyId": k })).await.unwrap_or_else(|e| panic!("key {k} lost: {e}"));
+    }
+    for (k, blob, pt) in &told.ciphertexts {
+        let r = c.call("TrentService.Decrypt", json!({ "CiphertextBlob": blob })).await;
+        let r = r.unwrap_or_else(|e| panic!("a ciphertext of {k} no longer decrypts: {e}"));
+        assert_eq!(r["Plaintext"].as_str(), Some(pt.as_str()));
+    }
+    let check = c.call("Custody.CheckStore", json!({})).await.unwrap();
+    assert!(check["Problems"].as_array().unwrap().is_empty(), "{check}");
+}
+
 fn crash_and_recover(data: &Path, env: &[(&str, &str)]) {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let first = common::spawn_server_with(data, env);
@@ -92,18 +107,7 @@ fn crash_and_recover(data: &Path, env: &[(&str, &str)]) {
     let profile = profile_for(data, &server.addr);
     rt.block_on(async {
         let mut c = Client::connect(&profile).await.unwrap();
-        for k in &told.keys {
-            c.call("TrentService.DescribeKey", json!({ "KeyId": k }))
-                .await
-                .unwrap_or_else(|e| panic!("key {k} lost: {e}"));
-        }
-        for (k, blob, pt) in &told.ciphertexts {
-            let r = c.call("TrentService.Decrypt", json!({ "CiphertextBlob": blob })).await;
-            let r = r.unwrap_or_else(|e| panic!("a ciphertext of {k} no longer decrypts: {e}"));
-            assert_eq!(r["Plaintext"].as_str(), Some(pt.as_str()));
-        }
-        let check = c.call("Custody.CheckStore", json!({})).await.unwrap();
-        assert!(check["Problems"].as_array().unwrap().is_empty(), "{check}");
+        assert_intact(&mut c, &told).await;
         let verify = c.call("Custody.VerifyAudit", json!({})).await.unwrap();
         assert!(verify["problem"].is_null(), "{verify}");
     });
@@ -170,19 +174,8 @@ fn one_of_two_nodes_dies_and_the_other_keeps_serving() {
     rt.block_on(async {
         let mut c = Client::connect(&profile_for(&data, &b.addr)).await.unwrap();
         for told in [&told_a, &told_b] {
-            for k in &told.keys {
-                c.call("TrentService.DescribeKey", json!({ "KeyId": k }))
-                    .await
-                    .unwrap_or_else(|e| panic!("key {k} lost: {e}"));
-            }
-            for (k, blob, pt) in &told.ciphertexts {
-                let r = c.call("TrentService.Decrypt", json!({ "CiphertextBlob": blob })).await;
-                let r = r.unwrap_or_else(|e| panic!("a ciphertext of {k} no longer decrypts: {e}"));
-                assert_eq!(r["Plaintext"].as_str(), Some(pt.as_str()));
-            }
+            assert_intact(&mut c, told).await;
         }
-        let check = c.call("Custody.CheckStore", json!({})).await.unwrap();
-        assert!(check["Problems"].as_array().unwrap().is_empty(), "{check}");
     });
     drop(b);
     custody_store::PostgresBackend::connect(&pg).unwrap().drop_schema().unwrap();
