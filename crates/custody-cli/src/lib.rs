@@ -9,6 +9,13 @@ mod commands;
 mod dev;
 pub mod exit;
 
+/// The process's allocator. glibc's malloc serialized the server's threads on its arena locks
+/// (perf: futex waits under malloc/free, from buffers allocated on one thread and freed on
+/// another, e.g. audit events); mimalloc's thread-local free lists do not. Declared here, in the
+/// library, so the binary, its tests and its benchmarks all run on the same allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
