@@ -555,7 +555,7 @@ impl Kms {
                 };
                 writes.push(u.barrier.put(Table::Audit, &row_key(seq), &record, Expect::Absent));
                 records.push(record);
-                if seq % self.config.audit_checkpoint_every.max(1) == 0 {
+                if seq.is_multiple_of(self.config.audit_checkpoint_every.max(1)) {
                     writes.push(self.checkpoint_write(u, seq, &hash)?);
                 }
                 prev = hash;

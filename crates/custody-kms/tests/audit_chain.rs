@@ -27,7 +27,7 @@ fn event(i: u64) -> AuditEvent {
         detail: None,
         duration_ms: i % 5,
         node: "node-a".into(),
-        alert: i % 10 == 0,
+        alert: i.is_multiple_of(10),
     }
 }
 

@@ -192,6 +192,12 @@ pub enum StoreError {
         /// decoder message
         reason: String,
     },
+    /// Another process has the SQLite store open.
+    #[error("the store {} is in use by another process (a custody server already running on this data directory?); stop it first", path.display())]
+    InUse {
+        /// the database file
+        path: std::path::PathBuf,
+    },
     /// The store is newer than this binary.
     #[error("the store's schema version {found} is newer than this custody supports ({supported}); upgrade custody")]
     SchemaTooNew {

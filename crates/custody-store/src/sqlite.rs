@@ -1,7 +1,8 @@
 //! The embedded SQLite backend (WAL, `synchronous=FULL`, `secure_delete=ON`).
 
-use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -26,13 +27,92 @@ const READERS: usize = 4;
 
 /// SQLite-backed [`Backend`]: one writer connection (SQLite serializes writers anyway) and a few
 /// read-only connections, each behind its own mutex.
+///
+/// A database file belongs to one process: the first open takes an exclusive lock on
+/// `<file>-lock`, and opening it from another process fails with [`StoreError::InUse`]. Handles
+/// opened in the same process share that lock and a cache of the rows requests read on every
+/// call (principals, keys, versions, aliases...): every write goes through one of those handles
+/// and evicts what it changes, so the cache is never stale, and a request's lookups do not each
+/// start a SQLite read transaction.
 #[derive(Debug)]
 pub struct SqliteBackend {
+    shared: Arc<Shared>,
     conn: Mutex<Connection>,
     readers: Vec<Mutex<Connection>>,
     next_reader: std::sync::atomic::AtomicUsize,
     /// Dropping it stops the checkpoint thread.
     _checkpointer: std::sync::mpsc::Sender<()>,
+}
+
+/// Rows kept in the cache, at most; past it the cache starts again empty.
+const CACHE_ROWS: usize = 16_384;
+
+/// Tables whose rows are cached: all but the audit trail's, which are written on every request
+/// and read only by queries and verification (which scan).
+fn cached(table: Table) -> bool {
+    !matches!(table, Table::Audit | Table::AuditCheckpoints)
+}
+
+/// What every handle on one database file in this process shares.
+struct Shared {
+    /// Held for as long as a handle lives: keeps other processes out (see [`SqliteBackend`]).
+    _lock: std::fs::File,
+    cache: Mutex<HashMap<Table, TableCache>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+/// One table's cached rows (`None`: known absent), and how many writes it has seen, so that a
+/// read that raced a write does not cache what it read.
+#[derive(Default)]
+struct TableCache {
+    generation: u64,
+    rows: HashMap<String, Option<Row>>,
+}
+
+/// The handles open in this process, by database path.
+static OPEN: Mutex<Vec<(PathBuf, Weak<Shared>)>> = Mutex::new(Vec::new());
+
+/// The lock and cache for the database at `path`: those of a handle already open in this
+/// process, or new ones after taking the file's lock.
+fn share(path: &Path) -> Result<Arc<Shared>, StoreError> {
+    let name =
+        path.file_name().ok_or_else(|| StoreError::Database(format!("{} is not a file path", path.display())))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::canonicalize(dir)
+        .map_err(|e| StoreError::Database(format!("cannot open the directory of {}: {e}", path.display())))?;
+    let canonical = dir.join(name);
+    let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+    open.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(shared) = open.iter().find(|(p, _)| *p == canonical).and_then(|(_, w)| w.upgrade()) {
+        return Ok(shared);
+    }
+    let mut lock_name = name.to_os_string();
+    lock_name.push("-lock");
+    let lock_path = dir.join(lock_name);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Database(format!("cannot open {}: {e}", lock_path.display())))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::InUse { path: canonical }),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(StoreError::Database(format!("cannot lock {}: {e}", lock_path.display())))
+        }
+    }
+    let shared = Arc::new(Shared { _lock: lock, cache: Mutex::new(HashMap::new()) });
+    open.push((canonical, Arc::downgrade(&shared)));
+    Ok(shared)
 }
 
 /// How often the checkpoint thread copies the WAL into the database file.
@@ -56,6 +136,7 @@ fn checkpointer(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
 impl SqliteBackend {
     /// Opens (creating if needed) the database at `path` and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let shared = share(path)?;
         let conn = Connection::open(path).map_err(db)?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db)?;
         // WAL for concurrent readers; FULL so a committed batch survives power loss;
@@ -72,8 +153,13 @@ impl SqliteBackend {
             .name("custody-checkpoint".into())
             .spawn(move || checkpointer(checkpoint_conn, stopped))
             .map_err(|e| StoreError::Database(format!("cannot start the checkpoint thread: {e}")))?;
-        let mut backend =
-            Self { conn: Mutex::new(conn), readers: Vec::new(), next_reader: Default::default(), _checkpointer: stop };
+        let mut backend = Self {
+            shared,
+            conn: Mutex::new(conn),
+            readers: Vec::new(),
+            next_reader: Default::default(),
+            _checkpointer: stop,
+        };
         backend.migrate()?;
         for _ in 0..READERS {
             let reader = Connection::open(path).map_err(db)?;
@@ -129,10 +215,26 @@ impl SqliteBackend {
         }
         self.readers[start % self.readers.len()].lock().unwrap_or_else(|p| p.into_inner())
     }
-}
 
-impl Backend for SqliteBackend {
-    fn get(&self, table: Table, key: &str) -> Result<Option<Row>, StoreError> {
+    fn cache(&self) -> MutexGuard<'_, HashMap<Table, TableCache>> {
+        self.shared.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets the rows `writes` touch. Called after their transaction ends, whatever its
+    /// outcome, with the writer lock still held.
+    fn evict(&self, writes: &[Write]) {
+        let mut cache = self.cache();
+        for w in writes {
+            let (Write::Put { table, key, .. } | Write::Delete { table, key, .. }) = w;
+            if cached(*table) {
+                let t = cache.entry(*table).or_default();
+                t.generation += 1;
+                t.rows.remove(key);
+            }
+        }
+    }
+
+    fn read_row(&self, table: Table, key: &str) -> Result<Option<Row>, StoreError> {
         let conn = self.reader();
         let mut stmt = conn.prepare_cached("SELECT rev, value FROM rows WHERE tbl = ?1 AND key = ?2").map_err(db)?;
         stmt.query_row(params![table.name(), key], |r| {
@@ -140,6 +242,32 @@ impl Backend for SqliteBackend {
         })
         .optional()
         .map_err(db)
+    }
+}
+
+impl Backend for SqliteBackend {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Row>, StoreError> {
+        if !cached(table) {
+            return self.read_row(table, key);
+        }
+        let generation = {
+            let mut cache = self.cache();
+            let t = cache.entry(table).or_default();
+            if let Some(hit) = t.rows.get(key) {
+                return Ok(hit.clone());
+            }
+            t.generation
+        };
+        let row = self.read_row(table, key)?;
+        let mut cache = self.cache();
+        // A write to this table since the read began may have made `row` old: then do not keep it.
+        if cache.get(&table).is_some_and(|t| t.generation == generation) {
+            if cache.values().map(|t| t.rows.len()).sum::<usize>() >= CACHE_ROWS {
+                cache.values_mut().for_each(|t| t.rows.clear());
+            }
+            cache.entry(table).or_default().rows.insert(key.to_string(), row.clone());
+        }
+        Ok(row)
     }
 
     fn scan(&self, table: Table, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<Row>, StoreError> {
@@ -177,6 +305,21 @@ impl Backend for SqliteBackend {
 
     fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
         let mut conn = self.lock();
+        let result = Self::apply_in(&mut conn, writes);
+        self.evict(writes);
+        result
+    }
+
+    fn erase_freed(&self) -> Result<(), StoreError> {
+        let conn = self.lock();
+        // Copy the WAL's pages (including the zeroed ones secure_delete wrote) into the main file
+        // and truncate the WAL, so old page images with the deleted bytes are gone from it.
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(db)
+    }
+}
+
+impl SqliteBackend {
+    fn apply_in(conn: &mut Connection, writes: &[Write]) -> Result<(), StoreError> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
         for w in writes {
             // The common append (audit records, new keys): one INSERT, a duplicate is a conflict.
@@ -220,13 +363,6 @@ impl Backend for SqliteBackend {
             }
         }
         tx.commit().map_err(db)
-    }
-
-    fn erase_freed(&self) -> Result<(), StoreError> {
-        let conn = self.lock();
-        // Copy the WAL's pages (including the zeroed ones secure_delete wrote) into the main file
-        // and truncate the WAL, so old page images with the deleted bytes are gone from it.
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(db)
     }
 }
 

@@ -184,6 +184,42 @@ fn reopening_keeps_data_and_schema(f: &dyn Fixture) {
     assert_eq!(again.get(Table::Meta, "n").unwrap().unwrap().value, b"w");
 }
 
+fn every_handle_reads_every_write(f: &dyn Fixture) {
+    // A row one handle has read (and may keep) changes, disappears and comes back through the
+    // other: the first handle sees each state at once, never an older one.
+    let (a, b) = (f.backend(), f.reopen());
+    a.apply(&[put(Table::Keys, "hot", b"1", Expect::Absent)]).unwrap();
+    for _ in 0..2 {
+        assert_eq!(a.get(Table::Keys, "hot").unwrap().unwrap().value, b"1");
+    }
+    assert!(a.get(Table::Principals, "later").unwrap().is_none());
+    b.apply(&[put(Table::Keys, "hot", b"2", Expect::Rev(1)), put(Table::Principals, "later", b"p", Expect::Absent)])
+        .unwrap();
+    let row = a.get(Table::Keys, "hot").unwrap().unwrap();
+    assert_eq!((row.rev, row.value.as_slice()), (2, &b"2"[..]));
+    assert_eq!(a.get(Table::Principals, "later").unwrap().unwrap().value, b"p");
+    b.apply(&[Write::Delete { table: Table::Keys, key: "hot".into(), expect: Expect::Rev(2) }]).unwrap();
+    assert!(a.get(Table::Keys, "hot").unwrap().is_none());
+    // Reads racing writes: whatever a reader sees is never older than the last write it knows of.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 1..=300u32 {
+                b.apply(&[put(Table::Keys, "race", &i.to_be_bytes(), Expect::Any)]).unwrap();
+            }
+        });
+        s.spawn(|| {
+            let mut last = 0;
+            while last < 300 {
+                if let Some(row) = a.get(Table::Keys, "race").unwrap() {
+                    let seen = u32::from_be_bytes(row.value.as_slice().try_into().unwrap());
+                    assert!(seen >= last, "read {seen} after {last}");
+                    last = seen;
+                }
+            }
+        });
+    });
+}
+
 fn concurrent_writers_never_both_win(f: &dyn Fixture) {
     // Two handles (two nodes, for PostgreSQL) race to move the same row from revision 1.
     let (a, b) = (f.backend(), f.reopen());
@@ -237,9 +273,47 @@ suite!(
     scans_are_ordered_prefixed_and_paginated,
     values_are_kept_exactly,
     reopening_keeps_data_and_schema,
+    every_handle_reads_every_write,
     concurrent_writers_never_both_win,
     erase_freed_runs,
 );
+
+/// A SQLite store belongs to one process (its handles share a cache of hot rows, which another
+/// process's writes would make stale): a second process cannot open it while one has it open.
+#[test]
+fn a_sqlite_store_belongs_to_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let lock = dir.path().join("s.db-lock");
+    let try_lock_elsewhere = || {
+        let status = std::process::Command::new("flock").arg("--nonblock").arg(&lock).arg("true").status();
+        status.expect("util-linux flock runs").success()
+    };
+    let first = SqliteBackend::open(&path).unwrap();
+    let second = SqliteBackend::open(&path).unwrap();
+    assert!(!try_lock_elsewhere(), "another process must not get the store while this one has it open");
+    drop(first);
+    assert!(!try_lock_elsewhere(), "one handle still has it open");
+    drop(second);
+    assert!(try_lock_elsewhere(), "free once every handle is closed");
+
+    // And the other way round: a store another process holds is refused, with what to do.
+    let mut holder = std::process::Command::new("flock").arg(&lock).arg("sleep").arg("30").spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let refused = loop {
+        match SqliteBackend::open(&path) {
+            Err(e @ StoreError::InUse { .. }) => break e,
+            Ok(b) if std::time::Instant::now() < deadline => {
+                drop(b);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => panic!("the store must be refused while another process holds it: {other:?}"),
+        }
+    };
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(refused.to_string().contains("in use by another process"), "{refused}");
+}
 
 #[test]
 fn a_remote_database_without_tls_is_refused() {
