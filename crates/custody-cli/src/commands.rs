@@ -457,6 +457,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Tenant(cmd) => crate::access::tenant(&cli.conn, cmd, json).await,
         Command::Principal(cmd) => crate::access::principal(&cli.conn, cmd, json).await,
         Command::Access(cmd) => crate::access::access(&cli.conn, cmd, json).await,
+        Command::Pki(cmd) => crate::pki::pki(&cli.conn, cmd, json).await,
+        Command::Agent(args) => crate::pki::agent(&cli.conn, args, json).await,
         Command::Check => check(&cli.conn, json).await,
         Command::Backup(cmd) => crate::backup::backup(&cli.conn, cmd, json).await,
     }

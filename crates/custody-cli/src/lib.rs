@@ -8,6 +8,7 @@ pub mod bootstrap;
 mod commands;
 mod dev;
 pub mod exit;
+mod pki;
 
 /// The process's allocator. glibc's malloc serialized the server's threads on its arena locks
 /// (perf: futex waits under malloc/free, from buffers allocated on one thread and freed on
@@ -154,4 +155,10 @@ Examples:
     /// Who can do what: `who-can` and `explain` (auditor or key admin).
     #[command(subcommand)]
     Access(access::AccessCommand),
+    /// The internal CA's certificates: issue, list, revoke, renew, status.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
+    /// Keep a workload's client certificate fresh: renews it at two thirds of its life and
+    /// replaces the profile's files atomically (the Rust client picks the new one up by itself).
+    Agent(pki::AgentArgs),
 }

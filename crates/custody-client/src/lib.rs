@@ -63,9 +63,15 @@ pub enum ClientError {
 /// server closed it.
 pub struct Client {
     endpoint: Endpoint,
+    profile: Profile,
     connector: TlsConnector,
+    /// When the client certificate and key files were last changed, as loaded into `connector`.
+    loaded: Option<(std::time::SystemTime, std::time::SystemTime)>,
     sender: Option<SendRequest<Full<Bytes>>>,
     kx_group: Option<String>,
+    server_cert: Option<Vec<u8>>,
+    /// Why the current connection ended, once it has (filled by its task).
+    failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -78,10 +84,25 @@ impl Client {
     /// Connects with the profile's endpoint, CA and (optional) client certificate.
     pub async fn connect(profile: &Profile) -> Result<Self, ClientError> {
         let endpoint = profile.endpoint()?;
+        let loaded = cert_stamp(profile);
         let connector = TlsConnector::from(tls_config(profile)?);
-        let mut client = Self { endpoint, connector, sender: None, kx_group: None };
+        let mut client = Self {
+            endpoint,
+            profile: profile.clone(),
+            connector,
+            loaded,
+            sender: None,
+            kx_group: None,
+            server_cert: None,
+            failure: Default::default(),
+        };
         client.reconnect().await?;
         Ok(client)
+    }
+
+    /// The certificate the server presented on the current connection (DER).
+    pub fn server_certificate(&self) -> Option<&[u8]> {
+        self.server_cert.as_deref()
     }
 
     /// The key exchange group negotiated on the current connection (`X25519MLKEM768` when both
@@ -91,6 +112,17 @@ impl Client {
     }
 
     async fn reconnect(&mut self) -> Result<(), ClientError> {
+        // A renewed client certificate (written by `custody agent` or `custody pki renew`) is
+        // picked up by the next connection, without restarting the workload.
+        // Files caught between the key and the certificate being replaced do not load together:
+        // keep the previous certificate and look again at the next connection.
+        let stamp = cert_stamp(&self.profile);
+        if stamp != self.loaded {
+            if let Ok(config) = tls_config(&self.profile) {
+                self.connector = TlsConnector::from(config);
+                self.loaded = stamp;
+            }
+        }
         let connect_err = |reason: String| ClientError::Connect { endpoint: self.endpoint.to_string(), reason };
         let tcp = TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
             .await
@@ -104,12 +136,18 @@ impl Client {
             .await
             .map_err(|e| connect_err(format!("TLS handshake failed: {}", chain(&e))))?;
         self.kx_group = tls.get_ref().1.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()));
+        self.server_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
         let (sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| connect_err(chain(&e)))?;
+        let failure = Arc::new(std::sync::Mutex::new(None));
+        let record = failure.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            if let Err(e) = conn.await {
+                *record.lock().unwrap_or_else(|p| p.into_inner()) = Some(chain(&e));
+            }
         });
         self.sender = Some(sender);
+        self.failure = failure;
         Ok(())
     }
 
@@ -143,9 +181,34 @@ impl Client {
             self.reconnect().await?;
         }
         let endpoint = self.endpoint.to_string();
+        // The server may have closed the kept-alive connection since the last answer (it does
+        // after `Connection: close`); nothing was sent on it yet, so connect again and send once.
+        if self.sender.as_mut().expect("connected above").ready().await.is_err() {
+            self.reconnect().await?;
+        }
+        // Why the connection ended, if it did (a TLS 1.3 server refuses a client certificate with
+        // an alert the client reads only after its handshake "succeeded").
         let sender = self.sender.as_mut().expect("connected above");
-        sender.ready().await.map_err(|e| ClientError::Connect { endpoint: endpoint.clone(), reason: chain(&e) })?;
-        let resp = sender.send_request(req).await.map_err(|e| ClientError::Connect { endpoint, reason: chain(&e) })?;
+        let sent = match sender.ready().await {
+            Ok(()) => sender.send_request(req).await,
+            Err(e) => Err(e),
+        };
+        let resp = match sent {
+            Ok(resp) => resp,
+            Err(e) => {
+                // The connection's task records its error as it ends, just after the sender sees
+                // the connection closed: give it a moment.
+                let mut reason = None;
+                for _ in 0..50 {
+                    reason = self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    if reason.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                return Err(ClientError::Connect { endpoint, reason: reason.unwrap_or_else(|| chain(&e)) });
+            }
+        };
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.map_err(|e| ClientError::Protocol(e.to_string()))?.to_bytes();
         let value: Value = serde_json::from_slice(&body)
@@ -202,4 +265,11 @@ fn tls_config(profile: &Profile) -> Result<Arc<ClientConfig>, ClientError> {
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// When the profile's client certificate and key files were last modified (None without them).
+fn cert_stamp(profile: &Profile) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let (cert, key) = profile.client_cert().ok()??;
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some((modified(&cert)?, modified(&key)?))
 }

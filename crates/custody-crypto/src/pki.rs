@@ -15,7 +15,8 @@ use crate::random;
 use crate::secret::SecretBytes;
 
 /// Backdating of `notBefore`, so peers with slightly slow clocks accept new certificates.
-const CLOCK_SKEW: Duration = Duration::minutes(5);
+/// Renewal schedules count a certificate's life from `notBefore` plus this.
+pub const CLOCK_SKEW: Duration = Duration::minutes(5);
 
 /// A certificate and its private key.
 pub struct IssuedCert {
@@ -125,7 +126,7 @@ fn name(common_name: &str) -> DistinguishedName {
 }
 
 fn finish(cert_pem: String, key: &KeyPair, params: &CertificateParams) -> IssuedCert {
-    let serial = params.serial_number.as_ref().map(|s| hex_lower(&s.to_bytes())).unwrap_or_default();
+    let serial = params.serial_number.as_ref().map(|s| serial_hex(&s.to_bytes())).unwrap_or_default();
     IssuedCert {
         cert_pem,
         key_pem: SecretBytes::new(key.serialize_pem().into_bytes()),
@@ -134,8 +135,12 @@ fn finish(cert_pem: String, key: &KeyPair, params: &CertificateParams) -> Issued
     }
 }
 
-fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// A serial number as custody writes it everywhere: lowercase hex of its value, without leading
+/// zero bytes (so the form in the store and the one read back from a certificate agree, however
+/// the DER integer was padded).
+pub fn serial_hex(bytes: &[u8]) -> String {
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len().saturating_sub(1));
+    bytes[start..].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -213,6 +213,14 @@ actions! {
     DeletePrincipal,
     /// Issue a client certificate for a principal (custody)
     IssueCertificate,
+    /// Issue a server certificate (custody)
+    IssueServerCertificate,
+    /// Revoke certificates (custody)
+    RevokeCertificate,
+    /// List issued certificates (custody)
+    ListCertificates,
+    /// Renew one's own client certificate with the current one (custody)
+    RenewCertificate,
     /// Who can / explain (custody)
     ExplainAccess,
     /// Check the store's integrity (custody)
@@ -278,6 +286,12 @@ pub fn roles_for(action: Action) -> &'static [Role] {
         CreateBackup => &[SecurityOfficer],
         CreateTenant | ListTenants => &[SecurityOfficer],
         CreatePrincipal | UpdatePrincipal | DeletePrincipal | IssueCertificate => &[TenantAdmin],
+        // A tenant admin revokes its tenant's certificates; a security officer any (the
+        // operation checks which).
+        RevokeCertificate | ListCertificates => &[TenantAdmin, SecurityOfficer],
+        IssueServerCertificate => &[SecurityOfficer],
+        // Every principal renews its own certificate (the operation checks it is its own).
+        RenewCertificate => &[TenantAdmin, KeyAdmin, KeyUser, Auditor, SecurityOfficer],
         ListPrincipals | DescribePrincipal => &[TenantAdmin, Auditor],
     }
 }

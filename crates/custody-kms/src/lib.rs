@@ -12,6 +12,7 @@ mod access_keys;
 pub mod audit;
 pub mod authz;
 mod backup;
+mod certs;
 mod check;
 pub mod error;
 mod grants;
@@ -36,6 +37,7 @@ pub use audit::{
 };
 pub use authz::{Action, Caller};
 pub use backup::{Backup, BackupHeader, Destroyed};
+pub use certs::{CertKind, CertificateInfo, RevokeTarget, SERVER_CERT_LIFETIME};
 pub use check::{CheckReport, KeyCheck};
 pub use error::KmsError;
 pub use grants::{CreateGrantRequest, GRANT_OPERATIONS};
@@ -121,6 +123,8 @@ pub struct Kms {
     audit_seq: audit::Sequencer,
     /// Parsed key policies by their text (a policy is parsed once, not on every request).
     policies: std::sync::Mutex<std::collections::HashMap<String, Arc<policy::Policy>>>,
+    /// Serials of revoked certificates, as last loaded from the store ([`Kms::refresh_revocations`]).
+    revoked: RwLock<std::collections::HashSet<String>>,
 }
 
 /// What exists only while unsealed.

@@ -8,6 +8,7 @@ use custody_store::{Expect, Table, Write};
 use serde::Serialize;
 
 use crate::authz::{act, authorize, Caller};
+use crate::certs::CertKind;
 use crate::error::KmsError;
 use crate::ids::{PrincipalName, TenantId};
 use crate::model::{aws_time, now_ms, CaRecord, PrincipalRecord, Role, TenantRecord};
@@ -117,10 +118,11 @@ impl Kms {
             enabled: true,
             created_at: now,
         };
-        let cert = self.issue_for(&u, &principal, CLIENT_CERT_TTL.0)?;
+        let (cert, cert_write) = self.issue_for(&u, &principal, CLIENT_CERT_TTL.0, None)?;
         let writes = vec![
             u.barrier.put(Table::Tenants, id.as_str(), &tenant, Expect::Absent),
             u.barrier.put(Table::Principals, &format!("{id}/{admin}"), &principal, Expect::Absent),
+            cert_write,
         ];
         self.commit(&u, caller.into(), None, writes).map_err(|e| match e {
             KmsError::Conflict => KmsError::AlreadyExists(format!("Tenant {id} already exists.")),
@@ -268,8 +270,8 @@ impl Kms {
             return Err(KmsError::validation("ttl", "a certificate lives between 1 minute and 90 days"));
         }
         let p = self.principal_in_tenant(&u, caller, name)?;
-        let cert = self.issue_for(&u, &p.value, ttl)?;
-        // Nothing changes in the store, but issuing a credential is worth its own record.
+        let (cert, write) = self.issue_for(&u, &p.value, ttl, None)?;
+        self.commit(&u, caller.into(), None, vec![write])?;
         tracing::info!(principal = %name, serial = %cert.serial, "client certificate issued");
         Ok(cert)
     }
@@ -286,23 +288,30 @@ impl Kms {
         })
     }
 
+    /// A client certificate for `p`, and the write that records it (the caller commits it).
     pub(crate) fn issue_for(
         &self,
         u: &crate::Unsealed,
         p: &PrincipalRecord,
         ttl: std::time::Duration,
-    ) -> Result<IssuedClientCert, KmsError> {
+        renewed_from: Option<String>,
+    ) -> Result<(IssuedClientCert, Write), KmsError> {
         let issuer = self.ca_issuer(u)?;
         let lifetime = time::Duration::try_from(ttl).map_err(|e| KmsError::Internal(e.to_string()))?;
         let uri = crate::seal::identity_uri(&p.tenant, &p.name);
         let cert = pki::issue_client(&issuer, &uri, p.name.as_str(), time::OffsetDateTime::now_utc(), lifetime)
             .map_err(|e| KmsError::Internal(e.to_string()))?;
-        Ok(IssuedClientCert {
-            cert_pem: cert.cert_pem,
-            key_pem: cert.key_pem,
-            ca_pem: issuer.cert_pem,
-            serial: cert.serial,
-            not_after: cert.not_after.unix_timestamp(),
-        })
+        let write =
+            crate::certs::record_issued(&u.barrier, &cert, CertKind::Client, uri, Some(p.tenant.clone()), renewed_from);
+        Ok((
+            IssuedClientCert {
+                cert_pem: cert.cert_pem,
+                key_pem: cert.key_pem,
+                ca_pem: issuer.cert_pem,
+                serial: cert.serial,
+                not_after: cert.not_after.unix_timestamp(),
+            },
+            write,
+        ))
     }
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
 use crate::authz::Caller;
+use crate::certs::CertKind;
 use crate::error::KmsError;
 use crate::ids::{PrincipalName, TenantId};
 use crate::model::{now_ms, CaRecord, PrincipalRecord, Role, TenantRecord};
@@ -19,10 +20,12 @@ use crate::{Kms, KmsConfig, Unsealed};
 const STORE_META: &str = "store";
 /// Lifetime of the internal CA.
 const CA_LIFETIME: Duration = Duration::days(3650);
-/// Lifetime of the server certificate issued at init (renewal comes with the PKI work).
-const SERVER_CERT_LIFETIME: Duration = Duration::days(397);
-/// Lifetime of the first administrator's client certificate.
-const ADMIN_CERT_LIFETIME: Duration = Duration::days(365);
+/// Lifetime of the server certificate issued at init (the server renews it at two thirds).
+const SERVER_CERT_LIFETIME: Duration = Duration::days(30);
+/// Lifetime of the first administrator's client certificate: the longest a client certificate
+/// may have, because it is the credential that issues all the others (`custody pki renew` or
+/// `custody agent` keep it fresh; `custody pki status` warns before it expires).
+const ADMIN_CERT_LIFETIME: Duration = Duration::days(90);
 /// URI SAN scheme of principal certificates: `spiffe://custody/<tenant>/<principal>`.
 pub const IDENTITY_PREFIX: &str = "spiffe://custody/";
 
@@ -205,6 +208,22 @@ impl Kms {
                 Expect::Absent,
             ),
             barrier.put(Table::Pki, "ca", &ca_record, Expect::Absent),
+            crate::certs::record_issued(
+                &barrier,
+                &server_cert,
+                CertKind::Server,
+                opts.server_names.join(","),
+                None,
+                None,
+            ),
+            crate::certs::record_issued(
+                &barrier,
+                &admin_cert,
+                CertKind::Client,
+                identity_uri(&tenant, &opts.admin),
+                Some(tenant.clone()),
+                None,
+            ),
         ];
         barrier.apply(&writes).map_err(|e| match e {
             custody_store::StoreError::Conflict { .. } => {
@@ -231,6 +250,7 @@ impl Kms {
             seal: RwLock::new(SealState::Sealed { submitted: Vec::new() }),
             audit_seq: Default::default(),
             policies: Default::default(),
+            revoked: Default::default(),
         };
         kms.meta()?;
         Ok(kms)
@@ -259,8 +279,15 @@ impl Kms {
             .get::<PrincipalRecord>(Table::Principals, &format!("{tenant}/{admin}"))?
             .ok_or_else(|| KmsError::NotFound(format!("Principal {admin} is not found in tenant {tenant}.")))?
             .value;
-        let client =
-            self.issue_for(&u, &principal, std::time::Duration::from_secs(ADMIN_CERT_LIFETIME.whole_seconds() as u64))?;
+        let (client, client_write) = self.issue_for(
+            &u,
+            &principal,
+            std::time::Duration::from_secs(ADMIN_CERT_LIFETIME.whole_seconds() as u64),
+            None,
+        )?;
+        let server_write =
+            crate::certs::record_issued(&u.barrier, &server, CertKind::Server, server_names.join(","), None, None);
+        self.record_unaudited(&u, &[server_write, client_write])?;
         Ok((issuer.cert_pem, server, client))
     }
 

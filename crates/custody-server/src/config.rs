@@ -66,9 +66,11 @@ Setting { name: "audit_retain_days", env: "CUSTODY_AUDIT_RETAIN_DAYS", kind: Kin
     Setting { name: "audit_file_max_bytes", env: "CUSTODY_AUDIT_FILE_MAX_BYTES", kind: Kind::Integer, default: "104857600", doc: "Rotate the audit file at this size, keeping five old files (FILE.1 to FILE.5)." },
     Setting { name: "node_name", env: "CUSTODY_NODE_NAME", kind: Kind::Text, default: "<host name>", doc: "This node's name in audit records." },
     Setting { name: "log_format", env: "CUSTODY_LOG_FORMAT", kind: Kind::Text, default: "text", doc: "`text` or `json` (one JSON object per line)." },
-    Setting { name: "tls.cert_file", env: "CUSTODY_TLS_CERT_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.crt", doc: "Server certificate chain (PEM)." },
+    Setting { name: "tls.cert_file", env: "CUSTODY_TLS_CERT_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.crt", doc: "Server certificate chain (PEM). Unset: the server issues its own from the internal CA and renews it at two thirds of its life. Set (with `tls.key_file`): the operator provides the files; the server reloads them when they change, keeps the old certificate if new files do not load, and never renews them itself." },
     Setting { name: "tls.key_file", env: "CUSTODY_TLS_KEY_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.key", doc: "Server private key (PEM, PKCS#8)." },
     Setting { name: "tls.client_ca_file", env: "CUSTODY_TLS_CLIENT_CA_FILE", kind: Kind::Text, default: "<data_dir>/tls/ca.crt", doc: "CA whose client certificates are accepted (the internal CA)." },
+    Setting { name: "tls.expiry_warn_days", env: "CUSTODY_TLS_EXPIRY_WARN_DAYS", kind: Kind::Integer, default: "7", doc: "Inside this many days of the served certificate's or the CA's expiry, the server logs a warning and writes an audit alert once a day." },
+    Setting { name: "danger_server_cert_lifetime_seconds", env: "CUSTODY_DANGER_SERVER_CERT_LIFETIME_SECONDS", kind: Kind::Integer, default: "2592000", doc: "DANGER, tests only below the default: the lifetime of the certificates the server issues itself (it renews at two thirds of it). Used to watch renewals happen in seconds." },
     Setting { name: "separation_of_duties", env: "CUSTODY_SEPARATION_OF_DUTIES", kind: Kind::Text, default: "enforce", doc: "`enforce`: a key policy or grant that would let one principal both administer a key and decrypt with it is refused. `warn`: allowed, with an audit alert (what `custody dev` uses)." },
     Setting { name: "default_key_policy", env: "CUSTODY_DEFAULT_KEY_POLICY", kind: Kind::Text, default: "key-admins", doc: "The policy of a key created without one. `key-admins`: the tenant's key admins administer it and nobody may use it until a key policy or grant opens it. `tenant`: also every key user of the tenant may use it (what `custody dev` uses)." },
     Setting { name: "danger_disable_audit", env: "CUSTODY_DANGER_DISABLE_AUDIT", kind: Kind::Bool, default: "false", doc: "DANGER, benchmarks only: write no audit records at all, so the audit's cost can be measured against the same server without it. Requests are then unrecorded; the server logs an error at start and `custody status` shows it." },
@@ -148,10 +150,13 @@ pub struct ServerConfig {
     /// See [`SETTINGS`].
     #[serde(default = "defaults::default_key_policy")]
     pub default_key_policy: String,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::server_cert_lifetime_seconds")]
+    pub danger_server_cert_lifetime_seconds: u64,
 }
 
 /// `[tls]` settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSettings {
     /// Server certificate chain.
@@ -160,6 +165,15 @@ pub struct TlsSettings {
     pub key_file: Option<PathBuf>,
     /// Client CA.
     pub client_ca_file: Option<PathBuf>,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::expiry_warn_days")]
+    pub expiry_warn_days: u64,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self { cert_file: None, key_file: None, client_ca_file: None, expiry_warn_days: defaults::expiry_warn_days() }
+    }
 }
 
 /// How the server unseals itself at start, if at all.
@@ -189,6 +203,12 @@ mod defaults {
     }
     pub fn scheduler_interval_ms() -> u64 {
         60_000
+    }
+    pub fn expiry_warn_days() -> u64 {
+        7
+    }
+    pub fn server_cert_lifetime_seconds() -> u64 {
+        30 * 24 * 3600
     }
     pub fn max_request_bytes() -> usize {
         65_536
@@ -283,6 +303,9 @@ impl ServerConfig {
             return Err(ConfigError(
                 "audit_checkpoint_every and audit_checkpoint_interval_ms must be at least 1".into(),
             ));
+        }
+        if self.danger_server_cert_lifetime_seconds < 5 {
+            return Err(ConfigError("danger_server_cert_lifetime_seconds must be at least 5".into()));
         }
         if self.danger_day_length_ms == 0 {
             return Err(ConfigError("danger_day_length_ms must be at least 1".into()));
@@ -415,6 +438,8 @@ mod tests {
                 "danger_allow_plaintext_database" => c.danger_allow_plaintext_database.to_string(),
                 "database_ca_file" => c.database_ca_file.as_ref().map_or("<none>".into(), |p| p.display().to_string()),
                 "default_key_policy" => c.default_key_policy.clone(),
+                "tls.expiry_warn_days" => c.tls.expiry_warn_days.to_string(),
+                "danger_server_cert_lifetime_seconds" => c.danger_server_cert_lifetime_seconds.to_string(),
                 other => panic!("setting {other} has no default check"),
             };
             assert_eq!(shown, s.default, "{}", s.name);

@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod audit_file;
+mod certificates;
 pub mod config;
 pub mod keyfile;
 pub mod protocol;
@@ -140,7 +141,12 @@ impl Server {
                 .map_err(|e| StartError::Store(format!("cannot open the audit file {}: {e}", path.display())))?;
             kms.set_audit_sink(Box::new(move |records| file.write(records)));
         }
-        let tls = tls::server_config(&config.cert_file(), &config.key_file(), &config.client_ca_file())?;
+        let served = tls::ServedCert::new(tls::load_files(&config.cert_file(), &config.key_file())?);
+        let revoked: tls::RevocationCheck = {
+            let k = kms.clone();
+            Arc::new(move |serial: &str| k.is_revoked(serial))
+        };
+        let tls = tls::server_config(served.clone(), &config.client_ca_file(), revoked)?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen { addr: config.listen, source })?;
@@ -163,6 +169,7 @@ impl Server {
                 }
             },
         ));
+        certificates::spawn(&config, kms.clone(), served, shutdown_rx.clone());
         let k = kms.clone();
         let every = Duration::from_millis(config.audit_checkpoint_interval_ms);
         tokio::spawn(periodic("audit checkpoint", every, shutdown_rx.clone(), move || k.audit_checkpoint(), |_| {}));
@@ -245,7 +252,7 @@ async fn connection(
     };
     let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
         Some(cert) => match tls::identity_of(cert) {
-            Some(uri) => Identity::Certificate(uri),
+            Some(uri) => Identity::Certificate { uri, serial: tls::serial_of(cert).unwrap_or_default() },
             None => Identity::CertificateWithoutIdentity,
         },
         None => Identity::Anonymous,
@@ -323,7 +330,7 @@ async fn handle(
     };
     let principal = match (&auth_principal, &*identity) {
         (Some(arn), _) => arn.as_str(),
-        (None, Identity::Certificate(uri)) => uri.as_str(),
+        (None, Identity::Certificate { uri, .. }) => uri.as_str(),
         (None, Identity::CertificateWithoutIdentity) => "<certificate without identity>",
         (None, Identity::Anonymous) => "-",
     };
@@ -336,6 +343,13 @@ async fn handle(
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(AMZ_JSON));
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         headers.insert("x-amzn-requestid", v);
+    }
+    // A connection whose client certificate was revoked is closed after this answer: its
+    // requests are refused anyway, and a client that has a renewed certificate reconnects with it.
+    if let Identity::Certificate { serial, .. } = &*identity {
+        if state.kms.is_revoked(serial) {
+            headers.insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        }
     }
     resp
 }
@@ -423,7 +437,7 @@ fn base_event(
         node: node.to_string(),
         source: peer.to_string(),
         tls_identity: match identity {
-            Identity::Certificate(uri) => Some(uri.clone()),
+            Identity::Certificate { uri, .. } => Some(uri.clone()),
             Identity::CertificateWithoutIdentity => Some("<certificate without identity>".into()),
             Identity::Anonymous => None,
         },

@@ -124,8 +124,13 @@ fn key_hint(m: &Map<String, Value>) -> Option<String> {
 /// Who is calling, as far as the transport could tell.
 #[derive(Debug, Clone)]
 pub enum Identity {
-    /// A verified client certificate with this URI SAN.
-    Certificate(String),
+    /// A verified client certificate with this URI SAN and serial (lowercase hex).
+    Certificate {
+        /// URI SAN.
+        uri: String,
+        /// Serial number.
+        serial: String,
+    },
     /// A verified client certificate without a URI SAN.
     CertificateWithoutIdentity,
     /// No credential.
@@ -262,7 +267,12 @@ fn run(
 /// signature by an access key.
 fn authenticate(kms: &Kms, identity: &Identity, req: &RequestParts<'_>, auth: &mut Auth) -> Result<Caller, ApiError> {
     let caller = match identity {
-        Identity::Certificate(uri) => kms.authenticate_certificate(uri)?,
+        // Revoked since the connection opened: refused from the next request on.
+        Identity::Certificate { serial, .. } if kms.is_revoked(serial) => {
+            tracing::warn!(%serial, "request on a connection whose client certificate is revoked: refused");
+            return Err(KmsError::Unauthenticated("The security token included in the request is invalid.".into()).into());
+        }
+        Identity::Certificate { uri, .. } => kms.authenticate_certificate(uri)?,
         Identity::CertificateWithoutIdentity => {
             return Err(ApiError::new(
                 400,
@@ -381,6 +391,22 @@ fn custody_action(
             let caller = authenticate(kms, identity, req, auth)?;
             access_action(kms, &caller, action, f)
         }
+        "RevokeCertificate" | "ListCertificates" | "IssueServerCertificate" => {
+            let caller = authenticate(kms, identity, req, auth)?;
+            certificate_action(kms, &caller, action, f)
+        }
+        "RenewCertificate" => {
+            let caller = authenticate(kms, identity, req, auth)?;
+            let Identity::Certificate { serial, .. } = identity else {
+                return Err(ApiError::new(
+                    400,
+                    "UnrecognizedClientException",
+                    "A certificate is renewed over a connection authenticated with it (mutual TLS), not with SigV4.",
+                ));
+            };
+            let ttl = f.get("TtlSeconds").and_then(Value::as_u64).map(std::time::Duration::from_secs);
+            Ok(issued_cert_json(&kms.renew_certificate(&caller, serial, ttl)?))
+        }
         other => Err(ApiError::new(400, "UnknownOperationException", format!("unknown custody operation {other:?}"))),
     }
 }
@@ -410,6 +436,35 @@ fn roles(f: &Fields) -> Result<Option<Vec<custody_kms::Role>>, ApiError> {
         })
         .collect::<Result<Vec<_>, ApiError>>()
         .map(Some)
+}
+
+fn certificate_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Value, ApiError> {
+    Ok(match action {
+        "ListCertificates" => json!({ "Certificates": kms.list_certificates(caller)? }),
+        "RevokeCertificate" => {
+            let target = match (f.get("Serial").and_then(Value::as_str), f.get("Principal")) {
+                (Some(serial), None) => custody_kms::RevokeTarget::Serial(serial.to_string()),
+                (None, Some(_)) => custody_kms::RevokeTarget::Principal(principal_name(f, "Principal")?),
+                _ => return Err(KmsError::validation("Serial", "give exactly one of Serial and Principal").into()),
+            };
+            json!({ "Revoked": kms.revoke_certificates(caller, &target)? })
+        }
+        "IssueServerCertificate" => {
+            let ttl = f.get("TtlSeconds").and_then(Value::as_u64).map(std::time::Duration::from_secs);
+            let (ca_pem, cert) = kms.issue_server_certificate(caller, &f.string_list("Names")?, ttl)?;
+            let key = std::str::from_utf8(cert.key_pem.expose_secret()).expect("PEM is text");
+            json!({
+                "Certificate": cert.cert_pem,
+                "PrivateKey": key,
+                "CaCertificate": ca_pem,
+                "Serial": cert.serial,
+                "NotAfter": cert.not_after.unix_timestamp(),
+            })
+        }
+        other => {
+            return Err(ApiError::new(400, "UnknownOperationException", format!("unknown custody operation {other:?}")))
+        }
+    })
 }
 
 fn issued_cert_json(c: &custody_kms::IssuedClientCert) -> Value {

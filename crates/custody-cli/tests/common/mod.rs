@@ -70,6 +70,8 @@ pub struct Running {
     pub child: Child,
     pub addr: String,
     pub stderr_lines: Vec<String>,
+    /// Everything the server logged after its "listening" line.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Running {
@@ -129,8 +131,14 @@ pub fn spawn_server_with(data: &Path, env: &[(&str, &str)]) -> Running {
         if let Some(rest) = line.trim().strip_prefix("custody listening on https://") {
             let addr = rest.split_whitespace().next().unwrap().to_string();
             // Keep draining stderr so the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in reader.lines() {});
-            return Running { child, addr, stderr_lines: lines };
+            let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let sink = log.clone();
+            std::thread::spawn(move || {
+                for line in reader.lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push(line);
+                }
+            });
+            return Running { child, addr, stderr_lines: lines, log };
         }
         lines.push(line);
     }

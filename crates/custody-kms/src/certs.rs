@@ -1,0 +1,344 @@
+//! The certificates the internal CA issued: a record of each (never its private key), revocation,
+//! renewal by the holder, and the server's own certificate.
+//!
+//! Rows in [`Table::Pki`]: `cert/<serial>` for every certificate issued (client and server), and
+//! `revoked/<serial>` for every revoked one. The revoked rows are what servers load (every second
+//! and at once on the node that revokes) to refuse a certificate at the handshake and on
+//! connections already open; they stay small because they hold serials only.
+
+use std::collections::HashSet;
+
+use custody_crypto::pki;
+use custody_store::{Barrier, Expect, Table, Write};
+use serde::{Deserialize, Serialize};
+
+use crate::audit::Actor;
+use crate::authz::{act, authorize, Caller};
+use crate::error::KmsError;
+use crate::ids::{PrincipalName, TenantId};
+use crate::model::{now_ms, Millis, PrincipalRecord, Role};
+use crate::{Kms, Unsealed};
+
+/// Default lifetime of a server certificate the CA issues (the server renews it at two thirds).
+pub const SERVER_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// What a certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CertKind {
+    /// A principal's client certificate.
+    Client,
+    /// A server's certificate.
+    Server,
+}
+
+/// What custody keeps about an issued certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CertRecord {
+    pub serial: String,
+    pub kind: CertKind,
+    /// The principal's identity URI, or the server's names joined by commas.
+    pub subject: String,
+    /// The principal's tenant (client certificates).
+    pub tenant: Option<TenantId>,
+    pub issued_at: Millis,
+    pub not_after: Millis,
+    /// Set when the certificate was issued by renewing another.
+    #[serde(default)]
+    pub renewed_from: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RevokedRecord {
+    serial: String,
+    revoked_at: Millis,
+    by: String,
+}
+
+/// An issued certificate as listed.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CertificateInfo {
+    /// Serial number (lowercase hex).
+    pub serial: String,
+    /// `client`, `server` or `ca`.
+    pub kind: String,
+    /// Identity URI of a client certificate; names of a server certificate; the CA's name.
+    pub subject: String,
+    /// Tenant of a client certificate.
+    pub tenant: Option<String>,
+    /// Issued, seconds since the epoch.
+    pub issued_at: i64,
+    /// End of validity, seconds since the epoch.
+    pub not_after: i64,
+    /// `valid`, `expired` or `revoked`.
+    pub status: &'static str,
+}
+
+/// Which certificates to revoke.
+#[derive(Debug, Clone)]
+pub enum RevokeTarget {
+    /// One, by serial.
+    Serial(String),
+    /// Every certificate of a principal of the caller's tenant.
+    Principal(PrincipalName),
+}
+
+fn cert_row(serial: &str) -> String {
+    format!("cert/{serial}")
+}
+
+fn revoked_row(serial: &str) -> String {
+    format!("revoked/{serial}")
+}
+
+/// The write that records `cert` as issued.
+pub(crate) fn record_issued(
+    barrier: &Barrier,
+    cert: &pki::IssuedCert,
+    kind: CertKind,
+    subject: String,
+    tenant: Option<TenantId>,
+    renewed_from: Option<String>,
+) -> Write {
+    let record = CertRecord {
+        serial: cert.serial.clone(),
+        kind,
+        subject,
+        tenant,
+        issued_at: now_ms(),
+        not_after: cert.not_after.unix_timestamp() * 1000,
+        renewed_from,
+    };
+    barrier.put(Table::Pki, &cert_row(&cert.serial), &record, Expect::Absent)
+}
+
+/// All rows under `prefix`, in pages.
+fn scan_all<T: serde::de::DeserializeOwned>(barrier: &Barrier, prefix: &str) -> Result<Vec<T>, KmsError> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = barrier.scan::<T>(Table::Pki, prefix, after.as_deref(), 1000)?;
+        let done = page.len() < 1000;
+        after = page.last().map(|r| r.key.clone());
+        out.extend(page.into_iter().map(|r| r.value));
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
+fn to_duration(d: std::time::Duration) -> Result<time::Duration, KmsError> {
+    time::Duration::try_from(d).map_err(|e| KmsError::Internal(e.to_string()))
+}
+
+impl Kms {
+    /// Serials of every revoked certificate, from the store.
+    pub fn revoked_serials(&self) -> Result<HashSet<String>, KmsError> {
+        let u = self.unsealed()?;
+        Ok(scan_all::<RevokedRecord>(&u.barrier, "revoked/")?.into_iter().map(|r| r.serial).collect())
+    }
+
+    /// Reloads the revoked serials from the store (the server does every second, so a revocation
+    /// on any node reaches every node within about a second). Returns how many there are.
+    pub fn refresh_revocations(&self) -> Result<usize, KmsError> {
+        let set = self.revoked_serials()?;
+        let n = set.len();
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = set;
+        Ok(n)
+    }
+
+    /// Whether the certificate with this serial (lowercase hex, as [`custody_crypto::pki`]
+    /// writes it) is revoked, as of the last refresh or local revocation.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(serial)
+    }
+
+    /// RevokeCertificate. A tenant admin revokes certificates of its own tenant's principals; a
+    /// security officer any, server certificates included. Returns the serials revoked now
+    /// (already revoked ones are not repeated).
+    pub fn revoke_certificates(&self, caller: &Caller, target: &RevokeTarget) -> Result<Vec<String>, KmsError> {
+        let u = self.unsealed()?;
+        let _proof = authorize::<act::RevokeCertificate>(caller)?;
+        let officer = caller.roles.contains(&Role::SecurityOfficer);
+        let visible = |c: &CertRecord| officer || c.tenant.as_ref() == Some(&caller.tenant);
+        let targets: Vec<CertRecord> = match target {
+            RevokeTarget::Serial(serial) => {
+                let serial = serial.trim().to_ascii_lowercase().trim_start_matches("0x").to_string();
+                match u.barrier.get::<CertRecord>(Table::Pki, &cert_row(&serial))? {
+                    Some(c) if visible(&c.value) => vec![c.value],
+                    _ => return Err(KmsError::NotFound(format!("Certificate {serial} is not found."))),
+                }
+            }
+            RevokeTarget::Principal(name) => {
+                let uri = crate::seal::identity_uri(&caller.tenant, name);
+                let found: Vec<CertRecord> = scan_all::<CertRecord>(&u.barrier, "cert/")?
+                    .into_iter()
+                    .filter(|c| c.kind == CertKind::Client && c.subject == uri)
+                    .collect();
+                if found.is_empty() {
+                    return Err(KmsError::NotFound(format!("No certificate of {name} is found.")));
+                }
+                found
+            }
+        };
+        let already = self.revoked_serials()?;
+        let now = now_ms();
+        let mut serials = Vec::new();
+        let mut writes = Vec::new();
+        for c in targets.into_iter().filter(|c| !already.contains(&c.serial)) {
+            let record = RevokedRecord { serial: c.serial.clone(), revoked_at: now, by: caller.arn() };
+            writes.push(u.barrier.put(Table::Pki, &revoked_row(&c.serial), &record, Expect::Any));
+            serials.push(c.serial);
+        }
+        if !writes.is_empty() {
+            self.commit(&u, caller.into(), None, writes)?;
+            self.revoked.write().unwrap_or_else(|p| p.into_inner()).extend(serials.iter().cloned());
+            tracing::warn!(serials = ?serials, "certificates revoked");
+        }
+        Ok(serials)
+    }
+
+    /// ListCertificates: the CA, and the certificates the caller may revoke (its tenant's, or all
+    /// for a security officer), newest first.
+    pub fn list_certificates(&self, caller: &Caller) -> Result<Vec<CertificateInfo>, KmsError> {
+        let u = self.unsealed()?;
+        let _proof = authorize::<act::ListCertificates>(caller)?;
+        let officer = caller.roles.contains(&Role::SecurityOfficer);
+        let revoked = self.revoked_serials()?;
+        let now = now_ms();
+        let ca = self.ca_issuer(&u)?;
+        let mut out = vec![CertificateInfo {
+            serial: ca.serial.clone(),
+            kind: "ca".into(),
+            subject: "custody CA".into(),
+            tenant: None,
+            issued_at: 0,
+            not_after: ca.not_after.unix_timestamp(),
+            status: if ca.not_after.unix_timestamp() * 1000 <= now { "expired" } else { "valid" },
+        }];
+        let mut certs: Vec<CertRecord> = scan_all::<CertRecord>(&u.barrier, "cert/")?
+            .into_iter()
+            .filter(|c| officer || c.tenant.as_ref() == Some(&caller.tenant))
+            .collect();
+        certs.sort_by_key(|c| std::cmp::Reverse(c.issued_at));
+        out.extend(certs.into_iter().map(|c| CertificateInfo {
+            status: if revoked.contains(&c.serial) {
+                "revoked"
+            } else if c.not_after <= now {
+                "expired"
+            } else {
+                "valid"
+            },
+            kind: match c.kind {
+                CertKind::Client => "client".into(),
+                CertKind::Server => "server".into(),
+            },
+            serial: c.serial,
+            subject: c.subject,
+            tenant: c.tenant.map(|t| t.to_string()),
+            issued_at: c.issued_at / 1000,
+            not_after: c.not_after / 1000,
+        }));
+        Ok(out)
+    }
+
+    /// RenewCertificate: the caller, authenticated by its client certificate `presented`
+    /// (serial; the handshake proved it is this CA's, valid and not revoked, and names the
+    /// caller), gets a new one for itself with the same lifetime as the presented one had, or the
+    /// default. The old one stays valid until it expires or is revoked.
+    pub fn renew_certificate(
+        &self,
+        caller: &Caller,
+        presented: &str,
+        ttl: Option<std::time::Duration>,
+    ) -> Result<crate::IssuedClientCert, KmsError> {
+        let u = self.unsealed()?;
+        let _proof = authorize::<act::RenewCertificate>(caller)?;
+        let uri = crate::seal::identity_uri(&caller.tenant, &caller.name);
+        let old = u
+            .barrier
+            .get::<CertRecord>(Table::Pki, &cert_row(presented))?
+            .map(|r| r.value)
+            .filter(|c| c.kind == CertKind::Client && c.subject == uri);
+        let ttl = match (ttl, old) {
+            (Some(t), _) => t,
+            (None, Some(old)) => {
+                std::time::Duration::from_millis(u64::try_from(old.not_after - old.issued_at).unwrap_or(0).max(60_000))
+            }
+            (None, None) => crate::CLIENT_CERT_TTL.0,
+        };
+        if ttl.as_secs() < 60 || ttl > crate::CLIENT_CERT_TTL.1 {
+            return Err(KmsError::validation("ttl", "a certificate lives between 1 minute and 90 days"));
+        }
+        let principal = u
+            .barrier
+            .get::<PrincipalRecord>(Table::Principals, &format!("{}/{}", caller.tenant, caller.name))?
+            .ok_or_else(|| KmsError::Unauthenticated("The security token included in the request is invalid.".into()))?
+            .value;
+        let (cert, write) = self.issue_for(&u, &principal, ttl, Some(presented.to_string()))?;
+        self.commit(&u, caller.into(), None, vec![write])?;
+        tracing::info!(principal = %caller.name, serial = %cert.serial, renewed = %presented, "client certificate renewed");
+        Ok(cert)
+    }
+
+    /// IssueServerCertificate (security officer): a server certificate for `names` from the CA,
+    /// e.g. for another node. Its private key is returned once and kept nowhere.
+    pub fn issue_server_certificate(
+        &self,
+        caller: &Caller,
+        names: &[String],
+        ttl: Option<std::time::Duration>,
+    ) -> Result<(String, pki::IssuedCert), KmsError> {
+        let u = self.unsealed()?;
+        let _proof = authorize::<act::IssueServerCertificate>(caller)?;
+        if names.is_empty() || names.iter().any(|n| n.is_empty() || n.len() > 253) {
+            return Err(KmsError::validation("names", "give one or more host names or IP addresses"));
+        }
+        let ttl = ttl.unwrap_or(SERVER_CERT_LIFETIME);
+        if ttl.as_secs() < 60 || ttl > std::time::Duration::from_secs(397 * 24 * 3600) {
+            return Err(KmsError::validation("ttl", "a server certificate lives between 1 minute and 397 days"));
+        }
+        let (ca_pem, cert, write) = self.issue_server_in(&u, names, ttl)?;
+        self.commit(&u, caller.into(), None, vec![write])?;
+        Ok((ca_pem, cert))
+    }
+
+    /// A new certificate for this server (names and lifetime as before), recorded and audited as
+    /// the server's own act. The server calls it at two thirds of its certificate's life.
+    pub fn renew_server_certificate(
+        &self,
+        names: &[String],
+        lifetime: std::time::Duration,
+    ) -> Result<(String, pki::IssuedCert), KmsError> {
+        let u = self.unsealed()?;
+        let (ca_pem, cert, write) = self.issue_server_in(&u, names, lifetime)?;
+        self.commit(&u, Actor::Scheduler { action: "Custody.RenewServerCertificate" }, None, vec![write])?;
+        tracing::info!(serial = %cert.serial, not_after = %cert.not_after, "server certificate renewed");
+        Ok((ca_pem, cert))
+    }
+
+    fn issue_server_in(
+        &self,
+        u: &Unsealed,
+        names: &[String],
+        lifetime: std::time::Duration,
+    ) -> Result<(String, pki::IssuedCert, Write), KmsError> {
+        let issuer = self.ca_issuer(u)?;
+        let cert = pki::issue_server(&issuer, names, time::OffsetDateTime::now_utc(), to_duration(lifetime)?)
+            .map_err(|e| KmsError::validation("names", e.to_string()))?;
+        let write = record_issued(&u.barrier, &cert, CertKind::Server, names.join(","), None, None);
+        Ok((issuer.cert_pem, cert, write))
+    }
+
+    /// When the CA's certificate expires, seconds since the epoch.
+    pub fn ca_not_after(&self) -> Result<i64, KmsError> {
+        let u = self.unsealed()?;
+        Ok(self.ca_issuer(&u)?.not_after.unix_timestamp())
+    }
+
+    /// Records a server certificate issued outside a request (a restore's bootstrap).
+    pub(crate) fn record_unaudited(&self, u: &Unsealed, writes: &[Write]) -> Result<(), KmsError> {
+        Ok(u.barrier.apply(writes)?)
+    }
+}
