@@ -63,6 +63,24 @@ Examples:
         #[arg(long)]
         ttl: Option<String>,
     },
+    /// Roll the internal CA over to a new one, in three steps (security officer): `start`
+    /// (the new CA is trusted, not issuing: now give clients the new ca.crt, e.g. with
+    /// `custody pki renew` or the agent), `finish` (the new CA issues; servers switch their
+    /// certificates at once; the old CA stays trusted), `retire` (the old CA is no longer
+    /// trusted: renew every client certificate it issued before this).
+    #[command(
+        name = "rotate-ca",
+        after_help = "\
+Example, over a transition window:
+  custody pki rotate-ca start     # then: every client runs `custody pki renew` (or its agent does)
+  custody pki rotate-ca finish    # servers now present certificates from the new CA
+  custody pki rotate-ca retire    # after every client certificate was renewed"
+    )]
+    RotateCa {
+        /// start, finish or retire.
+        #[arg(value_parser = ["start", "finish", "retire"])]
+        step: String,
+    },
     /// Every certificate custody knows (the server's, the CA, the client certificates you may
     /// list, your own) with the days left; exits 1 if any valid one expires within the window.
     #[command(after_help = "\
@@ -158,6 +176,20 @@ pub(crate) async fn pki(conn: &ConnArgs, cmd: PkiCommand, json: bool) -> CliResu
             });
         }
         PkiCommand::Status { warn } => return status(conn, parse_ttl(&warn)? as i64, json).await,
+        PkiCommand::RotateCa { step } => {
+            let mut c = connect(conn).await?;
+            let r = c.call("Custody.RotateCa", json!({ "Step": step })).await?;
+            output(json, &r, || {
+                for ca in r["CertificateAuthorities"].as_array().into_iter().flatten() {
+                    println!("{:<34} {}", ca["Serial"].as_str().unwrap_or(""), ca["Subject"].as_str().unwrap_or(""));
+                }
+                match step.as_str() {
+                    "start" => println!("\nNext: give every client the new trust bundle (custody pki renew, custody agent), then `custody pki rotate-ca finish`."),
+                    "finish" => println!("\nThe new CA issues now. Renew every client certificate, then `custody pki rotate-ca retire`."),
+                    _ => println!("\nThe previous CA is no longer trusted."),
+                }
+            });
+        }
     }
     Ok(())
 }
@@ -178,6 +210,10 @@ async fn renew(conn: &ConnArgs, ttl: Option<u64>) -> CliResult<Value> {
     // not match its key, refuses it and keeps its current one until the next look.
     bootstrap::write_file(&key_file, r["PrivateKey"].as_str().unwrap_or("").as_bytes(), 0o600).map_err(io)?;
     bootstrap::write_file(&cert_file, r["Certificate"].as_str().unwrap_or("").as_bytes(), 0o644).map_err(io)?;
+    // The CAs to trust now (two during a CA rollover).
+    if let (Some(bundle), Ok(ca_file)) = (r["CaCertificate"].as_str().filter(|b| !b.is_empty()), p.ca_file()) {
+        bootstrap::write_file(&ca_file, bundle.as_bytes(), 0o644).map_err(io)?;
+    }
     Ok(json!({
         "Serial": r["Serial"],
         "NotAfter": r["NotAfter"],

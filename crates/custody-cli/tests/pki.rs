@@ -385,3 +385,114 @@ async fn pki_status_names_what_expires_inside_the_window() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     server.shutdown().await;
 }
+
+/// A client with its own copy of the CA file (the one its profile trusts the server with).
+async fn principal_with_own_ca(admin: &mut Client, base: &Profile, dir: &Path, name: &str) -> (Profile, PathBuf) {
+    let (p, path, _) = principal_profile(admin, base, dir, name).await;
+    let ca = dir.join(name).join("ca.crt");
+    std::fs::copy(base.ca_file.as_ref().unwrap(), &ca).unwrap();
+    let p = Profile { ca_file: Some(ca), ..p };
+    p.save(&path).unwrap();
+    (p, path)
+}
+
+fn issuer_of_pem_file(path: &Path) -> String {
+    custody_server::tls::describe_pem_file(path).unwrap().issuer
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ca_rolls_over_in_three_steps_without_an_outage_for_clients_that_took_the_new_bundle() {
+    let (dir, layout) = common::keyfile_dir();
+    // A short server lifetime only so that the renewal task looks every two seconds.
+    let (server, profile) = common::start(dir.path(), &layout, |c| c.danger_server_cert_lifetime_seconds = 60).await;
+    let mut admin = common::admin_client(&profile).await;
+    let (app, app_path) = principal_with_own_ca(&mut admin, &profile, dir.path(), "app").await;
+    let (late, _) = principal_with_own_ca(&mut admin, &profile, dir.path(), "late").await;
+    let (stale, _) = principal_with_own_ca(&mut admin, &profile, dir.path(), "stale").await;
+    let old_ca = issuer_of_pem_file(app.cert_file.as_ref().unwrap());
+    let admin_profile = layout.admin_profile();
+    let cli = |args: Vec<String>, profile: PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            let out = common::custody().args(&args).arg("--profile").arg(profile).output().unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+            )
+        })
+    };
+    let rotate = |step: &str| cli(vec!["pki".into(), "rotate-ca".into(), step.into()], admin_profile.clone());
+    let renew = |p: PathBuf| cli(vec!["pki".into(), "renew".into()], p);
+    let cas = |r: &Value| r["Certificates"].as_array().unwrap().iter().filter(|c| c["Kind"] == "ca").count();
+
+    let (ok, out) = rotate("finish").await.unwrap();
+    assert!(!ok && out.contains("no CA rotation is under way"), "{out}");
+
+    // 1. start: the next CA is trusted, not issuing. The app renews and so takes the bundle.
+    let (ok, out) = rotate("start").await.unwrap();
+    assert!(ok, "{out}");
+    assert_eq!(cas(&admin.call("Custody.ListCertificates", json!({})).await.unwrap()), 2);
+    let (ok, out) = renew(app_path.clone()).await.unwrap();
+    assert!(ok, "{out}");
+    let bundle = std::fs::read_to_string(app.ca_file.as_ref().unwrap()).unwrap();
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2, "the app now trusts both CAs");
+    assert_eq!(issuer_of_pem_file(app.cert_file.as_ref().unwrap()), old_ca, "still issued by the current CA");
+    std::fs::write(late.ca_file.as_ref().unwrap(), &bundle).unwrap();
+
+    // 2. finish: servers switch to a certificate from the new CA at once.
+    let (ok, out) = rotate("finish").await.unwrap();
+    assert!(ok, "{out}");
+    let started = Instant::now();
+    loop {
+        let c = Client::connect(&app).await.unwrap();
+        let served = custody_server::tls::describe_der(c.server_certificate().unwrap()).unwrap();
+        if served.issuer != old_ca {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the server did not switch to the new CA");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Clients with the bundle work, with certificates from either CA; one that never took the
+    // bundle cannot verify the server any more (which is why `start` comes first).
+    Client::connect(&app).await.unwrap().call("TrentService.ListKeys", json!({})).await.unwrap();
+    Client::connect(&late).await.unwrap().call("TrentService.ListKeys", json!({})).await.unwrap();
+    match Client::connect(&stale).await {
+        Err(ClientError::Connect { reason, .. }) => assert!(reason.contains("UnknownIssuer"), "{reason}"),
+        other => panic!("a client without the new CA cannot verify the server: {other:?}"),
+    }
+    let (ok, out) = renew(app_path.clone()).await.unwrap();
+    assert!(ok, "{out}");
+    assert_ne!(issuer_of_pem_file(app.cert_file.as_ref().unwrap()), old_ca, "renewed from the new CA");
+
+    // 3. retire: certificates of the old CA stop working on every node within seconds; renewed
+    // ones go on. (The administrator renews first, or it would lock itself out.)
+    let (ok, out) = renew(admin_profile.clone()).await.unwrap();
+    assert!(ok, "{out}");
+    let (ok, out) = rotate("retire").await.unwrap();
+    assert!(ok, "{out}");
+    let started = Instant::now();
+    loop {
+        let r = match Client::connect(&late).await {
+            Ok(mut c) => c.call("TrentService.ListKeys", json!({})).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Err(ClientError::Connect { reason, .. }) => {
+                assert!(reason.contains("UnknownCA") || reason.contains("BadCertificate"), "{reason}");
+                break;
+            }
+            r => {
+                r.unwrap();
+                assert!(started.elapsed() < Duration::from_secs(5), "the retired CA is still trusted");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    Client::connect(&app).await.unwrap().call("TrentService.ListKeys", json!({})).await.unwrap();
+    let mut admin = common::admin_client(&profile).await;
+    assert_eq!(cas(&admin.call("Custody.ListCertificates", json!({})).await.unwrap()), 1);
+    // The server's CA file now holds exactly the new CA, so a restart trusts what the store does.
+    let on_disk = std::fs::read_to_string(layout.data_dir.join("tls/ca.crt")).unwrap();
+    assert_eq!(on_disk.matches("BEGIN CERTIFICATE").count(), 1);
+    assert_ne!(custody_server::tls::describe_pem(on_disk.as_bytes()).unwrap().common_name, old_ca);
+    server.shutdown().await;
+}

@@ -221,6 +221,8 @@ actions! {
     ListCertificates,
     /// Renew one's own client certificate with the current one (custody)
     RenewCertificate,
+    /// Roll the internal CA over to a new one (custody)
+    RotateCa,
     /// Who can / explain (custody)
     ExplainAccess,
     /// Check the store's integrity (custody)
@@ -289,7 +291,7 @@ pub fn roles_for(action: Action) -> &'static [Role] {
         // A tenant admin revokes its tenant's certificates; a security officer any (the
         // operation checks which).
         RevokeCertificate | ListCertificates => &[TenantAdmin, SecurityOfficer],
-        IssueServerCertificate => &[SecurityOfficer],
+        IssueServerCertificate | RotateCa => &[SecurityOfficer],
         // Every principal renews its own certificate (the operation checks it is its own).
         RenewCertificate => &[TenantAdmin, KeyAdmin, KeyUser, Auditor, SecurityOfficer],
         ListPrincipals | DescribePrincipal => &[TenantAdmin, Auditor],

@@ -16,7 +16,7 @@ use crate::audit::Actor;
 use crate::authz::{act, authorize, Caller};
 use crate::error::KmsError;
 use crate::ids::{PrincipalName, TenantId};
-use crate::model::{now_ms, Millis, PrincipalRecord, Role};
+use crate::model::{now_ms, CaRecord, Millis, PrincipalRecord, Role};
 use crate::{Kms, Unsealed};
 
 /// Default lifetime of a server certificate the CA issues (the server renews it at two thirds).
@@ -73,6 +73,22 @@ pub struct CertificateInfo {
     pub not_after: i64,
     /// `valid`, `expired` or `revoked`.
     pub status: &'static str,
+}
+
+/// Rows of the CA that issues, the one that will, and the one that did.
+const CA_ACTIVE: &str = "ca";
+const CA_NEXT: &str = "ca-next";
+const CA_PREVIOUS: &str = "ca-previous";
+
+/// One step of a CA rollover (see [`Kms::rotate_ca`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaRotation {
+    /// Create the next CA and trust it.
+    Start,
+    /// Issue with it; keep trusting the old one.
+    Finish,
+    /// Stop trusting the old one.
+    RetirePrevious,
 }
 
 /// Which certificates to revoke.
@@ -207,16 +223,21 @@ impl Kms {
         let officer = caller.roles.contains(&Role::SecurityOfficer);
         let revoked = self.revoked_serials()?;
         let now = now_ms();
-        let ca = self.ca_issuer(&u)?;
-        let mut out = vec![CertificateInfo {
-            serial: ca.serial.clone(),
-            kind: "ca".into(),
-            subject: "custody CA".into(),
-            tenant: None,
-            issued_at: 0,
-            not_after: ca.not_after.unix_timestamp(),
-            status: if ca.not_after.unix_timestamp() * 1000 <= now { "expired" } else { "valid" },
-        }];
+        let mut out = Vec::new();
+        for (row, role) in [(CA_ACTIVE, "issuing"), (CA_NEXT, "next, trusted"), (CA_PREVIOUS, "previous, trusted")] {
+            if let Some(ca) = u.barrier.get::<CaRecord>(Table::Pki, row)? {
+                let ca = ca.value;
+                out.push(CertificateInfo {
+                    serial: ca.serial.clone(),
+                    kind: "ca".into(),
+                    subject: format!("custody CA ({role})"),
+                    tenant: None,
+                    issued_at: 0,
+                    not_after: ca.not_after / 1000,
+                    status: if ca.not_after <= now { "expired" } else { "valid" },
+                });
+            }
+        }
         let mut certs: Vec<CertRecord> = scan_all::<CertRecord>(&u.barrier, "cert/")?
             .into_iter()
             .filter(|c| officer || c.tenant.as_ref() == Some(&caller.tenant))
@@ -328,7 +349,90 @@ impl Kms {
         let cert = pki::issue_server(&issuer, names, time::OffsetDateTime::now_utc(), to_duration(lifetime)?)
             .map_err(|e| KmsError::validation("names", e.to_string()))?;
         let write = record_issued(&u.barrier, &cert, CertKind::Server, names.join(","), None, None);
-        Ok((issuer.cert_pem, cert, write))
+        Ok((self.trust_bundle_in(u)?, cert, write))
+    }
+
+    /// Every CA certificate peers should trust now (PEM, concatenated): the issuing CA, and
+    /// during a rollover the next one (already trusted, not yet issuing) or the previous one
+    /// (still trusted, no longer issuing).
+    pub fn trust_bundle(&self) -> Result<String, KmsError> {
+        let u = self.unsealed()?;
+        self.trust_bundle_in(&u)
+    }
+
+    pub(crate) fn trust_bundle_in(&self, u: &Unsealed) -> Result<String, KmsError> {
+        let mut pem = String::new();
+        for row in [CA_ACTIVE, CA_NEXT, CA_PREVIOUS] {
+            if let Some(ca) = u.barrier.get::<CaRecord>(Table::Pki, row)? {
+                pem.push_str(ca.value.cert_pem.trim_end());
+                pem.push('\n');
+            }
+        }
+        Ok(pem)
+    }
+
+    /// The issuing CA's certificate (PEM).
+    pub fn ca_certificate(&self) -> Result<String, KmsError> {
+        let u = self.unsealed()?;
+        Ok(self.ca_issuer(&u)?.cert_pem)
+    }
+
+    /// RotateCa (security officer), one step at a time:
+    /// - `Start`: a new CA is created and trusted, but does not issue yet. Give every client the
+    ///   new trust bundle now (`custody pki renew`, `custody agent`, or copy `ca.crt`).
+    /// - `Finish`: the new CA issues from now on (servers renew their own certificates from it at
+    ///   once); the old one stays trusted, so certificates it issued keep working.
+    /// - `RetirePrevious`: the old CA is no longer trusted; certificates it issued stop working.
+    pub fn rotate_ca(&self, caller: &Caller, step: CaRotation) -> Result<Vec<CertificateInfo>, KmsError> {
+        let u = self.unsealed()?;
+        let _proof = authorize::<act::RotateCa>(caller)?;
+        let get = |row: &str| u.barrier.get::<CaRecord>(Table::Pki, row);
+        let writes = match step {
+            CaRotation::Start => {
+                if get(CA_NEXT)?.is_some() {
+                    return Err(KmsError::AlreadyExists(
+                        "A CA rotation is already under way: finish it (custody pki rotate-ca finish).".into(),
+                    ));
+                }
+                let store = &self.store_id()?[..8];
+                let name = format!("custody CA {store} {}", hex::encode(custody_crypto::random::array::<4>()));
+                let ca = pki::new_ca(&name, time::OffsetDateTime::now_utc(), crate::seal::CA_LIFETIME)
+                    .map_err(|e| KmsError::Internal(e.to_string()))?;
+                let record = CaRecord {
+                    cert_pem: ca.cert_pem.clone(),
+                    key_pem: String::from_utf8(ca.key_pem.expose_secret().to_vec())
+                        .map_err(|_| KmsError::Internal("CA key is not UTF-8".into()))?,
+                    serial: ca.serial.clone(),
+                    not_after: ca.not_after.unix_timestamp() * 1000,
+                };
+                vec![u.barrier.put(Table::Pki, CA_NEXT, &record, Expect::Absent)]
+            }
+            CaRotation::Finish => {
+                let next = get(CA_NEXT)?.ok_or_else(|| {
+                    KmsError::validation("step", "no CA rotation is under way: start one (custody pki rotate-ca start)")
+                })?;
+                if get(CA_PREVIOUS)?.is_some() {
+                    return Err(KmsError::validation(
+                        "step",
+                        "the CA before the current one is still trusted: retire it first (custody pki rotate-ca retire)",
+                    ));
+                }
+                let active = get(CA_ACTIVE)?.ok_or_else(|| KmsError::Internal("no CA".into()))?;
+                vec![
+                    u.barrier.put(Table::Pki, CA_PREVIOUS, &active.value, Expect::Absent),
+                    u.barrier.put(Table::Pki, CA_ACTIVE, &next.value, Expect::Rev(active.rev)),
+                    u.barrier.delete(Table::Pki, CA_NEXT, Expect::Rev(next.rev)),
+                ]
+            }
+            CaRotation::RetirePrevious => {
+                let previous = get(CA_PREVIOUS)?
+                    .ok_or_else(|| KmsError::validation("step", "there is no previous CA to retire"))?;
+                vec![u.barrier.delete(Table::Pki, CA_PREVIOUS, Expect::Rev(previous.rev))]
+            }
+        };
+        self.commit(&u, caller.into(), None, writes)?;
+        tracing::warn!(step = ?step, "CA rotation step");
+        self.list_certificates(caller).map(|all| all.into_iter().filter(|c| c.kind == "ca").collect())
     }
 
     /// When the CA's certificate expires, seconds since the epoch.

@@ -37,7 +37,7 @@ pub use audit::{
 };
 pub use authz::{Action, Caller};
 pub use backup::{Backup, BackupHeader, Destroyed};
-pub use certs::{CertKind, CertificateInfo, RevokeTarget, SERVER_CERT_LIFETIME};
+pub use certs::{CaRotation, CertKind, CertificateInfo, RevokeTarget, SERVER_CERT_LIFETIME};
 pub use check::{CheckReport, KeyCheck};
 pub use error::KmsError;
 pub use grants::{CreateGrantRequest, GRANT_OPERATIONS};

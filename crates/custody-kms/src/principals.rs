@@ -307,7 +307,7 @@ impl Kms {
             IssuedClientCert {
                 cert_pem: cert.cert_pem,
                 key_pem: cert.key_pem,
-                ca_pem: issuer.cert_pem,
+                ca_pem: self.trust_bundle_in(u)?,
                 serial: cert.serial,
                 not_after: cert.not_after.unix_timestamp(),
             },

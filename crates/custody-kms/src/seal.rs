@@ -19,7 +19,7 @@ use crate::{Kms, KmsConfig, Unsealed};
 /// Row key of the store metadata in [`Table::Meta`].
 const STORE_META: &str = "store";
 /// Lifetime of the internal CA.
-const CA_LIFETIME: Duration = Duration::days(3650);
+pub(crate) const CA_LIFETIME: Duration = Duration::days(3650);
 /// Lifetime of the server certificate issued at init (the server renews it at two thirds).
 const SERVER_CERT_LIFETIME: Duration = Duration::days(30);
 /// Lifetime of the first administrator's client certificate: the longest a client certificate

@@ -19,15 +19,23 @@ const REVOCATION_REFRESH: Duration = Duration::from_secs(1);
 const FILE_WATCH: Duration = Duration::from_secs(2);
 
 /// Starts the certificate tasks; they end at shutdown.
-pub(crate) fn spawn(config: &ServerConfig, kms: Arc<Kms>, served: Arc<ServedCert>, shutdown: watch::Receiver<bool>) {
+pub(crate) fn spawn(
+    config: &ServerConfig,
+    kms: Arc<Kms>,
+    served: Arc<ServedCert>,
+    trust: Arc<tls::ClientTrust>,
+    shutdown: watch::Receiver<bool>,
+) {
     let k = kms.clone();
+    // The CA file the server writes the store's trust bundle into, when it is custody's own.
+    let own_ca_file = config.tls.client_ca_file.is_none().then(|| config.client_ca_file());
     tokio::spawn(crate::periodic(
-        "revocation refresh",
+        "revocation and trust refresh",
         REVOCATION_REFRESH,
         shutdown.clone(),
-        move || match k.refresh_revocations() {
-            // While sealed nothing but status and unseal is answered; revocations load at unseal.
-            Err(custody_kms::KmsError::Sealed) => Ok(0),
+        move || match refresh_trust(&k, &trust, own_ca_file.as_deref()) {
+            // While sealed nothing but status and unseal is answered; all of it loads at unseal.
+            Err(custody_kms::KmsError::Sealed) => Ok(()),
             other => other,
         },
         |_| {},
@@ -53,6 +61,27 @@ pub(crate) fn spawn(config: &ServerConfig, kms: Arc<Kms>, served: Arc<ServedCert
     let tick = (lifetime / 30).clamp(Duration::from_millis(500), Duration::from_secs(60));
     let tick = if watcher.managed { tick } else { tick.min(FILE_WATCH) };
     tokio::spawn(watcher.run(tick, shutdown));
+}
+
+/// Revoked serials and trusted CAs, from the store: every node follows a revocation or a CA
+/// rollover step within about a second.
+fn refresh_trust(kms: &Kms, trust: &tls::ClientTrust, own_ca_file: Option<&Path>) -> Result<(), custody_kms::KmsError> {
+    kms.refresh_revocations()?;
+    let bundle = kms.trust_bundle()?;
+    if let Some(file) = own_ca_file {
+        // Kept equal to the bundle, so a restart trusts the same CAs and a retired CA stays out.
+        if std::fs::read_to_string(file).ok().as_deref() != Some(bundle.as_str()) {
+            if let Err(e) = write_atomically(file, bundle.as_bytes(), false) {
+                tracing::error!(file = %file.display(), error = %e, "cannot write the CA bundle");
+            }
+        }
+    }
+    match trust.update(&bundle) {
+        Ok(true) => tracing::info!(cas = bundle.matches("BEGIN CERTIFICATE").count(), "trusted CAs changed"),
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, "cannot load the trusted CAs; keeping the current ones"),
+    }
+    Ok(())
 }
 
 struct Watcher {
@@ -111,7 +140,12 @@ impl Watcher {
         let current = self.served.current();
         let now = now_secs();
         let outlives = current.leaf.not_after > now + self.lifetime.as_secs() as i64 + 60;
-        if now < current.leaf.renew_at() && !outlives {
+        // After a CA rollover the certificate comes from the new CA at once.
+        let issuer_changed = match self.kms.ca_certificate() {
+            Ok(pem) => tls::describe_pem(pem.as_bytes()).is_ok_and(|ca| ca.common_name != current.leaf.issuer),
+            Err(_) => false,
+        };
+        if now < current.leaf.renew_at() && !outlives && !issuer_changed {
             return;
         }
         let names =

@@ -146,7 +146,8 @@ impl Server {
             let k = kms.clone();
             Arc::new(move |serial: &str| k.is_revoked(serial))
         };
-        let tls = tls::server_config(served.clone(), &config.client_ca_file(), revoked)?;
+        let trust = tls::ClientTrust::new(&config.client_ca_file(), revoked)?;
+        let tls = tls::server_config(served.clone(), trust.clone())?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen { addr: config.listen, source })?;
@@ -169,7 +170,7 @@ impl Server {
                 }
             },
         ));
-        certificates::spawn(&config, kms.clone(), served, shutdown_rx.clone());
+        certificates::spawn(&config, kms.clone(), served, trust, shutdown_rx.clone());
         let k = kms.clone();
         let every = Duration::from_millis(config.audit_checkpoint_interval_ms);
         tokio::spawn(periodic("audit checkpoint", every, shutdown_rx.clone(), move || k.audit_checkpoint(), |_| {}));

@@ -391,7 +391,7 @@ fn custody_action(
             let caller = authenticate(kms, identity, req, auth)?;
             access_action(kms, &caller, action, f)
         }
-        "RevokeCertificate" | "ListCertificates" | "IssueServerCertificate" => {
+        "RevokeCertificate" | "ListCertificates" | "IssueServerCertificate" | "RotateCa" => {
             let caller = authenticate(kms, identity, req, auth)?;
             certificate_action(kms, &caller, action, f)
         }
@@ -441,6 +441,15 @@ fn roles(f: &Fields) -> Result<Option<Vec<custody_kms::Role>>, ApiError> {
 fn certificate_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Value, ApiError> {
     Ok(match action {
         "ListCertificates" => json!({ "Certificates": kms.list_certificates(caller)? }),
+        "RotateCa" => {
+            let step = match f.required_str("Step")? {
+                "start" => custody_kms::CaRotation::Start,
+                "finish" => custody_kms::CaRotation::Finish,
+                "retire" => custody_kms::CaRotation::RetirePrevious,
+                _ => return Err(KmsError::validation("step", "Member must be one of: start, finish, retire").into()),
+            };
+            json!({ "CertificateAuthorities": kms.rotate_ca(caller, step)?, "TrustBundle": kms.trust_bundle()? })
+        }
         "RevokeCertificate" => {
             let target = match (f.get("Serial").and_then(Value::as_str), f.get("Principal")) {
                 (Some(serial), None) => custody_kms::RevokeTarget::Serial(serial.to_string()),

@@ -93,6 +93,8 @@ pub struct CertSummary {
     pub identity: Option<String>,
     /// Subject common name.
     pub common_name: String,
+    /// Issuer common name.
+    pub issuer: String,
 }
 
 impl CertSummary {
@@ -126,8 +128,10 @@ pub fn describe_der(der: &[u8]) -> Result<CertSummary, TlsError> {
             }
         }
     }
-    let common_name =
-        parsed.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or_default().to_string();
+    let cn = |name: &x509_parser::x509::X509Name<'_>| {
+        name.iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or_default().to_string()
+    };
+    let (common_name, issuer) = (cn(parsed.subject()), cn(parsed.issuer()));
     Ok(CertSummary {
         serial: custody_crypto::pki::serial_hex(parsed.raw_serial()),
         not_before: parsed.validity().not_before.timestamp(),
@@ -135,7 +139,17 @@ pub fn describe_der(der: &[u8]) -> Result<CertSummary, TlsError> {
         names,
         identity,
         common_name,
+        issuer,
     })
+}
+
+/// Reads the first certificate of PEM text.
+pub fn describe_pem(pem: &[u8]) -> Result<CertSummary, TlsError> {
+    let first = CertificateDer::pem_slice_iter(pem)
+        .next()
+        .ok_or_else(|| TlsError("no certificate".into()))?
+        .map_err(|e| TlsError(format!("bad PEM: {e}")))?;
+    describe_der(first.as_ref())
 }
 
 /// Reads the first certificate of a PEM file.
@@ -158,54 +172,87 @@ pub fn load_files(cert_file: &Path, key_file: &Path) -> Result<Loaded, TlsError>
 /// preferring the hybrid post-quantum X25519MLKEM768 and falling back to X25519, client
 /// certificates optional at the handshake but verified against `client_ca` when presented and
 /// refused when revoked; the served certificate is whatever `served` holds at each handshake.
-pub fn server_config(
-    served: Arc<ServedCert>,
-    client_ca_file: &Path,
-    revoked: RevocationCheck,
-) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = provider();
-    let mut roots = RootCertStore::empty();
-    for ca in load_certs(client_ca_file)? {
-        roots.add(ca).map_err(|e| TlsError(format!("bad CA certificate in {}: {e}", client_ca_file.display())))?;
-    }
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError(format!("cannot build the client verifier: {e}")))?;
-    let verifier = Arc::new(ClientVerifier { inner, revoked });
-    let mut config = ServerConfig::builder_with_provider(provider)
+pub fn server_config(served: Arc<ServedCert>, trust: Arc<ClientTrust>) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError(e.to_string()))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(trust)
         .with_cert_resolver(served);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
-/// The CA's verification, then revocation; every refusal is logged with its reason and the
-/// certificate's serial and identity, because the client only sees a TLS alert.
-struct ClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+/// Which client certificates the server accepts: those of the CAs in `tls.client_ca_file` and
+/// in the store's trust bundle (both CAs during a rollover), unless revoked. The CA set can
+/// change while the server runs ([`ClientTrust::update`]). Every refusal is logged with its
+/// reason and the certificate's serial and identity, because the client only sees a TLS alert.
+pub struct ClientTrust {
+    client_ca_file: std::path::PathBuf,
+    inner: RwLock<(String, Arc<dyn ClientCertVerifier>)>,
     revoked: RevocationCheck,
 }
 
-impl std::fmt::Debug for ClientVerifier {
+impl std::fmt::Debug for ClientTrust {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientVerifier").field("inner", &self.inner).finish_non_exhaustive()
+        f.debug_struct("ClientTrust").field("client_ca_file", &self.client_ca_file).finish_non_exhaustive()
     }
 }
 
-impl ClientCertVerifier for ClientVerifier {
+impl ClientTrust {
+    /// Trusts the CAs in `client_ca_file`.
+    pub fn new(client_ca_file: &Path, revoked: RevocationCheck) -> Result<Arc<Self>, TlsError> {
+        let inner = Self::verifier(client_ca_file, "")?;
+        Ok(Arc::new(Self {
+            client_ca_file: client_ca_file.to_path_buf(),
+            inner: RwLock::new((String::new(), inner)),
+            revoked,
+        }))
+    }
+
+    fn verifier(client_ca_file: &Path, bundle: &str) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for ca in load_certs(client_ca_file)? {
+            roots.add(ca).map_err(|e| TlsError(format!("bad CA certificate in {}: {e}", client_ca_file.display())))?;
+        }
+        for ca in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
+            let ca = ca.map_err(|e| TlsError(format!("bad CA certificate in the store: {e}")))?;
+            roots.add(ca).map_err(|e| TlsError(format!("bad CA certificate in the store: {e}")))?;
+        }
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError(format!("cannot build the client verifier: {e}")))
+    }
+
+    /// Trusts the CA file (read again) and `bundle` from the next handshake on, if `bundle`
+    /// changed. Returns whether it did.
+    pub fn update(&self, bundle: &str) -> Result<bool, TlsError> {
+        if self.inner.read().unwrap_or_else(|p| p.into_inner()).0 == bundle {
+            return Ok(false);
+        }
+        let verifier = Self::verifier(&self.client_ca_file, bundle)?;
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = (bundle.to_string(), verifier);
+        Ok(true)
+    }
+
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).1.clone()
+    }
+}
+
+impl ClientCertVerifier for ClientTrust {
     fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
+        true
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
+        false
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // No hints: they would have to outlive a CA change, and custody's clients know which
+        // certificate to present.
+        &[]
     }
 
     fn verify_client_cert(
@@ -216,7 +263,7 @@ impl ClientCertVerifier for ClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let serial = serial_of(end_entity).unwrap_or_default();
         let identity = identity_of(end_entity).unwrap_or_else(|| "-".into());
-        if let Err(e) = self.inner.verify_client_cert(end_entity, intermediates, now) {
+        if let Err(e) = self.current().verify_client_cert(end_entity, intermediates, now) {
             tracing::warn!(%serial, %identity, error = %e, "client certificate refused");
             return Err(e);
         }
@@ -233,7 +280,7 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.current().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -242,11 +289,11 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.current().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.current().supported_verify_schemes()
     }
 }
 
