@@ -354,7 +354,18 @@ fn expired_and_not_yet_valid_certificates_are_refused_with_a_clear_log_line() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pki_status_names_what_expires_inside_the_window() {
     let (dir, layout) = common::keyfile_dir();
-    let (server, _) = common::start(dir.path(), &layout, |_| {}).await;
+    // The server's own daily warning, with a window wide enough to include its certificate.
+    let (server, _) = common::start(dir.path(), &layout, |c| c.tls.expiry_warn_days = 400).await;
+    let started = Instant::now();
+    loop {
+        let records = server.kms().audit_records(0, 10_000).unwrap();
+        if let Some(r) = records.iter().find(|r| r.event.action == "Custody.CertificateExpiryWarning") {
+            assert!(r.event.alert && r.event.detail.as_deref().unwrap_or("").contains("server certificate"), "{r:?}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no expiry warning in the audit trail");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let profile = layout.admin_profile();
     let status = |warn: &'static str| {
         let profile = profile.clone();
