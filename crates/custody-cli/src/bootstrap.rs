@@ -8,8 +8,7 @@
 //! DIR/admin/profile.toml    connection profile for the CLI
 //! ```
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -146,18 +145,9 @@ pub fn write_profile(layout: &Layout, admin_name: &str, endpoint: &str) -> Resul
     Ok(path)
 }
 
-/// Writes a file with `mode` (created fresh; an existing file is replaced atomically).
+/// Writes a file with `mode`, replacing an existing one atomically ([`custody_server::write_file`]).
 pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    custody_server::write_file(path, bytes, mode).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// The store a command creates (init, restore): PostgreSQL if given, else `DIR/custody.db`.

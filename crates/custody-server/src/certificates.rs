@@ -71,7 +71,7 @@ fn refresh_trust(kms: &Kms, trust: &tls::ClientTrust, own_ca_file: Option<&Path>
     if let Some(file) = own_ca_file {
         // Kept equal to the bundle, so a restart trusts the same CAs and a retired CA stays out.
         if std::fs::read_to_string(file).ok().as_deref() != Some(bundle.as_str()) {
-            if let Err(e) = write_atomically(file, bundle.as_bytes(), false) {
+            if let Err(e) = crate::write_file(file, bundle.as_bytes(), 0o644) {
                 tracing::error!(file = %file.display(), error = %e, "cannot write the CA bundle");
             }
         }
@@ -169,8 +169,8 @@ impl Watcher {
                 return;
             }
         };
-        if let Err(e) = write_atomically(&self.key_file, cert.key_pem.expose_secret(), true)
-            .and_then(|()| write_atomically(&self.cert_file, cert.cert_pem.as_bytes(), false))
+        if let Err(e) = crate::write_file(&self.key_file, cert.key_pem.expose_secret(), 0o600)
+            .and_then(|()| crate::write_file(&self.cert_file, cert.cert_pem.as_bytes(), 0o644))
         {
             tracing::error!(error = %e, "the renewed server certificate could not be written; serving it from memory");
         }
@@ -266,20 +266,4 @@ fn now_secs() -> i64 {
 fn file_stamp(cert: &Path, key: &Path) -> Option<(SystemTime, SystemTime)> {
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     Some((modified(cert)?, modified(key)?))
-}
-
-/// Writes `bytes` to a temporary file beside `path` (mode 0600 for secrets), syncs it, and
-/// renames it over `path`, so a reader sees the old file or the new one, never half of one.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8], secret: bool) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    if !secret {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
-    }
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
 }

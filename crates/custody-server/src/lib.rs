@@ -42,6 +42,22 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The AWS JSON 1.1 content type.
 const AMZ_JSON: &str = "application/x-amz-json-1.1";
 
+/// Writes `bytes` to a new temporary file beside `path` with `mode`, syncs it, and renames it
+/// over `path`: a reader sees the old file or the new one, never half of one, and a secret is
+/// never readable by others, not even while being written.
+pub fn write_file(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    // Created 0600 by tempfile; widened (if at all) before any byte is written.
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
