@@ -51,6 +51,66 @@ pub enum SealChoice {
     },
     /// Development: root key in this file (created, mode 0600).
     KeyFile(PathBuf),
+    /// The root key wrapped by a key in a PKCS#11 token (created there if absent), with
+    /// `threshold` of `shares` Shamir recovery shares.
+    Pkcs11 {
+        /// module, token, key, PIN file
+        hsm: Pkcs11Args,
+        /// recovery threshold
+        threshold: usize,
+        /// recovery shares
+        shares: usize,
+    },
+}
+
+/// How to reach a PKCS#11 token.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct Pkcs11Args {
+    /// The token vendor's PKCS#11 module.
+    #[arg(long, value_name = "PATH", default_value = custody_hsm::softhsm::MODULE)]
+    pub module: PathBuf,
+    /// Label of the token.
+    #[arg(long, value_name = "LABEL", default_value = "custody")]
+    pub token_label: String,
+    /// Label of the AES key that wraps the root key (created if absent).
+    #[arg(long, value_name = "LABEL", default_value = "custody-root-wrap")]
+    pub key_label: String,
+    /// File holding the token's user PIN.
+    #[arg(long, value_name = "FILE", env = "CUSTODY_PKCS11_PIN_FILE")]
+    pub pin_file: Option<PathBuf>,
+}
+
+impl Pkcs11Args {
+    /// Opens the token (creating the wrapping key if `create_key`).
+    pub fn open(&self, create_key: bool) -> Result<custody_hsm::Hsm, String> {
+        let pin_file =
+            self.pin_file.as_ref().ok_or("--pin-file (or CUSTODY_PKCS11_PIN_FILE) is required for a PKCS#11 seal")?;
+        let pin = custody_crypto::SecretBytes::new(
+            std::fs::read(pin_file).map_err(|e| format!("cannot read the PIN file {}: {e}", pin_file.display()))?,
+        );
+        custody_hsm::Hsm::open(
+            &custody_hsm::HsmConfig {
+                module: self.module.clone(),
+                token_label: self.token_label.clone(),
+                key_label: self.key_label.clone(),
+                pin,
+            },
+            create_key,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// Wraps `root` with the token's key: the seal metadata the store keeps.
+    pub fn seal(&self, root: &RootKey, create_key: bool) -> Result<custody_kms::Pkcs11Seal, String> {
+        let hsm = self.open(create_key)?;
+        let wrapped_root = hsm.wrap(root.expose_secret(), custody_kms::PKCS11_WRAP_AAD).map_err(|e| e.to_string())?;
+        Ok(custody_kms::Pkcs11Seal {
+            module: std::path::absolute(&self.module).unwrap_or_else(|_| self.module.clone()).display().to_string(),
+            token_label: self.token_label.clone(),
+            key_label: self.key_label.clone(),
+            wrapped_root,
+        })
+    }
 }
 
 /// Paths of what was written.
@@ -104,6 +164,11 @@ pub fn init(b: Bootstrap) -> Result<(Layout, InitOutput), String> {
             };
             let abs = std::path::absolute(path).unwrap_or_else(|_| path.clone());
             InitSeal::KeyFile { root, path: Some(abs.display().to_string()) }
+        }
+        SealChoice::Pkcs11 { hsm, threshold, shares } => {
+            let root = RootKey::generate();
+            let seal = hsm.seal(&root, true)?;
+            InitSeal::Pkcs11 { root, seal, threshold: *threshold, shares: *shares }
         }
     };
     let backend = open_new_store(&layout, b.database.as_ref())?;

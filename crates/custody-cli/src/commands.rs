@@ -26,15 +26,19 @@ pub struct InitArgs {
     /// Data directory to create.
     #[arg(long, value_name = "DIR")]
     pub data: PathBuf,
-    /// Seal method: `shamir` or `keyfile:PATH` (development only).
+    /// Seal method: `shamir`, `pkcs11` (the root key wrapped in an HSM; the server unseals
+    /// itself at start) or `keyfile:PATH` (development only).
     #[arg(long, default_value = "shamir")]
     pub seal: String,
-    /// Number of unseal shares (Shamir).
+    /// Number of unseal shares (Shamir), or of recovery shares (PKCS#11).
     #[arg(long, default_value_t = 5)]
     pub shares: usize,
-    /// Shares needed to unseal (Shamir).
+    /// Shares needed to unseal (Shamir) or to recover without the token (PKCS#11).
     #[arg(long, default_value_t = 3)]
     pub threshold: usize,
+    /// The PKCS#11 token (with --seal pkcs11).
+    #[command(flatten)]
+    pub pkcs11: bootstrap::Pkcs11Args,
     /// Write each share to DIR/share-N.txt (mode 0600) instead of printing them.
     #[arg(long, value_name = "DIR")]
     pub shares_dir: Option<PathBuf>,
@@ -82,6 +86,10 @@ pub struct UnsealArgs {
     /// File holding one share (repeatable). Without it, shares are read from the terminal.
     #[arg(long = "share-file", value_name = "FILE")]
     pub share_files: Vec<PathBuf>,
+    /// The shares are the recovery shares of a PKCS#11-sealed store (its token is lost or
+    /// refused the PIN). They unseal it the same way.
+    #[arg(long)]
+    pub recovery: bool,
 }
 
 /// `custody key ...`
@@ -461,6 +469,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Agent(args) => crate::pki::agent(&cli.conn, args, json).await,
         Command::Check => check(&cli.conn, json).await,
         Command::Backup(cmd) => crate::backup::backup(&cli.conn, cmd, json).await,
+        Command::Seal(cmd) => crate::seal::seal(cmd, json),
     }
 }
 
@@ -468,9 +477,10 @@ fn init(a: InitArgs, json: bool) -> Result<()> {
     let usage = |m: String| CliError::new(exit::INVALID_REQUEST, m);
     let seal = match a.seal.as_str() {
         "shamir" => SealChoice::Shamir { threshold: a.threshold, shares: a.shares },
+        "pkcs11" => SealChoice::Pkcs11 { hsm: a.pkcs11.clone(), threshold: a.threshold, shares: a.shares },
         s => match s.strip_prefix("keyfile:") {
             Some(p) if !p.is_empty() => SealChoice::KeyFile(PathBuf::from(p)),
-            _ => return Err(usage(format!("--seal must be shamir or keyfile:PATH, got {s:?}"))),
+            _ => return Err(usage(format!("--seal must be shamir, pkcs11 or keyfile:PATH, got {s:?}"))),
         },
     };
     let tenant = a
@@ -527,28 +537,47 @@ fn init(a: InitArgs, json: bool) -> Result<()> {
     println!("  account:       {}", out.tenant);
     println!("  administrator: {} (profile {})", out.admin, layout.admin_profile().display());
     println!("  CA:            {}", layout.ca_cert().display());
-    match &seal {
-        SealChoice::KeyFile(p) => println!("  seal:          key file {} (DEVELOPMENT ONLY)", p.display()),
+    let kind = match &seal {
+        SealChoice::KeyFile(p) => {
+            println!("  seal:          key file {} (DEVELOPMENT ONLY)", p.display());
+            None
+        }
         SealChoice::Shamir { threshold, shares: n } => {
             println!("  seal:          Shamir, {threshold} of {n} shares unseal");
-            if share_files.is_empty() {
-                println!("\nUnseal shares. They are shown ONCE and stored nowhere. Give each to a different person:\n");
-                for (i, s) in shares.iter().enumerate() {
-                    println!("  share {}: {}", i + 1, s.as_str());
-                }
-            } else {
-                println!("\nUnseal shares written to:");
-                for p in &share_files {
-                    println!("  {}", p.display());
-                }
+            Some("Unseal")
+        }
+        SealChoice::Pkcs11 { hsm, threshold, shares: n } => {
+            println!(
+                "  seal:          PKCS#11 token {:?}, key {:?} (the server unseals itself at start)",
+                hsm.token_label, hsm.key_label
+            );
+            println!("  recovery:      {threshold} of {n} shares recover the store if the token is lost");
+            Some("Recovery")
+        }
+    };
+    if let Some(kind) = kind {
+        if share_files.is_empty() {
+            println!("\n{kind} shares. They are shown ONCE and stored nowhere. Give each to a different person:\n");
+            for (i, s) in shares.iter().enumerate() {
+                println!("  share {}: {}", i + 1, s.as_str());
+            }
+        } else {
+            println!("\n{kind} shares written to:");
+            for p in &share_files {
+                println!("  {}", p.display());
             }
         }
     }
-    println!(
-        "\nNext: custody server --data {}   then   custody unseal --profile {}",
-        a.data.display(),
-        layout.admin_profile().display()
-    );
+    match &seal {
+        SealChoice::Pkcs11 { .. } => {
+            println!("\nNext: CUSTODY_PKCS11_PIN_FILE=PIN-FILE custody server --data {}", a.data.display())
+        }
+        _ => println!(
+            "\nNext: custody server --data {}   then   custody unseal --profile {}",
+            a.data.display(),
+            layout.admin_profile().display()
+        ),
+    }
     Ok(())
 }
 
@@ -615,7 +644,8 @@ async fn unseal(conn: &ConnArgs, a: UnsealArgs, json: bool) -> Result<()> {
     let mut files = a.share_files.into_iter();
     while status["Sealed"] == true {
         let share = if interactive {
-            let prompt = format!("Unseal share ({} of {} so far): ", status["Progress"], status["Threshold"]);
+            let kind = if a.recovery || status["SealType"] == "pkcs11" { "Recovery" } else { "Unseal" };
+            let prompt = format!("{kind} share ({} of {} so far): ", status["Progress"], status["Threshold"]);
             if std::io::stdin().is_terminal() {
                 Zeroizing::new(
                     rpassword::prompt_password(prompt).map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?,

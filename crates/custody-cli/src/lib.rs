@@ -9,6 +9,7 @@ mod commands;
 mod dev;
 pub mod exit;
 mod pki;
+mod seal;
 
 /// The process's allocator. glibc's malloc serialized the server's threads on its arena locks
 /// (perf: futex waits under malloc/free, from buffers allocated on one thread and freed on
@@ -148,6 +149,10 @@ Examples:
     /// Backups that are proven to restore (security officer).
     #[command(subcommand)]
     Backup(backup::BackupCommand),
+    /// How the root key is kept: `custody seal migrate` between Shamir shares and a PKCS#11
+    /// token (offline).
+    #[command(subcommand)]
+    Seal(seal::SealCommand),
     /// Check the store's integrity: every row opens, every key version unwraps, aliases point at
     /// live keys, the audit trail verifies. Exits 1 if anything is wrong.
     #[command(after_help = "Examples:\n  custody check\n  custody check --json")]

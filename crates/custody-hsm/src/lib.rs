@@ -209,8 +209,11 @@ pub mod softhsm {
         let tokens = dir.join("tokens");
         std::fs::create_dir_all(&tokens).map_err(|e| format!("cannot create {}: {e}", tokens.display()))?;
         let conf = dir.join("softhsm2.conf");
-        std::fs::write(&conf, format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()))
-            .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+        std::fs::write(
+            &conf,
+            format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()),
+        )
+        .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
         let out = std::process::Command::new("softhsm2-util")
             .env("SOFTHSM2_CONF", &conf)
             .args(["--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", "so-pin-0000"])

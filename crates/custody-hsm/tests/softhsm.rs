@@ -1,9 +1,9 @@
 //! Against a real SoftHSM2 token: the wrapping key is created non-extractable, wraps and unwraps
 //! the root, and every way of getting it wrong says what is wrong.
 
+use cryptoki::object::{Attribute, AttributeType};
 use custody_crypto::SecretBytes;
 use custody_hsm::{softhsm, Hsm, HsmConfig, HsmError};
-use cryptoki::object::{Attribute, AttributeType};
 
 fn config(token: &str, pin: &str) -> HsmConfig {
     HsmConfig {
@@ -45,12 +45,11 @@ fn the_root_is_wrapped_by_a_key_that_never_leaves_the_token() {
 
     // The key is sensitive and not extractable: its value cannot be read out.
     let ctx = cryptoki::context::Pkcs11::new(softhsm::MODULE).unwrap();
-    ctx.initialize(cryptoki::context::CInitializeArgs::new(cryptoki::context::CInitializeFlags::OS_LOCKING_OK)).unwrap();
+    ctx.initialize(cryptoki::context::CInitializeArgs::new(cryptoki::context::CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
     let slot = ctx.get_slots_with_initialized_token().unwrap()[0];
     let session = ctx.open_ro_session(slot).unwrap();
-    session
-        .login(cryptoki::session::UserType::User, Some(&cryptoki::types::AuthPin::new("1234".into())))
-        .unwrap();
+    session.login(cryptoki::session::UserType::User, Some(&cryptoki::types::AuthPin::new("1234".into()))).unwrap();
     let key = session.find_objects(&[Attribute::Label(b"custody-root-wrap".to_vec())]).unwrap()[0];
     let attrs = session.get_attributes(key, &[AttributeType::Sensitive, AttributeType::Extractable]).unwrap();
     assert!(attrs.contains(&Attribute::Sensitive(true)) && attrs.contains(&Attribute::Extractable(false)), "{attrs:?}");

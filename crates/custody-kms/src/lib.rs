@@ -45,7 +45,7 @@ pub use ids::{AliasName, KeyId, KeyRef, PrincipalName, TenantId};
 pub use model::Role;
 pub use ops::*;
 pub use principals::{IssuedClientCert, PrincipalInfo, TenantInfo, CLIENT_CERT_TTL};
-pub use seal::{InitOptions, InitOutput, InitSeal, SealStatus};
+pub use seal::{InitOptions, InitOutput, InitSeal, Pkcs11Seal, SealStatus, SealTarget, PKCS11_WRAP_AAD};
 
 use crate::authz::{Authorized, CreatesMaterial, UsesMaterial};
 use crate::model::{version_row, KeyRecord, VersionRecord};

@@ -47,6 +47,46 @@ pub enum InitSeal {
         /// where the caller keeps it
         path: Option<String>,
     },
+    /// The root key wrapped by a key inside a PKCS#11 token (the caller wrapped it, see
+    /// `custody-hsm`), plus Shamir recovery shares of it in case the token is lost.
+    Pkcs11 {
+        /// the root key (the caller generated it and wrapped it with the token's key)
+        root: RootKey,
+        /// how the token and key are found; the wrapped root
+        seal: Pkcs11Seal,
+        /// recovery shares needed
+        threshold: usize,
+        /// recovery shares made
+        shares: usize,
+    },
+}
+
+/// Where a PKCS#11-sealed store's root key is: the token, the wrapping key, and the root key as
+/// that key encrypted it (with [`PKCS11_WRAP_AAD`]). Nothing here is secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pkcs11Seal {
+    /// Path of the PKCS#11 module recorded at init (the server's setting may override it).
+    pub module: String,
+    /// Token label.
+    pub token_label: String,
+    /// Label of the AES wrapping key.
+    pub key_label: String,
+    /// The root key as the token's key encrypted it.
+    #[serde(with = "hex_bytes")]
+    pub wrapped_root: Vec<u8>,
+}
+
+/// Additional data authenticated with the root key when the token wraps it.
+pub const PKCS11_WRAP_AAD: &[u8] = b"custody/v1/pkcs11-root-key";
+
+/// A change of how a store is sealed (`custody seal migrate`); the root key stays the same, so
+/// no key version is touched.
+#[derive(Debug, Clone)]
+pub enum SealTarget {
+    /// Shamir shares: the PKCS#11 seal's recovery shares become the unseal shares.
+    Shamir,
+    /// A PKCS#11 token: the Shamir shares become its recovery shares.
+    Pkcs11(Pkcs11Seal),
 }
 
 /// What `init` needs.
@@ -127,6 +167,14 @@ enum SealMeta {
         #[serde(default)]
         path: Option<String>,
     },
+    Pkcs11 {
+        #[serde(flatten)]
+        seal: Pkcs11Seal,
+        /// Recovery shares.
+        threshold: usize,
+        shares: usize,
+        fingerprints: Vec<String>,
+    },
 }
 
 #[derive(Debug)]
@@ -151,6 +199,12 @@ impl Kms {
                 (root, split, SealMeta::Shamir { threshold, shares, fingerprints })
             }
             InitSeal::KeyFile { root, path } => (root, Vec::new(), SealMeta::Keyfile { path }),
+            InitSeal::Pkcs11 { root, seal, threshold, shares } => {
+                let split = shamir::split(&root, threshold, shares)
+                    .map_err(|e| KmsError::validation("shares", e.to_string()))?;
+                let fingerprints = split.iter().map(|s| hex::encode(s.fingerprint())).collect();
+                (root, split, SealMeta::Pkcs11 { seal, threshold, shares, fingerprints })
+            }
         };
         let now = now_ms();
         let now_dt = OffsetDateTime::now_utc();
@@ -300,9 +354,83 @@ impl Kms {
     /// recorded at init, if any).
     pub fn key_file_seal(&self) -> Result<Option<Option<String>>, KmsError> {
         Ok(match self.meta()?.seal {
-            SealMeta::Shamir { .. } => None,
+            SealMeta::Shamir { .. } | SealMeta::Pkcs11 { .. } => None,
             SealMeta::Keyfile { path } => Some(path),
         })
+    }
+
+    /// The token and wrapped root key of a PKCS#11-sealed store (`None` for other seals).
+    pub fn pkcs11_seal(&self) -> Result<Option<Pkcs11Seal>, KmsError> {
+        Ok(match self.meta()?.seal {
+            SealMeta::Pkcs11 { seal, .. } => Some(seal),
+            _ => None,
+        })
+    }
+
+    /// Reseals a store another way (`custody seal migrate`), given its root key. Offline: the
+    /// caller holds the store (no server runs on it). Nothing but the seal metadata changes.
+    pub fn migrate_seal(backend: &Arc<dyn Backend>, root: &RootKey, to: SealTarget) -> Result<(), KmsError> {
+        let row = backend.get(Table::Meta, STORE_META)?.ok_or(KmsError::NotInitialized)?;
+        let mut meta: StoreMeta = serde_json::from_slice(&row.value)
+            .map_err(|e| KmsError::Internal(format!("store metadata unreadable: {e}")))?;
+        let check =
+            RootKeyCheck::from_bytes(&meta.root_check).ok_or_else(|| KmsError::Integrity("meta/store".into()))?;
+        if !check.matches(root) {
+            return Err(KmsError::InvalidShare("the key does not unseal this store".into()));
+        }
+        meta.seal = match (meta.seal, to) {
+            (SealMeta::Shamir { threshold, shares, fingerprints }, SealTarget::Pkcs11(seal)) => {
+                SealMeta::Pkcs11 { seal, threshold, shares, fingerprints }
+            }
+            (SealMeta::Pkcs11 { threshold, shares, fingerprints, .. }, SealTarget::Shamir) => {
+                SealMeta::Shamir { threshold, shares, fingerprints }
+            }
+            // A new token (or key) for a PKCS#11 store: same recovery shares.
+            (SealMeta::Pkcs11 { threshold, shares, fingerprints, .. }, SealTarget::Pkcs11(seal)) => {
+                SealMeta::Pkcs11 { seal, threshold, shares, fingerprints }
+            }
+            (SealMeta::Shamir { .. }, SealTarget::Shamir) => {
+                return Err(KmsError::validation("to", "this store is already sealed with Shamir shares"))
+            }
+            (SealMeta::Keyfile { .. }, _) => {
+                return Err(KmsError::validation(
+                    "to",
+                    "a key-file store (development) cannot be migrated; restore a backup into a new store instead",
+                ))
+            }
+        };
+        backend.apply(&[Write::Put {
+            table: Table::Meta,
+            key: STORE_META.into(),
+            value: serde_json::to_vec(&meta).expect("meta serializes"),
+            expect: Expect::Rev(row.rev),
+        }])?;
+        Ok(())
+    }
+
+    /// The root key from `threshold` shares of this store (for offline tools: `seal migrate`).
+    pub fn root_from_shares(backend: &Arc<dyn Backend>, texts: &[String]) -> Result<RootKey, KmsError> {
+        let row = backend.get(Table::Meta, STORE_META)?.ok_or(KmsError::NotInitialized)?;
+        let meta: StoreMeta = serde_json::from_slice(&row.value)
+            .map_err(|e| KmsError::Internal(format!("store metadata unreadable: {e}")))?;
+        let (SealMeta::Shamir { fingerprints, .. } | SealMeta::Pkcs11 { fingerprints, .. }) = &meta.seal else {
+            return Err(KmsError::InvalidShare("this store has no shares (key-file seal)".into()));
+        };
+        let mut shares = Vec::new();
+        for t in texts {
+            let share = UnsealShare::parse(t).map_err(|e| KmsError::InvalidShare(e.to_string()))?;
+            if !fingerprints.contains(&hex::encode(share.fingerprint())) {
+                return Err(KmsError::InvalidShare("a share was not issued for this store".into()));
+            }
+            shares.push(share);
+        }
+        let root = shamir::combine(&shares).map_err(|e| KmsError::InvalidShare(e.to_string()))?;
+        let check =
+            RootKeyCheck::from_bytes(&meta.root_check).ok_or_else(|| KmsError::Integrity("meta/store".into()))?;
+        if !check.matches(&root) {
+            return Err(KmsError::InvalidShare("the shares do not unseal this store (too few?)".into()));
+        }
+        Ok(root)
     }
 
     /// Seal status.
@@ -315,6 +443,7 @@ impl Kms {
         let (seal_type, threshold, shares) = match meta.seal {
             SealMeta::Shamir { threshold, shares, .. } => ("shamir", threshold, shares),
             SealMeta::Keyfile { .. } => ("keyfile", 0, 0),
+            SealMeta::Pkcs11 { threshold, shares, .. } => ("pkcs11", threshold, shares),
         };
         Ok(SealStatus { sealed, seal_type, threshold, shares, progress, store_id: meta.store_id })
     }
@@ -325,7 +454,10 @@ impl Kms {
     /// same share twice counts once.
     pub fn submit_share(&self, text: &str) -> Result<SealStatus, KmsError> {
         let meta = self.meta()?;
-        let SealMeta::Shamir { threshold, fingerprints, .. } = &meta.seal else {
+        // A PKCS#11 store's recovery shares unseal it the same way when the token is lost.
+        let (SealMeta::Shamir { threshold, fingerprints, .. } | SealMeta::Pkcs11 { threshold, fingerprints, .. }) =
+            &meta.seal
+        else {
             return Err(KmsError::InvalidShare("this store is sealed with a key file, not shares".into()));
         };
         let share = UnsealShare::parse(text).map_err(|e| KmsError::InvalidShare(e.to_string()))?;
@@ -359,7 +491,7 @@ impl Kms {
         let meta = self.meta()?;
         let unsealed = self.unsealed_with(&meta, root)?;
         *self.seal.write().unwrap_or_else(|p| p.into_inner()) = SealState::Unsealed(Arc::new(unsealed));
-        tracing::info!("unsealed with the key file");
+        tracing::info!("unsealed with the root key");
         Ok(())
     }
 

@@ -43,7 +43,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "danger_allow_plaintext_database", env: "CUSTODY_DANGER_ALLOW_PLAINTEXT_DATABASE", kind: Kind::Bool, default: "false", doc: "DANGER: connect to a PostgreSQL server that is not on this machine without TLS. Sealed rows stay sealed, but row keys, revisions and the database password cross the network in the clear." },
     Setting { name: "listen", env: "CUSTODY_LISTEN", kind: Kind::Text, default: "127.0.0.1:8443", doc: "Address and port to listen on (port 0 picks a free port)." },
     Setting { name: "region", env: "CUSTODY_REGION", kind: Kind::Text, default: "us-east-1", doc: "Region named in key and alias ARNs." },
-    Setting { name: "seal", env: "CUSTODY_SEAL", kind: Kind::Text, default: "as initialized", doc: "How the store is unsealed; by default as `custody init` set it up. `shamir`: start sealed, unseal with shares. `keyfile:PATH`: development only, unseal at start with the root key in PATH (overrides the path recorded at init). A setting that contradicts the store is refused at start." },
+    Setting { name: "seal", env: "CUSTODY_SEAL", kind: Kind::Text, default: "as initialized", doc: "How the store is unsealed; by default as `custody init` set it up. `shamir`: start sealed, unseal with shares (for a PKCS#11 store: do not use the token, unseal with the recovery shares). `pkcs11`: unwrap the root key with the token at start. `keyfile:PATH`: development only, unseal at start with the root key in PATH (overrides the path recorded at init). A setting that contradicts the store is refused at start." },
     Setting { name: "scheduler_interval_ms", env: "CUSTODY_SCHEDULER_INTERVAL_MS", kind: Kind::Integer, default: "60000", doc: "How often the scheduler looks for due rotations and deletions." },
     Setting { name: "max_request_bytes", env: "CUSTODY_MAX_REQUEST_BYTES", kind: Kind::Integer, default: "65536", doc: "Largest request body accepted; larger requests get 413." },
         Setting {
@@ -71,6 +71,8 @@ Setting { name: "audit_retain_days", env: "CUSTODY_AUDIT_RETAIN_DAYS", kind: Kin
     Setting { name: "tls.client_ca_file", env: "CUSTODY_TLS_CLIENT_CA_FILE", kind: Kind::Text, default: "<data_dir>/tls/ca.crt", doc: "CA whose client certificates are accepted (the internal CA)." },
     Setting { name: "tls.expiry_warn_days", env: "CUSTODY_TLS_EXPIRY_WARN_DAYS", kind: Kind::Integer, default: "7", doc: "Inside this many days of the served certificate's or the CA's expiry, the server logs a warning and writes an audit alert once a day." },
     Setting { name: "danger_server_cert_lifetime_seconds", env: "CUSTODY_DANGER_SERVER_CERT_LIFETIME_SECONDS", kind: Kind::Integer, default: "2592000", doc: "DANGER, tests only below the default: the lifetime of the certificates the server issues itself (it renews at two thirds of it). Used to watch renewals happen in seconds." },
+    Setting { name: "pkcs11.pin_file", env: "CUSTODY_PKCS11_PIN_FILE", kind: Kind::Text, default: "<none>", doc: "File holding the PKCS#11 token's user PIN (mode 0600). A store sealed with `--seal pkcs11` unseals itself at start with it; if the token refuses it or is missing, the server says why and stays sealed (`custody unseal --recovery` takes the recovery shares)." },
+    Setting { name: "pkcs11.module", env: "CUSTODY_PKCS11_MODULE", kind: Kind::Text, default: "<as initialized>", doc: "The PKCS#11 module, when it is not where it was at `custody init` (the token and key labels are recorded in the store)." },
     Setting { name: "separation_of_duties", env: "CUSTODY_SEPARATION_OF_DUTIES", kind: Kind::Text, default: "enforce", doc: "`enforce`: a key policy or grant that would let one principal both administer a key and decrypt with it is refused. `warn`: allowed, with an audit alert (what `custody dev` uses)." },
     Setting { name: "default_key_policy", env: "CUSTODY_DEFAULT_KEY_POLICY", kind: Kind::Text, default: "key-admins", doc: "The policy of a key created without one. `key-admins`: the tenant's key admins administer it and nobody may use it until a key policy or grant opens it. `tenant`: also every key user of the tenant may use it (what `custody dev` uses)." },
     Setting { name: "danger_disable_audit", env: "CUSTODY_DANGER_DISABLE_AUDIT", kind: Kind::Bool, default: "false", doc: "DANGER, benchmarks only: write no audit records at all, so the audit's cost can be measured against the same server without it. Requests are then unrecorded; the server logs an error at start and `custody status` shows it." },
@@ -139,6 +141,9 @@ pub struct ServerConfig {
     #[serde(default)]
     pub tls: TlsSettings,
     /// See [`SETTINGS`].
+    #[serde(default)]
+    pub pkcs11: Pkcs11Settings,
+    /// See [`SETTINGS`].
     #[serde(default = "defaults::day_length_ms")]
     pub danger_day_length_ms: u64,
     /// See [`SETTINGS`].
@@ -176,6 +181,16 @@ impl Default for TlsSettings {
     }
 }
 
+/// `[pkcs11]` settings (the token and key labels are recorded in the store at init).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Settings {
+    /// The PKCS#11 module, if not the one recorded at init.
+    pub module: Option<PathBuf>,
+    /// File holding the token's user PIN.
+    pub pin_file: Option<PathBuf>,
+}
+
 /// How the server unseals itself at start, if at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SealSetting {
@@ -183,6 +198,8 @@ pub enum SealSetting {
     Shamir,
     /// Read the root key from this file at start.
     KeyFile(PathBuf),
+    /// Unwrap the root key with the PKCS#11 token at start.
+    Pkcs11,
 }
 
 /// A configuration problem, with what to do about it.
@@ -336,9 +353,10 @@ impl ServerConfig {
         let Some(seal) = self.seal.as_deref() else { return Ok(None) };
         match seal {
             "shamir" => Ok(Some(SealSetting::Shamir)),
+            "pkcs11" => Ok(Some(SealSetting::Pkcs11)),
             s => match s.strip_prefix("keyfile:") {
                 Some(p) if !p.is_empty() => Ok(Some(SealSetting::KeyFile(PathBuf::from(p)))),
-                _ => Err(ConfigError(format!("seal must be `shamir` or `keyfile:PATH`, got {s:?}"))),
+                _ => Err(ConfigError(format!("seal must be `shamir`, `pkcs11` or `keyfile:PATH`, got {s:?}"))),
             },
         }
     }

@@ -128,14 +128,18 @@ impl Server {
         );
         // The store knows how it is sealed; the setting may only confirm it or move the key file.
         let stored = kms.key_file_seal().map_err(|e| StartError::Store(e.to_string()))?;
-        let key_file = match (stored, config.seal_setting()?) {
+        let pkcs11 = kms.pkcs11_seal().map_err(|e| StartError::Store(e.to_string()))?;
+        let setting = config.seal_setting()?;
+        let key_file = match (stored, setting.clone()) {
             (None, None | Some(config::SealSetting::Shamir)) => None,
-            (None, Some(config::SealSetting::KeyFile(_))) => {
-                return Err(StartError::Store(
-                    "this store is sealed with Shamir shares, not a key file: remove the keyfile seal setting and unseal with `custody unseal`".into(),
-                ))
+            (None, Some(config::SealSetting::Pkcs11)) if pkcs11.is_some() => None,
+            (None, Some(config::SealSetting::KeyFile(_) | config::SealSetting::Pkcs11)) => {
+                return Err(StartError::Store(format!(
+                    "this store is sealed with {}: remove the seal setting (it is read from the store)",
+                    if pkcs11.is_some() { "a PKCS#11 token" } else { "Shamir shares" }
+                )))
             }
-            (Some(_), Some(config::SealSetting::Shamir)) => {
+            (Some(_), Some(config::SealSetting::Shamir | config::SealSetting::Pkcs11)) => {
                 return Err(StartError::Store(
                     "this store is sealed with a key file, not Shamir shares: set seal = \"keyfile:PATH\" (or remove the setting)".into(),
                 ))
@@ -151,6 +155,13 @@ impl Server {
             let root = keyfile::read(&path).map_err(StartError::Store)?;
             kms.unseal_with_root(root)
                 .map_err(|e| StartError::Store(format!("the key file does not unseal this store: {e}")))?;
+        }
+        if let Some(seal) = pkcs11 {
+            if setting == Some(config::SealSetting::Shamir) {
+                tracing::warn!("seal = \"shamir\": not using the PKCS#11 token; unseal with the recovery shares");
+            } else {
+                auto_unseal(&kms, seal, &config).await;
+            }
         }
         if let Some(path) = &config.audit_file {
             let file = audit_file::AuditFile::open(path, config.audit_file_max_bytes)
@@ -209,6 +220,36 @@ impl Server {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
+    }
+}
+
+/// Unwraps the root key with the PKCS#11 token and unseals. On failure the server stays sealed
+/// and says why and what to do; it still starts, so that recovery shares can be submitted.
+async fn auto_unseal(kms: &Arc<Kms>, seal: custody_kms::Pkcs11Seal, config: &ServerConfig) {
+    let module = config.pkcs11.module.clone().unwrap_or_else(|| std::path::PathBuf::from(&seal.module));
+    let pin_file = config.pkcs11.pin_file.clone();
+    let opened = tokio::task::spawn_blocking(move || -> Result<custody_crypto::RootKey, String> {
+        let pin_file = pin_file.ok_or("no PIN: set pkcs11.pin_file (CUSTODY_PKCS11_PIN_FILE)")?;
+        let pin = custody_crypto::SecretBytes::new(
+            std::fs::read(&pin_file).map_err(|e| format!("cannot read the PIN file {}: {e}", pin_file.display()))?,
+        );
+        let hsm = custody_hsm::Hsm::open(
+            &custody_hsm::HsmConfig { module, token_label: seal.token_label, key_label: seal.key_label, pin },
+            false,
+        )
+        .map_err(|e| e.to_string())?;
+        let root = hsm.unwrap(&seal.wrapped_root, custody_kms::PKCS11_WRAP_AAD).map_err(|e| e.to_string())?;
+        custody_crypto::RootKey::from_bytes(root.expose_secret())
+            .ok_or_else(|| "the unwrapped root key is not 32 bytes".into())
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("the PKCS#11 task failed: {e}")));
+    match opened.and_then(|root| kms.unseal_with_root(root).map_err(|e| e.to_string())) {
+        Ok(()) => tracing::info!("unsealed with the PKCS#11 token"),
+        Err(why) => tracing::error!(
+            error = %why,
+            "PKCS#11 auto-unseal failed: the server stays sealed. Fix it and restart, or unseal with the recovery shares: custody unseal --recovery"
+        ),
     }
 }
 
