@@ -590,6 +590,7 @@ async fn server(a: ServerArgs) -> Result<()> {
     if let Some(l) = a.listen {
         config.listen = l;
     }
+    custody_server::process::harden(config.danger_allow_swap).map_err(|e| CliError::new(exit::FAILURE, e))?;
     let server =
         custody_server::Server::start(config).await.map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
     let sealed = server.kms().status().map(|s| s.sealed).unwrap_or(true);

@@ -54,6 +54,10 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
     // Development only: one principal holds every role and new keys are usable by it.
     config.separation_of_duties = "warn".into();
     config.default_key_policy = "tenant".into();
+    // Core dumps are off and memory is locked where the limits allow; a laptop's small
+    // locked-memory limit does not stop development.
+    config.danger_allow_swap = true;
+    custody_server::process::harden(config.danger_allow_swap).map_err(fail)?;
     let server = custody_server::Server::start(config).await.map_err(|e| fail(e.to_string()))?;
     let addr = server.local_addr();
     let host = match addr.ip() {

@@ -44,6 +44,7 @@ fn canaries_appear_nowhere() {
         .arg(&data)
         .args(["--listen", "127.0.0.1:0"])
         .env("RUST_LOG", "trace")
+        .env("CUSTODY_DANGER_ALLOW_SWAP", "true") // see common::spawn_server_with
         .env("CUSTODY_SEPARATION_OF_DUTIES", "warn")
         .env("CUSTODY_DEFAULT_KEY_POLICY", "tenant")
         .stdin(Stdio::null())

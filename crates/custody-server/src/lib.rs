@@ -10,6 +10,7 @@ pub mod audit_file;
 mod certificates;
 pub mod config;
 pub mod keyfile;
+pub mod process;
 pub mod protocol;
 pub mod sigv4;
 pub mod tls;
