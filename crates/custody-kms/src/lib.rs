@@ -74,7 +74,16 @@ pub struct KmsConfig {
     pub danger_disable_audit: bool,
     /// What the policy of a key created without one allows.
     pub default_key_policy: DefaultKeyPolicy,
+    /// Encryptions under one key version after which the key rotates by itself
+    /// ([`DEFAULT_KEY_USAGE_LIMIT`]; docs/SECURITY.md has the bound).
+    pub key_usage_limit: u64,
 }
+
+/// Encryptions per key version before an automatic rotation: 2^32, the limit NIST SP 800-38D
+/// sets for AES-GCM with random 96-bit nonces under one key. custody's blobs derive a fresh key
+/// and nonce per message from a 256-bit salt, so its own bound is far higher; this keeps every
+/// version within the stricter, better-known one.
+pub const DEFAULT_KEY_USAGE_LIMIT: u64 = 1 << 32;
 
 /// What happens when a key policy or grant would let one principal both administer a key and
 /// decrypt with it.
@@ -110,6 +119,7 @@ impl Default for KmsConfig {
             separation_of_duties: SeparationOfDuties::Enforce,
             danger_disable_audit: false,
             default_key_policy: DefaultKeyPolicy::KeyAdminsOnly,
+            key_usage_limit: DEFAULT_KEY_USAGE_LIMIT,
         }
     }
 }
@@ -125,6 +135,8 @@ pub struct Kms {
     policies: std::sync::Mutex<std::collections::HashMap<String, Arc<policy::Policy>>>,
     /// Serials of revoked certificates, as last loaded from the store ([`Kms::refresh_revocations`]).
     revoked: RwLock<std::collections::HashSet<String>>,
+    /// Encryptions per key version since the last [`Kms::flush_usage`].
+    usage: std::sync::Mutex<std::collections::HashMap<(ids::KeyId, u32), u64>>,
 }
 
 /// What exists only while unsealed.
@@ -245,6 +257,7 @@ impl Kms {
             created_at: now,
             wrapped: u.root.wrap_key_material(&material, &aad),
             canary: Some(base64::engine::general_purpose::STANDARD.encode(canary)),
+            encryptions: 0,
         };
         u.barrier.put(Table::Versions, &version_row(key.id, version), &record, Expect::Absent)
     }

@@ -202,6 +202,9 @@ pub struct VersionRecord {
     /// Base64; absent for versions created before canaries.
     #[serde(default)]
     pub canary: Option<String>,
+    /// Encryptions under this version, as last flushed ([`crate::Kms::flush_usage`]).
+    #[serde(default)]
+    pub encryptions: u64,
 }
 
 /// What a version's canary decrypts to.

@@ -688,7 +688,9 @@ impl Kms {
     ) -> Result<Vec<u8>, KmsError> {
         let version = key.primary_version;
         let material = self.material(u, key, version, proof)?;
-        Ok(blob::encrypt(&material, BlobHeader { key_id: key.id.to_bytes(), version }, context, plaintext))
+        let blob = blob::encrypt(&material, BlobHeader { key_id: key.id.to_bytes(), version }, context, plaintext);
+        *self.usage.lock().unwrap_or_else(|p| p.into_inner()).entry((key.id, version)).or_default() += 1;
+        Ok(blob)
     }
 
     fn open_blob<A: authz::UsesMaterial>(
@@ -825,6 +827,54 @@ impl Kms {
             }
             Ok(Continue(()))
         })?;
+        Ok(report)
+    }
+
+    /// Adds the encryptions counted since the last flush to each version's stored count, and
+    /// rotates a key whose primary version reached `key_usage_limit` (audited as
+    /// `Custody.RotateOnUsageLimit`). The server calls it every second; counts of the last second
+    /// before a crash are lost, which the limit's margin absorbs.
+    pub fn flush_usage(&self) -> Result<WorkReport, KmsError> {
+        let u = self.unsealed()?;
+        let counted = std::mem::take(&mut *self.usage.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut report = WorkReport::default();
+        for ((id, version), n) in counted {
+            let row = crate::model::version_row(id, version);
+            let mut total = None;
+            // Other nodes add their counts too: retry a lost race a few times.
+            for _ in 0..5 {
+                let Some(mut v) = u.barrier.get::<VersionRecord>(Table::Versions, &row)? else { break };
+                v.value.encryptions = v.value.encryptions.saturating_add(n);
+                match u.barrier.apply(&[u.barrier.put(Table::Versions, &row, &v.value, Expect::Rev(v.rev))]) {
+                    Ok(()) => {
+                        total = Some(v.value.encryptions);
+                        break;
+                    }
+                    Err(custody_store::StoreError::Conflict { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let Some(total) = total else {
+                // Put the count back for the next flush rather than lose it.
+                *self.usage.lock().unwrap_or_else(|p| p.into_inner()).entry((id, version)).or_default() += n;
+                continue;
+            };
+            if total < self.config.key_usage_limit {
+                continue;
+            }
+            let Some(key) = u.barrier.get::<KeyRecord>(Table::Keys, &id.to_string())? else { continue };
+            if key.value.primary_version != version || key.value.state != KeyState::Enabled {
+                continue;
+            }
+            let proof = authz::scheduler::<act::RotateKeyOnDemand>();
+            let actor = crate::audit::Actor::Scheduler { action: "Custody.RotateOnUsageLimit" };
+            tracing::warn!(key_id = %id, version, encryptions = total, "key version reached its usage limit: rotating");
+            match self.rotate(&u, actor, key, RotationKind::Automatic, &proof) {
+                Ok(_) => report.rotated += 1,
+                Err(KmsError::Conflict) => {}
+                Err(e) => tracing::error!(error = %e, "rotation on the usage limit failed; retried at the next flush"),
+            }
+        }
         Ok(report)
     }
 

@@ -305,6 +305,7 @@ impl Kms {
             audit_seq: Default::default(),
             policies: Default::default(),
             revoked: Default::default(),
+            usage: Default::default(),
         };
         kms.meta()?;
         Ok(kms)

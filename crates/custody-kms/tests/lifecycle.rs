@@ -56,6 +56,49 @@ fn rotation_keeps_old_ciphertexts_decryptable() {
 }
 
 #[test]
+fn a_key_version_rotates_itself_at_its_usage_limit_and_counts_survive() {
+    let store = common::keyfile_store();
+    let (kms, caller) = store.open(KmsConfig { key_usage_limit: 10, ..KmsConfig::development() });
+    let key = kms.create_key(&caller, CreateKeyRequest::default()).unwrap();
+    let k = id(&key.key_id);
+    let c = ctx(&[]);
+    let secret = SecretBytes::copy_from(b"counted");
+    let mut blobs = Vec::new();
+    for _ in 0..6 {
+        blobs.push(kms.encrypt(&caller, &k, &secret, &c).unwrap().ciphertext_blob);
+    }
+    // Below the limit: counted, not rotated.
+    assert_eq!(kms.flush_usage().unwrap().rotated, 0);
+    for _ in 0..3 {
+        blobs.push(kms.encrypt(&caller, &k, &secret, &c).unwrap().ciphertext_blob);
+    }
+    kms.generate_data_key(&caller, &k, 32, &c, true).unwrap();
+    // 6 + 3 encryptions + 1 data key = 10: the limit. The next flush rotates.
+    assert_eq!(kms.flush_usage().unwrap().rotated, 1);
+    assert_eq!(kms.flush_usage().unwrap().rotated, 0, "once");
+    let after = kms.encrypt(&caller, &k, &secret, &c).unwrap().ciphertext_blob;
+    assert_eq!(u32::from_be_bytes(after[17..21].try_into().unwrap()), 2, "the new version encrypts");
+    for b in &blobs {
+        assert_eq!(kms.decrypt(&caller, b, &c, None).unwrap().plaintext.expose_secret(), b"counted");
+    }
+    let rotations = kms.list_key_rotations(&caller, &k, None, None).unwrap();
+    assert_eq!(rotations.items.len(), 1);
+    let records = kms.audit_records(0, 1000).unwrap();
+    let r = records.iter().find(|r| r.event.action == "Custody.RotateOnUsageLimit").expect("audited");
+    assert_eq!(r.event.key_id.as_deref(), Some(key.arn.as_str()), "{r:?}");
+    // The count is stored with the version: a restarted service starts from it (the server
+    // flushes every second and at shutdown).
+    assert_eq!(kms.flush_usage().unwrap().rotated, 0);
+    drop(kms);
+    let (kms, caller) = store.open(KmsConfig { key_usage_limit: 12, ..KmsConfig::development() });
+    for _ in 0..11 {
+        kms.encrypt(&caller, &k, &secret, &c).unwrap();
+    }
+    // Version 2 has 1 + 11 = 12 now.
+    assert_eq!(kms.flush_usage().unwrap().rotated, 1);
+}
+
+#[test]
 fn wrong_context_tampering_and_wrong_key_are_invalid_ciphertext() {
     let f = keyfile_fixture(custody_kms::DAY_MS);
     let a = id(&f.kms.create_key(&f.caller, CreateKeyRequest::default()).unwrap().key_id);

@@ -75,6 +75,7 @@ Setting { name: "audit_retain_days", env: "CUSTODY_AUDIT_RETAIN_DAYS", kind: Kin
     Setting { name: "pkcs11.module", env: "CUSTODY_PKCS11_MODULE", kind: Kind::Text, default: "<as initialized>", doc: "The PKCS#11 module, when it is not where it was at `custody init` (the token and key labels are recorded in the store)." },
     Setting { name: "separation_of_duties", env: "CUSTODY_SEPARATION_OF_DUTIES", kind: Kind::Text, default: "enforce", doc: "`enforce`: a key policy or grant that would let one principal both administer a key and decrypt with it is refused. `warn`: allowed, with an audit alert (what `custody dev` uses)." },
     Setting { name: "default_key_policy", env: "CUSTODY_DEFAULT_KEY_POLICY", kind: Kind::Text, default: "key-admins", doc: "The policy of a key created without one. `key-admins`: the tenant's key admins administer it and nobody may use it until a key policy or grant opens it. `tenant`: also every key user of the tenant may use it (what `custody dev` uses)." },
+    Setting { name: "key_usage_limit", env: "CUSTODY_KEY_USAGE_LIMIT", kind: Kind::Integer, default: "4294967296", doc: "Encryptions under one key version after which the key rotates by itself (audited as `Custody.RotateOnUsageLimit`). 2^32 by default; docs/SECURITY.md gives the bound and why the default is safe." },
     Setting { name: "danger_allow_swap", env: "CUSTODY_DANGER_ALLOW_SWAP", kind: Kind::Bool, default: "false", doc: "DANGER, development only: start even if memory cannot be locked (the locked-memory limit is too small and cannot be raised), so keys may be written to swap. Without it the server refuses to start and says how to raise the limit. `custody dev` sets it." },
     Setting { name: "danger_disable_audit", env: "CUSTODY_DANGER_DISABLE_AUDIT", kind: Kind::Bool, default: "false", doc: "DANGER, benchmarks only: write no audit records at all, so the audit's cost can be measured against the same server without it. Requests are then unrecorded; the server logs an error at start and `custody status` shows it." },
     Setting { name: "danger_day_length_ms", env: "CUSTODY_DANGER_DAY_LENGTH_MS", kind: Kind::Integer, default: "86400000", doc: "DANGER, tests only: the length of a \"day\" for deletion waiting periods and rotation periods. Anything below the default shortens the 7-day minimum deletion window and lets a test destroy keys in seconds; the server logs a warning at start when it is set." },
@@ -157,6 +158,9 @@ pub struct ServerConfig {
     #[serde(default)]
     pub danger_allow_swap: bool,
     /// See [`SETTINGS`].
+    #[serde(default = "defaults::key_usage_limit")]
+    pub key_usage_limit: u64,
+    /// See [`SETTINGS`].
     #[serde(default = "defaults::default_key_policy")]
     pub default_key_policy: String,
     /// See [`SETTINGS`].
@@ -224,6 +228,9 @@ mod defaults {
     }
     pub fn scheduler_interval_ms() -> u64 {
         60_000
+    }
+    pub fn key_usage_limit() -> u64 {
+        custody_kms::DEFAULT_KEY_USAGE_LIMIT
     }
     pub fn expiry_warn_days() -> u64 {
         7
@@ -346,6 +353,9 @@ impl ServerConfig {
                 self.default_key_policy
             )));
         }
+        if self.key_usage_limit == 0 {
+            return Err(ConfigError("key_usage_limit must be at least 1".into()));
+        }
         if self.max_request_bytes < 1024 {
             return Err(ConfigError("max_request_bytes must be at least 1024".into()));
         }
@@ -456,6 +466,7 @@ mod tests {
                 "separation_of_duties" => c.separation_of_duties.clone(),
                 "danger_disable_audit" => c.danger_disable_audit.to_string(),
                 "danger_allow_swap" => c.danger_allow_swap.to_string(),
+                "key_usage_limit" => c.key_usage_limit.to_string(),
                 "database_url" => c.database_url.clone().unwrap_or_else(|| "<none: SQLite in data_dir>".into()),
                 "database_schema" => c.database_schema.clone(),
                 "danger_allow_plaintext_database" => c.danger_allow_plaintext_database.to_string(),

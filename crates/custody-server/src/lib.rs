@@ -123,6 +123,7 @@ impl Server {
                         "tenant" => custody_kms::DefaultKeyPolicy::Tenant,
                         _ => custody_kms::DefaultKeyPolicy::KeyAdminsOnly,
                     },
+                    key_usage_limit: config.key_usage_limit,
                 },
             )
             .map_err(|e| StartError::Store(e.to_string()))?,
@@ -200,6 +201,17 @@ impl Server {
         ));
         certificates::spawn(&config, kms.clone(), served, trust, shutdown_rx.clone());
         let k = kms.clone();
+        tokio::spawn(periodic(
+            "key usage",
+            Duration::from_secs(1),
+            shutdown_rx.clone(),
+            move || match k.flush_usage() {
+                Err(custody_kms::KmsError::Sealed) => Ok(Default::default()),
+                other => other,
+            },
+            |_| {},
+        ));
+        let k = kms.clone();
         let every = Duration::from_millis(config.audit_checkpoint_interval_ms);
         tokio::spawn(periodic("audit checkpoint", every, shutdown_rx.clone(), move || k.audit_checkpoint(), |_| {}));
         let task = tokio::spawn(accept_loop(listener, TlsAcceptor::from(tls), state, shutdown_rx));
@@ -221,6 +233,10 @@ impl Server {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
+        // Encryption counts since the last periodic flush.
+        if let Err(e) = self.kms.flush_usage() {
+            tracing::debug!(error = %e, "usage counts not flushed at shutdown");
+        }
     }
 }
 
