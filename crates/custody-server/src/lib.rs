@@ -135,11 +135,20 @@ impl Server {
         let key_file = match (stored, setting.clone()) {
             (None, None | Some(config::SealSetting::Shamir)) => None,
             (None, Some(config::SealSetting::Pkcs11)) if pkcs11.is_some() => None,
-            (None, Some(config::SealSetting::KeyFile(_) | config::SealSetting::Pkcs11)) => {
-                return Err(StartError::Store(format!(
-                    "this store is sealed with {}: remove the seal setting (it is read from the store)",
-                    if pkcs11.is_some() { "a PKCS#11 token" } else { "Shamir shares" }
-                )))
+            (None, Some(config::SealSetting::KeyFile(_))) if pkcs11.is_some() => {
+                return Err(StartError::Store(
+                    "this store is sealed with a PKCS#11 token, not a key file: remove the keyfile seal setting".into(),
+                ))
+            }
+            (None, Some(config::SealSetting::KeyFile(_))) => {
+                return Err(StartError::Store(
+                    "this store is sealed with Shamir shares, not a key file: remove the keyfile seal setting and unseal with `custody unseal`".into(),
+                ))
+            }
+            (None, Some(config::SealSetting::Pkcs11)) => {
+                return Err(StartError::Store(
+                    "this store is sealed with Shamir shares, not a PKCS#11 token: remove the pkcs11 seal setting, or move it to a token with `custody seal migrate --to pkcs11`".into(),
+                ))
             }
             (Some(_), Some(config::SealSetting::Shamir | config::SealSetting::Pkcs11)) => {
                 return Err(StartError::Store(
