@@ -310,7 +310,7 @@ async fn operator_certificate_files_are_reloaded_and_a_bad_change_is_refused() {
 }
 
 #[test]
-fn expired_and_not_yet_valid_certificates_are_refused_with_a_clear_log_line() {
+fn expired_not_yet_valid_and_foreign_certificates_are_refused_with_a_clear_log_line() {
     let (dir, layout) = common::keyfile_dir();
     let ca = store_ca(dir.path(), &layout);
     let uri = admin_identity(&layout);
@@ -318,11 +318,15 @@ fn expired_and_not_yet_valid_certificates_are_refused_with_a_clear_log_line() {
     let expired =
         pki::issue_client(&ca, &uri, "admin", now - time::Duration::days(2), time::Duration::days(1)).unwrap();
     let early = pki::issue_client(&ca, &uri, "admin", now + time::Duration::days(1), time::Duration::days(1)).unwrap();
+    let other_ca = pki::new_ca("another CA", now, time::Duration::days(1)).unwrap();
+    let foreign = pki::issue_client(&other_ca, &uri, "admin", now, time::Duration::days(1)).unwrap();
     let server = common::spawn_server(&layout.data_dir);
     let admin = Profile::load(&layout.admin_profile()).unwrap();
     let base = Profile { endpoint: Some(format!("https://{}", server.addr)), ..admin };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    for (name, cert, why) in [("expired", &expired, "xpired"), ("early", &early, "not valid yet")] {
+    for (name, cert, why) in
+        [("expired", &expired, "xpired"), ("early", &early, "not valid yet"), ("foreign", &foreign, "unknownissuer")]
+    {
         let p = profile_with(&base, &dir.path().join(name), &cert.cert_pem, cert.key_pem.expose_secret());
         let r = rt.block_on(async {
             match Client::connect(&p).await {
@@ -394,6 +398,42 @@ async fn pki_status_names_what_expires_inside_the_window() {
     // Nothing inside one day.
     let out = status("1d").await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // The rest of `custody pki`, as an operator types it.
+    let cli = |args: Vec<String>| {
+        let profile = profile.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = common::custody().arg("--profile").arg(profile).arg("--json").args(&args).output().unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        })
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let mut admin = common::admin_client(&Profile::load(&profile).unwrap()).await;
+    admin.call("Custody.CreatePrincipal", json!({ "Name": "app", "Roles": ["key-user"] })).await.unwrap();
+    let out_dir = dir.path().join("app-cert").display().to_string();
+    let issued = cli(s(&["pki", "issue", "--principal", "app", "--ttl", "2h", "--out", &out_dir])).await.unwrap();
+    let serial = issued["Serial"].as_str().unwrap().to_string();
+    let app_cert = custody_server::tls::describe_pem_file(&Path::new(&out_dir).join("app.crt")).unwrap();
+    assert_eq!(app_cert.serial, serial);
+    assert!(app_cert.identity.unwrap().ends_with("/app"));
+    assert!((app_cert.not_after - app_cert.not_before - 300 - 7200).abs() <= 5);
+    let server_dir = dir.path().join("kms2").display().to_string();
+    let issued = cli(s(&["pki", "issue", "--server", "--name", "kms2.internal", "--out", &server_dir])).await.unwrap();
+    let kms2 = custody_server::tls::describe_pem_file(&Path::new(&server_dir).join("server.crt")).unwrap();
+    assert_eq!(
+        (kms2.serial.as_str(), kms2.names.clone()),
+        (issued["Serial"].as_str().unwrap(), vec!["kms2.internal".to_string()])
+    );
+    assert!(kms2.not_after - kms2.not_before >= 30 * 86_400, "30 days by default");
+    let list = cli(s(&["pki", "list"])).await.unwrap();
+    let row =
+        |l: &Value, serial: &str| l["Certificates"].as_array().unwrap().iter().find(|c| c["Serial"] == serial).cloned();
+    assert_eq!(row(&list, &serial).unwrap()["Status"], "valid");
+    assert_eq!(row(&list, &kms2.serial).unwrap()["Kind"], "server");
+    let revoked = cli(s(&["pki", "revoke", &serial])).await.unwrap();
+    assert_eq!(revoked["Revoked"], json!([serial]));
+    assert_eq!(row(&cli(s(&["pki", "list"])).await.unwrap(), &serial).unwrap()["Status"], "revoked");
     server.shutdown().await;
 }
 
