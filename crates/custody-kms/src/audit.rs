@@ -166,8 +166,12 @@ fn committer(kms: std::sync::Weak<Kms>) {
         {
             let q = seq.queue.lock().unwrap_or_else(|p| p.into_inner());
             if q.is_empty() {
-                // Re-check the service is alive once a second while idle.
-                let _ = seq.work.wait_timeout(q, std::time::Duration::from_secs(1));
+                // Submitters wake this thread only while it waits (a futex call per request
+                // otherwise). Re-check the service is alive once a second while idle.
+                seq.idle.store(true, std::sync::atomic::Ordering::Relaxed);
+                let (_q, _) =
+                    seq.work.wait_timeout(q, std::time::Duration::from_secs(1)).unwrap_or_else(|p| p.into_inner());
+                seq.idle.store(false, std::sync::atomic::Ordering::Relaxed);
                 continue;
             }
         }
@@ -192,6 +196,8 @@ pub(crate) struct Sequencer {
     committer: std::sync::OnceLock<std::thread::JoinHandle<()>>,
     failing: std::sync::atomic::AtomicBool,
     alerts: std::sync::atomic::AtomicU64,
+    /// The audit thread is waiting for work (read and written under `queue`).
+    idle: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Sequencer {
@@ -387,7 +393,6 @@ impl Kms {
         if self.config.danger_disable_audit {
             return done(Ok(0));
         }
-        self.enqueue_audit(&u, event, context, done);
         self.audit_seq.committer.get_or_init(|| {
             let kms = std::sync::Arc::downgrade(self);
             std::thread::Builder::new()
@@ -395,8 +400,9 @@ impl Kms {
                 .spawn(move || committer(kms))
                 .expect("the audit thread can be spawned")
         });
-        let _q = self.audit_seq.queue.lock().unwrap_or_else(|p| p.into_inner());
-        self.audit_seq.work.notify_one();
+        if self.enqueue_audit(&u, event, context, done) {
+            self.audit_seq.work.notify_one();
+        }
     }
 
     fn enqueue_audit(
@@ -405,9 +411,12 @@ impl Kms {
         mut event: AuditEvent,
         context: Option<&BTreeMap<String, String>>,
         done: Completion,
-    ) {
+    ) -> bool {
         event.encryption_context = hidden_context(u, context);
-        self.audit_seq.queue.lock().unwrap_or_else(|p| p.into_inner()).push((event, done));
+        let mut queue = self.audit_seq.queue.lock().unwrap_or_else(|p| p.into_inner());
+        queue.push((event, done));
+        // Whether the audit thread waits for work and must be woken.
+        self.audit_seq.idle.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Commits everything queued, in one transaction, and completes each request. The caller
