@@ -73,10 +73,11 @@ fn is_refused(r: &Result<Value, ClientError>) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_server_renews_its_certificate_under_load_without_failing_a_request() {
     let (dir, layout) = common::keyfile_dir();
-    // A 6-second lifetime: renewed at once (the one from init outlives it), then every 4 s.
-    let (server, profile) = common::start(dir.path(), &layout, |c| c.danger_server_cert_lifetime_seconds = 6).await;
+    // The check: a 60-second lifetime, so a renewal every 40 s (and one at once, because
+    // the certificate from init outlives it); the load runs across three more.
+    let (server, profile) = common::start(dir.path(), &layout, |c| c.danger_server_cert_lifetime_seconds = 60).await;
     let initial = std::fs::read_to_string(layout.data_dir.join("tls/server.crt")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(130);
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut load = Vec::new();
     for _ in 0..8 {
@@ -108,11 +109,11 @@ async fn the_server_renews_its_certificate_under_load_without_failing_a_request(
     }
     assert_eq!(failed.load(Ordering::Relaxed), 0, "no request may fail across renewals");
     assert!(ok.load(Ordering::Relaxed) > 100, "the load ran: {}", ok.load(Ordering::Relaxed));
-    assert!(serials.len() >= 4, "at least three renewals seen by new connections: {serials:?}");
+    assert!(serials.len() >= 4, "three renewals or more seen by new connections under load: {serials:?}");
     // The newest certificate is on disk for the next start, and is the one served.
     let on_disk = custody_server::tls::describe_pem_file(&layout.data_dir.join("tls/server.crt")).unwrap();
     assert_ne!(std::fs::read_to_string(layout.data_dir.join("tls/server.crt")).unwrap(), initial);
-    assert!(on_disk.not_after - on_disk.not_before <= 6 + 300 + 1, "{on_disk:?}");
+    assert!(on_disk.not_after - on_disk.not_before <= 60 + 300 + 1, "{on_disk:?}");
     // Each renewal is audited as the server's own act and listed.
     let (mut renewals, mut after) = (0, 0);
     loop {
@@ -123,7 +124,7 @@ async fn the_server_renews_its_certificate_under_load_without_failing_a_request(
             _ => break,
         }
     }
-    assert!(renewals >= 3, "{renewals} renewals audited");
+    assert!(renewals >= 4, "{renewals} renewals audited");
     server.shutdown().await;
 }
 
