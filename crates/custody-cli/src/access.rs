@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use serde_json::{json, Value};
 
-use crate::bootstrap;
 use crate::commands::{connect, context, output, parse_pair, profile, simple, CliResult};
 use crate::exit::{self, CliError};
 use crate::ConnArgs;
@@ -159,14 +158,9 @@ pub fn parse_ttl(s: &str) -> CliResult<u64> {
 }
 
 /// Writes a certificate, its key, the CA and a profile into `dir`.
-fn write_credentials(conn: &ConnArgs, dir: &Path, name: &str, cert: &Value) -> CliResult<PathBuf> {
+pub(crate) fn write_credentials(conn: &ConnArgs, dir: &Path, name: &str, cert: &Value) -> CliResult<PathBuf> {
     let io = |m: String| CliError::new(exit::FAILURE, m);
-    std::fs::create_dir_all(dir).map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
-    let s = |k: &str| cert[k].as_str().unwrap_or("").to_string();
-    let (crt, key, ca) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")), dir.join("ca.crt"));
-    bootstrap::write_file(&crt, s("Certificate").as_bytes(), 0o644).map_err(io)?;
-    bootstrap::write_file(&key, s("PrivateKey").as_bytes(), 0o600).map_err(io)?;
-    bootstrap::write_file(&ca, s("CaCertificate").as_bytes(), 0o644).map_err(io)?;
+    let (crt, key, ca) = crate::pki::write_cert_files(dir, name, cert)?;
     let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
     let endpoint = profile(conn).ok().and_then(|p| p.endpoint);
     let p = custody_client::Profile {

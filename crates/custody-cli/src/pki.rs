@@ -16,7 +16,8 @@ use crate::{bootstrap, ConnArgs};
 #[derive(Debug, Subcommand)]
 pub enum PkiCommand {
     /// Issue a client certificate for a principal (tenant admin), or a server certificate
-    /// (security officer). Writes the certificate, its key (0600) and the CA into DIR.
+    /// (security officer). Writes the certificate, its key (0600), the CA and (for a principal) a
+    /// profile into DIR.
     #[command(after_help = "\
 Examples:
   custody pki issue --principal app --ttl 24h --out ./app
@@ -114,15 +115,17 @@ pub(crate) async fn pki(conn: &ConnArgs, cmd: PkiCommand, json: bool) -> CliResu
         PkiCommand::Issue { principal, server, name, ttl, out } => {
             let mut c = connect(conn).await?;
             let ttl = ttl.as_deref().map(parse_ttl).transpose()?;
-            let (r, stem) = if server {
+            let (r, written) = if server {
                 let r = c.call("Custody.IssueServerCertificate", json!({ "Names": name, "TtlSeconds": ttl })).await?;
-                (r, "server".to_string())
+                let (crt, key, ca) = write_cert_files(&out, "server", &r)?;
+                (r, json!({ "Certificate": crt, "PrivateKey": key, "CaCertificate": ca }))
             } else {
+                // As `principal cert issue`: with a profile the principal can use at once.
                 let p = principal.unwrap_or_default();
                 let r = c.call("Custody.IssueCertificate", json!({ "Name": p, "TtlSeconds": ttl })).await?;
-                (r, p)
+                let profile = crate::access::write_credentials(conn, &out, &p, &r)?;
+                (r, json!({ "Profile": profile }))
             };
-            let written = write_cert_files(&out, &stem, &r)?;
             let shown = json!({ "Serial": r["Serial"], "NotAfter": r["NotAfter"], "Files": written });
             output(json, &shown, || {
                 println!("Certificate {} written to {}.", r["Serial"].as_str().unwrap_or(""), out.display());
@@ -222,7 +225,9 @@ async fn renew(conn: &ConnArgs, ttl: Option<u64>) -> CliResult<Value> {
     }))
 }
 
-fn write_cert_files(dir: &Path, stem: &str, r: &Value) -> CliResult<Value> {
+/// Writes an issued certificate (`STEM.crt`), its key (`STEM.key`, 0600, written first) and the
+/// CA bundle (`ca.crt`) into `dir`; returns their paths.
+pub(crate) fn write_cert_files(dir: &Path, stem: &str, r: &Value) -> CliResult<(PathBuf, PathBuf, PathBuf)> {
     let io = |m: String| CliError::new(exit::FAILURE, m);
     std::fs::create_dir_all(dir).map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
     let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
@@ -230,7 +235,7 @@ fn write_cert_files(dir: &Path, stem: &str, r: &Value) -> CliResult<Value> {
     bootstrap::write_file(&key, s("PrivateKey").as_bytes(), 0o600).map_err(io)?;
     bootstrap::write_file(&crt, s("Certificate").as_bytes(), 0o644).map_err(io)?;
     bootstrap::write_file(&ca, s("CaCertificate").as_bytes(), 0o644).map_err(io)?;
-    Ok(json!({ "Certificate": crt, "PrivateKey": key, "CaCertificate": ca }))
+    Ok((crt, key, ca))
 }
 
 fn now_secs() -> i64 {
