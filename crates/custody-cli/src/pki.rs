@@ -135,15 +135,18 @@ pub(crate) async fn pki(conn: &ConnArgs, cmd: PkiCommand, json: bool) -> CliResu
             let mut c = connect(conn).await?;
             let r = c.call("Custody.ListCertificates", json!({})).await?;
             output(json, &r, || {
+                let issuing = issuing_ca(&r);
                 println!("{:<34} {:<7} {:<8} {:<21} SUBJECT", "SERIAL", "KIND", "STATUS", "NOT AFTER");
                 for cert in r["Certificates"].as_array().into_iter().flatten() {
+                    let old = from_another_ca(cert, issuing.as_deref());
                     println!(
-                        "{:<34} {:<7} {:<8} {:<21} {}",
+                        "{:<34} {:<7} {:<8} {:<21} {}{}",
                         cert["Serial"].as_str().unwrap_or(""),
                         cert["Kind"].as_str().unwrap_or(""),
                         cert["Status"].as_str().unwrap_or(""),
                         when(cert["NotAfter"].as_i64().unwrap_or(0)),
-                        cert["Subject"].as_str().unwrap_or("")
+                        cert["Subject"].as_str().unwrap_or(""),
+                        if old { "  (from the previous CA: renew before `rotate-ca retire`)" } else { "" }
                     );
                 }
             });
@@ -236,6 +239,21 @@ pub(crate) fn write_cert_files(dir: &Path, stem: &str, r: &Value) -> CliResult<(
     bootstrap::write_file(&crt, s("Certificate").as_bytes(), 0o644).map_err(io)?;
     bootstrap::write_file(&ca, s("CaCertificate").as_bytes(), 0o644).map_err(io)?;
     Ok((crt, key, ca))
+}
+
+/// Serial of the CA that issues now, from a ListCertificates answer.
+fn issuing_ca(list: &Value) -> Option<String> {
+    list["Certificates"].as_array()?.iter().find_map(|c| {
+        (c["Kind"] == "ca" && c["Subject"].as_str().is_some_and(|s| s.contains("issuing")))
+            .then(|| c["Serial"].as_str().unwrap_or("").to_string())
+    })
+}
+
+/// A valid certificate issued by a CA other than the issuing one (during a rollover).
+fn from_another_ca(cert: &Value, issuing: Option<&str>) -> bool {
+    cert["Kind"] != "ca"
+        && cert["Status"] == "valid"
+        && matches!((cert["Issuer"].as_str(), issuing), (Some(i), Some(now)) if i != now)
 }
 
 fn now_secs() -> i64 {

@@ -511,9 +511,25 @@ async fn the_ca_rolls_over_in_three_steps_without_an_outage_for_clients_that_too
         Err(ClientError::Connect { reason, .. }) => assert!(reason.contains("UnknownIssuer"), "{reason}"),
         other => panic!("a client without the new CA cannot verify the server: {other:?}"),
     }
+    // The list says which certificates still come from the previous CA.
+    let list = admin.call("Custody.ListCertificates", json!({})).await.unwrap();
+    let issuing = list["Certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["Kind"] == "ca" && c["Subject"].as_str().unwrap().contains("issuing"))
+        .unwrap()["Serial"]
+        .clone();
+    let late_serial = custody_server::tls::describe_pem_file(late.cert_file.as_ref().unwrap()).unwrap().serial;
+    let late_row = list["Certificates"].as_array().unwrap().iter().find(|c| c["Serial"] == late_serial).unwrap();
+    assert!(late_row["Issuer"].is_string() && late_row["Issuer"] != issuing, "{late_row}");
     let (ok, out) = renew(app_path.clone()).await.unwrap();
     assert!(ok, "{out}");
     assert_ne!(issuer_of_pem_file(app.cert_file.as_ref().unwrap()), old_ca, "renewed from the new CA");
+    let list = admin.call("Custody.ListCertificates", json!({})).await.unwrap();
+    let app_serial = custody_server::tls::describe_pem_file(app.cert_file.as_ref().unwrap()).unwrap().serial;
+    let app_row = list["Certificates"].as_array().unwrap().iter().find(|c| c["Serial"] == app_serial).unwrap();
+    assert_eq!(app_row["Issuer"], issuing, "{app_row}");
 
     // 3. retire: certificates of the old CA stop working on every node within seconds; renewed
     // ones go on. (The administrator renews first, or it would lock itself out.)

@@ -46,6 +46,9 @@ pub(crate) struct CertRecord {
     /// Set when the certificate was issued by renewing another.
     #[serde(default)]
     pub renewed_from: Option<String>,
+    /// Serial of the CA that issued it (absent for certificates recorded before this was kept).
+    #[serde(default)]
+    pub issuer: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +76,9 @@ pub struct CertificateInfo {
     pub not_after: i64,
     /// `valid`, `expired` or `revoked`.
     pub status: &'static str,
+    /// Serial of the issuing CA (for a CA: its own), when known. During a CA rollover, what still
+    /// comes from the previous CA must be renewed before it is retired.
+    pub issuer: Option<String>,
 }
 
 /// Rows of the CA that issues, the one that will, and the one that did.
@@ -111,6 +117,7 @@ fn revoked_row(serial: &str) -> String {
 /// The write that records `cert` as issued.
 pub(crate) fn record_issued(
     barrier: &Barrier,
+    issuer: &pki::IssuedCert,
     cert: &pki::IssuedCert,
     kind: CertKind,
     subject: String,
@@ -125,6 +132,7 @@ pub(crate) fn record_issued(
         issued_at: now_ms(),
         not_after: cert.not_after.unix_timestamp() * 1000,
         renewed_from,
+        issuer: Some(issuer.serial.clone()),
     };
     barrier.put(Table::Pki, &cert_row(&cert.serial), &record, Expect::Absent)
 }
@@ -235,6 +243,7 @@ impl Kms {
                     issued_at: 0,
                     not_after: ca.not_after / 1000,
                     status: if ca.not_after <= now { "expired" } else { "valid" },
+                    issuer: Some(ca.serial.clone()),
                 });
             }
         }
@@ -260,6 +269,7 @@ impl Kms {
             tenant: c.tenant.map(|t| t.to_string()),
             issued_at: c.issued_at / 1000,
             not_after: c.not_after / 1000,
+            issuer: c.issuer,
         }));
         Ok(out)
     }
@@ -348,7 +358,7 @@ impl Kms {
         let issuer = self.ca_issuer(u)?;
         let cert = pki::issue_server(&issuer, names, time::OffsetDateTime::now_utc(), to_duration(lifetime)?)
             .map_err(|e| KmsError::validation("names", e.to_string()))?;
-        let write = record_issued(&u.barrier, &cert, CertKind::Server, names.join(","), None, None);
+        let write = record_issued(&u.barrier, &issuer, &cert, CertKind::Server, names.join(","), None, None);
         Ok((self.trust_bundle_in(u)?, cert, write))
     }
 

@@ -301,8 +301,15 @@ impl Kms {
         let uri = crate::seal::identity_uri(&p.tenant, &p.name);
         let cert = pki::issue_client(&issuer, &uri, p.name.as_str(), time::OffsetDateTime::now_utc(), lifetime)
             .map_err(|e| KmsError::Internal(e.to_string()))?;
-        let write =
-            crate::certs::record_issued(&u.barrier, &cert, CertKind::Client, uri, Some(p.tenant.clone()), renewed_from);
+        let write = crate::certs::record_issued(
+            &u.barrier,
+            &issuer,
+            &cert,
+            CertKind::Client,
+            uri,
+            Some(p.tenant.clone()),
+            renewed_from,
+        );
         Ok((
             IssuedClientCert {
                 cert_pem: cert.cert_pem,

@@ -264,6 +264,7 @@ impl Kms {
             barrier.put(Table::Pki, "ca", &ca_record, Expect::Absent),
             crate::certs::record_issued(
                 &barrier,
+                &ca,
                 &server_cert,
                 CertKind::Server,
                 opts.server_names.join(","),
@@ -272,6 +273,7 @@ impl Kms {
             ),
             crate::certs::record_issued(
                 &barrier,
+                &ca,
                 &admin_cert,
                 CertKind::Client,
                 identity_uri(&tenant, &opts.admin),
@@ -340,8 +342,15 @@ impl Kms {
             std::time::Duration::from_secs(ADMIN_CERT_LIFETIME.whole_seconds() as u64),
             None,
         )?;
-        let server_write =
-            crate::certs::record_issued(&u.barrier, &server, CertKind::Server, server_names.join(","), None, None);
+        let server_write = crate::certs::record_issued(
+            &u.barrier,
+            &issuer,
+            &server,
+            CertKind::Server,
+            server_names.join(","),
+            None,
+            None,
+        );
         self.record_unaudited(&u, &[server_write, client_write])?;
         Ok((issuer.cert_pem, server, client))
     }
