@@ -1311,7 +1311,12 @@ fn print_metadata(m: &Value) {
 
 fn fmt_time(v: &Value) -> String {
     let Some(secs) = v.as_f64() else { return "-".into() };
-    time::OffsetDateTime::from_unix_timestamp(secs as i64)
+    fmt_secs(secs as i64)
+}
+
+/// Seconds since the epoch as RFC 3339.
+pub(crate) fn fmt_secs(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_else(|| secs.to_string())

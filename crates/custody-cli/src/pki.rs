@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use crate::access::parse_ttl;
-use crate::commands::{connect, output, profile, CliResult};
+use crate::commands::{connect, fmt_secs as when, output, profile, CliResult};
 use crate::exit::{self, CliError};
 use crate::{bootstrap, ConnArgs};
 
@@ -258,13 +258,6 @@ fn from_another_ca(cert: &Value, issuing: Option<&str>) -> bool {
 
 fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
-fn when(secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| secs.to_string())
 }
 
 async fn status(conn: &ConnArgs, warn_secs: i64, json: bool) -> CliResult<()> {

@@ -70,8 +70,13 @@ fn logged(server: &common::Running, needle: &str) -> String {
     }
 }
 
-fn share_files(dir: &Path) -> Vec<String> {
-    (1..=3).map(|i| dir.join(format!("share-{i}.txt")).display().to_string()).collect()
+/// `args` followed by `--share-file` for three shares written by `init --shares-dir dir`.
+fn with_shares(args: &[&str], dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    for i in 1..=3 {
+        out.extend(["--share-file".into(), dir.join(format!("share-{i}.txt")).display().to_string()]);
+    }
+    out
 }
 
 async fn encrypt(profile: &Profile, text: &[u8]) -> String {
@@ -132,10 +137,7 @@ async fn a_pkcs11_store_unseals_itself_and_recovers_with_its_shares() {
     assert!(line.contains("refused the PIN") && line.contains("custody unseal --recovery"), "{line}");
     assert_eq!(status(&profile).await["Sealed"], true);
     let admin = bootstrap::Layout { data_dir: data.clone() }.admin_profile();
-    let mut args = vec!["--profile".to_string(), admin.display().to_string(), "unseal".into(), "--recovery".into()];
-    for f in share_files(&shares) {
-        args.extend(["--share-file".into(), f]);
-    }
+    let args = with_shares(&["--profile", admin.to_str().unwrap(), "unseal", "--recovery"], &shares);
     let out = common::custody().args(&args).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(decrypt(&profile, &blob).await, b"sealed in hardware");
@@ -166,10 +168,7 @@ async fn seal_migrate_moves_a_store_to_the_token_and_back_without_touching_its_k
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let admin = bootstrap::Layout { data_dir: data.clone() }.admin_profile();
     let unseal = |profile: &Path| {
-        let mut args = vec!["--profile".to_string(), profile.display().to_string(), "unseal".into()];
-        for f in share_files(&shares) {
-            args.extend(["--share-file".into(), f]);
-        }
+        let args = with_shares(&["--profile", profile.to_str().unwrap(), "unseal"], &shares);
         let out = common::custody().args(&args).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     };
@@ -180,12 +179,9 @@ async fn seal_migrate_moves_a_store_to_the_token_and_back_without_touching_its_k
     common::all_roles(&admin);
     let blob = encrypt(&profile, b"before the move").await;
     // Migration is offline: refused while the server holds the store.
-    let mut to_pkcs11: Vec<String> =
-        ["seal", "migrate", "--data", data.to_str().unwrap(), "--to", "pkcs11"].into_iter().map(String::from).collect();
-    to_pkcs11.extend(["--token-label".into(), "custody".into(), "--pin-file".into(), t.pin.display().to_string()]);
-    for f in share_files(&shares) {
-        to_pkcs11.extend(["--share-file".into(), f]);
-    }
+    let pin = t.pin.display().to_string();
+    let migrate = ["seal", "migrate", "--data", data.to_str().unwrap(), "--to", "pkcs11", "--token-label", "custody"];
+    let to_pkcs11 = with_shares(&[&migrate[..], &["--pin-file", &pin]].concat(), &shares);
     let args: Vec<&str> = to_pkcs11.iter().map(String::as_str).collect();
     let out = custody(&t.conf, &args);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in use by another process"));
@@ -201,7 +197,6 @@ async fn seal_migrate_moves_a_store_to_the_token_and_back_without_touching_its_k
     server.terminate();
 
     // And back: the same shares unseal it again.
-    let pin = t.pin.display().to_string();
     let out =
         custody(&t.conf, &["seal", "migrate", "--data", data.to_str().unwrap(), "--to", "shamir", "--pin-file", &pin]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -218,13 +213,10 @@ async fn seal_migrate_moves_a_store_to_the_token_and_back_without_touching_its_k
     let out =
         custody(&t.conf, &["init", "--data", other.to_str().unwrap(), "--shares-dir", other_shares.to_str().unwrap()]);
     assert!(out.status.success());
-    let mut wrong: Vec<String> =
-        ["seal", "migrate", "--data", data.to_str().unwrap(), "--to", "pkcs11", "--pin-file", &pin]
-            .map(String::from)
-            .to_vec();
-    for f in share_files(&other_shares) {
-        wrong.extend(["--share-file".into(), f]);
-    }
+    let wrong = with_shares(
+        &["seal", "migrate", "--data", data.to_str().unwrap(), "--to", "pkcs11", "--pin-file", &pin],
+        &other_shares,
+    );
     let args: Vec<&str> = wrong.iter().map(String::as_str).collect();
     let out = custody(&t.conf, &args);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not issued for this store"));

@@ -86,6 +86,18 @@ const CA_ACTIVE: &str = "ca";
 const CA_NEXT: &str = "ca-next";
 const CA_PREVIOUS: &str = "ca-previous";
 
+/// The CAs the store has, with their role: the issuing one, and during a rollover the next or
+/// the previous one.
+fn cas(u: &Unsealed) -> Result<Vec<(&'static str, CaRecord)>, KmsError> {
+    let mut out = Vec::new();
+    for (row, role) in [(CA_ACTIVE, "issuing"), (CA_NEXT, "next, trusted"), (CA_PREVIOUS, "previous, trusted")] {
+        if let Some(ca) = u.barrier.get::<CaRecord>(Table::Pki, row)? {
+            out.push((role, ca.value));
+        }
+    }
+    Ok(out)
+}
+
 /// One step of a CA rollover (see [`Kms::rotate_ca`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CaRotation {
@@ -240,20 +252,17 @@ impl Kms {
         let revoked = self.revoked_serials()?;
         let now = now_ms();
         let mut out = Vec::new();
-        for (row, role) in [(CA_ACTIVE, "issuing"), (CA_NEXT, "next, trusted"), (CA_PREVIOUS, "previous, trusted")] {
-            if let Some(ca) = u.barrier.get::<CaRecord>(Table::Pki, row)? {
-                let ca = ca.value;
-                out.push(CertificateInfo {
-                    serial: ca.serial.clone(),
-                    kind: "ca".into(),
-                    subject: format!("custody CA ({role})"),
-                    tenant: None,
-                    issued_at: 0,
-                    not_after: ca.not_after / 1000,
-                    status: if ca.not_after <= now { "expired" } else { "valid" },
-                    issuer: Some(ca.serial.clone()),
-                });
-            }
+        for (role, ca) in cas(&u)? {
+            out.push(CertificateInfo {
+                serial: ca.serial.clone(),
+                kind: "ca".into(),
+                subject: format!("custody CA ({role})"),
+                tenant: None,
+                issued_at: 0,
+                not_after: ca.not_after / 1000,
+                status: if ca.not_after <= now { "expired" } else { "valid" },
+                issuer: Some(ca.serial),
+            });
         }
         let mut certs: Vec<CertRecord> = scan_all::<CertRecord>(&u.barrier, "cert/")?
             .into_iter()
@@ -380,11 +389,9 @@ impl Kms {
 
     pub(crate) fn trust_bundle_in(&self, u: &Unsealed) -> Result<String, KmsError> {
         let mut pem = String::new();
-        for row in [CA_ACTIVE, CA_NEXT, CA_PREVIOUS] {
-            if let Some(ca) = u.barrier.get::<CaRecord>(Table::Pki, row)? {
-                pem.push_str(ca.value.cert_pem.trim_end());
-                pem.push('\n');
-            }
+        for (_, ca) in cas(u)? {
+            pem.push_str(ca.cert_pem.trim_end());
+            pem.push('\n');
         }
         Ok(pem)
     }
@@ -457,10 +464,5 @@ impl Kms {
     pub fn ca_not_after(&self) -> Result<i64, KmsError> {
         let u = self.unsealed()?;
         Ok(self.ca_issuer(&u)?.not_after.unix_timestamp())
-    }
-
-    /// Records a server certificate issued outside a request (a restore's bootstrap).
-    pub(crate) fn record_unaudited(&self, u: &Unsealed, writes: &[Write]) -> Result<(), KmsError> {
-        Ok(u.barrier.apply(writes)?)
     }
 }

@@ -20,12 +20,14 @@ use crate::{Kms, KmsConfig, Unsealed};
 const STORE_META: &str = "store";
 /// Lifetime of the internal CA.
 pub(crate) const CA_LIFETIME: Duration = Duration::days(3650);
-/// Lifetime of the server certificate issued at init (the server renews it at two thirds).
-const SERVER_CERT_LIFETIME: Duration = Duration::days(30);
 /// Lifetime of the first administrator's client certificate: the longest a client certificate
 /// may have, because it is the credential that issues all the others (`custody pki renew` or
 /// `custody agent` keep it fresh; `custody pki status` warns before it expires).
 const ADMIN_CERT_LIFETIME: Duration = Duration::days(90);
+/// Lifetime of the server certificates init and restores issue: [`crate::SERVER_CERT_LIFETIME`].
+fn server_lifetime() -> Duration {
+    Duration::try_from(crate::SERVER_CERT_LIFETIME).expect("30 days fits")
+}
 /// URI SAN scheme of principal certificates: `spiffe://custody/<tenant>/<principal>`.
 pub const IDENTITY_PREFIX: &str = "spiffe://custody/";
 
@@ -155,6 +157,26 @@ struct StoreMeta {
     root_check: Vec<u8>,
 }
 
+impl StoreMeta {
+    /// Whether `root` is this store's root key (by its check value).
+    fn check_root(&self, root: &RootKey) -> Result<(), KmsError> {
+        let check =
+            RootKeyCheck::from_bytes(&self.root_check).ok_or_else(|| KmsError::Integrity("meta/store".into()))?;
+        if !check.matches(root) {
+            return Err(KmsError::InvalidShare("the key does not unseal this store".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The store metadata and its revision.
+fn read_meta(backend: &Arc<dyn Backend>) -> Result<(StoreMeta, u64), KmsError> {
+    let row = backend.get(Table::Meta, STORE_META)?.ok_or(KmsError::NotInitialized)?;
+    let meta = serde_json::from_slice(&row.value)
+        .map_err(|e| KmsError::Internal(format!("store metadata unreadable: {e}")))?;
+    Ok((meta, row.rev))
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum SealMeta {
@@ -212,7 +234,7 @@ impl Kms {
         let tenant = opts.tenant.unwrap_or_else(TenantId::random);
         let pki_err = |e: pki::PkiError| KmsError::Internal(e.to_string());
         let ca = pki::new_ca(&format!("custody CA {}", &store_id[..8]), now_dt, CA_LIFETIME).map_err(pki_err)?;
-        let server_cert = pki::issue_server(&ca, &opts.server_names, now_dt, SERVER_CERT_LIFETIME).map_err(pki_err)?;
+        let server_cert = pki::issue_server(&ca, &opts.server_names, now_dt, server_lifetime()).map_err(pki_err)?;
         let admin_cert = pki::issue_client(
             &ca,
             &identity_uri(&tenant, &opts.admin),
@@ -329,7 +351,7 @@ impl Kms {
     ) -> Result<(String, pki::IssuedCert, crate::IssuedClientCert), KmsError> {
         let u = self.unsealed()?;
         let issuer = self.ca_issuer(&u)?;
-        let server = pki::issue_server(&issuer, server_names, OffsetDateTime::now_utc(), SERVER_CERT_LIFETIME)
+        let server = pki::issue_server(&issuer, server_names, OffsetDateTime::now_utc(), server_lifetime())
             .map_err(|e| KmsError::Internal(e.to_string()))?;
         let principal = u
             .barrier
@@ -351,13 +373,13 @@ impl Kms {
             None,
             None,
         );
-        self.record_unaudited(&u, &[server_write, client_write])?;
+        // A restore's bootstrap, not a request: its new trail starts after this.
+        u.barrier.apply(&[server_write, client_write])?;
         Ok((issuer.cert_pem, server, client))
     }
 
     fn meta(&self) -> Result<StoreMeta, KmsError> {
-        let row = self.backend.get(Table::Meta, STORE_META)?.ok_or(KmsError::NotInitialized)?;
-        serde_json::from_slice(&row.value).map_err(|e| KmsError::Internal(format!("store metadata unreadable: {e}")))
+        Ok(read_meta(&self.backend)?.0)
     }
 
     /// How this store is sealed: `None` for Shamir shares, `Some(path)` for a key file (the path
@@ -380,14 +402,8 @@ impl Kms {
     /// Reseals a store another way (`custody seal migrate`), given its root key. Offline: the
     /// caller holds the store (no server runs on it). Nothing but the seal metadata changes.
     pub fn migrate_seal(backend: &Arc<dyn Backend>, root: &RootKey, to: SealTarget) -> Result<(), KmsError> {
-        let row = backend.get(Table::Meta, STORE_META)?.ok_or(KmsError::NotInitialized)?;
-        let mut meta: StoreMeta = serde_json::from_slice(&row.value)
-            .map_err(|e| KmsError::Internal(format!("store metadata unreadable: {e}")))?;
-        let check =
-            RootKeyCheck::from_bytes(&meta.root_check).ok_or_else(|| KmsError::Integrity("meta/store".into()))?;
-        if !check.matches(root) {
-            return Err(KmsError::InvalidShare("the key does not unseal this store".into()));
-        }
+        let (mut meta, rev) = read_meta(backend)?;
+        meta.check_root(root)?;
         meta.seal = match (meta.seal, to) {
             (SealMeta::Shamir { threshold, shares, fingerprints }, SealTarget::Pkcs11(seal)) => {
                 SealMeta::Pkcs11 { seal, threshold, shares, fingerprints }
@@ -413,16 +429,14 @@ impl Kms {
             table: Table::Meta,
             key: STORE_META.into(),
             value: serde_json::to_vec(&meta).expect("meta serializes"),
-            expect: Expect::Rev(row.rev),
+            expect: Expect::Rev(rev),
         }])?;
         Ok(())
     }
 
     /// The root key from `threshold` shares of this store (for offline tools: `seal migrate`).
     pub fn root_from_shares(backend: &Arc<dyn Backend>, texts: &[String]) -> Result<RootKey, KmsError> {
-        let row = backend.get(Table::Meta, STORE_META)?.ok_or(KmsError::NotInitialized)?;
-        let meta: StoreMeta = serde_json::from_slice(&row.value)
-            .map_err(|e| KmsError::Internal(format!("store metadata unreadable: {e}")))?;
+        let (meta, _) = read_meta(backend)?;
         let (SealMeta::Shamir { fingerprints, .. } | SealMeta::Pkcs11 { fingerprints, .. }) = &meta.seal else {
             return Err(KmsError::InvalidShare("this store has no shares (key-file seal)".into()));
         };
@@ -435,11 +449,12 @@ impl Kms {
             shares.push(share);
         }
         let root = shamir::combine(&shares).map_err(|e| KmsError::InvalidShare(e.to_string()))?;
-        let check =
-            RootKeyCheck::from_bytes(&meta.root_check).ok_or_else(|| KmsError::Integrity("meta/store".into()))?;
-        if !check.matches(&root) {
-            return Err(KmsError::InvalidShare("the shares do not unseal this store (too few?)".into()));
-        }
+        meta.check_root(&root).map_err(|e| match e {
+            KmsError::InvalidShare(_) => {
+                KmsError::InvalidShare("the shares do not unseal this store (too few?)".into())
+            }
+            other => other,
+        })?;
         Ok(root)
     }
 
@@ -506,11 +521,7 @@ impl Kms {
     }
 
     fn unsealed_with(&self, meta: &StoreMeta, root: RootKey) -> Result<Unsealed, KmsError> {
-        let check =
-            RootKeyCheck::from_bytes(&meta.root_check).ok_or_else(|| KmsError::Integrity("meta/store".into()))?;
-        if !check.matches(&root) {
-            return Err(KmsError::InvalidShare("the key does not unseal this store".into()));
-        }
+        meta.check_root(&root)?;
         let barrier = Barrier::new(self.backend.clone(), root.barrier_key());
         let audit_hmac = root.audit_hmac_key();
         Ok(Unsealed { root, barrier, audit_hmac })
