@@ -56,8 +56,19 @@ fn cached(table: Table) -> bool {
 /// What every handle on one database file in this process shares.
 struct Shared {
     /// Held for as long as a handle lives: keeps other processes out (see [`SqliteBackend`]).
-    _lock: std::fs::File,
+    lock: Option<std::fs::File>,
+    /// The database path, as registered in [`OPEN`].
+    path: PathBuf,
     cache: Mutex<HashMap<Table, TableCache>>,
+}
+
+impl Drop for Shared {
+    /// Releases the lock, then leaves the registry: until then, an open in this process waits
+    /// for the lock to be free instead of mistaking it for another process's.
+    fn drop(&mut self) {
+        drop(self.lock.take());
+        OPEN.lock().unwrap_or_else(|p| p.into_inner()).retain(|(p, _)| *p != self.path);
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -89,11 +100,20 @@ fn share(path: &Path) -> Result<Arc<Shared>, StoreError> {
     let dir = std::fs::canonicalize(dir)
         .map_err(|e| StoreError::Database(format!("cannot open the directory of {}: {e}", path.display())))?;
     let canonical = dir.join(name);
-    let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
-    open.retain(|(_, w)| w.strong_count() > 0);
-    if let Some(shared) = open.iter().find(|(p, _)| *p == canonical).and_then(|(_, w)| w.upgrade()) {
-        return Ok(shared);
-    }
+    let mut open = loop {
+        let open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        match open.iter().find(|(p, _)| *p == canonical) {
+            None => break open,
+            Some((_, w)) => match w.upgrade() {
+                Some(shared) => return Ok(shared),
+                // The last handle of this process is closing: wait until it released the lock.
+                None => {
+                    drop(open);
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            },
+        }
+    };
     let mut lock_name = name.to_os_string();
     lock_name.push("-lock");
     let lock_path = dir.join(lock_name);
@@ -110,7 +130,7 @@ fn share(path: &Path) -> Result<Arc<Shared>, StoreError> {
             return Err(StoreError::Database(format!("cannot lock {}: {e}", lock_path.display())))
         }
     }
-    let shared = Arc::new(Shared { _lock: lock, cache: Mutex::new(HashMap::new()) });
+    let shared = Arc::new(Shared { lock: Some(lock), path: canonical.clone(), cache: Mutex::new(HashMap::new()) });
     open.push((canonical, Arc::downgrade(&shared)));
     Ok(shared)
 }
