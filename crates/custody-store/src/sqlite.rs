@@ -123,11 +123,21 @@ fn share(path: &Path) -> Result<Arc<Shared>, StoreError> {
         .write(true)
         .open(&lock_path)
         .map_err(|e| StoreError::Database(format!("cannot open {}: {e}", lock_path.display())))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::InUse { path: canonical }),
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(StoreError::Database(format!("cannot lock {}: {e}", lock_path.display())))
+    // A lock can outlive its last handle for a moment: a child process forked by another thread
+    // holds a copy of the descriptor until it execs. Another process really holding it still
+    // does after a second.
+    let mut attempts = 0;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if attempts < 100 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::InUse { path: canonical }),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Database(format!("cannot lock {}: {e}", lock_path.display())))
+            }
         }
     }
     let shared = Arc::new(Shared { lock: Some(lock), path: canonical.clone(), cache: Mutex::new(HashMap::new()) });
