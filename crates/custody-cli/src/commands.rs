@@ -466,6 +466,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Principal(cmd) => crate::access::principal(&cli.conn, cmd, json).await,
         Command::Access(cmd) => crate::access::access(&cli.conn, cmd, json).await,
         Command::Pki(cmd) => crate::pki::pki(&cli.conn, cmd, json).await,
+        Command::Root(cmd) => crate::root::root(&cli.conn, cmd, json).await,
         Command::Agent(args) => crate::pki::agent(&cli.conn, args, json).await,
         Command::Check => check(&cli.conn, json).await,
         Command::Backup(cmd) => crate::backup::backup(&cli.conn, cmd, json).await,
@@ -490,11 +491,7 @@ fn init(a: InitArgs, json: bool) -> Result<()> {
         .transpose()?;
     let admin = PrincipalName::parse(&a.admin)
         .ok_or_else(|| usage(format!("--admin {:?} is not a valid principal name", a.admin)))?;
-    if let Some(dir) = &a.shares_dir {
-        if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
-            return Err(usage(format!("--shares-dir {} must be a new or empty directory", dir.display())));
-        }
-    }
+    check_shares_dir(a.shares_dir.as_deref())?;
     let (layout, out) = bootstrap::init(Bootstrap {
         data_dir: a.data.clone(),
         admin_roles: custody_kms::InitOptions::FIRST_ADMIN_ROLES.to_vec(),
@@ -508,17 +505,7 @@ fn init(a: InitArgs, json: bool) -> Result<()> {
     })
     .map_err(|m| CliError::new(exit::FAILURE, m))?;
     let shares: Vec<Zeroizing<String>> = out.shares.iter().map(|s| s.to_text()).collect();
-    let mut share_files = Vec::new();
-    if let Some(dir) = &a.shares_dir {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot create {}: {e}", dir.display())))?;
-        for (i, s) in shares.iter().enumerate() {
-            let p = dir.join(format!("share-{}.txt", i + 1));
-            bootstrap::write_file(&p, format!("{}\n", s.as_str()).as_bytes(), 0o600)
-                .map_err(|m| CliError::new(exit::FAILURE, m))?;
-            share_files.push(p);
-        }
-    }
+    let share_files = write_shares(a.shares_dir.as_deref(), &shares)?;
     if json {
         let printed: Vec<&str> =
             if a.shares_dir.is_none() { shares.iter().map(|s| s.as_str()).collect() } else { Vec::new() };
@@ -556,17 +543,7 @@ fn init(a: InitArgs, json: bool) -> Result<()> {
         }
     };
     if let Some(kind) = kind {
-        if share_files.is_empty() {
-            println!("\n{kind} shares. They are shown ONCE and stored nowhere. Give each to a different person:\n");
-            for (i, s) in shares.iter().enumerate() {
-                println!("  share {}: {}", i + 1, s.as_str());
-            }
-        } else {
-            println!("\n{kind} shares written to:");
-            for p in &share_files {
-                println!("  {}", p.display());
-            }
-        }
+        print_shares(kind, &shares, &share_files);
     }
     match &seal {
         SealChoice::Pkcs11 { .. } => {
@@ -705,6 +682,11 @@ async fn status(conn: &ConnArgs, json: bool) -> Result<()> {
         println!("version:       {}", status["Version"].as_str().unwrap_or("?"));
         println!("sealed:        {}", status["Sealed"]);
         println!("seal:          {}", status["SealType"].as_str().unwrap_or("?"));
+        println!(
+            "root key:      generation {}{}",
+            status["RootGeneration"],
+            if status["RootRotating"] == true { " (rotation under way: custody root status)" } else { "" }
+        );
         if status["Sealed"] == true {
             println!("unseal:        {} of {} shares", status["Progress"], status["Threshold"]);
         }
@@ -1281,6 +1263,46 @@ fn write_output(out: Option<&Path>, bytes: &[u8]) -> Result<()> {
     match out {
         Some(p) => bootstrap::write_file(p, bytes, 0o600).map_err(|m| CliError::new(exit::FAILURE, m)),
         None => std::io::stdout().write_all(bytes).map_err(|e| CliError::new(exit::FAILURE, e.to_string())),
+    }
+}
+
+/// Refuses a `--shares-dir` that holds anything (shares are never overwritten).
+pub(crate) fn check_shares_dir(dir: Option<&Path>) -> Result<()> {
+    if let Some(dir) = dir {
+        if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            return Err(CliError::new(exit::INVALID_REQUEST, format!("--shares-dir {} must be a new or empty directory", dir.display())));
+        }
+    }
+    Ok(())
+}
+
+/// Writes each share to `dir/share-N.txt` (0600), if a directory is given; returns the files.
+pub(crate) fn write_shares(dir: Option<&Path>, shares: &[Zeroizing<String>]) -> Result<Vec<PathBuf>> {
+    let Some(dir) = dir else { return Ok(Vec::new()) };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot create {}: {e}", dir.display())))?;
+    let mut files = Vec::new();
+    for (i, s) in shares.iter().enumerate() {
+        let p = dir.join(format!("share-{}.txt", i + 1));
+        bootstrap::write_file(&p, format!("{}\n", s.as_str()).as_bytes(), 0o600)
+            .map_err(|m| CliError::new(exit::FAILURE, m))?;
+        files.push(p);
+    }
+    Ok(files)
+}
+
+/// Prints the shares (shown once), or where they were written.
+pub(crate) fn print_shares(kind: &str, shares: &[Zeroizing<String>], files: &[PathBuf]) {
+    if files.is_empty() {
+        println!("\n{kind} shares. They are shown ONCE and stored nowhere. Give each to a different person:\n");
+        for (i, s) in shares.iter().enumerate() {
+            println!("  share {}: {}", i + 1, s.as_str());
+        }
+    } else {
+        println!("\n{kind} shares written to:");
+        for p in files {
+            println!("  {}", p.display());
+        }
     }
 }
 

@@ -9,6 +9,7 @@ mod commands;
 mod dev;
 pub mod exit;
 mod pki;
+mod root;
 mod seal;
 
 /// The process's allocator. glibc's malloc serialized the server's threads on its arena locks
@@ -163,6 +164,9 @@ Examples:
     /// The internal CA's certificates: issue, list, revoke, renew, status.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
+    /// The root key: its generation, and rotation to a new one (security officer).
+    #[command(subcommand)]
+    Root(root::RootCommand),
     /// Keep a workload's client certificate fresh: renews it at two thirds of its life and
     /// replaces the profile's files atomically (the Rust client picks the new one up by itself).
     Agent(pki::AgentArgs),

@@ -88,15 +88,26 @@ impl fmt::Debug for AuditHmacKey {
 }
 
 impl RootKey {
-    /// The audit HMAC key, derived from the root key.
+    /// The audit HMAC key, derived from the root key (until a root rotation stores it: then
+    /// [`AuditHmacKey::from_secret`] of the stored bytes, so that tokens stay the same).
     pub fn audit_hmac_key(&self) -> AuditHmacKey {
+        AuditHmacKey::from_secret(&self.audit_hmac_secret())
+    }
+
+    /// The bytes of [`RootKey::audit_hmac_key`], for a root rotation to store (sealed).
+    pub fn audit_hmac_secret(&self) -> SecretBytes {
         let mut k = zeroize::Zeroizing::new([0u8; 32]);
         seal::derive_subkey(self.expose_secret(), b"custody/v1/root-derivation", &[AUDIT_HMAC_LABEL], &mut k[..]);
-        AuditHmacKey(hmac::Key::new(hmac::HMAC_SHA256, &k[..]))
+        SecretBytes::copy_from(&k[..])
     }
 }
 
 impl AuditHmacKey {
+    /// The key from its bytes (as [`RootKey::audit_hmac_secret`] gave them).
+    pub fn from_secret(bytes: &SecretBytes) -> Self {
+        AuditHmacKey(hmac::Key::new(hmac::HMAC_SHA256, bytes.expose_secret()))
+    }
+
     /// `hmac-sha256:<hex>` of a value.
     pub fn token(&self, value: &str) -> String {
         format!("hmac-sha256:{}", hex_lower(hmac::sign(&self.0, value.as_bytes()).as_ref()))

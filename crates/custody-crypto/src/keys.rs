@@ -21,6 +21,8 @@ const ROOT_CHECK_LABEL: &[u8] = b"custody/v1/root-check";
 const WRAPPED_KEY_LABEL: &[u8] = b"custody/v1/wrapped-key-version";
 /// Seal label of a storage-barrier row.
 const ROW_LABEL: &[u8] = b"custody/v1/row";
+/// Seal label of the next root key, sealed under the current one while a rotation runs.
+const NEXT_ROOT_LABEL: &[u8] = b"custody/v1/next-root-key";
 /// Derivation label of the backup key.
 const BACKUP_KEY_LABEL: &[u8] = b"custody/v1/backup-key";
 /// Seal label of a backup's payload.
@@ -75,6 +77,21 @@ impl RootKey {
     pub fn unwrap_key_material(&self, wrapped: &[u8], aad: &WrapAad<'_>) -> Result<KeyMaterial, OpenError> {
         let kek = self.key_wrapping_key();
         seal::open(&kek.0, WRAPPED_KEY_LABEL, &aad.encode(), wrapped).map(KeyMaterial)
+    }
+
+    /// Seals `next`, the root key of `generation`, under this one: while a root rotation runs,
+    /// whoever unseals the current root (shares, token) also gets the next, so a rotation resumes
+    /// after a restart. The sealed value is deleted when the rotation finishes.
+    pub fn seal_next_root(&self, next: &RootKey, generation: u32) -> Vec<u8> {
+        let kek = self.key_wrapping_key();
+        seal::seal(&kek.0, NEXT_ROOT_LABEL, &generation.to_be_bytes(), next.expose_secret())
+    }
+
+    /// Opens what [`RootKey::seal_next_root`] made for the same `generation`.
+    pub fn open_next_root(&self, sealed: &[u8], generation: u32) -> Result<RootKey, OpenError> {
+        let kek = self.key_wrapping_key();
+        let bytes = seal::open(&kek.0, NEXT_ROOT_LABEL, &generation.to_be_bytes(), sealed)?;
+        RootKey::from_bytes(bytes.expose_secret()).ok_or(OpenError)
     }
 
     /// Seals a backup's payload under a key derived from the root key, so whoever can unseal

@@ -223,6 +223,10 @@ actions! {
     RenewCertificate,
     /// Roll the internal CA over to a new one (custody)
     RotateCa,
+    /// Replace the root key and re-seal everything under the new one (custody)
+    RotateRoot,
+    /// Read the root key's generation and any rotation under way (custody)
+    DescribeRoot,
     /// Who can / explain (custody)
     ExplainAccess,
     /// Check the store's integrity (custody)
@@ -291,7 +295,8 @@ pub fn roles_for(action: Action) -> &'static [Role] {
         // A tenant admin revokes its tenant's certificates; a security officer any (the
         // operation checks which).
         RevokeCertificate | ListCertificates => &[TenantAdmin, SecurityOfficer],
-        IssueServerCertificate | RotateCa => &[SecurityOfficer],
+        IssueServerCertificate | RotateCa | RotateRoot => &[SecurityOfficer],
+        DescribeRoot => &[SecurityOfficer, Auditor],
         // Every principal renews its own certificate (the operation checks it is its own).
         RenewCertificate => &[TenantAdmin, KeyAdmin, KeyUser, Auditor, SecurityOfficer],
         ListPrincipals | DescribePrincipal => &[TenantAdmin, Auditor],

@@ -40,6 +40,10 @@ pub struct BackupHeader {
     pub tables: BTreeMap<String, u64>,
     /// The newest signed audit checkpoint at the time.
     pub audit_checkpoint: Option<AuditCheckpoint>,
+    /// The generation of the root key that seals the backup: the shares (or token) that unsealed
+    /// the store at that generation open it, even after later root rotations.
+    #[serde(default = "crate::root::first_generation")]
+    pub root_generation: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -88,10 +92,11 @@ impl Backup {
         let (header_bytes, sealed) = (&rest[..end], &rest[end + 1..]);
         let header: BackupHeader = serde_json::from_slice(header_bytes).map_err(|_| bad("the header is not valid"))?;
         let payload = root.open_backup(header_bytes, sealed).map_err(|_| {
-            KmsError::InvalidShare(
-                "the backup does not open with this root key (wrong shares or key file, or the file was changed)"
-                    .into(),
-            )
+            KmsError::InvalidShare(format!(
+                "the backup does not open with this root key (it was sealed under root key generation {}: use the \
+                 shares, token or key file of that generation; or the file was changed)",
+                header.root_generation
+            ))
         })?;
         let rows: Vec<RawRow> = serde_json::from_slice(payload.expose_secret()).map_err(|_| bad("damaged payload"))?;
         Ok(Self { header, rows })
@@ -159,13 +164,19 @@ impl Kms {
             Some(row) => Some(u.barrier.open_row::<AuditCheckpoint>(Table::AuditCheckpoints, row)?.value),
             None => None,
         };
-        let header = BackupHeader { store_id: self.store_id()?, created_at: now_ms(), tables, audit_checkpoint };
+        let header = BackupHeader {
+            store_id: self.store_id()?,
+            created_at: now_ms(),
+            tables,
+            audit_checkpoint,
+            root_generation: u.roots.current_generation(),
+        };
         let header_bytes = serde_json::to_vec(&header).expect("headers serialize");
         let payload = zeroize::Zeroizing::new(serde_json::to_vec(&rows).expect("rows serialize"));
         let mut out = MAGIC.to_vec();
         out.extend_from_slice(&header_bytes);
         out.push(b'\n');
-        out.extend(u.root.seal_backup(&header_bytes, &payload));
+        out.extend(u.roots.current().seal_backup(&header_bytes, &payload));
         tracing::info!(rows = rows.len(), "backup created");
         Ok((header, out))
     }

@@ -108,7 +108,7 @@ impl Kms {
                     version: v,
                 };
                 match row {
-                    Ok(Some(row)) => match u.root.unwrap_key_material(&row.value.wrapped, &aad) {
+                    Ok(Some(row)) => match u.roots.unwrap_version(&row.value, &aad) {
                         Ok(material) => {
                             r.versions += 1;
                             match canary_problem(&material, key, v, row.value.canary.as_deref()) {

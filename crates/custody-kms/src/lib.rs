@@ -21,12 +21,13 @@ pub mod model;
 mod ops;
 pub mod policy;
 mod principals;
+mod root;
 mod seal;
 
 use std::sync::{Arc, RwLock};
 
 use custody_crypto::keys::WrapAad;
-use custody_crypto::{KeyMaterial, RootKey};
+use custody_crypto::KeyMaterial;
 use custody_store::{Backend, Barrier, Expect, Table, Versioned, Write};
 
 pub use access::{default_policy, parse_action, AccessEntry, DefaultKeyPolicy, Explanation};
@@ -45,6 +46,7 @@ pub use ids::{AliasName, KeyId, KeyRef, PrincipalName, TenantId};
 pub use model::Role;
 pub use ops::*;
 pub use principals::{IssuedClientCert, PrincipalInfo, TenantInfo, CLIENT_CERT_TTL};
+pub use root::{RootRotationStarted, RootStatus, RootWrapper};
 pub use seal::{InitOptions, InitOutput, InitSeal, Pkcs11Seal, SealStatus, SealTarget, PKCS11_WRAP_AAD};
 
 use crate::authz::{Authorized, CreatesMaterial, UsesMaterial};
@@ -137,15 +139,19 @@ pub struct Kms {
     revoked: RwLock<std::collections::HashSet<String>>,
     /// Encryptions per key version since the last [`Kms::flush_usage`].
     usage: std::sync::Mutex<std::collections::HashMap<(ids::KeyId, u32), u64>>,
+    /// How the PKCS#11 token wraps a new root key (root rotation of a PKCS#11 store).
+    root_wrapper: root::WrapperSlot,
 }
 
 /// What exists only while unsealed.
 #[derive(Debug)]
 struct Unsealed {
-    root: RootKey,
+    /// The root key, and during a root rotation the next one too.
+    roots: root::RootRing,
+    /// Opens rows of every generation in `roots`, seals under the newest.
     barrier: Barrier,
-    /// Derived once at unseal: every audit record with an encryption context uses it.
-    audit_hmac: custody_crypto::audit::AuditHmacKey,
+    /// Loaded once at unseal: every audit record with an encryption context uses it.
+    audit_hmac: Arc<custody_crypto::audit::AuditHmacKey>,
 }
 
 impl Kms {
@@ -228,7 +234,7 @@ impl Kms {
             .get::<VersionRecord>(Table::Versions, &version_row(key.id, version))?
             .ok_or(KmsError::InvalidCiphertext)?;
         let aad = WrapAad { tenant: key.tenant.as_str(), key_id: &key.id.to_string(), version };
-        u.root.unwrap_key_material(&row.value.wrapped, &aad).map_err(|_| {
+        u.roots.unwrap_version(&row.value, &aad).map_err(|_| {
             tracing::error!(key_id = %key.id, version, "wrapped key version failed its integrity check");
             KmsError::Integrity(format!("versions/{}", version_row(key.id, version)))
         })
@@ -252,10 +258,12 @@ impl Kms {
             &model::canary_plaintext(key.id, version),
         );
         use base64::Engine;
+        let (root_generation, root) = u.roots.write();
         let record = VersionRecord {
             version,
             created_at: now,
-            wrapped: u.root.wrap_key_material(&material, &aad),
+            wrapped: root.wrap_key_material(&material, &aad),
+            root_generation,
             canary: Some(base64::engine::general_purpose::STANDARD.encode(canary)),
             encryptions: 0,
         };

@@ -17,7 +17,7 @@ use crate::model::{now_ms, CaRecord, PrincipalRecord, Role, TenantRecord};
 use crate::{Kms, KmsConfig, Unsealed};
 
 /// Row key of the store metadata in [`Table::Meta`].
-const STORE_META: &str = "store";
+pub(crate) const STORE_META: &str = "store";
 /// Lifetime of the internal CA.
 pub(crate) const CA_LIFETIME: Duration = Duration::days(3650);
 /// Lifetime of the first administrator's client certificate: the longest a client certificate
@@ -146,20 +146,31 @@ pub struct SealStatus {
     pub progress: usize,
     /// Store id.
     pub store_id: String,
+    /// Generation of the root key the seal unseals (1 until the first root rotation).
+    pub root_generation: u32,
+    /// Whether a root rotation is under way.
+    pub root_rotating: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct StoreMeta {
-    store_id: String,
+pub(crate) struct StoreMeta {
+    pub(crate) store_id: String,
     created_at: i64,
-    seal: SealMeta,
+    pub(crate) seal: SealMeta,
+    /// Check value of the current root key (the one `seal` unseals).
     #[serde(with = "hex_bytes")]
-    root_check: Vec<u8>,
+    pub(crate) root_check: Vec<u8>,
+    /// Generation of the current root key: 1 at init, one more after each root rotation.
+    #[serde(default = "crate::root::first_generation")]
+    pub(crate) root_generation: u32,
+    /// A root rotation under way (`custody root rotate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) rotation: Option<crate::root::RootRotation>,
 }
 
 impl StoreMeta {
     /// Whether `root` is this store's root key (by its check value).
-    fn check_root(&self, root: &RootKey) -> Result<(), KmsError> {
+    pub(crate) fn check_root(&self, root: &RootKey) -> Result<(), KmsError> {
         let check =
             RootKeyCheck::from_bytes(&self.root_check).ok_or_else(|| KmsError::Integrity("meta/store".into()))?;
         if !check.matches(root) {
@@ -170,16 +181,16 @@ impl StoreMeta {
 }
 
 /// The store metadata and its revision.
-fn read_meta(backend: &Arc<dyn Backend>) -> Result<(StoreMeta, u64), KmsError> {
+pub(crate) fn read_meta(backend: &Arc<dyn Backend>) -> Result<(StoreMeta, u64), KmsError> {
     let row = backend.get(Table::Meta, STORE_META)?.ok_or(KmsError::NotInitialized)?;
     let meta = serde_json::from_slice(&row.value)
         .map_err(|e| KmsError::Internal(format!("store metadata unreadable: {e}")))?;
     Ok((meta, row.rev))
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
-enum SealMeta {
+pub(crate) enum SealMeta {
     Shamir {
         threshold: usize,
         shares: usize,
@@ -249,6 +260,8 @@ impl Kms {
             created_at: now,
             seal,
             root_check: root.check_value().as_bytes().to_vec(),
+            root_generation: 1,
+            rotation: None,
         };
         let barrier = Barrier::new(backend.clone(), root.barrier_key());
         let ca_record = CaRecord {
@@ -330,6 +343,7 @@ impl Kms {
             policies: Default::default(),
             revoked: Default::default(),
             usage: Default::default(),
+            root_wrapper: Default::default(),
         };
         kms.meta()?;
         Ok(kms)
@@ -470,7 +484,16 @@ impl Kms {
             SealMeta::Keyfile { .. } => ("keyfile", 0, 0),
             SealMeta::Pkcs11 { threshold, shares, .. } => ("pkcs11", threshold, shares),
         };
-        Ok(SealStatus { sealed, seal_type, threshold, shares, progress, store_id: meta.store_id })
+        Ok(SealStatus {
+            sealed,
+            seal_type,
+            threshold,
+            shares,
+            progress,
+            store_id: meta.store_id,
+            root_generation: meta.root_generation,
+            root_rotating: meta.rotation.is_some(),
+        })
     }
 
     /// Submits one unseal share. Once `threshold` distinct valid shares are in, custody unseals.
@@ -522,9 +545,8 @@ impl Kms {
 
     fn unsealed_with(&self, meta: &StoreMeta, root: RootKey) -> Result<Unsealed, KmsError> {
         meta.check_root(&root)?;
-        let barrier = Barrier::new(self.backend.clone(), root.barrier_key());
-        let audit_hmac = root.audit_hmac_key();
-        Ok(Unsealed { root, barrier, audit_hmac })
+        let ring = crate::root::RootRing::unseal(meta, root)?;
+        Unsealed::new(&self.backend, ring, None)
     }
 
     /// Maps a verified client-certificate identity (`spiffe://custody/<tenant>/<principal>`) to a
@@ -552,7 +574,7 @@ fn parse_identity(uri: &str) -> Option<(TenantId, PrincipalName)> {
     Some((TenantId::parse(tenant)?, PrincipalName::parse(name)?))
 }
 
-mod hex_bytes {
+pub(crate) mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {

@@ -221,6 +221,14 @@ impl Server {
             |_| {},
         ));
         let k = kms.clone();
+        tokio::spawn(periodic(
+            "root rotation",
+            Duration::from_millis(200),
+            shutdown_rx.clone(),
+            move || k.continue_root_rotation(Duration::from_millis(100)),
+            |_| {},
+        ));
+        let k = kms.clone();
         let every = Duration::from_millis(config.audit_checkpoint_interval_ms);
         tokio::spawn(periodic("audit checkpoint", every, shutdown_rx.clone(), move || k.audit_checkpoint(), |_| {}));
         let task = tokio::spawn(accept_loop(listener, TlsAcceptor::from(tls), state, shutdown_rx));
@@ -249,21 +257,33 @@ impl Server {
     }
 }
 
+/// Opens the PKCS#11 token of `seal` with the server's settings (module override, PIN file).
+fn open_token(seal: &custody_kms::Pkcs11Seal, settings: &config::Pkcs11Settings) -> Result<custody_hsm::Hsm, String> {
+    let module = settings.module.clone().unwrap_or_else(|| std::path::PathBuf::from(&seal.module));
+    let pin_file = settings.pin_file.as_ref().ok_or("no PIN: set pkcs11.pin_file (CUSTODY_PKCS11_PIN_FILE)")?;
+    let pin = custody_crypto::SecretBytes::new(
+        std::fs::read(pin_file).map_err(|e| format!("cannot read the PIN file {}: {e}", pin_file.display()))?,
+    );
+    let config = custody_hsm::HsmConfig {
+        module,
+        token_label: seal.token_label.clone(),
+        key_label: seal.key_label.clone(),
+        pin,
+    };
+    custody_hsm::Hsm::open(&config, false).map_err(|e| e.to_string())
+}
+
 /// Unwraps the root key with the PKCS#11 token and unseals. On failure the server stays sealed
-/// and says why and what to do; it still starts, so that recovery shares can be submitted.
+/// and says why and what to do; it still starts, so that recovery shares can be submitted. Also
+/// installs how a root rotation has the token wrap the new root key.
 async fn auto_unseal(kms: &Arc<Kms>, seal: custody_kms::Pkcs11Seal, config: &ServerConfig) {
-    let module = config.pkcs11.module.clone().unwrap_or_else(|| std::path::PathBuf::from(&seal.module));
-    let pin_file = config.pkcs11.pin_file.clone();
+    let settings = config.pkcs11.clone();
+    kms.set_root_wrapper(Box::new(move |seal, root| {
+        open_token(seal, &settings)?.wrap(root.expose_secret(), custody_kms::PKCS11_WRAP_AAD).map_err(|e| e.to_string())
+    }));
+    let settings = config.pkcs11.clone();
     let opened = tokio::task::spawn_blocking(move || -> Result<custody_crypto::RootKey, String> {
-        let pin_file = pin_file.ok_or("no PIN: set pkcs11.pin_file (CUSTODY_PKCS11_PIN_FILE)")?;
-        let pin = custody_crypto::SecretBytes::new(
-            std::fs::read(&pin_file).map_err(|e| format!("cannot read the PIN file {}: {e}", pin_file.display()))?,
-        );
-        let hsm = custody_hsm::Hsm::open(
-            &custody_hsm::HsmConfig { module, token_label: seal.token_label, key_label: seal.key_label, pin },
-            false,
-        )
-        .map_err(|e| e.to_string())?;
+        let hsm = open_token(&seal, &settings)?;
         let root = hsm.unwrap(&seal.wrapped_root, custody_kms::PKCS11_WRAP_AAD).map_err(|e| e.to_string())?;
         custody_crypto::RootKey::from_bytes(root.expose_secret())
             .ok_or_else(|| "the unwrapped root key is not 32 bytes".into())

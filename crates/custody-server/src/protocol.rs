@@ -395,6 +395,21 @@ fn custody_action(
             let caller = authenticate(kms, identity, req, auth)?;
             certificate_action(kms, &caller, action, f)
         }
+        "RotateRoot" => {
+            let caller = authenticate(kms, identity, req, auth)?;
+            let started = kms.rotate_root(&caller)?;
+            let shares: Vec<zeroize::Zeroizing<String>> = started.shares.iter().map(|s| s.to_text()).collect();
+            Ok(json!({
+                "Generation": started.generation,
+                "Threshold": started.threshold,
+                "Shares": shares.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                "Status": kms.root_status(&caller)?,
+            }))
+        }
+        "DescribeRoot" => {
+            let caller = authenticate(kms, identity, req, auth)?;
+            Ok(serde_json::to_value(kms.root_status(&caller)?).expect("status serializes"))
+        }
         "RenewCertificate" => {
             let caller = authenticate(kms, identity, req, auth)?;
             let Identity::Certificate { serial, .. } = identity else {
@@ -584,6 +599,8 @@ fn status_json(kms: &Kms) -> Result<Value, KmsError> {
         "Shares": s.shares,
         "Progress": s.progress,
         "StoreId": s.store_id,
+        "RootGeneration": s.root_generation,
+        "RootRotating": s.root_rotating,
         "AuditFailing": kms.audit_health().failing,
         "Alerts": kms.audit_health().alerts,
         "AuditDisabled": kms.audit_health().disabled,

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use custody_crypto::BarrierKey;
+use custody_crypto::{BarrierKey, SecretBytes};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -21,9 +21,32 @@ pub struct Versioned<T> {
 }
 
 /// Seals rows on the way in and opens them on the way out.
+///
+/// Every sealed value starts with the generation of the root key whose barrier key sealed it
+/// ([`GENERATION_TAG`], then the generation as a big-endian `u32`), so a root rotation can tell
+/// which rows it still has to re-seal. Values written before generations existed carry no tag and
+/// are generation 1; a tagged value that does not open is also tried untagged (a legacy value's
+/// random salt can start with the tag bytes; AEAD rules out a false accept either way).
 pub struct Barrier {
     backend: Arc<dyn Backend>,
-    key: BarrierKey,
+    /// The generation new rows are sealed under, and its key.
+    write: (u32, Arc<BarrierKey>),
+    /// Every generation this barrier opens (the write generation included).
+    keys: Vec<(u32, Arc<BarrierKey>)>,
+}
+
+/// First bytes of a sealed value that records its root key generation.
+pub const GENERATION_TAG: &[u8; 4] = b"\xc5gen";
+/// Bytes before the sealed part of a tagged value.
+const TAGGED_PREFIX: usize = GENERATION_TAG.len() + 4;
+
+/// The root key generation a stored value claims (1 for a value without a tag). Untrusted until
+/// the value opens under that generation's key.
+pub fn generation_of(sealed: &[u8]) -> u32 {
+    match sealed.strip_prefix(GENERATION_TAG.as_slice()) {
+        Some(rest) if rest.len() >= 4 => u32::from_be_bytes(rest[..4].try_into().expect("4 bytes")),
+        _ => 1,
+    }
 }
 
 impl fmt::Debug for Barrier {
@@ -33,9 +56,29 @@ impl fmt::Debug for Barrier {
 }
 
 impl Barrier {
-    /// A barrier over `backend` with the key derived from the unsealed root key.
+    /// A barrier over `backend` with the key derived from the unsealed root key of generation 1.
     pub fn new(backend: Arc<dyn Backend>, key: BarrierKey) -> Self {
-        Self { backend, key }
+        let key = Arc::new(key);
+        Self { backend, write: (1, key.clone()), keys: vec![(1, key)] }
+    }
+
+    /// A barrier that seals under `write` and opens the generations in `keys` as well (during a
+    /// root rotation: the current root's and the next one's).
+    pub fn with_generations(
+        backend: Arc<dyn Backend>,
+        write: (u32, Arc<BarrierKey>),
+        keys: Vec<(u32, Arc<BarrierKey>)>,
+    ) -> Self {
+        let mut keys = keys;
+        if !keys.iter().any(|(g, _)| *g == write.0) {
+            keys.push(write.clone());
+        }
+        Self { backend, write, keys }
+    }
+
+    /// The generation new rows are sealed under.
+    pub fn write_generation(&self) -> u32 {
+        self.write.0
     }
 
     /// The backend underneath (for the unsealed meta table and `erase_freed`).
@@ -92,9 +135,25 @@ impl Barrier {
     /// A sealed put, to apply in a batch.
     pub fn put<T: Serialize>(&self, table: Table, key: &str, value: &T, expect: Expect) -> Write {
         assert_ne!(table, Table::Meta, "the meta table is never sealed");
-        let json = serde_json::to_vec(value).expect("records serialize to JSON");
-        let value = self.key.seal_row(table.name(), key, &json);
+        let json = zeroize::Zeroizing::new(serde_json::to_vec(value).expect("records serialize to JSON"));
+        self.put_plain(table, key, &json, expect)
+    }
+
+    /// A sealed put of bytes already encoded (a row re-sealed as it is by a root rotation).
+    pub fn put_plain(&self, table: Table, key: &str, plain: &[u8], expect: Expect) -> Write {
+        assert_ne!(table, Table::Meta, "the meta table is never sealed");
+        let (generation, barrier_key) = &self.write;
+        let sealed = barrier_key.seal_row(table.name(), key, plain);
+        let mut value = Vec::with_capacity(TAGGED_PREFIX + sealed.len());
+        value.extend_from_slice(GENERATION_TAG);
+        value.extend_from_slice(&generation.to_be_bytes());
+        value.extend_from_slice(&sealed);
         Write::Put { table, key: key.to_string(), value, expect }
+    }
+
+    /// Opens a raw row without decoding it, for a root rotation to re-seal as it is.
+    pub fn open_plain(&self, table: Table, row: &crate::Row) -> Result<SecretBytes, StoreError> {
+        self.open_bytes(table, &row.key, &row.value)
     }
 
     /// A delete, to apply in a batch.
@@ -120,19 +179,27 @@ impl Barrier {
         rev: u64,
         sealed: &[u8],
     ) -> Result<Versioned<T>, StoreError> {
-        let plain = match self.key.open_row(table.name(), &key, sealed) {
-            Ok(p) => p,
-            Err(_) => {
-                tracing::error!(table = table.name(), key = %key, "storage integrity check failed: row changed outside custody");
-                return Err(StoreError::Integrity { table: table.name(), key });
-            }
-        };
+        let plain = self.open_bytes(table, &key, sealed)?;
         let value = serde_json::from_slice(plain.expose_secret()).map_err(|e| StoreError::Decode {
             table: table.name(),
             key: key.clone(),
             reason: e.to_string(),
         })?;
         Ok(Versioned { key, rev, value })
+    }
+
+    fn open_bytes(&self, table: Table, key: &str, sealed: &[u8]) -> Result<SecretBytes, StoreError> {
+        let key_of = |generation: u32| self.keys.iter().find(|(g, _)| *g == generation).map(|(_, k)| k);
+        let tagged = sealed
+            .strip_prefix(GENERATION_TAG.as_slice())
+            .filter(|rest| rest.len() >= 4)
+            .and_then(|rest| Some((key_of(generation_of(sealed))?, &rest[4..])))
+            .and_then(|(k, body)| k.open_row(table.name(), key, body).ok());
+        let opened = tagged.or_else(|| key_of(1).and_then(|k| k.open_row(table.name(), key, sealed).ok()));
+        opened.ok_or_else(|| {
+            tracing::error!(table = table.name(), key = %key, generation = generation_of(sealed), "storage integrity check failed: row changed outside custody, or sealed under a root key this node does not hold");
+            StoreError::Integrity { table: table.name(), key: key.to_string() }
+        })
     }
 }
 
@@ -169,5 +236,41 @@ mod tests {
         // Another root key opens nothing.
         let other = Barrier::new(backend, RootKey::generate().barrier_key());
         assert!(matches!(other.get::<String>(Table::Keys, "b"), Err(StoreError::Integrity { .. })));
+    }
+
+    #[test]
+    fn rows_record_their_root_generation_and_legacy_rows_are_generation_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&dir.path().join("s.db")).unwrap());
+        let (one, two) = (RootKey::generate(), RootKey::generate());
+        // A row from before generations: sealed without a tag.
+        let legacy = one.barrier_key().seal_row("keys", "old", b"\"legacy\"");
+        backend.apply(&[Write::Put { table: Table::Keys, key: "old".into(), value: legacy, expect: Expect::Any }]).unwrap();
+        let first = Barrier::new(backend.clone(), one.barrier_key());
+        first.apply(&[first.put(Table::Keys, "a", &"one", Expect::Absent)]).unwrap();
+        let raw = |k: &str| backend.get(Table::Keys, k).unwrap().unwrap().value;
+        assert_eq!((generation_of(&raw("old")), generation_of(&raw("a"))), (1, 1));
+
+        // During a rotation: both open, new rows are generation 2.
+        let both = Barrier::with_generations(
+            backend.clone(),
+            (2, Arc::new(two.barrier_key())),
+            vec![(1, Arc::new(one.barrier_key()))],
+        );
+        both.apply(&[both.put(Table::Keys, "b", &"two", Expect::Absent)]).unwrap();
+        assert_eq!(generation_of(&raw("b")), 2);
+        for k in ["old", "a", "b"] {
+            assert!(both.get::<String>(Table::Keys, k).is_ok(), "{k}");
+        }
+        // After it: generation 1 rows no longer open; a forged tag does not help.
+        let only_two = Barrier::with_generations(backend.clone(), (2, Arc::new(two.barrier_key())), Vec::new());
+        assert!(only_two.get::<String>(Table::Keys, "b").is_ok());
+        for k in ["old", "a"] {
+            assert!(matches!(only_two.get::<String>(Table::Keys, k), Err(StoreError::Integrity { .. })), "{k}");
+        }
+        let mut forged = raw("a");
+        forged[4..8].copy_from_slice(&2u32.to_be_bytes());
+        backend.apply(&[Write::Put { table: Table::Keys, key: "a".into(), value: forged, expect: Expect::Any }]).unwrap();
+        assert!(matches!(only_two.get::<String>(Table::Keys, "a"), Err(StoreError::Integrity { .. })));
     }
 }

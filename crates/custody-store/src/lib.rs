@@ -22,7 +22,7 @@ mod sqlite;
 
 use std::fmt;
 
-pub use barrier::{Barrier, Versioned};
+pub use barrier::{generation_of, Barrier, Versioned, GENERATION_TAG};
 pub use postgres::{PostgresBackend, PostgresOptions};
 pub use sqlite::SqliteBackend;
 

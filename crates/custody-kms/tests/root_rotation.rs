@@ -1,0 +1,165 @@
+//! Root rotation at the library level: every row and key version re-sealed under the new root,
+//! a restart half-way resumes with the old shares, a second node follows, a node that missed the
+//! rotation seals itself, and afterwards nothing in the store opens under the old root.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use custody_crypto::shamir::{self, UnsealShare};
+use custody_crypto::{EncryptionContext, SecretBytes};
+use custody_kms::{Backup, Caller, CreateKeyRequest, InitSeal, KeyRef, Kms, KmsConfig, KmsError};
+use custody_store::{generation_of, Backend, Barrier, Table};
+
+mod common;
+
+fn unseal(backend: &Arc<dyn Backend>, shares: &[UnsealShare], identity: &str) -> (Kms, Caller) {
+    let kms = Kms::open(backend.clone(), KmsConfig::development()).unwrap();
+    for s in shares {
+        kms.submit_share(&s.to_text()).unwrap();
+    }
+    assert!(!kms.status().unwrap().sealed);
+    let caller = kms.authenticate_certificate(identity).unwrap();
+    (kms, caller)
+}
+
+fn ctx() -> EncryptionContext {
+    EncryptionContext::new([("purpose".to_string(), "root-rotation".to_string())].into()).unwrap()
+}
+
+/// Runs the rotation to its end, as the server's task does.
+fn run_to_end(kms: &Kms) {
+    std::thread::sleep(Duration::from_millis(3_100)); // the grace period: every node switches
+    for _ in 0..1000 {
+        if kms.continue_root_rotation(Duration::from_millis(50)).unwrap().is_none() {
+            return;
+        }
+    }
+    panic!("the rotation did not finish");
+}
+
+#[test]
+fn root_rotation_reseals_every_row_and_retires_the_old_root() {
+    let (_dir, backend, out) = common::init(InitSeal::Shamir { threshold: 3, shares: 5 });
+    let identity = format!("spiffe://custody/{}/admin", out.tenant);
+    let old_shares = &out.shares[..3];
+    let old_root = shamir::combine(old_shares).unwrap();
+    let (kms, caller) = unseal(&backend, old_shares, &identity);
+
+    // Keys, one rotated, ciphertexts, an alias, a backup, an audit token.
+    let mut blobs = Vec::new();
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let key = kms.create_key(&caller, CreateKeyRequest { description: format!("k{i}"), ..Default::default() }).unwrap();
+        let k = KeyRef::parse(&key.key_id, "KeyId").unwrap();
+        if i == 0 {
+            kms.rotate_key_on_demand(&caller, &k).unwrap();
+        }
+        let text = SecretBytes::copy_from(format!("secret {i}").as_bytes());
+        blobs.push((kms.encrypt(&caller, &k, &text, &ctx()).unwrap().ciphertext_blob, format!("secret {i}")));
+        keys.push(k);
+    }
+    kms.create_alias(&caller, &custody_kms::AliasName::parse("alias/app").unwrap(), &keys[1]).unwrap();
+    let token = kms.audit_hash(&caller, "billing").unwrap();
+    let (header, backup) = kms.create_backup(&caller).unwrap();
+    assert_eq!(header.root_generation, 1);
+    // A second node, and one that will miss the whole rotation.
+    let (node_b, caller_b) = unseal(&backend, old_shares, &identity);
+    let (node_c, _) = unseal(&backend, old_shares, &identity);
+
+    // Start. The new shares do not unseal anything yet.
+    let started = kms.rotate_root(&caller).unwrap();
+    assert_eq!((started.generation, started.threshold, started.shares.len()), (2, 3, 5));
+    let status = kms.root_status(&caller).unwrap();
+    assert_eq!((status.generation, status.rotating, status.next_generation, status.phase), (1, true, Some(2), Some("waiting")));
+    assert!(matches!(kms.rotate_root(&caller), Err(KmsError::AlreadyExists(_))), "one rotation at a time");
+    let fresh = Kms::open(backend.clone(), KmsConfig::development()).unwrap();
+    assert!(matches!(fresh.submit_share(&started.shares[0].to_text()), Err(KmsError::InvalidShare(_))));
+
+    // Node B follows and seals its new rows under generation 2 from now on.
+    node_b.follow_root().unwrap();
+    let late = node_b.create_key(&caller_b, CreateKeyRequest::default()).unwrap();
+    let late_row = format!("{}/{:010}", late.key_id, 1);
+    let raw = backend.get(Table::Versions, &late_row).unwrap().unwrap();
+    assert_eq!(generation_of(&raw.value), 2);
+    let late_ref = KeyRef::parse(&late.key_id, "KeyId").unwrap();
+    let late_blob = node_b.encrypt(&caller_b, &late_ref, &SecretBytes::copy_from(b"late"), &ctx()).unwrap();
+
+    // One batch, then a "crash": a new process unseals with the OLD shares and resumes.
+    std::thread::sleep(Duration::from_millis(3_100));
+    let mid = kms.continue_root_rotation(Duration::ZERO).unwrap().expect("still rotating");
+    assert!(mid.resealed.unwrap() > 0, "{mid:?}");
+    drop(kms);
+    let (kms, caller) = unseal(&backend, old_shares, &identity);
+    assert_eq!(kms.root_status(&caller).unwrap().next_generation, Some(2));
+    run_to_end(&kms);
+
+    let status = kms.root_status(&caller).unwrap();
+    assert_eq!((status.generation, status.rotating), (2, false));
+    // Every row is sealed under generation 2, every version wrapped under it, and the old root
+    // opens nothing.
+    let old_barrier = Barrier::new(backend.clone(), old_root.barrier_key());
+    let mut rows = 0;
+    for table in Table::ALL.into_iter().filter(|t| *t != Table::Meta) {
+        for row in backend.scan(table, "", None, usize::MAX).unwrap() {
+            assert_eq!(generation_of(&row.value), 2, "{}/{}", table.name(), row.key);
+            assert!(old_barrier.open_row::<serde_json::Value>(table, row.clone()).is_err(), "{}/{}", table.name(), row.key);
+            if table == Table::Versions {
+                let key = Arc::new(shamir::combine(&started.shares[..3]).unwrap().barrier_key());
+                let barrier = Barrier::with_generations(backend.clone(), (2, key), Vec::new());
+                let v = barrier.open_row::<serde_json::Value>(table, row).unwrap().value;
+                assert_eq!(v["root_generation"], 2, "{v}");
+            }
+            rows += 1;
+        }
+    }
+    assert!(rows > 10, "{rows} rows checked");
+    let meta = String::from_utf8(backend.get(Table::Meta, "store").unwrap().unwrap().value).unwrap();
+    assert!(!meta.contains("rotation"), "the sealed next root is gone from the metadata: {meta}");
+
+    // Everything still decrypts, on both nodes; tokens are unchanged.
+    node_b.follow_root().unwrap();
+    for (blob, text) in &blobs {
+        assert_eq!(kms.decrypt(&caller, blob, &ctx(), None).unwrap().plaintext.expose_secret(), text.as_bytes());
+        assert_eq!(node_b.decrypt(&caller_b, blob, &ctx(), None).unwrap().plaintext.expose_secret(), text.as_bytes());
+    }
+    assert_eq!(kms.decrypt(&caller, &late_blob.ciphertext_blob, &ctx(), None).unwrap().plaintext.expose_secret(), b"late");
+    assert_eq!(kms.audit_hash(&caller, "billing").unwrap(), token);
+
+    // Node C never saw the rotation: it cannot open the new rows, so it seals itself.
+    assert!(matches!(node_c.follow_root(), Err(KmsError::Sealed)));
+    assert!(node_c.status().unwrap().sealed);
+
+    // After a restart only the new shares unseal.
+    drop(kms);
+    let fresh = Kms::open(backend.clone(), KmsConfig::development()).unwrap();
+    assert!(matches!(fresh.submit_share(&old_shares[0].to_text()), Err(KmsError::InvalidShare(_))));
+    let (kms, caller) = unseal(&backend, &started.shares[2..], &identity);
+    for (blob, text) in &blobs {
+        assert_eq!(kms.decrypt(&caller, blob, &ctx(), None).unwrap().plaintext.expose_secret(), text.as_bytes());
+    }
+    assert_eq!(kms.audit_hash(&caller, "billing").unwrap(), token);
+    assert_eq!(kms.check_store(&caller).map(|r| r.problems).unwrap(), Vec::<String>::new());
+
+    // The backup from generation 1 opens with the old root only, and says which it needs.
+    let new_root = shamir::combine(&started.shares[..3]).unwrap();
+    let err = Backup::open(&backup, &new_root).unwrap_err().to_string();
+    assert!(err.contains("generation 1"), "{err}");
+    assert!(Backup::open(&backup, &old_root).is_ok());
+    assert_eq!(kms.create_backup(&caller).unwrap().0.root_generation, 2);
+
+    // A second rotation works the same way (the stored audit key is re-sealed, not re-made).
+    let again = kms.rotate_root(&caller).unwrap();
+    assert_eq!(again.generation, 3);
+    run_to_end(&kms);
+    assert_eq!(kms.audit_hash(&caller, "billing").unwrap(), token);
+    assert_eq!(kms.decrypt(&caller, &blobs[0].0, &ctx(), None).unwrap().plaintext.expose_secret(), b"secret 0");
+}
+
+#[test]
+fn a_key_file_store_has_no_root_rotation() {
+    let store = common::keyfile_store();
+    let (kms, caller) = store.open(KmsConfig::development());
+    let err = kms.rotate_root(&caller).unwrap_err();
+    assert!(matches!(err, KmsError::Validation { .. }), "{err:?}");
+    assert!(err.to_string().contains("key-file store"), "{err}");
+}
