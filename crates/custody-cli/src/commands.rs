@@ -1270,7 +1270,10 @@ fn write_output(out: Option<&Path>, bytes: &[u8]) -> Result<()> {
 pub(crate) fn check_shares_dir(dir: Option<&Path>) -> Result<()> {
     if let Some(dir) = dir {
         if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
-            return Err(CliError::new(exit::INVALID_REQUEST, format!("--shares-dir {} must be a new or empty directory", dir.display())));
+            return Err(CliError::new(
+                exit::INVALID_REQUEST,
+                format!("--shares-dir {} must be a new or empty directory", dir.display()),
+            ));
         }
     }
     Ok(())

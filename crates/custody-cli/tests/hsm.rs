@@ -221,3 +221,62 @@ async fn seal_migrate_moves_a_store_to_the_token_and_back_without_touching_its_k
     let out = custody(&t.conf, &args);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not issued for this store"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pkcs11_store_rotates_its_root_and_the_token_wraps_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = token(dir.path());
+    let data = dir.path().join("data");
+    let (shares, new_shares) = (dir.path().join("shares"), dir.path().join("new-shares"));
+    let init = [
+        "init",
+        "--data",
+        data.to_str().unwrap(),
+        "--seal",
+        "pkcs11",
+        "--token-label",
+        "custody",
+        "--pin-file",
+        t.pin.to_str().unwrap(),
+        "--shares-dir",
+        shares.to_str().unwrap(),
+    ];
+    let out = custody(&t.conf, &init);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let admin = bootstrap::Layout { data_dir: data.clone() }.admin_profile();
+    let (server, profile) = start(&data, &t.conf, Some(&t.pin));
+    common::all_roles(&admin);
+    let blob = encrypt(&profile, b"before the rotation").await;
+    let rotate = ["--profile", admin.to_str().unwrap(), "root", "rotate", "--json", "--shares-dir"];
+    let out = custody(&t.conf, &[&rotate[..], &[new_shares.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["Status"]["Generation"], 2, "{r}");
+    assert_eq!(std::fs::read_dir(&new_shares).unwrap().count(), 5, "new recovery shares");
+    server.terminate();
+
+    // The token unwraps the new root at the next start: nothing typed, everything decrypts.
+    let (server, profile) = start(&data, &t.conf, Some(&t.pin));
+    let s = status(&profile).await;
+    assert_eq!((s["Sealed"].clone(), s["RootGeneration"].clone()), (json!(false), json!(2)), "{s}");
+    assert_eq!(decrypt(&profile, &blob).await, b"before the rotation");
+    server.terminate();
+
+    // Without the token: the old recovery shares are refused, the new ones recover.
+    let (server, profile) = start(&data, &t.conf, None);
+    let recover = |dir: &Path| {
+        let args = with_shares(&["--profile", admin.to_str().unwrap(), "unseal", "--recovery"], dir);
+        common::custody().args(&args).output().unwrap()
+    };
+    let old = recover(&shares);
+    assert!(!old.status.success());
+    assert!(
+        String::from_utf8_lossy(&old.stderr).contains("not issued for this store"),
+        "{}",
+        String::from_utf8_lossy(&old.stderr)
+    );
+    let new = recover(&new_shares);
+    assert!(new.status.success(), "{}", String::from_utf8_lossy(&new.stderr));
+    assert_eq!(decrypt(&profile, &blob).await, b"before the rotation");
+    server.terminate();
+}

@@ -339,8 +339,8 @@ impl Kms {
                         "this server cannot reach the PKCS#11 token (set pkcs11.pin_file) to wrap the new root key",
                     )
                 })?;
-                let wrapped_root =
-                    wrap(seal, &next).map_err(|e| KmsError::Internal(format!("the PKCS#11 token did not wrap: {e}")))?;
+                let wrapped_root = wrap(seal, &next)
+                    .map_err(|e| KmsError::Internal(format!("the PKCS#11 token did not wrap: {e}")))?;
                 let (split, fingerprints) = split(*threshold, *shares)?;
                 let seal = crate::Pkcs11Seal { wrapped_root, ..seal.clone() };
                 (split, *threshold, SealMeta::Pkcs11 { seal, threshold: *threshold, shares: *shares, fingerprints })
@@ -409,7 +409,10 @@ impl Kms {
         };
         meta.check_root(&current)?;
         let next = match &meta.rotation {
-            Some(r) => Some((r.generation, u.roots.get(r.generation).map(copy_root).map_or_else(|| open_next(&current, r), Ok)?)),
+            Some(r) => Some((
+                r.generation,
+                u.roots.get(r.generation).map(copy_root).map_or_else(|| open_next(&current, r), Ok)?,
+            )),
             None => None,
         };
         let ring = RootRing { current: (meta.root_generation, current), next };

@@ -49,7 +49,8 @@ fn root_rotation_reseals_every_row_and_retires_the_old_root() {
     let mut blobs = Vec::new();
     let mut keys = Vec::new();
     for i in 0..3 {
-        let key = kms.create_key(&caller, CreateKeyRequest { description: format!("k{i}"), ..Default::default() }).unwrap();
+        let key =
+            kms.create_key(&caller, CreateKeyRequest { description: format!("k{i}"), ..Default::default() }).unwrap();
         let k = KeyRef::parse(&key.key_id, "KeyId").unwrap();
         if i == 0 {
             kms.rotate_key_on_demand(&caller, &k).unwrap();
@@ -70,7 +71,10 @@ fn root_rotation_reseals_every_row_and_retires_the_old_root() {
     let started = kms.rotate_root(&caller).unwrap();
     assert_eq!((started.generation, started.threshold, started.shares.len()), (2, 3, 5));
     let status = kms.root_status(&caller).unwrap();
-    assert_eq!((status.generation, status.rotating, status.next_generation, status.phase), (1, true, Some(2), Some("waiting")));
+    assert_eq!(
+        (status.generation, status.rotating, status.next_generation, status.phase),
+        (1, true, Some(2), Some("waiting"))
+    );
     assert!(matches!(kms.rotate_root(&caller), Err(KmsError::AlreadyExists(_))), "one rotation at a time");
     let fresh = Kms::open(backend.clone(), KmsConfig::development()).unwrap();
     assert!(matches!(fresh.submit_share(&started.shares[0].to_text()), Err(KmsError::InvalidShare(_))));
@@ -102,7 +106,12 @@ fn root_rotation_reseals_every_row_and_retires_the_old_root() {
     for table in Table::ALL.into_iter().filter(|t| *t != Table::Meta) {
         for row in backend.scan(table, "", None, usize::MAX).unwrap() {
             assert_eq!(generation_of(&row.value), 2, "{}/{}", table.name(), row.key);
-            assert!(old_barrier.open_row::<serde_json::Value>(table, row.clone()).is_err(), "{}/{}", table.name(), row.key);
+            assert!(
+                old_barrier.open_row::<serde_json::Value>(table, row.clone()).is_err(),
+                "{}/{}",
+                table.name(),
+                row.key
+            );
             if table == Table::Versions {
                 let key = Arc::new(shamir::combine(&started.shares[..3]).unwrap().barrier_key());
                 let barrier = Barrier::with_generations(backend.clone(), (2, key), Vec::new());
@@ -122,7 +131,10 @@ fn root_rotation_reseals_every_row_and_retires_the_old_root() {
         assert_eq!(kms.decrypt(&caller, blob, &ctx(), None).unwrap().plaintext.expose_secret(), text.as_bytes());
         assert_eq!(node_b.decrypt(&caller_b, blob, &ctx(), None).unwrap().plaintext.expose_secret(), text.as_bytes());
     }
-    assert_eq!(kms.decrypt(&caller, &late_blob.ciphertext_blob, &ctx(), None).unwrap().plaintext.expose_secret(), b"late");
+    assert_eq!(
+        kms.decrypt(&caller, &late_blob.ciphertext_blob, &ctx(), None).unwrap().plaintext.expose_secret(),
+        b"late"
+    );
     assert_eq!(kms.audit_hash(&caller, "billing").unwrap(), token);
 
     // Node C never saw the rotation: it cannot open the new rows, so it seals itself.

@@ -245,7 +245,9 @@ mod tests {
         let (one, two) = (RootKey::generate(), RootKey::generate());
         // A row from before generations: sealed without a tag.
         let legacy = one.barrier_key().seal_row("keys", "old", b"\"legacy\"");
-        backend.apply(&[Write::Put { table: Table::Keys, key: "old".into(), value: legacy, expect: Expect::Any }]).unwrap();
+        backend
+            .apply(&[Write::Put { table: Table::Keys, key: "old".into(), value: legacy, expect: Expect::Any }])
+            .unwrap();
         let first = Barrier::new(backend.clone(), one.barrier_key());
         first.apply(&[first.put(Table::Keys, "a", &"one", Expect::Absent)]).unwrap();
         let raw = |k: &str| backend.get(Table::Keys, k).unwrap().unwrap().value;
@@ -270,7 +272,9 @@ mod tests {
         }
         let mut forged = raw("a");
         forged[4..8].copy_from_slice(&2u32.to_be_bytes());
-        backend.apply(&[Write::Put { table: Table::Keys, key: "a".into(), value: forged, expect: Expect::Any }]).unwrap();
+        backend
+            .apply(&[Write::Put { table: Table::Keys, key: "a".into(), value: forged, expect: Expect::Any }])
+            .unwrap();
         assert!(matches!(only_two.get::<String>(Table::Keys, "a"), Err(StoreError::Integrity { .. })));
     }
 }
