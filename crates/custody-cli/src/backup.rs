@@ -163,7 +163,10 @@ pub(crate) async fn backup(conn: &ConnArgs, cmd: BackupCommand, json: bool) -> C
             let report = unsealed(backend, root)?.check_as_root_holder().map_err(|e| fail(e.to_string()))?;
             let value = json!({ "Header": backup.header, "Check": report });
             output(json, &value, || {
-                println!("Backup of store {} taken at {} ms.", backup.header.store_id, backup.header.created_at);
+                println!(
+                    "Backup of store {} taken at {} ms, sealed under root key generation {}.",
+                    backup.header.store_id, backup.header.created_at, backup.header.root_generation
+                );
                 for k in &report.key_details {
                     println!(
                         "{:<36}  {:<15} {} versions, {} canaries decrypted",
