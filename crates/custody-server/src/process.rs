@@ -6,9 +6,10 @@
 //!   attaching a debugger or reading its memory through /proc).
 //! - All memory is locked (`mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`): key material, the
 //!   root key and data keys can never be written to swap. Pages are locked as they are touched,
-//!   so only the memory in use is locked. This needs a `RLIMIT_MEMLOCK` without a limit (the
-//!   kernel counts whole mappings, thread stacks included); the process raises it if it may,
-//!   and otherwise refuses to start, unless `danger_allow_swap` is set.
+//!   so only the memory in use is locked. This needs `CAP_IPC_LOCK` or a `RLIMIT_MEMLOCK` without
+//!   a limit (the kernel counts whole mappings, thread stacks included); the process raises the
+//!   limit if it may, and if memory still cannot be locked refuses to start, unless
+//!   `danger_allow_swap` is set.
 //!
 //! No `unsafe`: rustix wraps these calls safely.
 
@@ -45,16 +46,19 @@ pub fn harden(allow_swap: bool) -> Result<Hardening, String> {
 
 fn lock_memory() -> Result<(), String> {
     let limit = getrlimit(Resource::Memlock);
-    if limit.current.is_some() {
-        // Raising the hard limit needs CAP_SYS_RESOURCE; the soft one may go up to the hard one.
-        let unlimited = Rlimit { current: None, maximum: None };
-        if setrlimit(Resource::Memlock, unlimited).is_err() {
-            return Err(format!(
-                "the locked-memory limit (RLIMIT_MEMLOCK) is {} bytes and cannot be raised",
-                limit.current.unwrap_or(0)
-            ));
+    // Raising the hard limit needs CAP_SYS_RESOURCE; the soft one may go up to the hard one.
+    // With CAP_IPC_LOCK the limit does not apply at all, so the lock is tried either way.
+    let unlimited =
+        limit.current.is_none() || setrlimit(Resource::Memlock, Rlimit { current: None, maximum: None }).is_ok();
+    match mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT) {
+        Ok(()) => {
+            tracing::info!("memory locked (mlockall): secrets cannot reach swap");
+            Ok(())
         }
+        Err(e) if !unlimited => Err(format!(
+            "the locked-memory limit (RLIMIT_MEMLOCK) is {} bytes, cannot be raised, and is too small to lock memory (mlockall: {e})",
+            limit.current.unwrap_or(0)
+        )),
+        Err(e) => Err(format!("cannot lock memory (mlockall): {e}")),
     }
-    mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT)
-        .map_err(|e| format!("cannot lock memory (mlockall): {e}"))
 }

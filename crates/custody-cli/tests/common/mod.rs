@@ -112,9 +112,9 @@ pub fn spawn_server_with(data: &Path, env: &[(&str, &str)]) -> Running {
         .args(["--listen", "127.0.0.1:0"])
         .env("CUSTODY_SEPARATION_OF_DUTIES", "warn")
         .env("CUSTODY_DEFAULT_KEY_POLICY", "tenant")
-        // The development and CI containers cannot lock a server's memory (RLIMIT_MEMLOCK is
-        // 8 MiB and CAP_SYS_RESOURCE is missing), so servers here run as `custody dev` does;
-        // tests/memory.rs checks the refusal without it.
+        // As `custody dev` does: memory is locked when the machine allows it (CAP_IPC_LOCK or
+        // an unlimited RLIMIT_MEMLOCK), and a machine that does not still runs the suite;
+        // tests/memory.rs checks the production setting and the refusal.
         .env("CUSTODY_DANGER_ALLOW_SWAP", "true")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
