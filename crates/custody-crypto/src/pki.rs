@@ -113,7 +113,9 @@ fn base_params(now: OffsetDateTime, lifetime: Duration) -> CertificateParams {
     params.not_after = now + lifetime;
     // 16 random bytes with the top bit clear: positive, unique, unpredictable (RFC 5280 §4.1.2.2).
     let mut serial: [u8; 16] = random::array();
-    serial[0] &= 0x7f;
+    // Positive (DER) and without a leading zero byte, so every serial is 16 bytes, 32 hex digits
+    // (a zero first byte, 1 time in 128, made a shorter serial), with 126 random bits.
+    serial[0] = (serial[0] & 0x7f) | 0x40;
     params.serial_number = Some(SerialNumber::from_slice(&serial));
     params
 }

@@ -418,6 +418,16 @@ impl Kms {
     pub fn migrate_seal(backend: &Arc<dyn Backend>, root: &RootKey, to: SealTarget) -> Result<(), KmsError> {
         let (mut meta, rev) = read_meta(backend)?;
         meta.check_root(root)?;
+        if let Some(r) = &meta.rotation {
+            return Err(KmsError::validation(
+                "to",
+                format!(
+                    "a root rotation to generation {} is under way: start the server, let it finish \
+                     (custody root status), then migrate with the new shares",
+                    r.generation
+                ),
+            ));
+        }
         meta.seal = match (meta.seal, to) {
             (SealMeta::Shamir { threshold, shares, fingerprints }, SealTarget::Pkcs11(seal)) => {
                 SealMeta::Pkcs11 { seal, threshold, shares, fingerprints }

@@ -78,6 +78,9 @@ fn root_rotation_reseals_every_row_and_retires_the_old_root() {
     assert!(matches!(kms.rotate_root(&caller), Err(KmsError::AlreadyExists(_))), "one rotation at a time");
     let fresh = Kms::open(backend.clone(), KmsConfig::development()).unwrap();
     assert!(matches!(fresh.submit_share(&started.shares[0].to_text()), Err(KmsError::InvalidShare(_))));
+    // The seal cannot change under a rotation (the new root's seal is already decided).
+    let err = Kms::migrate_seal(&backend, &old_root, custody_kms::SealTarget::Shamir).unwrap_err();
+    assert!(err.to_string().contains("root rotation"), "{err}");
 
     // Node B follows and seals its new rows under generation 2 from now on.
     node_b.follow_root().unwrap();
