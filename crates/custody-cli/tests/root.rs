@@ -155,6 +155,7 @@ async fn the_root_key_rotates_under_load_without_failing_a_request() {
             }
         }
         assert!(rows > 300, "{rows}");
+        eprintln!("{rows} rows re-sealed");
     }
 
     // Restart: the old shares are refused, the new ones unseal, everything decrypts.
