@@ -7,6 +7,8 @@
 //! `danger_disable_audit` (the same server writing no records). C kept-alive TLS 1.3 mTLS
 //! connections run Encrypt of 64 bytes against each in turn, ROUNDS times, SECONDS per round, and
 //! the best round of each is compared, so both sides see the same machine at the same time.
+//! Each line also gives the process's CPU time per request (clients and server: they share the
+//! machine) and how busy it kept the cores, which tell a CPU cost from a wait.
 //! (The bare-TLS baseline and the full load generator are the performance issue's.)
 
 use std::sync::Arc;
@@ -22,6 +24,19 @@ struct Round {
     rps: f64,
     p50: Duration,
     p99: Duration,
+    /// CPU time of the whole process (clients and server) per request.
+    cpu_per_request: Duration,
+    /// Share of the machine's cores the process kept busy.
+    utilization: f64,
+}
+
+/// CPU time this process has used (user + system), from /proc/self/stat.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name (which is in parentheses): utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<u64> = rest.split(' ').skip(11).take(2).map(|f| f.parse().unwrap()).collect();
+    Duration::from_millis((fields[0] + fields[1]) * 10)
 }
 
 async fn round(profile: &Arc<custody_client::Profile>, key: &str, seconds: u64, connections: usize) -> Round {
@@ -30,6 +45,7 @@ async fn round(profile: &Arc<custody_client::Profile>, key: &str, seconds: u64, 
     for _ in 0..connections {
         clients.push(custody_client::Client::connect(profile).await.unwrap());
     }
+    let cpu_before = cpu_time();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for mut c in clients {
@@ -48,9 +64,13 @@ async fn round(profile: &Arc<custody_client::Profile>, key: &str, seconds: u64, 
     for t in tasks {
         all.extend(t.await.unwrap());
     }
+    let cpu = cpu_time() - cpu_before;
+    let cpu_per_request = cpu / all.len().max(1) as u32;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let utilization = cpu.as_secs_f64() / (seconds as f64 * cores);
     all.sort();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
-    Round { rps: all.len() as f64 / seconds as f64, p50: pct(0.50), p99: pct(0.99) }
+    Round { rps: all.len() as f64 / seconds as f64, p50: pct(0.50), p99: pct(0.99), cpu_per_request, utilization }
 }
 
 fn main() {
@@ -83,10 +103,12 @@ fn main() {
             let b = results.iter().max_by(|a, b| a.rps.total_cmp(&b.rps)).unwrap();
             let all: Vec<String> = results.iter().map(|r| format!("{:.0}", r.rps)).collect();
             println!(
-                "encrypt 64 B, {name:<21} {:>8.0} req/s  p50 {:>9.3?}  p99 {:>9.3?}  (rounds: {})",
+                "encrypt 64 B, {name:<21} {:>8.0} req/s  p50 {:>9.3?}  p99 {:>9.3?}  CPU/request {:>7.1?}  busy {:>3.0} %  (rounds: {})",
                 b.rps,
                 b.p50,
                 b.p99,
+                b.cpu_per_request,
+                100.0 * b.utilization,
                 all.join(", ")
             );
             best.push(b.rps);
