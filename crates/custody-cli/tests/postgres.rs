@@ -161,3 +161,127 @@ async fn two_schedulers_never_rotate_twice() {
     node_b.shutdown().await;
     custody_store::PostgresBackend::connect(&pg).unwrap().drop_schema().unwrap();
 }
+
+/// Root rotation with two nodes on one PostgreSQL store, both under load: the other node loads
+/// the next root before anyone writes under it, so no request on either node fails; afterwards
+/// both serve under the new root, the old shares are refused and the new ones unseal.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_root_rotates_while_two_nodes_serve() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let pg = common::test_database();
+    let (url, schema) = (pg.url.clone(), pg.schema.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let (layout, shares) = common::init_shamir(dir.path(), Some(pg.clone()));
+    let old_shares: Vec<String> = shares.iter().map(|s| s.to_text().to_string()).collect();
+    let on_pg = |c: &mut custody_server::ServerConfig| {
+        c.database_url = Some(url.clone());
+        c.database_schema = schema.clone();
+        c.seal = None;
+    };
+    let (node_a, profile_a) = common::start(dir.path(), &layout, on_pg).await;
+    let (node_b, profile_b) = common::start(dir.path(), &layout, on_pg).await;
+    for p in [&profile_a, &profile_b] {
+        common::unseal(p, &old_shares[..3]).await.unwrap();
+    }
+    let mut a = Client::connect(&profile_a).await.unwrap();
+    let key = a.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = a.call("TrentService.Encrypt", json!({ "KeyId": key, "Plaintext": "YmVmb3Jl" })).await.unwrap();
+
+    // Load on both nodes: encrypt and decrypt, and new keys (new versions, new rows) on each.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for (n, profile) in [&profile_a, &profile_b, &profile_a, &profile_b].into_iter().enumerate() {
+        let mut c = Client::connect(profile).await.unwrap();
+        let (ok, failed, stop, key) = (ok.clone(), failed.clone(), stop.clone(), key.clone());
+        load.push(tokio::spawn(async move {
+            let mut made = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let r = if n >= 2 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let r = c.call("TrentService.CreateKey", json!({})).await;
+                    if let Ok(k) = &r {
+                        made.push(k["KeyMetadata"]["KeyId"].as_str().unwrap().to_string());
+                    }
+                    r
+                } else {
+                    match c.call("TrentService.Encrypt", json!({ "KeyId": key, "Plaintext": "bG9hZA==" })).await {
+                        Ok(e) => c.call("TrentService.Decrypt", json!({ "CiphertextBlob": e["CiphertextBlob"] })).await,
+                        Err(e) => Err(e),
+                    }
+                };
+                match r {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("request on node {} failed: {e}", n % 2);
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+            made
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The CLI talks to the node the admin profile names (the last started: B).
+    let new_dir = dir.path().join("new-shares");
+    let admin = layout.admin_profile();
+    let out = tokio::task::spawn_blocking(move || {
+        common::custody()
+            .arg("--profile")
+            .arg(&admin)
+            .args(["root", "rotate", "--json", "--shares-dir"])
+            .arg(&new_dir)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut made = Vec::new();
+    for t in load {
+        made.extend(t.await.unwrap());
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request may fail on either node");
+    assert!(ok.load(Ordering::Relaxed) > 50, "the load ran: {}", ok.load(Ordering::Relaxed));
+    // Both nodes serve under generation 2: each decrypts what was made before and keys made on
+    // either node during the rotation; the audit chain is whole.
+    let mut b = Client::connect(&profile_b).await.unwrap();
+    for c in [&mut a, &mut b] {
+        assert_eq!(c.call("Custody.GetStatus", json!({})).await.unwrap()["RootGeneration"], 2);
+        let back = c.call("TrentService.Decrypt", json!({ "CiphertextBlob": before["CiphertextBlob"] })).await.unwrap();
+        assert_eq!(back["Plaintext"], "YmVmb3Jl");
+        for k in &made {
+            c.call("TrentService.Encrypt", json!({ "KeyId": k, "Plaintext": "eA==" })).await.unwrap();
+        }
+        let v = c.call("Custody.VerifyAudit", json!({})).await.unwrap();
+        assert!(v["problem"].is_null(), "{v}");
+    }
+    drop((a, b));
+    node_a.shutdown().await;
+    node_b.shutdown().await;
+
+    // A restarted node: the old shares are refused, the new ones unseal.
+    let (node, profile) = common::start(dir.path(), &layout, on_pg).await;
+    let refused = common::unseal(&profile, &old_shares[..1]).await.unwrap_err().to_string();
+    assert!(refused.contains("not issued for this store"), "{refused}");
+    let new_shares: Vec<String> = (1..=3)
+        .map(|i| {
+            std::fs::read_to_string(dir.path().join(format!("new-shares/share-{i}.txt"))).unwrap().trim().to_string()
+        })
+        .collect();
+    common::unseal(&profile, &new_shares).await.unwrap();
+    let mut c = Client::connect(&profile).await.unwrap();
+    let back = c.call("TrentService.Decrypt", json!({ "CiphertextBlob": before["CiphertextBlob"] })).await.unwrap();
+    assert_eq!(back["Plaintext"], "YmVmb3Jl");
+    drop(c);
+    node.shutdown().await;
+    custody_store::PostgresBackend::connect(&pg).unwrap().drop_schema().unwrap();
+}

@@ -11,21 +11,10 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use custody_cli::bootstrap::{self, Bootstrap, SealChoice};
 use custody_client::{Client, Profile};
 use custody_crypto::shamir::{self, UnsealShare};
-use custody_kms::PrincipalName;
 use custody_store::{generation_of, Backend, Barrier, SqliteBackend, Table};
 use serde_json::{json, Value};
-
-async fn unseal(profile: &Profile, shares: &[String]) -> Result<Value, custody_client::ClientError> {
-    let mut c = Client::connect(profile).await.unwrap();
-    let mut last = Value::Null;
-    for s in shares {
-        last = c.call("Custody.Unseal", json!({ "Share": s })).await?;
-    }
-    Ok(last)
-}
 
 async fn encrypt(c: &mut Client, key: &str, text: &str) -> Result<String, custody_client::ClientError> {
     let r = c.call("TrentService.Encrypt", json!({ "KeyId": key, "Plaintext": STANDARD.encode(text) })).await?;
@@ -40,21 +29,11 @@ async fn decrypt(c: &mut Client, blob: &str) -> Result<String, custody_client::C
 #[tokio::test(flavor = "multi_thread")]
 async fn the_root_key_rotates_under_load_without_failing_a_request() {
     let dir = tempfile::tempdir().unwrap();
-    let (layout, out) = bootstrap::init(Bootstrap {
-        database: None,
-        data_dir: dir.path().join("data"),
-        admin_roles: custody_kms::Role::ALL.to_vec(),
-        seal: SealChoice::Shamir { threshold: 3, shares: 5 },
-        tenant: None,
-        admin: PrincipalName::parse("admin").unwrap(),
-        server_names: vec!["localhost".into(), "127.0.0.1".into()],
-        endpoint: "https://127.0.0.1:1".into(),
-    })
-    .unwrap();
-    let old_shares: Vec<String> = out.shares.iter().map(|s| s.to_text().to_string()).collect();
-    let old_root = shamir::combine(&out.shares[..3]).unwrap();
+    let (layout, shares) = common::init_shamir(dir.path(), None);
+    let old_shares: Vec<String> = shares.iter().map(|s| s.to_text().to_string()).collect();
+    let old_root = shamir::combine(&shares[..3]).unwrap();
     let (server, profile) = common::start(dir.path(), &layout, |c| c.seal = None).await;
-    unseal(&profile, &old_shares[..3]).await.unwrap();
+    common::unseal(&profile, &old_shares[..3]).await.unwrap();
 
     // Keys and ciphertexts from before.
     let mut admin = common::admin_client(&profile).await;
@@ -160,14 +139,14 @@ async fn the_root_key_rotates_under_load_without_failing_a_request() {
 
     // Restart: the old shares are refused, the new ones unseal, everything decrypts.
     let (server, profile) = common::start(dir.path(), &layout, |c| c.seal = None).await;
-    let refused = unseal(&profile, &old_shares[..1]).await.unwrap_err().to_string();
+    let refused = common::unseal(&profile, &old_shares[..1]).await.unwrap_err().to_string();
     assert!(refused.contains("not issued for this store"), "{refused}");
     let new_shares: Vec<String> = (1..=3)
         .map(|i| std::fs::read_to_string(dir.path().join(format!("new-shares/share-{i}.txt"))).unwrap())
         .map(|s| s.trim().to_string())
         .collect();
     assert!(new_shares.iter().all(|s| UnsealShare::parse(s).is_ok()));
-    assert_eq!(unseal(&profile, &new_shares).await.unwrap()["Sealed"], false);
+    assert_eq!(common::unseal(&profile, &new_shares).await.unwrap()["Sealed"], false);
     let mut admin = common::admin_client(&profile).await;
     for (blob, text) in &before {
         assert_eq!(&decrypt(&mut admin, blob).await.unwrap(), text);

@@ -9,16 +9,18 @@
 //! 1. **Start** (security officer): a new root key; new shares (Shamir) or the token re-wraps it
 //!    (PKCS#11, with new recovery shares). The new root is kept in the store metadata sealed
 //!    under the current one, so whatever unseals the store (the old shares, the token) also
-//!    recovers the rotation after a crash. From now on every node seals new rows and wraps new
-//!    versions under the new root (each node reads the metadata every second).
-//! 2. **Re-seal**, after [`GRACE_MS`] (every node has switched by then): every row of every
+//!    recovers the rotation after a crash. Every node loads it (they read the metadata five
+//!    times a second) and can open rows and versions under it, but still writes under the old.
+//! 2. **Switch**, after [`GRACE_MS`] (every node can read the new root by then): every node seals
+//!    new rows and wraps new versions under the new root. No node meets a row it cannot open.
+//! 3. **Re-seal**, after another [`GRACE_MS`] (every node writes under the new root): every row of every
 //!    table is read in key order in batches of [`BATCH`], and those still under the old
 //!    generation are re-sealed (key versions are also re-wrapped), each batch written with its
 //!    rows' revisions as preconditions and the cursor in the metadata, atomically. A conflict (a
 //!    request changed a row meanwhile) just repeats the batch. Any node continues where another
 //!    stopped.
-//! 3. **Verify**: passes repeat until one full pass finds nothing left to re-seal.
-//! 4. **Finish**: one conditional write makes the new root current (check value, seal, shares)
+//! 4. **Verify**: passes repeat until one full pass finds nothing left to re-seal.
+//! 5. **Finish**: one conditional write makes the new root current (check value, seal, shares)
 //!    and deletes the sealed copy; every node drops the old root from memory. Nothing in the
 //!    store opens under the old root any more; the old shares are useless.
 //!
@@ -43,9 +45,9 @@ use crate::model::{now_ms, KeyRecord, Millis, VersionRecord};
 use crate::seal::{hex_bytes, read_meta, SealMeta, SealState, StoreMeta};
 use crate::{Kms, Unsealed};
 
-/// How long after a rotation starts before rows are re-sealed: every node reads the store
-/// metadata every second and seals new rows under the next root from then on.
-pub(crate) const GRACE_MS: Millis = 3_000;
+/// How long each node has to follow a step of a rotation (load the next root, then write under
+/// it) before the next step: nodes read the store metadata every 200 ms.
+pub(crate) const GRACE_MS: Millis = 2_000;
 /// Rows read (and at most re-sealed) per batch.
 const BATCH: usize = 256;
 /// The row in [`Table::Pki`] that keeps the audit HMAC key once a rotation stored it.
@@ -84,6 +86,9 @@ pub(crate) struct RootRotation {
     next_seal: SealMeta,
     started_at: Millis,
     started_by: String,
+    /// When nodes began writing under the next root (`None`: they only read under it yet).
+    #[serde(default)]
+    switched_at: Option<Millis>,
     /// Full passes over the tables completed.
     pass: u32,
     /// Index into [`SEALED_TABLES`] of the table being visited.
@@ -100,6 +105,8 @@ pub(crate) struct RootRotation {
 pub(crate) struct RootRing {
     current: (u32, RootKey),
     next: Option<(u32, RootKey)>,
+    /// Whether new rows and versions are written under `next` (after the switch).
+    write_next: bool,
 }
 
 impl fmt::Debug for RootRing {
@@ -107,6 +114,7 @@ impl fmt::Debug for RootRing {
         f.debug_struct("RootRing")
             .field("current", &self.current.0)
             .field("next", &self.next.as_ref().map(|n| n.0))
+            .field("write_next", &self.write_next)
             .finish()
     }
 }
@@ -123,7 +131,8 @@ impl RootRing {
             Some(r) => Some((r.generation, open_next(&root, r)?)),
             None => None,
         };
-        Ok(Self { current: (meta.root_generation, root), next })
+        let write_next = meta.rotation.as_ref().is_some_and(|r| r.switched_at.is_some());
+        Ok(Self { current: (meta.root_generation, root), next, write_next })
     }
 
     /// The root key the store's seal (shares, token, key file) unseals.
@@ -136,12 +145,12 @@ impl RootRing {
         self.current.0
     }
 
-    /// The root new versions are wrapped under, and its generation: the next one during a
-    /// rotation.
+    /// The root new versions are wrapped under, and its generation: the next one once a
+    /// rotation has switched.
     pub(crate) fn write(&self) -> (u32, &RootKey) {
         match &self.next {
-            Some((g, k)) => (*g, k),
-            None => (self.current.0, &self.current.1),
+            Some((g, k)) if self.write_next => (*g, k),
+            _ => (self.current.0, &self.current.1),
         }
     }
 
@@ -157,7 +166,7 @@ impl RootRing {
     fn barrier(&self, backend: &Arc<dyn Backend>) -> Barrier {
         let keys: Vec<_> =
             std::iter::once(&self.current).chain(&self.next).map(|(g, k)| (*g, Arc::new(k.barrier_key()))).collect();
-        let write = keys.last().expect("the current root").clone();
+        let write = if self.write_next { keys.last() } else { keys.first() }.expect("the current root").clone();
         Barrier::with_generations(backend.clone(), write, keys)
     }
 }
@@ -233,7 +242,8 @@ pub struct RootStatus {
     /// The next root's generation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_generation: Option<u32>,
-    /// `waiting` (for every node to switch), `re-sealing` (the first pass), `verifying`.
+    /// `preparing` (every node loads the next root), `switching` (every node writes under it),
+    /// `re-sealing` (the first pass), `verifying` (passes until one finds nothing left).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phase: Option<&'static str>,
     /// The table being visited.
@@ -261,9 +271,10 @@ fn status_of(meta: &StoreMeta) -> RootStatus {
         generation: meta.root_generation,
         rotating: r.is_some(),
         next_generation: r.map(|r| r.generation),
-        phase: r.map(|r| match r.pass {
-            _ if now_ms() < r.started_at + GRACE_MS => "waiting",
-            0 => "re-sealing",
+        phase: r.map(|r| match (r.switched_at, r.pass) {
+            (None, _) => "preparing",
+            (Some(at), _) if now_ms() < at + GRACE_MS => "switching",
+            (_, 0) => "re-sealing",
             _ => "verifying",
         }),
         table: r.and_then(|r| SEALED_TABLES.get(r.table)).map(|t| t.name()),
@@ -360,6 +371,7 @@ impl Kms {
             next_seal,
             started_at: now_ms(),
             started_by: caller.arn(),
+            switched_at: None,
             pass: 0,
             table: 0,
             after: None,
@@ -393,8 +405,12 @@ impl Kms {
     }
 
     fn follow_meta(&self, u: &Arc<Unsealed>, meta: &StoreMeta) -> Result<(), KmsError> {
-        let want = (meta.root_generation, meta.rotation.as_ref().map(|r| r.generation));
-        let have = (u.roots.current.0, u.roots.next.as_ref().map(|n| n.0));
+        let want = (
+            meta.root_generation,
+            meta.rotation.as_ref().map(|r| r.generation),
+            meta.rotation.as_ref().is_some_and(|r| r.switched_at.is_some()),
+        );
+        let have = (u.roots.current.0, u.roots.next.as_ref().map(|n| n.0), u.roots.write_next);
         if want == have {
             return Ok(());
         }
@@ -415,13 +431,13 @@ impl Kms {
             )),
             None => None,
         };
-        let ring = RootRing { current: (meta.root_generation, current), next };
+        let ring = RootRing { current: (meta.root_generation, current), next, write_next: want.2 };
         let fresh = Arc::new(Unsealed::new(&self.backend, ring, Some(u.audit_hmac.clone()))?);
         let mut state = self.seal.write().unwrap_or_else(|p| p.into_inner());
         // Only over the state this was computed from (another thread may have moved on).
         if let SealState::Unsealed(now) = &*state {
             if Arc::ptr_eq(now, u) {
-                tracing::info!(current = want.0, next = ?want.1, "root keys updated from the store");
+                tracing::info!(current = want.0, next = ?want.1, writes_next = want.2, "root keys updated from the store");
                 *state = SealState::Unsealed(fresh);
             }
         }
@@ -440,8 +456,19 @@ impl Kms {
             self.follow_meta(&u, &meta)?;
             let u = self.unsealed()?;
             let Some(r) = meta.rotation.as_mut() else { return Ok(None) };
-            if now_ms() < r.started_at + GRACE_MS {
-                return Ok(Some(status_of(&meta)));
+            let now = now_ms();
+            match r.switched_at {
+                None if now < r.started_at + GRACE_MS => return Ok(Some(status_of(&meta))),
+                None => {
+                    // Every node can read under the next root: now they write under it.
+                    r.switched_at = Some(now);
+                    match self.backend.apply(&[meta_write(&meta, rev)]) {
+                        Ok(()) | Err(StoreError::Conflict { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Some(at) if now < at + GRACE_MS => return Ok(Some(status_of(&meta))),
+                Some(_) => {}
             }
             if u.barrier.write_generation() != r.generation {
                 return Err(KmsError::Internal("this node does not seal under the next root key yet".into()));

@@ -26,15 +26,25 @@ fn ctx() -> EncryptionContext {
     EncryptionContext::new([("purpose".to_string(), "root-rotation".to_string())].into()).unwrap()
 }
 
-/// Runs the rotation to its end, as the server's task does.
+/// Runs the rotation to its end, as the server's task does (through both grace periods).
 fn run_to_end(kms: &Kms) {
-    std::thread::sleep(Duration::from_millis(3_100)); // the grace period: every node switches
-    for _ in 0..1000 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         if kms.continue_root_rotation(Duration::from_millis(50)).unwrap().is_none() {
             return;
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
     panic!("the rotation did not finish");
+}
+
+/// Advances the rotation until it has switched to writing under the next root and the grace
+/// after that is over (the next call re-seals).
+fn switch(kms: &Kms, caller: &Caller) {
+    while kms.root_status(caller).unwrap().phase != Some("re-sealing") {
+        assert!(kms.continue_root_rotation(Duration::ZERO).unwrap().is_some());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -73,7 +83,7 @@ fn root_rotation_reseals_every_row_and_retires_the_old_root() {
     let status = kms.root_status(&caller).unwrap();
     assert_eq!(
         (status.generation, status.rotating, status.next_generation, status.phase),
-        (1, true, Some(2), Some("waiting"))
+        (1, true, Some(2), Some("preparing"))
     );
     assert!(matches!(kms.rotate_root(&caller), Err(KmsError::AlreadyExists(_))), "one rotation at a time");
     let fresh = Kms::open(backend.clone(), KmsConfig::development()).unwrap();
@@ -82,17 +92,25 @@ fn root_rotation_reseals_every_row_and_retires_the_old_root() {
     let err = Kms::migrate_seal(&backend, &old_root, custody_kms::SealTarget::Shamir).unwrap_err();
     assert!(err.to_string().contains("root rotation"), "{err}");
 
-    // Node B follows and seals its new rows under generation 2 from now on.
+    // Node B follows: it can open rows under generation 2 but still writes under 1, until the
+    // switch; then it writes under 2.
+    node_b.follow_root().unwrap();
+    let version_generation = |key_id: &str| {
+        let raw = backend.get(Table::Versions, &format!("{key_id}/{:010}", 1)).unwrap().unwrap();
+        generation_of(&raw.value)
+    };
+    let early = node_b.create_key(&caller_b, CreateKeyRequest::default()).unwrap();
+    assert_eq!(version_generation(&early.key_id), 1);
+    switch(&kms, &caller);
     node_b.follow_root().unwrap();
     let late = node_b.create_key(&caller_b, CreateKeyRequest::default()).unwrap();
-    let late_row = format!("{}/{:010}", late.key_id, 1);
-    let raw = backend.get(Table::Versions, &late_row).unwrap().unwrap();
-    assert_eq!(generation_of(&raw.value), 2);
+    assert_eq!(version_generation(&late.key_id), 2);
     let late_ref = KeyRef::parse(&late.key_id, "KeyId").unwrap();
     let late_blob = node_b.encrypt(&caller_b, &late_ref, &SecretBytes::copy_from(b"late"), &ctx()).unwrap();
+    let early_ref = KeyRef::parse(&early.key_id, "KeyId").unwrap();
+    let early_blob = node_b.encrypt(&caller_b, &early_ref, &SecretBytes::copy_from(b"early"), &ctx()).unwrap();
 
     // One batch, then a "crash": a new process unseals with the OLD shares and resumes.
-    std::thread::sleep(Duration::from_millis(3_100));
     let mid = kms.continue_root_rotation(Duration::ZERO).unwrap().expect("still rotating");
     assert!(mid.resealed.unwrap() > 0, "{mid:?}");
     drop(kms);
@@ -138,6 +156,8 @@ fn root_rotation_reseals_every_row_and_retires_the_old_root() {
         kms.decrypt(&caller, &late_blob.ciphertext_blob, &ctx(), None).unwrap().plaintext.expose_secret(),
         b"late"
     );
+    let early = kms.decrypt(&caller, &early_blob.ciphertext_blob, &ctx(), None).unwrap();
+    assert_eq!(early.plaintext.expose_secret(), b"early");
     assert_eq!(kms.audit_hash(&caller, "billing").unwrap(), token);
 
     // Node C never saw the rotation: it cannot open the new rows, so it seals itself.

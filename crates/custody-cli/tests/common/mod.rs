@@ -283,3 +283,33 @@ pub fn init_store(
     });
     (layout, out.tenant.to_string())
 }
+
+/// `custody init` into `dir/data` with 3-of-5 Shamir shares (the store in `database`, or
+/// SQLite): the layout and the shares.
+pub fn init_shamir(
+    dir: &Path,
+    database: Option<custody_store::PostgresOptions>,
+) -> (Layout, Vec<custody_crypto::shamir::UnsealShare>) {
+    let (layout, out) = bootstrap::init(Bootstrap {
+        database,
+        data_dir: dir.join("data"),
+        admin_roles: custody_kms::Role::ALL.to_vec(),
+        seal: SealChoice::Shamir { threshold: 3, shares: 5 },
+        tenant: None,
+        admin: PrincipalName::parse("admin").unwrap(),
+        server_names: vec!["localhost".into(), "127.0.0.1".into()],
+        endpoint: "https://127.0.0.1:1".into(),
+    })
+    .unwrap();
+    (layout, out.shares)
+}
+
+/// Submits `shares` (texts) to the server of `profile`; the last status, or the first refusal.
+pub async fn unseal(profile: &Profile, shares: &[String]) -> Result<serde_json::Value, custody_client::ClientError> {
+    let mut c = Client::connect(profile).await.unwrap();
+    let mut last = serde_json::Value::Null;
+    for s in shares {
+        last = c.call("Custody.Unseal", serde_json::json!({ "Share": s })).await?;
+    }
+    Ok(last)
+}
