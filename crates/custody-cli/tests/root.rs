@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use custody_client::{Client, Profile};
+use custody_client::Client;
 use custody_crypto::shamir::{self, UnsealShare};
 use custody_store::{generation_of, Backend, Barrier, SqliteBackend, Table};
 use serde_json::{json, Value};
