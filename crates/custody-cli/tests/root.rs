@@ -158,6 +158,16 @@ async fn the_root_key_rotates_under_load_without_failing_a_request() {
     let status = admin.call("Custody.GetStatus", json!({})).await.unwrap();
     assert_eq!((status["RootGeneration"].clone(), status["RootRotating"].clone()), (json!(2), json!(false)));
     let profile_path = layout.admin_profile();
+    let status_path = profile_path.clone();
+    let (human, json_out) = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| common::custody().arg("--profile").arg(&status_path).args(args).output().unwrap();
+        (run(&["root", "status"]), run(&["root", "status", "--json"]))
+    })
+    .await
+    .unwrap();
+    assert!(String::from_utf8_lossy(&human.stdout).contains("Root key generation 2 (no rotation under way)"));
+    let s: Value = serde_json::from_slice(&json_out.stdout).unwrap();
+    assert_eq!((s["Generation"].clone(), s["Rotating"].clone()), (json!(2), json!(false)), "{s}");
     let check = tokio::task::spawn_blocking(move || {
         let check = common::custody().arg("--profile").arg(&profile_path).args(["check", "--json"]).output().unwrap();
         let verify =

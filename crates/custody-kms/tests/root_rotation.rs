@@ -191,9 +191,17 @@ fn root_rotation_reseals_every_row_and_retires_the_old_root() {
 }
 
 #[test]
-fn a_key_file_store_has_no_root_rotation() {
+fn only_a_security_officer_rotates_and_a_key_file_store_has_no_root_rotation() {
     let store = common::keyfile_store();
     let (kms, caller) = store.open(KmsConfig::development());
+    for role in [custody_kms::Role::KeyAdmin, custody_kms::Role::TenantAdmin, custody_kms::Role::Auditor] {
+        let name = custody_kms::PrincipalName::parse(&format!("p-{}", role.as_str())).unwrap();
+        kms.create_principal(&caller, &name, vec![role]).unwrap();
+        let who = kms.authenticate_certificate(&store.identity.replace("/admin", &format!("/{name}"))).unwrap();
+        assert!(matches!(kms.rotate_root(&who), Err(KmsError::AccessDenied(_))), "{role:?}");
+        // An auditor may read the status; the others may not.
+        assert_eq!(kms.root_status(&who).is_ok(), role == custody_kms::Role::Auditor, "{role:?}");
+    }
     let err = kms.rotate_root(&caller).unwrap_err();
     assert!(matches!(err, KmsError::Validation { .. }), "{err:?}");
     assert!(err.to_string().contains("key-file store"), "{err}");
