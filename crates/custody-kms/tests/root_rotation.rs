@@ -113,6 +113,25 @@ fn root_rotation_reseals_every_row_and_retires_the_old_root() {
     // One batch, then a "crash": a new process unseals with the OLD shares and resumes.
     let mid = kms.continue_root_rotation(Duration::ZERO).unwrap().expect("still rotating");
     assert!(mid.resealed.unwrap() > 0, "{mid:?}");
+    // A backup taken now holds the rotation too: restored, it opens with the old shares, the
+    // rotation finishes there, and then the new shares unseal it.
+    let (mid_header, mid_backup) = kms.create_backup(&caller).unwrap();
+    assert_eq!(mid_header.root_generation, 1);
+    let restored_dir = tempfile::tempdir().unwrap();
+    let restored: Arc<dyn Backend> =
+        Arc::new(custody_store::SqliteBackend::open(&restored_dir.path().join("custody.db")).unwrap());
+    Backup::open(&mid_backup, &old_root).unwrap().restore_into(restored.as_ref(), &Default::default()).unwrap();
+    {
+        let (copy, copy_caller) = unseal(&restored, old_shares, &identity);
+        run_to_end(&copy);
+        assert_eq!(copy.root_status(&copy_caller).unwrap().generation, 2);
+    }
+    let (copy, copy_caller) = unseal(&restored, &started.shares[..3], &identity);
+    for (blob, text) in &blobs {
+        let out = copy.decrypt(&copy_caller, blob, &ctx(), None).unwrap();
+        assert_eq!(out.plaintext.expose_secret(), text.as_bytes());
+    }
+    drop(copy);
     drop(kms);
     let (kms, caller) = unseal(&backend, old_shares, &identity);
     assert_eq!(kms.root_status(&caller).unwrap().next_generation, Some(2));
