@@ -22,6 +22,7 @@ mod common;
 
 struct Round {
     rps: f64,
+    requests: usize,
     p50: Duration,
     p99: Duration,
     /// CPU time of the whole process (clients and server) per request.
@@ -70,7 +71,7 @@ async fn round(profile: &Arc<custody_client::Profile>, key: &str, seconds: u64, 
     let utilization = cpu.as_secs_f64() / (seconds as f64 * cores);
     all.sort();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
-    Round { rps: all.len() as f64 / seconds as f64, p50: pct(0.50), p99: pct(0.99), cpu_per_request, utilization }
+    Round { rps: all.len() as f64 / seconds as f64, requests: all.len(), p50: pct(0.50), p99: pct(0.99), cpu_per_request, utilization }
 }
 
 fn main() {
@@ -81,7 +82,14 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async move {
         let mut sides = Vec::new();
-        for disable_audit in [false, true] {
+        // WIRE_SIDE=on|off runs one side only (for a profiler: valgrind --tool=callgrind).
+        let side = std::env::var("WIRE_SIDE").ok();
+        let sides_wanted: Vec<bool> = match side.as_deref() {
+            Some("on") => vec![false],
+            Some("off") => vec![true],
+            _ => vec![false, true],
+        };
+        for disable_audit in sides_wanted {
             let (dir, layout) = common::keyfile_dir();
             let (server, profile) =
                 common::start(dir.path(), &layout, |c| c.danger_disable_audit = disable_audit).await;
@@ -99,12 +107,17 @@ fn main() {
         }
         println!("connections: {connections}, {rounds} rounds of {seconds} s each, best round shown");
         let mut best = Vec::new();
-        for ((_, _, _, _, results), name) in sides.iter().zip(["audit on", "danger_disable_audit"]) {
+        let names = match side.as_deref() {
+            Some("off") => ["danger_disable_audit", ""],
+            _ => ["audit on", "danger_disable_audit"],
+        };
+        for ((_, _, _, _, results), name) in sides.iter().zip(names) {
             let b = results.iter().max_by(|a, b| a.rps.total_cmp(&b.rps)).unwrap();
             let all: Vec<String> = results.iter().map(|r| format!("{:.0}", r.rps)).collect();
             println!(
-                "encrypt 64 B, {name:<21} {:>8.0} req/s  p50 {:>9.3?}  p99 {:>9.3?}  CPU/request {:>7.1?}  busy {:>3.0} %  (rounds: {})",
+                "encrypt 64 B, {name:<21} {:>8.0} req/s ({} requests)  p50 {:>9.3?}  p99 {:>9.3?}  CPU/request {:>7.1?}  busy {:>3.0} %  (rounds: {})",
                 b.rps,
+                b.requests,
                 b.p50,
                 b.p99,
                 b.cpu_per_request,
@@ -113,7 +126,9 @@ fn main() {
             );
             best.push(b.rps);
         }
-        println!("audit cost: {:.1} % of Encrypt throughput", 100.0 * (1.0 - best[0] / best[1]));
+        if best.len() == 2 {
+            println!("audit cost: {:.1} % of Encrypt throughput", 100.0 * (1.0 - best[0] / best[1]));
+        }
         for (_, server, ..) in sides {
             server.shutdown().await;
         }
