@@ -71,7 +71,14 @@ async fn round(profile: &Arc<custody_client::Profile>, key: &str, seconds: u64, 
     let utilization = cpu.as_secs_f64() / (seconds as f64 * cores);
     all.sort();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
-    Round { rps: all.len() as f64 / seconds as f64, requests: all.len(), p50: pct(0.50), p99: pct(0.99), cpu_per_request, utilization }
+    Round {
+        rps: all.len() as f64 / seconds as f64,
+        requests: all.len(),
+        p50: pct(0.50),
+        p99: pct(0.99),
+        cpu_per_request,
+        utilization,
+    }
 }
 
 fn main() {

@@ -335,6 +335,24 @@ fn row_key(seq: u64) -> String {
     format!("{seq:020}")
 }
 
+/// The records of one stored row: a group (a JSON array; the row is keyed by its last record),
+/// or a single record (an object: rows written before records were grouped).
+fn open_records(u: &Unsealed, row: &custody_store::Row) -> Result<Vec<AuditRecord>, StoreError> {
+    let plain = u.barrier.open_plain(Table::Audit, row)?;
+    let decode =
+        |e: serde_json::Error| StoreError::Decode { table: "audit", key: row.key.clone(), reason: e.to_string() };
+    match plain.expose_secret().first() {
+        Some(b'[') => serde_json::from_slice(plain.expose_secret()).map_err(decode),
+        _ => serde_json::from_slice(plain.expose_secret()).map(|r| vec![r]).map_err(decode),
+    }
+}
+
+/// The sequence number of the first record still stored.
+fn first_record(u: &Unsealed) -> Result<Option<u64>, KmsError> {
+    let Some(row) = u.barrier.backend().scan(Table::Audit, "", None, 1)?.pop() else { return Ok(None) };
+    Ok(open_records(u, &row)?.first().map(|r| r.seq))
+}
+
 fn record_hash(prev: &[u8; 32], seq: u64, written_at: Millis, event: &AuditEvent) -> [u8; 32] {
     let canonical = serde_json::to_vec(&Hashed { seq, written_at, event }).expect("events serialize");
     crypto::chain_hash(prev, &canonical)
@@ -548,23 +566,30 @@ impl Kms {
                 Some(s) => s,
                 None => self.trail_end(u)?,
             };
-            let mut writes = Vec::with_capacity(events.len() + state_writes.len() + 1);
+            let mut writes = Vec::with_capacity(state_writes.len() + 2);
             let mut seqs = Vec::with_capacity(events.len());
             let mut records = Vec::with_capacity(events.len());
+            // One sealed row holds the group's records, keyed by its last one; a row also ends at
+            // every checkpoint, so that each checkpoint is a row boundary (retention deletes
+            // whole rows).
+            let mut row_start = 0;
             for (i, event) in events.iter().enumerate() {
                 let seq = first + i as u64;
                 let written_at = now_ms();
                 let hash = record_hash(&prev, seq, written_at, event);
-                let record = AuditRecord {
+                records.push(AuditRecord {
                     seq,
                     written_at,
                     prev_hash: hex::encode(prev),
                     hash: hex::encode(hash),
                     event: event.clone(),
-                };
-                writes.push(u.barrier.put(Table::Audit, &row_key(seq), &record, Expect::Absent));
-                records.push(record);
-                if seq.is_multiple_of(self.config.audit_checkpoint_every.max(1)) {
+                });
+                let checkpoint = seq.is_multiple_of(self.config.audit_checkpoint_every.max(1));
+                if checkpoint || i + 1 == events.len() {
+                    writes.push(u.barrier.put(Table::Audit, &row_key(seq), &records[row_start..], Expect::Absent));
+                    row_start = records.len();
+                }
+                if checkpoint {
                     writes.push(self.checkpoint_write(u, seq, &hash)?);
                 }
                 prev = hash;
@@ -643,7 +668,7 @@ impl Kms {
             None => Ok((1, GENESIS)),
             Some(row) => {
                 let key = row.key.clone();
-                let rec: AuditRecord = u.barrier.open_row(Table::Audit, row)?.value;
+                let rec = open_records(u, &row)?.pop().ok_or_else(|| KmsError::Integrity(format!("audit/{key}")))?;
                 let hash = parse_hash(&rec.hash).ok_or_else(|| KmsError::Integrity(format!("audit/{key}")))?;
                 Ok((rec.seq + 1, hash))
             }
@@ -748,11 +773,13 @@ impl Kms {
         } else {
             let cutoff = now_ms() - days as i64 * self.config.day_ms;
             let mut newest_old = 0;
-            for r in u.barrier.scan::<AuditRecord>(Table::Audit, "", None, usize::MAX)? {
-                if r.value.event.time >= cutoff {
-                    break;
+            'rows: for row in u.barrier.backend().scan(Table::Audit, "", None, usize::MAX)? {
+                for r in open_records(&u, &row)? {
+                    if r.event.time >= cutoff {
+                        break 'rows;
+                    }
+                    newest_old = r.seq;
                 }
-                newest_old = r.value.seq;
             }
             newest_old
         };
@@ -771,7 +798,11 @@ impl Kms {
             backend.scan(Table::Audit, "", None, usize::MAX)?.into_iter().take_while(|r| r.key <= row_key(anchor));
         let mut writes: Vec<Write> =
             doomed.map(|r| u.barrier.delete(Table::Audit, &r.key, Expect::Rev(r.rev))).collect();
-        let pruned = writes.len() as u64;
+        // Rows never straddle a checkpoint: the deleted rows hold exactly the records up to it.
+        let pruned = match writes.len() {
+            0 => 0,
+            _ => anchor + 1 - first_record(&u)?.unwrap_or(anchor + 1),
+        };
         for cp in backend.scan(Table::AuditCheckpoints, "", None, usize::MAX)? {
             if cp.key < row_key(anchor) {
                 writes.push(u.barrier.delete(Table::AuditCheckpoints, &cp.key, Expect::Rev(cp.rev)));
@@ -786,11 +817,17 @@ impl Kms {
     pub fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, KmsError> {
         let u = self.unsealed()?;
         let from = (after > 0).then(|| row_key(after));
-        Ok(u.barrier
-            .scan::<AuditRecord>(Table::Audit, "", from.as_deref(), limit)?
-            .into_iter()
-            .map(|v| v.value)
-            .collect())
+        // Rows are keyed by their last record: each row after `after` holds at least one record
+        // after it, so `limit` rows hold at least `limit` records (if there are that many).
+        let mut out = Vec::new();
+        for row in u.barrier.backend().scan(Table::Audit, "", from.as_deref(), limit)? {
+            out.extend(open_records(&u, &row)?.into_iter().filter(|r| r.seq > after));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
     }
 
     /// Everything needed to verify the trail elsewhere: the public key, every record and every
@@ -798,8 +835,10 @@ impl Kms {
     pub fn export_audit(&self, caller: &Caller) -> Result<(String, Vec<AuditRecord>, Vec<AuditCheckpoint>), KmsError> {
         let u = self.unsealed()?;
         let _proof = authorize::<act::ReadAudit>(caller)?;
-        let records =
-            u.barrier.scan::<AuditRecord>(Table::Audit, "", None, usize::MAX)?.into_iter().map(|v| v.value).collect();
+        let mut records = Vec::new();
+        for row in u.barrier.backend().scan(Table::Audit, "", None, usize::MAX)? {
+            records.extend(open_records(&u, &row)?);
+        }
         let checkpoints = u
             .barrier
             .scan::<AuditCheckpoint>(Table::AuditCheckpoints, "", None, usize::MAX)?
@@ -819,13 +858,19 @@ impl Kms {
     /// Verifies the stored trail; the caller has been authorized.
     pub(crate) fn verify_trail_unchecked(&self, u: &Unsealed) -> Result<AuditVerification, KmsError> {
         let key = self.audit_signing_key(u)?;
-        // Rows are opened one by one so that a record that fails its seal is reported, not fatal.
+        // Rows are opened one by one so that a row that fails its seal is reported (as its first
+        // record: one after the previous row's last), not fatal.
         let rows = u.barrier.backend().scan(Table::Audit, "", None, usize::MAX)?;
-        let records = rows.into_iter().map(|row| {
-            let key = row.key.clone();
-            let seq = key.parse::<u64>().unwrap_or(0);
-            u.barrier.open_row::<AuditRecord>(Table::Audit, row).map(|v| v.value).map_err(|_| seq)
-        });
+        let mut records = Vec::new();
+        let mut previous_last = None;
+        for row in rows {
+            let last = row.key.parse::<u64>().unwrap_or(0);
+            match open_records(u, &row) {
+                Ok(group) => records.extend(group.into_iter().map(Ok)),
+                Err(_) => records.push(Err(previous_last.map_or(last, |p: u64| p + 1))),
+            }
+            previous_last = Some(last);
+        }
         let cps = u.barrier.backend().scan(Table::AuditCheckpoints, "", None, usize::MAX)?;
         let checkpoints = cps
             .into_iter()

@@ -133,7 +133,7 @@ impl Barrier {
     }
 
     /// A sealed put, to apply in a batch.
-    pub fn put<T: Serialize>(&self, table: Table, key: &str, value: &T, expect: Expect) -> Write {
+    pub fn put<T: Serialize + ?Sized>(&self, table: Table, key: &str, value: &T, expect: Expect) -> Write {
         assert_ne!(table, Table::Meta, "the meta table is never sealed");
         let json = zeroize::Zeroizing::new(serde_json::to_vec(value).expect("records serialize to JSON"));
         self.put_plain(table, key, &json, expect)
