@@ -181,13 +181,25 @@ fn committer(kms: std::sync::Weak<Kms>) {
     }
 }
 
+/// Row in [`Table::Meta`] whose revision orders appends to the trail across nodes.
+const AUDIT_HEAD: &str = "audit-head";
+
+/// Where the trail ends, as this node last saw it: the next sequence number, the last record's
+/// hash, and the revision of the [`AUDIT_HEAD`] row (`None`: no such row yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TrailEnd {
+    next: u64,
+    hash: [u8; 32],
+    head: Option<u64>,
+}
+
 /// Receives every committed batch of records, in order, after it is durable (for a file sink).
 pub type AuditSink = Box<dyn Fn(&[AuditRecord]) + Send + Sync>;
 
 #[derive(Default)]
 pub(crate) struct Sequencer {
     sink: std::sync::OnceLock<AuditSink>,
-    state: Mutex<Option<(u64, [u8; 32])>>,
+    state: Mutex<Option<TrailEnd>>,
     /// Records waiting for the next group commit, each with how to tell its request the result.
     queue: Mutex<Vec<(AuditEvent, Completion)>>,
     /// Wakes the audit thread (under `queue`).
@@ -439,7 +451,7 @@ impl Kms {
 
     /// Commits everything queued, in one transaction, and completes each request. The caller
     /// holds the sequencer lock.
-    fn commit_queued(&self, u: &Unsealed, state: &mut Option<(u64, [u8; 32])>) {
+    fn commit_queued(&self, u: &Unsealed, state: &mut Option<TrailEnd>) {
         let batch = std::mem::take(&mut *self.audit_seq.queue.lock().unwrap_or_else(|p| p.into_inner()));
         if batch.is_empty() {
             return;
@@ -546,7 +558,7 @@ impl Kms {
     fn append_records(
         &self,
         u: &Unsealed,
-        state: &mut Option<(u64, [u8; 32])>,
+        state: &mut Option<TrailEnd>,
         events: Vec<AuditEvent>,
         state_writes: Vec<Write>,
     ) -> Result<Vec<u64>, KmsError> {
@@ -562,11 +574,21 @@ impl Kms {
                 let jitter = u64::from(custody_crypto::random::array::<1>()[0]) * u64::from(attempt.min(20));
                 std::thread::sleep(std::time::Duration::from_micros(jitter));
             }
-            let (first, mut prev) = match *state {
+            let end = match *state {
                 Some(s) => s,
                 None => self.trail_end(u)?,
             };
-            let mut writes = Vec::with_capacity(state_writes.len() + 2);
+            let (first, mut prev) = (end.next, end.hash);
+            let mut writes = Vec::with_capacity(state_writes.len() + 3);
+            // Every append moves the head row, conditionally: a node whose view of the trail's
+            // end is stale conflicts here (group rows are keyed by their last record, so rows of
+            // two nodes claiming overlapping numbers would not collide by key).
+            writes.push(Write::Put {
+                table: Table::Meta,
+                key: AUDIT_HEAD.into(),
+                value: (first + events.len() as u64 - 1).to_string().into_bytes(),
+                expect: end.head.map_or(Expect::Absent, Expect::Rev),
+            });
             let mut seqs = Vec::with_capacity(events.len());
             let mut records = Vec::with_capacity(events.len());
             // One sealed row holds the group's records, keyed by its last one; a row also ends at
@@ -598,7 +620,8 @@ impl Kms {
             writes.extend(state_writes.iter().cloned());
             match u.barrier.apply(&writes) {
                 Ok(()) => {
-                    *state = Some((first + events.len() as u64, prev));
+                    let head = Some(end.head.map_or(1, |r| r + 1));
+                    *state = Some(TrailEnd { next: first + events.len() as u64, hash: prev, head });
                     if let Some(sink) = self.audit_seq.sink.get() {
                         sink(&records);
                     }
@@ -611,9 +634,9 @@ impl Kms {
                 // Either another writer took these sequence numbers (learn the new end and
                 // retry), or the state change itself lost a race (then it is the caller's conflict).
                 Err(StoreError::Conflict { .. }) => {
-                    let end = self.trail_end(u)?;
-                    let taken = end.0 != first;
-                    *state = Some(end);
+                    let now = self.trail_end(u)?;
+                    let taken = now != end;
+                    *state = Some(now);
                     if !taken {
                         return Err(KmsError::Conflict);
                     }
@@ -637,7 +660,7 @@ impl Kms {
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
         };
-        let (next, last_hash) = match *state {
+        let TrailEnd { next, hash: last_hash, .. } = match *state {
             Some(s) => s,
             None => self.trail_end(&u)?,
         };
@@ -663,14 +686,17 @@ impl Kms {
     }
 
     /// Next sequence number and last hash, from the newest record in the store.
-    fn trail_end(&self, u: &Unsealed) -> Result<(u64, [u8; 32]), KmsError> {
+    fn trail_end(&self, u: &Unsealed) -> Result<TrailEnd, KmsError> {
+        // The head first: a node appending between the two reads then makes this node's next
+        // append conflict (and read again), never succeed on a stale end.
+        let head = u.barrier.backend().get(Table::Meta, AUDIT_HEAD)?.map(|r| r.rev);
         match u.barrier.backend().last(Table::Audit)? {
-            None => Ok((1, GENESIS)),
+            None => Ok(TrailEnd { next: 1, hash: GENESIS, head }),
             Some(row) => {
                 let key = row.key.clone();
                 let rec = open_records(u, &row)?.pop().ok_or_else(|| KmsError::Integrity(format!("audit/{key}")))?;
                 let hash = parse_hash(&rec.hash).ok_or_else(|| KmsError::Integrity(format!("audit/{key}")))?;
-                Ok((rec.seq + 1, hash))
+                Ok(TrailEnd { next: rec.seq + 1, hash, head })
             }
         }
     }

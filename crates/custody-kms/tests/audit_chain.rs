@@ -250,3 +250,25 @@ fn grouped_rows_verify_tampering_is_located_and_old_single_record_rows_still_rea
     assert_eq!(p.seq, prev + 1, "{p:?}");
     assert!(p.what.contains(&format!("records {} to {group} are missing", prev + 1)), "{p:?}");
 }
+
+/// Two services (nodes) appending groups to one trail at once: every sequence number is used
+/// once, and the chain verifies (a node with a stale view of the end retries).
+#[test]
+fn two_nodes_appending_groups_keep_one_chain() {
+    let store = common::keyfile_store();
+    let (a, caller) = store.open(KmsConfig::development());
+    let (b, _) = store.open(KmsConfig::development());
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let node = if t % 2 == 0 { a.clone() } else { b.clone() };
+            s.spawn(move || {
+                for i in 0..50 {
+                    node.record_audit(event(t * 1000 + i), None).unwrap();
+                }
+            });
+        }
+    });
+    let v = a.verify_audit(&caller).unwrap();
+    assert_eq!((v.records, v.first_seq, v.last_seq, v.problem.clone()), (400, 1, 400, None), "{v:?}");
+}
