@@ -31,6 +31,26 @@ fn token(dir: &Path) -> Token {
     Token { conf, pin, bad_pin, empty_conf }
 }
 
+/// `custody init --seal pkcs11` into `data` with the token of `t`, recovery shares in `shares`.
+fn init_pkcs11(t: &Token, data: &Path, shares: &Path) {
+    let args = [
+        "init",
+        "--json",
+        "--data",
+        data.to_str().unwrap(),
+        "--seal",
+        "pkcs11",
+        "--token-label",
+        "custody",
+        "--pin-file",
+        t.pin.to_str().unwrap(),
+        "--shares-dir",
+        shares.to_str().unwrap(),
+    ];
+    let out = custody(&t.conf, &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 fn custody(conf: &Path, args: &[&str]) -> std::process::Output {
     common::custody().env("SOFTHSM2_CONF", conf).args(args).output().unwrap()
 }
@@ -101,24 +121,7 @@ async fn a_pkcs11_store_unseals_itself_and_recovers_with_its_shares() {
     let t = token(dir.path());
     let data = dir.path().join("data");
     let shares = dir.path().join("shares");
-    let out = custody(
-        &t.conf,
-        &[
-            "init",
-            "--json",
-            "--data",
-            data.to_str().unwrap(),
-            "--seal",
-            "pkcs11",
-            "--token-label",
-            "custody",
-            "--pin-file",
-            t.pin.to_str().unwrap(),
-            "--shares-dir",
-            shares.to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    init_pkcs11(&t, &data, &shares);
     assert_eq!(std::fs::read_dir(&shares).unwrap().count(), 5, "5 recovery shares");
     // Use it, restart, decrypt: no share was typed.
     let (server, profile) = start(&data, &t.conf, Some(&t.pin));
@@ -228,29 +231,12 @@ async fn a_pkcs11_store_rotates_its_root_and_the_token_wraps_the_new_one() {
     let t = token(dir.path());
     let data = dir.path().join("data");
     let (shares, new_shares) = (dir.path().join("shares"), dir.path().join("new-shares"));
-    let init = [
-        "init",
-        "--data",
-        data.to_str().unwrap(),
-        "--seal",
-        "pkcs11",
-        "--token-label",
-        "custody",
-        "--pin-file",
-        t.pin.to_str().unwrap(),
-        "--shares-dir",
-        shares.to_str().unwrap(),
-    ];
-    let out = custody(&t.conf, &init);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    init_pkcs11(&t, &data, &shares);
     let admin = bootstrap::Layout { data_dir: data.clone() }.admin_profile();
     let (server, profile) = start(&data, &t.conf, Some(&t.pin));
     common::all_roles(&admin);
     let blob = encrypt(&profile, b"before the rotation").await;
-    let rotate = ["--profile", admin.to_str().unwrap(), "root", "rotate", "--json", "--shares-dir"];
-    let out = custody(&t.conf, &[&rotate[..], &[new_shares.to_str().unwrap()]].concat());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = common::rotate_root(&admin, &new_shares).await;
     assert_eq!(r["Status"]["Generation"], 2, "{r}");
     assert_eq!(std::fs::read_dir(&new_shares).unwrap().count(), 5, "new recovery shares");
     server.terminate();

@@ -83,22 +83,8 @@ async fn the_root_key_rotates_under_load_without_failing_a_request() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Rotate, waiting for the end (the CLI polls with a progress bar, hidden here).
-    let new_dir = dir.path().join("new-shares");
-    let admin_profile = layout.admin_profile();
     let started = Instant::now();
-    let cli = tokio::task::spawn_blocking(move || {
-        common::custody()
-            .arg("--profile")
-            .arg(&admin_profile)
-            .args(["root", "rotate", "--json", "--shares-dir"])
-            .arg(&new_dir)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
-    let r: Value = serde_json::from_slice(&cli.stdout).unwrap();
+    let r = common::rotate_root(&layout.admin_profile(), &dir.path().join("new-shares")).await;
     assert_eq!((r["Generation"].clone(), r["Status"]["Generation"].clone()), (json!(2), json!(2)), "{r}");
     assert_eq!(r["Shares"], json!([]), "written to files, not printed: {r}");
     assert_eq!(r["ShareFiles"].as_array().unwrap().len(), 5);

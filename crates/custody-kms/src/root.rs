@@ -52,19 +52,12 @@ pub(crate) const GRACE_MS: Millis = 2_000;
 const BATCH: usize = 256;
 /// The row in [`Table::Pki`] that keeps the audit HMAC key once a rotation stored it.
 const AUDIT_HMAC_ROW: &str = "audit-hmac-key";
-/// Every table whose rows are sealed, in the order a rotation visits them.
-const SEALED_TABLES: [Table; 10] = [
-    Table::Keys,
-    Table::Versions,
-    Table::Aliases,
-    Table::Principals,
-    Table::Tenants,
-    Table::Pki,
-    Table::AccessKeys,
-    Table::Grants,
-    Table::AuditCheckpoints,
-    Table::Audit,
-];
+/// Every table whose rows are sealed, in the order a rotation visits them: all but the meta
+/// table, which comes first in [`Table::ALL`].
+fn sealed_tables() -> &'static [Table] {
+    debug_assert_eq!(Table::ALL[0], Table::Meta);
+    &Table::ALL[1..]
+}
 
 /// Serde default of generation fields: stores and versions from before root rotations.
 pub(crate) fn first_generation() -> u32 {
@@ -91,7 +84,7 @@ pub(crate) struct RootRotation {
     switched_at: Option<Millis>,
     /// Full passes over the tables completed.
     pass: u32,
-    /// Index into [`SEALED_TABLES`] of the table being visited.
+    /// Index into [`sealed_tables`] of the table being visited.
     table: usize,
     /// The last row key visited in that table.
     after: Option<String>,
@@ -277,9 +270,9 @@ fn status_of(meta: &StoreMeta) -> RootStatus {
             (_, 0) => "re-sealing",
             _ => "verifying",
         }),
-        table: r.and_then(|r| SEALED_TABLES.get(r.table)).map(|t| t.name()),
-        tables_done: r.map(|r| r.table.min(SEALED_TABLES.len())),
-        tables: SEALED_TABLES.len(),
+        table: r.and_then(|r| sealed_tables().get(r.table)).map(|t| t.name()),
+        tables_done: r.map(|r| r.table.min(sealed_tables().len())),
+        tables: sealed_tables().len(),
         resealed: r.map(|r| r.resealed),
         started_at: r.map(|r| r.started_at),
         started_by: r.map(|r| r.started_by.clone()),
@@ -474,7 +467,7 @@ impl Kms {
                 return Err(KmsError::Internal("this node does not seal under the next root key yet".into()));
             }
             let generation = r.generation;
-            let writes = match SEALED_TABLES.get(r.table) {
+            let writes = match sealed_tables().get(r.table) {
                 Some(&table) => {
                     let rows = self.backend.scan(table, "", r.after.as_deref(), BATCH)?;
                     let mut writes = Vec::new();

@@ -313,3 +313,22 @@ pub async fn unseal(profile: &Profile, shares: &[String]) -> Result<serde_json::
     }
     Ok(last)
 }
+
+/// `custody root rotate --json --shares-dir DIR` with the profile at `profile`, off the async
+/// workers (the CLI waits for the end of the rotation); its output, after checking it succeeded.
+pub async fn rotate_root(profile: &Path, shares_dir: &Path) -> serde_json::Value {
+    let (profile, shares_dir) = (profile.to_path_buf(), shares_dir.to_path_buf());
+    let out = tokio::task::spawn_blocking(move || {
+        custody()
+            .arg("--profile")
+            .arg(&profile)
+            .args(["root", "rotate", "--json", "--shares-dir"])
+            .arg(&shares_dir)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
