@@ -199,7 +199,7 @@ pub struct VersionRecord {
     pub wrapped: Vec<u8>,
     /// The generation of the root key that wrapped `wrapped` (1 for versions from before root
     /// rotations existed).
-    #[serde(default = "first_generation")]
+    #[serde(default = "crate::root::first_generation")]
     pub root_generation: u32,
     /// A ciphertext of [`canary_plaintext`] under this version, made when it was created, so a
     /// check or a restored backup can prove the version still decrypts what it encrypted.
@@ -209,10 +209,6 @@ pub struct VersionRecord {
     /// Encryptions under this version, as last flushed ([`crate::Kms::flush_usage`]).
     #[serde(default)]
     pub encryptions: u64,
-}
-
-fn first_generation() -> u32 {
-    1
 }
 
 /// What a version's canary decrypts to.

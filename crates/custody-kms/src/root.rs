@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use custody_crypto::audit::AuditHmacKey;
 use custody_crypto::keys::WrapAad;
-use custody_crypto::shamir::{self, UnsealShare};
+use custody_crypto::shamir::UnsealShare;
 use custody_crypto::{KeyMaterial, OpenError, RootKey, SecretBytes};
 use custody_store::{generation_of, Backend, Barrier, Expect, Row, StoreError, Table, Write};
 use serde::{Deserialize, Serialize};
@@ -42,7 +42,7 @@ use crate::audit::Actor;
 use crate::authz::{act, authorize, Caller};
 use crate::error::KmsError;
 use crate::model::{now_ms, KeyRecord, Millis, VersionRecord};
-use crate::seal::{hex_bytes, read_meta, SealMeta, SealState, StoreMeta};
+use crate::seal::{hex_bytes, read_meta, split_root, SealMeta, SealState, StoreMeta};
 use crate::{Kms, Unsealed};
 
 /// How long each node has to follow a step of a rotation (load the next root, then write under
@@ -117,15 +117,23 @@ fn copy_root(root: &RootKey) -> RootKey {
 }
 
 impl RootRing {
-    /// The ring for a store whose current root `root` is (checked by the caller): with the next
-    /// root too if a rotation is under way.
-    pub(crate) fn unseal(meta: &StoreMeta, root: RootKey) -> Result<Self, KmsError> {
+    /// The ring the store metadata calls for, given its current root `root` (checked by the
+    /// caller): with the next root too if a rotation is under way, taken from `known` (the ring a
+    /// node holds) if it has it, else opened from the metadata.
+    pub(crate) fn for_meta(meta: &StoreMeta, root: RootKey, known: Option<&RootRing>) -> Result<Self, KmsError> {
         let next = match &meta.rotation {
-            Some(r) => Some((r.generation, open_next(&root, r)?)),
+            Some(r) => Some(match known.and_then(|k| k.get(r.generation)) {
+                Some(k) => (r.generation, copy_root(k)),
+                None => (r.generation, open_next(&root, r)?),
+            }),
             None => None,
         };
-        let write_next = meta.rotation.as_ref().is_some_and(|r| r.switched_at.is_some());
-        Ok(Self { current: (meta.root_generation, root), next, write_next })
+        Ok(Self { current: (meta.root_generation, root), next, write_next: shape(meta).2 })
+    }
+
+    /// Current generation, next generation, whether writes use the next.
+    fn shape(&self) -> (u32, Option<u32>, bool) {
+        (self.current.0, self.next.as_ref().map(|n| n.0), self.write_next)
     }
 
     /// The root key the store's seal (shares, token, key file) unseals.
@@ -162,6 +170,12 @@ impl RootRing {
         let write = if self.write_next { keys.last() } else { keys.first() }.expect("the current root").clone();
         Barrier::with_generations(backend.clone(), write, keys)
     }
+}
+
+/// The [`RootRing::shape`] the store metadata calls for.
+fn shape(meta: &StoreMeta) -> (u32, Option<u32>, bool) {
+    let r = meta.rotation.as_ref();
+    (meta.root_generation, r.map(|r| r.generation), r.is_some_and(|r| r.switched_at.is_some()))
 }
 
 fn open_next(current: &RootKey, r: &RootRotation) -> Result<RootKey, KmsError> {
@@ -326,14 +340,9 @@ impl Kms {
         }
         let next = RootKey::generate();
         let generation = meta.root_generation + 1;
-        let split = |threshold: usize, shares: usize| {
-            let split = shamir::split(&next, threshold, shares).map_err(|e| KmsError::Internal(e.to_string()))?;
-            let fingerprints = split.iter().map(|s| hex::encode(s.fingerprint())).collect::<Vec<_>>();
-            Ok::<_, KmsError>((split, fingerprints))
-        };
         let (shares, threshold, next_seal) = match &meta.seal {
             SealMeta::Shamir { threshold, shares, .. } => {
-                let (split, fingerprints) = split(*threshold, *shares)?;
+                let (split, fingerprints) = split_root(&next, *threshold, *shares)?;
                 (split, *threshold, SealMeta::Shamir { threshold: *threshold, shares: *shares, fingerprints })
             }
             SealMeta::Pkcs11 { seal, threshold, shares, .. } => {
@@ -345,7 +354,7 @@ impl Kms {
                 })?;
                 let wrapped_root = wrap(seal, &next)
                     .map_err(|e| KmsError::Internal(format!("the PKCS#11 token did not wrap: {e}")))?;
-                let (split, fingerprints) = split(*threshold, *shares)?;
+                let (split, fingerprints) = split_root(&next, *threshold, *shares)?;
                 let seal = crate::Pkcs11Seal { wrapped_root, ..seal.clone() };
                 (split, *threshold, SealMeta::Pkcs11 { seal, threshold: *threshold, shares: *shares, fingerprints })
             }
@@ -398,13 +407,8 @@ impl Kms {
     }
 
     fn follow_meta(&self, u: &Arc<Unsealed>, meta: &StoreMeta) -> Result<(), KmsError> {
-        let want = (
-            meta.root_generation,
-            meta.rotation.as_ref().map(|r| r.generation),
-            meta.rotation.as_ref().is_some_and(|r| r.switched_at.is_some()),
-        );
-        let have = (u.roots.current.0, u.roots.next.as_ref().map(|n| n.0), u.roots.write_next);
-        if want == have {
+        let want = shape(meta);
+        if want == u.roots.shape() {
             return Ok(());
         }
         let Some(current) = u.roots.get(meta.root_generation).map(copy_root) else {
@@ -417,14 +421,7 @@ impl Kms {
             return Err(KmsError::Sealed);
         };
         meta.check_root(&current)?;
-        let next = match &meta.rotation {
-            Some(r) => Some((
-                r.generation,
-                u.roots.get(r.generation).map(copy_root).map_or_else(|| open_next(&current, r), Ok)?,
-            )),
-            None => None,
-        };
-        let ring = RootRing { current: (meta.root_generation, current), next, write_next: want.2 };
+        let ring = RootRing::for_meta(meta, current, Some(&u.roots))?;
         let fresh = Arc::new(Unsealed::new(&self.backend, ring, Some(u.audit_hmac.clone()))?);
         let mut state = self.seal.write().unwrap_or_else(|p| p.into_inner());
         // Only over the state this was computed from (another thread may have moved on).
@@ -438,8 +435,7 @@ impl Kms {
     }
 
     /// Advances a root rotation by batches of rows until `budget` is spent (at least one batch
-    /// once the grace period is over), and follows a rotation
-    /// another node started or finished. Returns the status while one is under way. The server
+    /// once the grace periods are over), and follows a rotation another node started or finished. Returns the status while one is under way. The server
     /// calls it several times a second; any node may, concurrently.
     pub fn continue_root_rotation(&self, budget: Duration) -> Result<Option<RootStatus>, KmsError> {
         let started = Instant::now();

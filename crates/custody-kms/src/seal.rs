@@ -180,6 +180,18 @@ impl StoreMeta {
     }
 }
 
+/// `root` split into `shares` Shamir shares, `threshold` of which recombine it, and the
+/// fingerprints the store keeps to recognize them.
+pub(crate) fn split_root(
+    root: &RootKey,
+    threshold: usize,
+    shares: usize,
+) -> Result<(Vec<UnsealShare>, Vec<String>), KmsError> {
+    let split = shamir::split(root, threshold, shares).map_err(|e| KmsError::validation("shares", e.to_string()))?;
+    let fingerprints = split.iter().map(|s| hex::encode(s.fingerprint())).collect();
+    Ok((split, fingerprints))
+}
+
 /// The store metadata and its revision.
 pub(crate) fn read_meta(backend: &Arc<dyn Backend>) -> Result<(StoreMeta, u64), KmsError> {
     let row = backend.get(Table::Meta, STORE_META)?.ok_or(KmsError::NotInitialized)?;
@@ -226,16 +238,12 @@ impl Kms {
         let (root, shares, seal) = match opts.seal {
             InitSeal::Shamir { threshold, shares } => {
                 let root = RootKey::generate();
-                let split = shamir::split(&root, threshold, shares)
-                    .map_err(|e| KmsError::validation("shares", e.to_string()))?;
-                let fingerprints = split.iter().map(|s| hex::encode(s.fingerprint())).collect();
+                let (split, fingerprints) = split_root(&root, threshold, shares)?;
                 (root, split, SealMeta::Shamir { threshold, shares, fingerprints })
             }
             InitSeal::KeyFile { root, path } => (root, Vec::new(), SealMeta::Keyfile { path }),
             InitSeal::Pkcs11 { root, seal, threshold, shares } => {
-                let split = shamir::split(&root, threshold, shares)
-                    .map_err(|e| KmsError::validation("shares", e.to_string()))?;
-                let fingerprints = split.iter().map(|s| hex::encode(s.fingerprint())).collect();
+                let (split, fingerprints) = split_root(&root, threshold, shares)?;
                 (root, split, SealMeta::Pkcs11 { seal, threshold, shares, fingerprints })
             }
         };
@@ -555,7 +563,7 @@ impl Kms {
 
     fn unsealed_with(&self, meta: &StoreMeta, root: RootKey) -> Result<Unsealed, KmsError> {
         meta.check_root(&root)?;
-        let ring = crate::root::RootRing::unseal(meta, root)?;
+        let ring = crate::root::RootRing::for_meta(meta, root, None)?;
         Unsealed::new(&self.backend, ring, None)
     }
 

@@ -43,10 +43,14 @@ const TAGGED_PREFIX: usize = GENERATION_TAG.len() + 4;
 /// The root key generation a stored value claims (1 for a value without a tag). Untrusted until
 /// the value opens under that generation's key.
 pub fn generation_of(sealed: &[u8]) -> u32 {
-    match sealed.strip_prefix(GENERATION_TAG.as_slice()) {
-        Some(rest) if rest.len() >= 4 => u32::from_be_bytes(rest[..4].try_into().expect("4 bytes")),
-        _ => 1,
-    }
+    split_tag(sealed).map_or(1, |(generation, _)| generation)
+}
+
+/// A tagged value's generation and sealed part (`None`: no tag, a value from before generations).
+fn split_tag(sealed: &[u8]) -> Option<(u32, &[u8])> {
+    let rest = sealed.strip_prefix(GENERATION_TAG.as_slice())?;
+    let (generation, body) = rest.split_first_chunk::<4>()?;
+    Some((u32::from_be_bytes(*generation), body))
 }
 
 impl fmt::Debug for Barrier {
@@ -134,7 +138,6 @@ impl Barrier {
 
     /// A sealed put, to apply in a batch.
     pub fn put<T: Serialize + ?Sized>(&self, table: Table, key: &str, value: &T, expect: Expect) -> Write {
-        assert_ne!(table, Table::Meta, "the meta table is never sealed");
         let json = zeroize::Zeroizing::new(serde_json::to_vec(value).expect("records serialize to JSON"));
         self.put_plain(table, key, &json, expect)
     }
@@ -151,7 +154,8 @@ impl Barrier {
         Write::Put { table, key: key.to_string(), value, expect }
     }
 
-    /// Opens a raw row without decoding it, for a root rotation to re-seal as it is.
+    /// Opens a raw row without decoding it (a root rotation re-seals it as it is; the audit trail
+    /// decodes one of two layouts itself).
     pub fn open_plain(&self, table: Table, row: &crate::Row) -> Result<SecretBytes, StoreError> {
         self.open_bytes(table, &row.key, &row.value)
     }
@@ -190,10 +194,8 @@ impl Barrier {
 
     fn open_bytes(&self, table: Table, key: &str, sealed: &[u8]) -> Result<SecretBytes, StoreError> {
         let key_of = |generation: u32| self.keys.iter().find(|(g, _)| *g == generation).map(|(_, k)| k);
-        let tagged = sealed
-            .strip_prefix(GENERATION_TAG.as_slice())
-            .filter(|rest| rest.len() >= 4)
-            .and_then(|rest| Some((key_of(generation_of(sealed))?, &rest[4..])))
+        let tagged = split_tag(sealed)
+            .and_then(|(generation, body)| Some((key_of(generation)?, body)))
             .and_then(|(k, body)| k.open_row(table.name(), key, body).ok());
         let opened = tagged.or_else(|| key_of(1).and_then(|k| k.open_row(table.name(), key, sealed).ok()));
         opened.ok_or_else(|| {
