@@ -130,7 +130,7 @@ async fn a_key_row_edited_in_sqlite_is_refused_with_a_generic_error() {
         assert!(detail.contains("integrity") && detail.contains(&format!("keys/{a}")), "{detail}");
     }
     // Flip one byte of b's sealed value in place: also refused.
-    conn.execute("UPDATE rows SET value = CAST(substr(value, 1, 40) || X'00' || substr(value, 42) AS BLOB) WHERE tbl='keys' AND key=?1", [&b])
+    conn.execute("UPDATE rows SET value = CAST(substr(value, 1, 40) || CASE WHEN substr(value, 41, 1) = X'00' THEN X'01' ELSE X'00' END || substr(value, 42) AS BLOB) WHERE tbl='keys' AND key=?1", [&b])
         .unwrap();
     assert!(c.call("TrentService.DescribeKey", json!({ "KeyId": b })).await.is_err());
     // Other keys are unaffected.

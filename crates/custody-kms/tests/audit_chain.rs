@@ -73,7 +73,7 @@ fn tampering_is_found_and_located() {
         "{ok:?}"
     );
 
-    let edited = verify_after(&t, &format!("UPDATE rows SET value = CAST(substr(value, 1, 60) || X'00' || substr(value, 62) AS BLOB) WHERE tbl='audit' AND key={}", key(500)));
+    let edited = verify_after(&t, &format!("UPDATE rows SET value = CAST(substr(value, 1, 60) || CASE WHEN substr(value, 61, 1) = X'00' THEN X'01' ELSE X'00' END || substr(value, 62) AS BLOB) WHERE tbl='audit' AND key={}", key(500)));
     let p = edited.problem.unwrap();
     assert_eq!(p.seq, 500, "{p:?}");
     assert!(p.what.contains("changed"), "{p:?}");
@@ -241,7 +241,7 @@ fn grouped_rows_verify_tampering_is_located_and_old_single_record_rows_still_rea
         .find(|(p, g)| g - p > 1)
         .expect("a group of several records");
     let t = common::Store { ..store };
-    let edited = verify_after(&t, &format!("UPDATE rows SET value = CAST(substr(value, 1, 60) || X'00' || substr(value, 62) AS BLOB) WHERE tbl='audit' AND key={}", key(group)));
+    let edited = verify_after(&t, &format!("UPDATE rows SET value = CAST(substr(value, 1, 60) || CASE WHEN substr(value, 61, 1) = X'00' THEN X'01' ELSE X'00' END || substr(value, 62) AS BLOB) WHERE tbl='audit' AND key={}", key(group)));
     let p = edited.problem.unwrap();
     assert_eq!(p.seq, prev + 1, "{p:?}");
     assert!(p.what.contains("changed"), "{p:?}");
