@@ -23,10 +23,18 @@ pub const GENESIS: [u8; 32] = [0u8; 32];
 
 /// `SHA-256(label || prev || record)`: each record's hash covers its predecessor's.
 pub fn chain_hash(prev: &[u8; 32], record: &[u8]) -> [u8; 32] {
+    chain_hash_parts(prev, &[record])
+}
+
+/// [`chain_hash`] of a record given in pieces (their concatenation), so that a caller can hash
+/// an encoding it assembles from parts without copying them together first.
+pub fn chain_hash_parts(prev: &[u8; 32], record: &[&[u8]]) -> [u8; 32] {
     let mut ctx = digest::Context::new(&digest::SHA256);
     ctx.update(RECORD_HASH_LABEL);
     ctx.update(prev);
-    ctx.update(record);
+    for part in record {
+        ctx.update(part);
+    }
     ctx.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 

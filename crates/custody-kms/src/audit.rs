@@ -193,15 +193,56 @@ pub(crate) struct TrailEnd {
     head: Option<u64>,
 }
 
-/// Receives every committed batch of records, in order, after it is durable (for a file sink).
-pub type AuditSink = Box<dyn Fn(&[AuditRecord]) + Send + Sync>;
+/// Receives every committed batch of records, in order, after it is durable (for a file sink):
+/// each record's JSON as stored (an [`AuditRecord`]), one per element.
+pub type AuditSink = Box<dyn Fn(&[Vec<u8>]) + Send + Sync>;
+
+/// An event waiting for its sequence number, encoded once, by the request's own thread: its
+/// JSON is both what the record's hash covers and (with the links spliced in front) what is
+/// stored, so the audit thread only hashes and copies bytes.
+pub(crate) struct PendingRecord {
+    /// `serde_json` of the event, context values already hidden.
+    json: Vec<u8>,
+    /// Action and outcome of an event flagged `alert` (for the counter and the log).
+    alert: Option<(String, Outcome)>,
+}
+
+impl PendingRecord {
+    fn new(event: &AuditEvent) -> Self {
+        Self {
+            json: serde_json::to_vec(event).expect("events serialize"),
+            alert: event.alert.then(|| (event.action.clone(), event.outcome)),
+        }
+    }
+}
+
+/// Appends the stored form of record `seq` (an [`AuditRecord`]: its links, then the event's
+/// fields) to `out` and returns its hash, which covers the canonical `Hashed` form. Both are
+/// assembled from the event's JSON without decoding it; they are byte for byte what serializing
+/// the structs gives (a test holds them to it), so readers and `verify` see no difference.
+fn encode_record(out: &mut Vec<u8>, seq: u64, written_at: Millis, prev: &[u8; 32], event: &[u8]) -> [u8; 32] {
+    debug_assert!(event.len() > 2 && event[0] == b'{', "an event is a non-empty JSON object");
+    let head = format!("{{\"seq\":{seq},\"written_at\":{written_at},");
+    let hash = crypto::chain_hash_parts(prev, &[head.as_bytes(), b"\"event\":", event, b"}"]);
+    let mut hex = [0u8; 64];
+    out.extend_from_slice(head.as_bytes());
+    out.extend_from_slice(b"\"prev_hash\":\"");
+    hex::encode_to_slice(prev, &mut hex).expect("64 hex digits");
+    out.extend_from_slice(&hex);
+    out.extend_from_slice(b"\",\"hash\":\"");
+    hex::encode_to_slice(hash, &mut hex).expect("64 hex digits");
+    out.extend_from_slice(&hex);
+    out.extend_from_slice(b"\",");
+    out.extend_from_slice(&event[1..]);
+    hash
+}
 
 #[derive(Default)]
 pub(crate) struct Sequencer {
     sink: std::sync::OnceLock<AuditSink>,
     state: Mutex<Option<TrailEnd>>,
     /// Records waiting for the next group commit, each with how to tell its request the result.
-    queue: Mutex<Vec<(AuditEvent, Completion)>>,
+    queue: Mutex<Vec<(PendingRecord, Completion)>>,
     /// Wakes the audit thread (under `queue`).
     work: std::sync::Condvar,
     /// The audit thread, started by the first [`Kms::submit_audit`].
@@ -443,8 +484,10 @@ impl Kms {
         done: Completion,
     ) -> bool {
         event.encryption_context = hidden_context(u, context);
+        let pending = PendingRecord::new(&event);
+        drop(event);
         let mut queue = self.audit_seq.queue.lock().unwrap_or_else(|p| p.into_inner());
-        queue.push((event, done));
+        queue.push((pending, done));
         // Whether the audit thread waits for work and must be woken.
         self.audit_seq.idle.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -541,8 +584,9 @@ impl Kms {
             }
         };
         let event = AuditEvent { encryption_context: hidden_context(u, context.as_ref()), ..event };
+        let pending = PendingRecord::new(&event);
         let mut state = self.audit_seq.state.lock().unwrap_or_else(|p| p.into_inner());
-        let result = self.append_records(u, &mut state, vec![event], writes);
+        let result = self.append_records(u, &mut state, vec![pending], writes);
         drop(state);
         let failing = matches!(result, Err(KmsError::Internal(_)));
         self.audit_seq.failing.store(failing, std::sync::atomic::Ordering::Relaxed);
@@ -559,7 +603,7 @@ impl Kms {
         &self,
         u: &Unsealed,
         state: &mut Option<TrailEnd>,
-        events: Vec<AuditEvent>,
+        events: Vec<PendingRecord>,
         state_writes: Vec<Write>,
     ) -> Result<Vec<u64>, KmsError> {
         // Several nodes append to one trail: a node that loses the race for a sequence number
@@ -590,26 +634,28 @@ impl Kms {
                 expect: end.head.map_or(Expect::Absent, Expect::Rev),
             });
             let mut seqs = Vec::with_capacity(events.len());
-            let mut records = Vec::with_capacity(events.len());
-            // One sealed row holds the group's records, keyed by its last one; a row also ends at
-            // every checkpoint, so that each checkpoint is a row boundary (retention deletes
-            // whole rows).
-            let mut row_start = 0;
+            // Each record's JSON, for the sink (if there is one).
+            let sink = self.audit_seq.sink.get();
+            let mut records = Vec::with_capacity(if sink.is_some() { events.len() } else { 0 });
+            // One sealed row holds the group's records (a JSON array), keyed by its last one; a
+            // row also ends at every checkpoint, so that each checkpoint is a row boundary
+            // (retention deletes whole rows).
+            let mut row = zeroize::Zeroizing::new(Vec::new());
+            let written_at = now_ms();
             for (i, event) in events.iter().enumerate() {
                 let seq = first + i as u64;
-                let written_at = now_ms();
-                let hash = record_hash(&prev, seq, written_at, event);
-                records.push(AuditRecord {
-                    seq,
-                    written_at,
-                    prev_hash: hex::encode(prev),
-                    hash: hex::encode(hash),
-                    event: event.clone(),
-                });
+                let sep = if row.is_empty() { b'[' } else { b',' };
+                row.push(sep);
+                let start = row.len();
+                let hash = encode_record(&mut row, seq, written_at, &prev, &event.json);
+                if sink.is_some() {
+                    records.push(row[start..].to_vec());
+                }
                 let checkpoint = seq.is_multiple_of(self.config.audit_checkpoint_every.max(1));
                 if checkpoint || i + 1 == events.len() {
-                    writes.push(u.barrier.put(Table::Audit, &row_key(seq), &records[row_start..], Expect::Absent));
-                    row_start = records.len();
+                    row.push(b']');
+                    writes.push(u.barrier.put_plain(Table::Audit, &row_key(seq), &row, Expect::Absent));
+                    row.clear();
                 }
                 if checkpoint {
                     writes.push(self.checkpoint_write(u, seq, &hash)?);
@@ -622,12 +668,12 @@ impl Kms {
                 Ok(()) => {
                     let head = Some(end.head.map_or(1, |r| r + 1));
                     *state = Some(TrailEnd { next: first + events.len() as u64, hash: prev, head });
-                    if let Some(sink) = self.audit_seq.sink.get() {
+                    if let Some(sink) = sink {
                         sink(&records);
                     }
-                    for event in events.iter().filter(|e| e.alert) {
+                    for (action, outcome) in events.iter().filter_map(|e| e.alert.as_ref()) {
                         self.audit_seq.alerts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!(action = %event.action, outcome = ?event.outcome, "audit alert");
+                        tracing::warn!(%action, ?outcome, "audit alert");
                     }
                     return Ok(seqs);
                 }
@@ -1002,4 +1048,57 @@ pub fn verify_trail(
     }
     let first = problems.into_iter().min_by_key(|p| p.seq);
     AuditVerification { records: count, checkpoints: checked_cps, first_seq, last_seq, problem: first }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(tricky: &str, context: Option<BTreeMap<String, String>>, alert: bool) -> AuditEvent {
+        AuditEvent {
+            time: 1_764_000_000_123,
+            request_id: "6f1c1b3e-9d1a-4c55-8f0e-2a7f0a9c1d10".into(),
+            node: format!("node-{tricky}"),
+            source: "127.0.0.1:50412".into(),
+            tls_identity: Some("spiffe://custody/111122223333/app".into()),
+            principal: alert.then(|| "arn:aws:iam::111122223333:role/app".into()),
+            access_key_id: None,
+            action: "TrentService.Encrypt".into(),
+            key_id: Some(tricky.into()),
+            encryption_context: context,
+            outcome: if alert { Outcome::Denied } else { Outcome::Success },
+            error_code: alert.then(|| "AccessDeniedException".into()),
+            detail: None,
+            duration_ms: 3,
+            alert,
+        }
+    }
+
+    /// The stored form and the hash assembled from the event's JSON are exactly what
+    /// serializing `AuditRecord` and `Hashed` gives, for events with escapes, non-ASCII text,
+    /// contexts and every optional field present or absent.
+    #[test]
+    fn a_record_encoded_from_its_event_json_is_the_serialized_record() {
+        let context: BTreeMap<String, String> =
+            [("dept\"x".to_string(), "hmac-sha256:00ff".to_string()), ("é\n".to_string(), "t".to_string())].into();
+        let prev = [0xa5; 32];
+        for e in [
+            event("plain", None, false),
+            event("quote\" back\\slash \u{1} tab\t é ☃", Some(context.clone()), true),
+            event("", Some(BTreeMap::new()), false),
+        ] {
+            let mut stored = Vec::new();
+            let hash = encode_record(&mut stored, 42, 1_764_000_000_999, &prev, &PendingRecord::new(&e).json);
+            assert_eq!(hash, record_hash(&prev, 42, 1_764_000_000_999, &e));
+            let record = AuditRecord {
+                seq: 42,
+                written_at: 1_764_000_000_999,
+                prev_hash: hex::encode(prev),
+                hash: hex::encode(hash),
+                event: e.clone(),
+            };
+            assert_eq!(String::from_utf8(stored.clone()).unwrap(), serde_json::to_string(&record).unwrap());
+            assert_eq!(serde_json::from_slice::<AuditRecord>(&stored).unwrap(), record);
+        }
+    }
 }

@@ -8,8 +8,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use custody_kms::AuditRecord;
-
 /// Rotated files kept besides the current one.
 const KEEP: u32 = 5;
 
@@ -29,12 +27,13 @@ impl AuditFile {
         Ok(Self { path: path.to_path_buf(), max_bytes, inner: Mutex::new((file, size)) })
     }
 
-    /// Appends records, rotating first if the file is full.
-    pub fn write(&self, records: &[AuditRecord]) {
+    /// Appends records (each one's JSON, as the trail stores it), rotating first if the file is
+    /// full.
+    pub fn write(&self, records: &[Vec<u8>]) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut buf = Vec::new();
+        let mut buf = Vec::with_capacity(records.iter().map(|r| r.len() + 1).sum());
         for r in records {
-            serde_json::to_writer(&mut buf, r).expect("records serialize");
+            buf.extend_from_slice(r);
             buf.push(b'\n');
         }
         if inner.1 > 0 && inner.1 + buf.len() as u64 > self.max_bytes {
@@ -67,6 +66,8 @@ fn open(path: &Path) -> std::io::Result<File> {
 
 #[cfg(test)]
 mod tests {
+    use custody_kms::AuditRecord;
+
     use super::*;
 
     fn record(seq: u64) -> AuditRecord {
@@ -101,7 +102,7 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         let sink = AuditFile::open(&path, 2000).unwrap();
         for seq in 1..=40 {
-            sink.write(&[record(seq)]);
+            sink.write(&[serde_json::to_vec(&record(seq)).unwrap()]);
         }
         let current = std::fs::read_to_string(&path).unwrap();
         assert!(current.lines().all(|l| serde_json::from_str::<AuditRecord>(l).is_ok()));
