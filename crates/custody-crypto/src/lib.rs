@@ -16,6 +16,7 @@
 pub mod audit;
 pub mod blob;
 pub mod context;
+pub mod esdk;
 pub mod keys;
 pub mod mac;
 pub mod pki;

@@ -1,0 +1,878 @@
+//! The AWS Encryption SDK message format, version 2 (the committing algorithm suites), so that
+//! files custody encrypts open with the AWS Encryption SDKs and the other way round.
+//!
+//! Public specification: awslabs/aws-encryption-sdk-specification, `data-format/` and
+//! `framework/algorithm-suites.md`. A message is a header (suite, a 256-bit message id, the
+//! encryption context, the encrypted data keys, the frame length, the key commitment and an
+//! authentication tag), a framed body, and for the signed suite a footer with an ECDSA P-384
+//! signature over everything before it.
+//!
+//! - Two suites: [`Suite::Committed`] (0x0478: AES-256-GCM, HKDF-SHA512, key commitment) and
+//!   [`Suite::CommittedSigned`] (0x0578: the same plus ECDSA P-384). Both encrypt and decrypt;
+//!   message format version 1, the non-committing suites and non-framed bodies are refused with
+//!   an error that says so.
+//! - Strict parsing: every length is checked against [`DecryptLimits`] before anything is
+//!   allocated for it; the commitment is compared in constant time before the header tag is
+//!   checked; frame sequence numbers and IVs must be exactly what the format prescribes; bytes
+//!   after the end of the message are an error.
+//! - Streaming with bounded memory: [`encrypt`] and [`decrypt`] read and write one frame at a
+//!   time (a frame is at most [`DecryptLimits::max_frame_length`] bytes).
+//!
+//! Data keys come from a [`Keyring`]; [`RawAesKeyring`] is the SDKs' raw AES keyring (so messages
+//! interoperate with a shared 256-bit wrapping key), and [`MultiKeyring`] combines keyrings.
+//!
+//! Caution: a decrypting stream releases a frame's plaintext once that frame's tag checks, before
+//! the signature of a signed message (at its end) is verified; a caller that must not act on
+//! unverified plaintext keeps the output aside until [`decrypt`] returns `Ok` (the CLI writes to
+//! a temporary file and renames it only then).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{self, Read, Write};
+
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use aws_lc_rs::digest;
+use aws_lc_rs::hkdf;
+use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, UnparsedPublicKey};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use zeroize::Zeroizing;
+
+/// An encryption context as the message carries it: UTF-8 keys and values, sorted by key bytes.
+pub type EncryptionContext = BTreeMap<String, String>;
+
+/// The encryption-context key under which a signed message carries its verification key.
+pub const PUBLIC_KEY_CONTEXT_KEY: &str = "aws-crypto-public-key";
+
+/// Default frame length: 64 KiB of plaintext per frame.
+pub const DEFAULT_FRAME_LENGTH: u32 = 64 * 1024;
+
+const VERSION_2: u8 = 0x02;
+const CONTENT_TYPE_FRAMED: u8 = 0x02;
+const MESSAGE_ID_LEN: usize = 32;
+const COMMITMENT_LEN: usize = 32;
+const IV_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+const FINAL_FRAME_MARKER: u32 = 0xFFFF_FFFF;
+const FRAME_AAD: &[u8] = b"AWSKMSEncryptionClient Frame";
+const FINAL_FRAME_AAD: &[u8] = b"AWSKMSEncryptionClient Final Frame";
+
+/// An algorithm suite of message format version 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Suite {
+    /// 0x0478: AES-256-GCM, HKDF-SHA512 key derivation, key commitment. The SDKs' default.
+    Committed,
+    /// 0x0578: as [`Suite::Committed`], and an ECDSA P-384 (SHA-384) signature over the message.
+    CommittedSigned,
+}
+
+impl Suite {
+    /// The suite's identifier in the header.
+    pub fn id(self) -> u16 {
+        match self {
+            Suite::Committed => 0x0478,
+            Suite::CommittedSigned => 0x0578,
+        }
+    }
+
+    /// The suite with identifier `id`, if custody supports it.
+    pub fn from_id(id: u16) -> Result<Self, EsdkError> {
+        match id {
+            0x0478 => Ok(Suite::Committed),
+            0x0578 => Ok(Suite::CommittedSigned),
+            other => Err(EsdkError::Unsupported(format!(
+                "algorithm suite 0x{other:04x}; custody reads and writes the committing suites 0x0478 and 0x0578 only"
+            ))),
+        }
+    }
+
+    /// Whether messages of this suite end with a signature.
+    pub fn is_signed(self) -> bool {
+        self == Suite::CommittedSigned
+    }
+}
+
+/// Why a message could not be made or read. The classes are stable; the texts say what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EsdkError {
+    /// The bytes are not a well-formed message (truncated, a length out of bounds, trailing bytes).
+    #[error("not a valid encrypted message: {0}")]
+    Malformed(String),
+    /// A well-formed message custody does not read (format version 1, another suite, unframed).
+    #[error("unsupported message: {0}")]
+    Unsupported(String),
+    /// A check of authenticity failed: key commitment, header or frame tag, or signature. The
+    /// message was changed, or belongs with another key.
+    #[error("the message failed its integrity check ({0}); it was modified or is not what was expected")]
+    Integrity(&'static str),
+    /// No keyring could decrypt any of the message's data keys.
+    #[error("no keyring could decrypt a data key of this message (its keys: {0})")]
+    NoDataKey(String),
+    /// A keyring failed (the KMS could not be reached, refused the call...).
+    #[error("keyring: {0}")]
+    Keyring(String),
+    /// The caller's input was refused (context with a reserved key, a frame length of 0...).
+    #[error("{0}")]
+    Invalid(String),
+    /// Reading the input or writing the output failed.
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A plaintext data key (32 bytes): zeroized on drop, never printed.
+pub struct DataKey(Zeroizing<[u8; 32]>);
+
+impl DataKey {
+    /// A fresh random data key.
+    pub fn generate() -> Self {
+        let mut k = Zeroizing::new([0u8; 32]);
+        crate::random::fill(&mut k[..]);
+        Self(k)
+    }
+
+    /// From 32 bytes (from a keyring that unwrapped it). Other lengths are refused.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let mut k = Zeroizing::new([0u8; 32]);
+        if bytes.len() != 32 {
+            return None;
+        }
+        k.copy_from_slice(bytes);
+        Some(Self(k))
+    }
+
+    /// The key bytes, for a keyring to wrap.
+    pub fn expose_secret(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DataKey(..)")
+    }
+}
+
+/// A data key encrypted by one wrapping key, as the header stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncryptedDataKey {
+    /// Who can decrypt it: `aws-kms` for a KMS key, or the raw keyring's provider id.
+    pub provider_id: String,
+    /// Which key: the KMS key ARN, or the raw keyring's key name and IV.
+    pub provider_info: Vec<u8>,
+    /// The wrapped data key.
+    pub ciphertext: Vec<u8>,
+}
+
+/// What an encryption needs from its keyrings: a data key, and that key wrapped by each
+/// wrapping key. A keyring generates the data key if none is there yet, and adds its wrapping.
+#[derive(Debug)]
+pub struct EncryptionMaterials {
+    /// The suite of the message.
+    pub suite: Suite,
+    /// The encryption context (with the signing suite's public key already in it).
+    pub context: EncryptionContext,
+    /// The plaintext data key, once generated.
+    pub data_key: Option<DataKey>,
+    /// The data key wrapped by each wrapping key so far.
+    pub encrypted_data_keys: Vec<EncryptedDataKey>,
+}
+
+/// Wraps and unwraps data keys (the SDKs' keyring interface).
+pub trait Keyring: Send + Sync {
+    /// Generates the data key if `materials` has none, and appends its wrapping of it.
+    fn on_encrypt(&self, materials: &mut EncryptionMaterials) -> Result<(), EsdkError>;
+
+    /// Decrypts one of `keys` it can, or returns `Ok(None)` when none of them is for it.
+    /// Errors are for failures worth reporting (a key of its own that does not open).
+    fn on_decrypt(
+        &self,
+        suite: Suite,
+        context: &EncryptionContext,
+        keys: &[EncryptedDataKey],
+    ) -> Result<Option<DataKey>, EsdkError>;
+}
+
+/// The SDKs' raw AES keyring: data keys wrapped with AES-256-GCM under a 256-bit key the user
+/// holds, named by a provider id and a key name (both recorded in the message). The wrapping's
+/// associated data is the serialized encryption context, so a changed context fails to unwrap.
+pub struct RawAesKeyring {
+    provider_id: String,
+    key_name: String,
+    key: LessSafeKey,
+}
+
+impl fmt::Debug for RawAesKeyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawAesKeyring")
+            .field("provider_id", &self.provider_id)
+            .field("key_name", &self.key_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawAesKeyring {
+    /// A keyring for `key` (32 bytes), recorded as `provider_id` / `key_name`.
+    pub fn new(provider_id: &str, key_name: &str, key: &[u8]) -> Result<Self, EsdkError> {
+        if provider_id.is_empty() || key_name.is_empty() {
+            return Err(EsdkError::Invalid("a raw AES keyring needs a provider id and a key name".into()));
+        }
+        if provider_id == "aws-kms" || provider_id.starts_with("aws-kms") {
+            return Err(EsdkError::Invalid("the provider id \"aws-kms\" is reserved for KMS keys".into()));
+        }
+        if key.len() != 32 {
+            return Err(EsdkError::Invalid(format!(
+                "a raw AES wrapping key is 32 bytes (AES-256); this one is {} bytes",
+                key.len()
+            )));
+        }
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("32-byte AES-256 key"));
+        Ok(Self { provider_id: provider_id.into(), key_name: key_name.into(), key })
+    }
+
+    /// Provider info: key name, tag length in bits (u32), IV length in bytes (u32), IV.
+    fn provider_info(&self, iv: &[u8; IV_LEN]) -> Vec<u8> {
+        let mut info = Vec::with_capacity(self.key_name.len() + 8 + IV_LEN);
+        info.extend_from_slice(self.key_name.as_bytes());
+        info.extend_from_slice(&((TAG_LEN * 8) as u32).to_be_bytes());
+        info.extend_from_slice(&(IV_LEN as u32).to_be_bytes());
+        info.extend_from_slice(iv);
+        info
+    }
+
+    /// The IV of an encrypted data key of this keyring, if its provider info is one of ours.
+    fn iv_of(&self, edk: &EncryptedDataKey) -> Option<[u8; IV_LEN]> {
+        if edk.provider_id != self.provider_id {
+            return None;
+        }
+        let rest = edk.provider_info.strip_prefix(self.key_name.as_bytes())?;
+        if rest.len() != 8 + IV_LEN
+            || rest[..4] != ((TAG_LEN * 8) as u32).to_be_bytes()
+            || rest[4..8] != (IV_LEN as u32).to_be_bytes()
+        {
+            return None;
+        }
+        rest[8..].try_into().ok()
+    }
+}
+
+impl Keyring for RawAesKeyring {
+    fn on_encrypt(&self, materials: &mut EncryptionMaterials) -> Result<(), EsdkError> {
+        let data_key = materials.data_key.get_or_insert_with(DataKey::generate);
+        let iv: [u8; IV_LEN] = crate::random::array();
+        let mut wrapped = data_key.expose_secret().to_vec();
+        let aad = serialize_pairs(&materials.context)?;
+        self.key
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(iv), Aad::from(&aad), &mut wrapped)
+            .expect("AES-GCM sealing of 32 bytes cannot fail");
+        materials.encrypted_data_keys.push(EncryptedDataKey {
+            provider_id: self.provider_id.clone(),
+            provider_info: self.provider_info(&iv),
+            ciphertext: wrapped,
+        });
+        Ok(())
+    }
+
+    fn on_decrypt(
+        &self,
+        _suite: Suite,
+        context: &EncryptionContext,
+        keys: &[EncryptedDataKey],
+    ) -> Result<Option<DataKey>, EsdkError> {
+        let aad = serialize_pairs(context)?;
+        for edk in keys {
+            let Some(iv) = self.iv_of(edk) else { continue };
+            let mut buf = Zeroizing::new(edk.ciphertext.clone());
+            if let Ok(plain) = self.key.open_in_place(Nonce::assume_unique_for_key(iv), Aad::from(&aad), &mut buf[..]) {
+                if let Some(key) = DataKey::from_slice(plain) {
+                    return Ok(Some(key));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Several keyrings as one: on encryption the first (the generator) makes the data key and every
+/// keyring wraps it; on decryption the first that can unwrap a key wins.
+pub struct MultiKeyring {
+    keyrings: Vec<Box<dyn Keyring>>,
+}
+
+impl fmt::Debug for MultiKeyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MultiKeyring").field("keyrings", &self.keyrings.len()).finish()
+    }
+}
+
+impl MultiKeyring {
+    /// The keyrings, the generator first. At least one.
+    pub fn new(keyrings: Vec<Box<dyn Keyring>>) -> Result<Self, EsdkError> {
+        if keyrings.is_empty() {
+            return Err(EsdkError::Invalid("a multi-keyring needs at least one keyring".into()));
+        }
+        Ok(Self { keyrings })
+    }
+}
+
+impl Keyring for MultiKeyring {
+    fn on_encrypt(&self, materials: &mut EncryptionMaterials) -> Result<(), EsdkError> {
+        for k in &self.keyrings {
+            k.on_encrypt(materials)?;
+        }
+        Ok(())
+    }
+
+    fn on_decrypt(
+        &self,
+        suite: Suite,
+        context: &EncryptionContext,
+        keys: &[EncryptedDataKey],
+    ) -> Result<Option<DataKey>, EsdkError> {
+        let mut first_error = None;
+        for k in &self.keyrings {
+            match k.on_decrypt(suite, context, keys) {
+                Ok(Some(key)) => return Ok(Some(key)),
+                Ok(None) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Bounds applied while reading a message, before anything is allocated for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecryptLimits {
+    /// Most encrypted data keys a header may hold (the SDKs' `max_encrypted_data_keys`).
+    pub max_encrypted_data_keys: u16,
+    /// Largest frame length accepted, in bytes (memory used per frame).
+    pub max_frame_length: u32,
+}
+
+impl Default for DecryptLimits {
+    fn default() -> Self {
+        Self { max_encrypted_data_keys: 16, max_frame_length: 16 * 1024 * 1024 }
+    }
+}
+
+/// How to encrypt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncryptOptions {
+    /// The algorithm suite.
+    pub suite: Suite,
+    /// Plaintext bytes per frame (1 to 2^32 - 1; default [`DEFAULT_FRAME_LENGTH`]).
+    pub frame_length: u32,
+}
+
+impl Default for EncryptOptions {
+    fn default() -> Self {
+        Self { suite: Suite::Committed, frame_length: DEFAULT_FRAME_LENGTH }
+    }
+}
+
+/// What a decrypted message said about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageInfo {
+    /// Its suite.
+    pub suite: Suite,
+    /// Its message id.
+    pub message_id: [u8; MESSAGE_ID_LEN],
+    /// Its encryption context (for a signed message, including the public key).
+    pub context: EncryptionContext,
+    /// Its encrypted data keys.
+    pub encrypted_data_keys: Vec<EncryptedDataKey>,
+    /// Its frame length.
+    pub frame_length: u32,
+    /// Plaintext bytes.
+    pub plaintext_len: u64,
+}
+
+/// The serialized encryption context (pair count, then each key and value with a u16 length):
+/// the header's key-value pairs, and the raw AES keyring's associated data. Empty for an empty
+/// context.
+pub fn serialize_pairs(context: &EncryptionContext) -> Result<Vec<u8>, EsdkError> {
+    if context.is_empty() {
+        return Ok(Vec::new());
+    }
+    let too_large = || EsdkError::Invalid("the encryption context does not fit a message header (64 KiB)".into());
+    let mut out = Vec::new();
+    out.extend_from_slice(&u16::try_from(context.len()).map_err(|_| too_large())?.to_be_bytes());
+    for (k, v) in context {
+        for field in [k.as_bytes(), v.as_bytes()] {
+            out.extend_from_slice(&u16::try_from(field.len()).map_err(|_| too_large())?.to_be_bytes());
+            out.extend_from_slice(field);
+        }
+    }
+    if out.len() > usize::from(u16::MAX) {
+        return Err(too_large());
+    }
+    Ok(out)
+}
+
+/// The message's derived keys: the frame key (AES-256-GCM) and the commitment.
+struct MessageKeys {
+    key: LessSafeKey,
+    commitment: Zeroizing<[u8; COMMITMENT_LEN]>,
+}
+
+struct Len(usize);
+impl hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+fn derive_keys(suite: Suite, data_key: &DataKey, message_id: &[u8; MESSAGE_ID_LEN]) -> MessageKeys {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA512, message_id).extract(data_key.expose_secret());
+    let expand = |info: &[&[u8]], out: &mut [u8]| {
+        prk.expand(info, Len(out.len()))
+            .and_then(|okm| okm.fill(out))
+            .expect("32 bytes is within HKDF-SHA512's output limit")
+    };
+    let mut key = Zeroizing::new([0u8; 32]);
+    expand(&[&suite.id().to_be_bytes(), b"DERIVEKEY"], &mut key[..]);
+    let mut commitment = Zeroizing::new([0u8; COMMITMENT_LEN]);
+    expand(&[b"COMMITKEY"], &mut commitment[..]);
+    MessageKeys { key: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key[..]).expect("32-byte key")), commitment }
+}
+
+fn frame_iv(seq: u32) -> [u8; IV_LEN] {
+    let mut iv = [0u8; IV_LEN];
+    iv[IV_LEN - 4..].copy_from_slice(&seq.to_be_bytes());
+    iv
+}
+
+fn body_aad(message_id: &[u8; MESSAGE_ID_LEN], final_frame: bool, seq: u32, len: u64) -> Vec<u8> {
+    let content = if final_frame { FINAL_FRAME_AAD } else { FRAME_AAD };
+    let mut aad = Vec::with_capacity(MESSAGE_ID_LEN + content.len() + 12);
+    aad.extend_from_slice(message_id);
+    aad.extend_from_slice(content);
+    aad.extend_from_slice(&seq.to_be_bytes());
+    aad.extend_from_slice(&len.to_be_bytes());
+    aad
+}
+
+/// Writes everything it is given, and feeds the signature digest (signed suite).
+struct Out<'a, W: Write> {
+    w: &'a mut W,
+    digest: Option<digest::Context>,
+}
+
+impl<W: Write> Out<'_, W> {
+    fn put(&mut self, bytes: &[u8]) -> Result<(), EsdkError> {
+        if let Some(d) = &mut self.digest {
+            d.update(bytes);
+        }
+        self.w.write_all(bytes)?;
+        Ok(())
+    }
+}
+
+/// Encrypts everything `input` yields into one message written to `output`, with a data key from
+/// `keyring`, bound to `context`. Returns the number of plaintext bytes.
+pub fn encrypt<R: Read, W: Write>(
+    keyring: &dyn Keyring,
+    context: &EncryptionContext,
+    options: EncryptOptions,
+    input: &mut R,
+    output: &mut W,
+) -> Result<u64, EsdkError> {
+    let suite = options.suite;
+    if options.frame_length == 0 {
+        return Err(EsdkError::Invalid("the frame length must be at least 1 byte".into()));
+    }
+    if context.contains_key(PUBLIC_KEY_CONTEXT_KEY) {
+        return Err(EsdkError::Invalid(format!(
+            "the encryption context key {PUBLIC_KEY_CONTEXT_KEY:?} is reserved for the signing suite's public key"
+        )));
+    }
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let mut context = context.clone();
+    let signer = if suite.is_signed() {
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P384_SHA384_ASN1_SIGNING, &rng)
+            .map_err(|_| EsdkError::Keyring("cannot generate the message's signing key".into()))?;
+        let pair = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P384_SHA384_ASN1_SIGNING, pkcs8.as_ref())
+            .expect("a generated key parses");
+        let compressed: aws_lc_rs::encoding::EcPublicKeyCompressedBin<'_> =
+            aws_lc_rs::encoding::AsBigEndian::as_be_bytes(pair.public_key())
+                .map_err(|_| EsdkError::Keyring("cannot encode the message's public key".into()))?;
+        context.insert(PUBLIC_KEY_CONTEXT_KEY.into(), STANDARD.encode(compressed.as_ref()));
+        Some(pair)
+    } else {
+        None
+    };
+    let mut materials = EncryptionMaterials { suite, context, data_key: None, encrypted_data_keys: Vec::new() };
+    keyring.on_encrypt(&mut materials)?;
+    let EncryptionMaterials { context, data_key, encrypted_data_keys, .. } = materials;
+    let data_key = data_key.ok_or_else(|| EsdkError::Keyring("the keyring produced no data key".into()))?;
+    if encrypted_data_keys.is_empty() {
+        return Err(EsdkError::Keyring("the keyring wrapped the data key under no key".into()));
+    }
+    let message_id: [u8; MESSAGE_ID_LEN] = crate::random::array();
+    let keys = derive_keys(suite, &data_key, &message_id);
+
+    // Header body.
+    let mut header = Vec::with_capacity(256);
+    header.push(VERSION_2);
+    header.extend_from_slice(&suite.id().to_be_bytes());
+    header.extend_from_slice(&message_id);
+    let pairs = serialize_pairs(&context)?;
+    header.extend_from_slice(&(pairs.len() as u16).to_be_bytes());
+    header.extend_from_slice(&pairs);
+    let count = u16::try_from(encrypted_data_keys.len())
+        .map_err(|_| EsdkError::Invalid("more than 65535 encrypted data keys".into()))?;
+    header.extend_from_slice(&count.to_be_bytes());
+    for edk in &encrypted_data_keys {
+        for field in [edk.provider_id.as_bytes(), &edk.provider_info, &edk.ciphertext] {
+            let len = u16::try_from(field.len())
+                .map_err(|_| EsdkError::Invalid("an encrypted data key field is larger than 64 KiB".into()))?;
+            header.extend_from_slice(&len.to_be_bytes());
+            header.extend_from_slice(field);
+        }
+    }
+    header.push(CONTENT_TYPE_FRAMED);
+    header.extend_from_slice(&options.frame_length.to_be_bytes());
+    header.extend_from_slice(&keys.commitment[..]);
+    let tag = keys
+        .key
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0u8; IV_LEN]), Aad::from(&header), &mut [])
+        .expect("sealing an empty plaintext cannot fail");
+
+    let mut out = Out { w: output, digest: signer.as_ref().map(|_| digest::Context::new(&digest::SHA384)) };
+    out.put(&header)?;
+    out.put(tag.as_ref())?;
+
+    // Body: full frames while the input has more than a frame left, then the final frame.
+    let frame_len = options.frame_length as usize;
+    let mut buf = Zeroizing::new(vec![0u8; frame_len]);
+    let mut next = Zeroizing::new(vec![0u8; frame_len]);
+    let mut filled = read_full(input, &mut buf)?;
+    let mut seq: u32 = 1;
+    let mut total = filled as u64;
+    loop {
+        let next_filled = if filled == frame_len { read_full(input, &mut next)? } else { 0 };
+        let last = next_filled == 0;
+        if last {
+            let aad = body_aad(&message_id, true, seq, filled as u64);
+            let tag = keys
+                .key
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(frame_iv(seq)),
+                    Aad::from(&aad),
+                    &mut buf[..filled],
+                )
+                .expect("frames are far below AES-GCM's limit");
+            out.put(&FINAL_FRAME_MARKER.to_be_bytes())?;
+            out.put(&seq.to_be_bytes())?;
+            out.put(&frame_iv(seq))?;
+            out.put(&(filled as u32).to_be_bytes())?;
+            out.put(&buf[..filled])?;
+            out.put(tag.as_ref())?;
+            break;
+        }
+        let aad = body_aad(&message_id, false, seq, frame_len as u64);
+        let tag = keys
+            .key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(frame_iv(seq)), Aad::from(&aad), &mut buf[..])
+            .expect("frames are far below AES-GCM's limit");
+        out.put(&seq.to_be_bytes())?;
+        out.put(&frame_iv(seq))?;
+        out.put(&buf[..])?;
+        out.put(tag.as_ref())?;
+        seq = seq.checked_add(1).filter(|s| *s != FINAL_FRAME_MARKER).ok_or_else(|| {
+            EsdkError::Invalid("the input needs more frames than a message holds; use a larger frame length".into())
+        })?;
+        std::mem::swap(&mut buf, &mut next);
+        filled = next_filled;
+        total += filled as u64;
+    }
+    if let (Some(pair), Some(d)) = (signer, out.digest.take()) {
+        let sig = pair.sign_digest(&d.finish()).map_err(|_| EsdkError::Keyring("signing the message failed".into()))?;
+        let sig = sig.as_ref();
+        out.put(&(sig.len() as u16).to_be_bytes())?;
+        out.put(sig)?;
+    }
+    out.w.flush()?;
+    Ok(total)
+}
+
+/// Reads until `buf` is full or the input ends; returns how many bytes were read.
+fn read_full<R: Read>(input: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Reads the message, keeping what it read for the header tag and the signature.
+struct In<'a, R: Read> {
+    r: &'a mut R,
+    /// Bytes of the header body so far (while reading the header).
+    header: Option<Vec<u8>>,
+    digest: Option<digest::Context>,
+}
+
+impl<R: Read> In<'_, R> {
+    fn exact(&mut self, buf: &mut [u8], what: &str) -> Result<(), EsdkError> {
+        if read_full(self.r, buf)? != buf.len() {
+            return Err(EsdkError::Malformed(format!("the message ends inside {what}")));
+        }
+        if let Some(h) = &mut self.header {
+            h.extend_from_slice(buf);
+        }
+        if let Some(d) = &mut self.digest {
+            d.update(buf);
+        }
+        Ok(())
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], EsdkError> {
+        let mut b = [0u8; N];
+        self.exact(&mut b, what)?;
+        Ok(b)
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8, EsdkError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    fn u16(&mut self, what: &str) -> Result<u16, EsdkError> {
+        Ok(u16::from_be_bytes(self.array(what)?))
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, EsdkError> {
+        Ok(u32::from_be_bytes(self.array(what)?))
+    }
+
+    /// A field of `len` bytes; `len` is at most 64 KiB (a u16 length) or a bounded frame.
+    fn vec(&mut self, len: usize, what: &str) -> Result<Vec<u8>, EsdkError> {
+        let mut v = vec![0u8; len];
+        self.exact(&mut v, what)?;
+        Ok(v)
+    }
+}
+
+/// Parses the key-value pairs of a header's AAD (exactly `bytes`).
+fn parse_pairs(bytes: &[u8]) -> Result<EncryptionContext, EsdkError> {
+    let bad = |why: &str| EsdkError::Malformed(format!("encryption context: {why}"));
+    let mut context = EncryptionContext::new();
+    if bytes.is_empty() {
+        return Ok(context);
+    }
+    let mut rest = bytes;
+    let mut take = |n: usize| -> Result<&[u8], EsdkError> {
+        if rest.len() < n {
+            return Err(bad("a length runs past its end"));
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Ok(head)
+    };
+    let count = u16::from_be_bytes(take(2)?.try_into().expect("2 bytes"));
+    if count == 0 {
+        return Err(bad("a non-empty context field with zero pairs"));
+    }
+    let mut previous: Option<String> = None;
+    for _ in 0..count {
+        let mut field = || -> Result<String, EsdkError> {
+            let len = u16::from_be_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+            String::from_utf8(take(len)?.to_vec()).map_err(|_| bad("a key or value is not UTF-8"))
+        };
+        let (k, v) = (field()?, field()?);
+        if previous.as_ref().is_some_and(|p| p.as_bytes() >= k.as_bytes()) {
+            return Err(bad("keys are not sorted, or a key repeats"));
+        }
+        previous = Some(k.clone());
+        context.insert(k, v);
+    }
+    if !rest.is_empty() {
+        return Err(bad("bytes after the last pair"));
+    }
+    Ok(context)
+}
+
+/// Decrypts one message from `input` to `output` with a data key from `keyring`. Every frame is
+/// authenticated before its plaintext is written; the signature (signed suite) is verified at the
+/// end, and any byte after the message is an error. See the module's caution on streaming.
+pub fn decrypt<R: Read, W: Write>(
+    keyring: &dyn Keyring,
+    limits: DecryptLimits,
+    input: &mut R,
+    output: &mut W,
+) -> Result<MessageInfo, EsdkError> {
+    let mut r = In { r: input, header: Some(Vec::with_capacity(512)), digest: None };
+    let version = r.u8("the version")?;
+    match version {
+        VERSION_2 => {}
+        0x01 => {
+            return Err(EsdkError::Unsupported(
+                "message format version 1 (non-committing suites); custody reads version 2 only".into(),
+            ))
+        }
+        v => return Err(EsdkError::Malformed(format!("unknown message format version 0x{v:02x}"))),
+    }
+    let suite = Suite::from_id(r.u16("the algorithm suite")?)?;
+    if suite.is_signed() {
+        let mut d = digest::Context::new(&digest::SHA384);
+        d.update(&[version]);
+        d.update(&suite.id().to_be_bytes());
+        r.digest = Some(d);
+    }
+    let message_id: [u8; MESSAGE_ID_LEN] = r.array("the message id")?;
+    let aad_len = r.u16("the encryption context length")? as usize;
+    let context = parse_pairs(&r.vec(aad_len, "the encryption context")?)?;
+    let count = r.u16("the encrypted data key count")?;
+    if count == 0 {
+        return Err(EsdkError::Malformed("the header holds no encrypted data key".into()));
+    }
+    if count > limits.max_encrypted_data_keys {
+        return Err(EsdkError::Malformed(format!(
+            "the header holds {count} encrypted data keys; the limit is {}",
+            limits.max_encrypted_data_keys
+        )));
+    }
+    let mut keys = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let len = r.u16("an encrypted data key")? as usize;
+        let provider_id = String::from_utf8(r.vec(len, "an encrypted data key")?)
+            .map_err(|_| EsdkError::Malformed("a key provider id is not UTF-8".into()))?;
+        let len = r.u16("an encrypted data key")? as usize;
+        let provider_info = r.vec(len, "an encrypted data key")?;
+        let len = r.u16("an encrypted data key")? as usize;
+        let ciphertext = r.vec(len, "an encrypted data key")?;
+        keys.push(EncryptedDataKey { provider_id, provider_info, ciphertext });
+    }
+    match r.u8("the content type")? {
+        CONTENT_TYPE_FRAMED => {}
+        0x01 => return Err(EsdkError::Unsupported("non-framed message bodies; custody reads framed bodies".into())),
+        t => return Err(EsdkError::Malformed(format!("unknown content type 0x{t:02x}"))),
+    }
+    let frame_length = r.u32("the frame length")?;
+    if frame_length == 0 {
+        return Err(EsdkError::Malformed("a framed message with frame length 0".into()));
+    }
+    if frame_length > limits.max_frame_length {
+        return Err(EsdkError::Malformed(format!(
+            "frame length {frame_length} is above the limit of {} bytes",
+            limits.max_frame_length
+        )));
+    }
+    let commitment: [u8; COMMITMENT_LEN] = r.array("the key commitment")?;
+    let header = r.header.take().expect("reading the header");
+    let tag: [u8; TAG_LEN] = r.array("the header authentication tag")?;
+
+    if suite.is_signed() != context.contains_key(PUBLIC_KEY_CONTEXT_KEY) {
+        return Err(EsdkError::Malformed(format!(
+            "the {PUBLIC_KEY_CONTEXT_KEY} context key must be present exactly in signed messages"
+        )));
+    }
+    let verifier = if suite.is_signed() {
+        let b64 = &context[PUBLIC_KEY_CONTEXT_KEY];
+        let point =
+            STANDARD.decode(b64).map_err(|_| EsdkError::Malformed("the message's public key is not base64".into()))?;
+        Some(point)
+    } else {
+        None
+    };
+
+    let data_key = keyring.on_decrypt(suite, &context, &keys)?.ok_or_else(|| {
+        let names: Vec<String> = keys
+            .iter()
+            .map(|k| format!("{}/{}", k.provider_id, String::from_utf8_lossy(key_name_hint(&k.provider_info))))
+            .collect();
+        EsdkError::NoDataKey(names.join(", "))
+    })?;
+    let message_keys = derive_keys(suite, &data_key, &message_id);
+    drop(data_key);
+    if aws_lc_rs::constant_time::verify_slices_are_equal(&message_keys.commitment[..], &commitment).is_err() {
+        return Err(EsdkError::Integrity("key commitment"));
+    }
+    let mut empty = tag;
+    message_keys
+        .key
+        .open_in_place(Nonce::assume_unique_for_key([0u8; IV_LEN]), Aad::from(&header), &mut empty)
+        .map_err(|_| EsdkError::Integrity("header authentication tag"))?;
+
+    // Body.
+    let mut buf = Zeroizing::new(vec![0u8; frame_length as usize + TAG_LEN]);
+    let mut expected: u32 = 1;
+    let mut total: u64 = 0;
+    let last_len;
+    loop {
+        let first = r.u32("a frame")?;
+        let final_frame = first == FINAL_FRAME_MARKER;
+        let seq = if final_frame { r.u32("the final frame")? } else { first };
+        if seq != expected {
+            return Err(EsdkError::Malformed(format!("frame {seq} where frame {expected} belongs")));
+        }
+        let iv: [u8; IV_LEN] = r.array("a frame")?;
+        if iv != frame_iv(seq) {
+            return Err(EsdkError::Malformed(format!("frame {seq} has an IV other than its sequence number")));
+        }
+        let len = if final_frame {
+            let len = r.u32("the final frame")?;
+            if len > frame_length {
+                return Err(EsdkError::Malformed(format!(
+                    "the final frame holds {len} bytes, more than the frame length {frame_length}"
+                )));
+            }
+            len as usize
+        } else {
+            frame_length as usize
+        };
+        let body = &mut buf[..len + TAG_LEN];
+        r.exact(body, if final_frame { "the final frame" } else { "a frame" })?;
+        let aad = body_aad(&message_id, final_frame, seq, len as u64);
+        let plain = message_keys
+            .key
+            .open_in_place(Nonce::assume_unique_for_key(iv), Aad::from(&aad), body)
+            .map_err(|_| EsdkError::Integrity("frame authentication tag"))?;
+        total += plain.len() as u64;
+        if final_frame {
+            // Hold the last frame back until the signature is checked (below).
+            last_len = plain.len();
+            break;
+        }
+        output.write_all(plain)?;
+        expected = expected
+            .checked_add(1)
+            .filter(|s| *s != FINAL_FRAME_MARKER)
+            .ok_or_else(|| EsdkError::Malformed("more frames than a message can hold".into()))?;
+    }
+    if let Some(point) = verifier {
+        let digest = r.digest.take().expect("signed messages are digested").finish();
+        let len = r.u16("the signature")? as usize;
+        let mut sig = vec![0u8; len];
+        if read_full(r.r, &mut sig)? != len {
+            return Err(EsdkError::Malformed("the message ends inside the signature".into()));
+        }
+        UnparsedPublicKey::new(&signature::ECDSA_P384_SHA384_ASN1, &point)
+            .verify_digest(&digest, &sig)
+            .map_err(|_| EsdkError::Integrity("signature"))?;
+    }
+    let mut extra = [0u8; 1];
+    if read_full(r.r, &mut extra)? != 0 {
+        return Err(EsdkError::Malformed("bytes after the end of the message".into()));
+    }
+    output.write_all(&buf[..last_len])?;
+    output.flush()?;
+    Ok(MessageInfo { suite, message_id, context, encrypted_data_keys: keys, frame_length, plaintext_len: total })
+}
+
+/// The printable start of a provider info (a raw key's name, a KMS key's ARN), for messages.
+fn key_name_hint(info: &[u8]) -> &[u8] {
+    let end = info.iter().position(|b| !(b.is_ascii_graphic())).unwrap_or(info.len());
+    &info[..end.min(200)]
+}

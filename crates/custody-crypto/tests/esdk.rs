@@ -1,0 +1,212 @@
+//! The AWS Encryption SDK message format: the vectors made by the official SDK for Python
+//! (shared/testvectors/esdk-python, read in place), round trips of both suites, and tampering.
+
+use std::path::PathBuf;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use custody_crypto::esdk::{
+    decrypt, encrypt, DecryptLimits, EncryptOptions, EncryptionContext, EsdkError, Keyring, MultiKeyring,
+    RawAesKeyring, Suite,
+};
+use serde_json::Value;
+
+fn vectors_dir() -> PathBuf {
+    std::env::var("CUSTODY_TESTVECTORS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testvectors"))
+        .join("esdk-python")
+}
+
+fn manifest() -> Value {
+    let path = vectors_dir().join("manifest.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!("cannot read {} ({e}); set CUSTODY_TESTVECTORS to the shared test vectors", path.display())
+    });
+    serde_json::from_str(&text).unwrap()
+}
+
+fn vector_keyring(m: &Value, name: &str) -> RawAesKeyring {
+    let k = &m["raw_aes_keyring"];
+    let key = STANDARD.decode(k["keys"][name].as_str().unwrap()).unwrap();
+    RawAesKeyring::new(k["provider_id"].as_str().unwrap(), name, &key).unwrap()
+}
+
+fn open(keyring: &dyn Keyring, message: &[u8]) -> Result<(Vec<u8>, custody_crypto::esdk::MessageInfo), EsdkError> {
+    let mut out = Vec::new();
+    let info = decrypt(keyring, DecryptLimits::default(), &mut &message[..], &mut out)?;
+    Ok((out, info))
+}
+
+fn seal(keyring: &dyn Keyring, context: &EncryptionContext, options: EncryptOptions, plain: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let n = encrypt(keyring, context, options, &mut &plain[..], &mut out).unwrap();
+    assert_eq!(n, plain.len() as u64);
+    out
+}
+
+/// Every "ok" vector decrypts to its plaintext with the context and frame length the SDK used;
+/// every "error" vector fails, and with the class of error its damage calls for.
+#[test]
+fn the_python_sdk_vectors() {
+    let m = manifest();
+    let dir = vectors_dir();
+    let (mut ok, mut errors) = (0, 0);
+    for t in m["tests"].as_array().unwrap() {
+        let name = t["name"].as_str().unwrap();
+        let message = std::fs::read(dir.join(t["ciphertext"].as_str().unwrap())).unwrap();
+        let keyring = vector_keyring(&m, t["wrapping_key"].as_str().unwrap());
+        let result = open(&keyring, &message);
+        match t["result"].as_str().unwrap() {
+            "ok" => {
+                let (plain, info) = result.unwrap_or_else(|e| panic!("{name}: {e}"));
+                let expected = std::fs::read(dir.join(t["plaintext"].as_str().unwrap())).unwrap();
+                assert!(plain == expected, "{name}: plaintext differs");
+                let suite = u16::from_str_radix(t["suite"].as_str().unwrap(), 16).unwrap();
+                assert_eq!(info.suite.id(), suite, "{name}");
+                assert_eq!(info.frame_length as u64, t["frame_length"].as_u64().unwrap(), "{name}");
+                let mut context = info.context.clone();
+                if info.suite.is_signed() {
+                    assert!(context.remove("aws-crypto-public-key").is_some(), "{name}");
+                }
+                let want: EncryptionContext = serde_json::from_value(t["encryption_context"].clone()).unwrap();
+                assert_eq!(context, want, "{name}");
+                ok += 1;
+            }
+            _ => {
+                let e = result.err().unwrap_or_else(|| panic!("{name}: a damaged message decrypted"));
+                let damage = t["damage"].as_str().unwrap();
+                let fitting = match damage {
+                    "flip-header-byte" => {
+                        matches!(e, EsdkError::Integrity(_) | EsdkError::NoDataKey(_) | EsdkError::Malformed(_))
+                    }
+                    "flip-last-byte" | "flip-middle-byte" => matches!(e, EsdkError::Integrity(_)),
+                    "truncate-final-frame" | "truncate-to-header" | "append-garbage" => {
+                        matches!(e, EsdkError::Malformed(_))
+                    }
+                    "wrong-wrapping-key" => matches!(e, EsdkError::NoDataKey(_)),
+                    other => panic!("{name}: unknown damage {other}"),
+                };
+                assert!(fitting, "{name} ({damage}): {e:?}");
+                errors += 1;
+            }
+        }
+    }
+    assert_eq!((ok, errors), (52, 37), "every vector ran");
+}
+
+fn keyring(name: &str, byte: u8) -> RawAesKeyring {
+    RawAesKeyring::new("custody-test", name, &[byte; 32]).unwrap()
+}
+
+fn context() -> EncryptionContext {
+    [("tenant".to_string(), "acme".to_string()), ("purpose".to_string(), "invoice".to_string())].into()
+}
+
+/// Both suites round-trip at sizes around frame boundaries, and the output is a v2 message
+/// whose header names the suite and frame length.
+#[test]
+fn both_suites_round_trip_at_frame_boundaries() {
+    let k = keyring("k", 1);
+    for suite in [Suite::Committed, Suite::CommittedSigned] {
+        for frame in [1u32, 7, 4096] {
+            for len in [0usize, 1, 6, 7, 8, 13, 14, 15, 4095, 4096, 4097, 3 * 4096] {
+                let plain: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+                let message = seal(&k, &context(), EncryptOptions { suite, frame_length: frame }, &plain);
+                assert_eq!(message[0], 0x02);
+                assert_eq!(u16::from_be_bytes([message[1], message[2]]), suite.id());
+                let (back, info) = open(&k, &message).unwrap_or_else(|e| panic!("{suite:?} {frame} {len}: {e}"));
+                assert_eq!(back, plain, "{suite:?} frame {frame} len {len}");
+                assert_eq!((info.frame_length, info.plaintext_len), (frame, len as u64));
+                assert_eq!(info.context.contains_key("aws-crypto-public-key"), suite.is_signed());
+            }
+        }
+    }
+}
+
+/// Tampering anywhere is found: every single-byte change of a small message of each suite fails
+/// to decrypt; truncation at every length fails; extra bytes fail; frames swapped fail; a header
+/// moved onto another message's body fails.
+#[test]
+fn every_change_is_detected() {
+    let k = keyring("k", 2);
+    for suite in [Suite::Committed, Suite::CommittedSigned] {
+        let plain = b"attack at dawn, bring the ladders".to_vec();
+        let message = seal(&k, &context(), EncryptOptions { suite, frame_length: 8 }, &plain);
+        for i in 0..message.len() {
+            let mut m = message.clone();
+            m[i] ^= 0x01;
+            assert!(open(&k, &m).is_err(), "{suite:?}: flipping byte {i} went unnoticed");
+        }
+        for cut in 0..message.len() {
+            let e = open(&k, &message[..cut]).unwrap_err();
+            assert!(matches!(e, EsdkError::Malformed(_) | EsdkError::Integrity(_)), "{suite:?} cut at {cut}: {e:?}");
+        }
+        let mut longer = message.clone();
+        longer.push(0);
+        assert!(matches!(open(&k, &longer).unwrap_err(), EsdkError::Malformed(_)));
+    }
+    // Swap frames 1 and 2 (unsigned suite, 8-byte frames: 40 bytes are four regular frames of
+    // 4+12+8+16 bytes, then a final frame holding the last 8).
+    let message = seal(&k, &context(), EncryptOptions { suite: Suite::Committed, frame_length: 8 }, &[9u8; 40]);
+    let frame = 4 + 12 + 8 + 16;
+    let body = message.len() - (4 * frame + 4 + 4 + 12 + 4 + 8 + 16);
+    let mut swapped = message.clone();
+    swapped[body..body + frame].copy_from_slice(&message[body + frame..body + 2 * frame]);
+    swapped[body + frame..body + 2 * frame].copy_from_slice(&message[body..body + frame]);
+    assert!(matches!(open(&k, &swapped).unwrap_err(), EsdkError::Malformed(_)));
+    // The header of one message on the body of another (same key, same sizes).
+    let other = seal(&k, &context(), EncryptOptions { suite: Suite::Committed, frame_length: 8 }, &[9u8; 40]);
+    let mut spliced = message[..body].to_vec();
+    spliced.extend_from_slice(&other[body..]);
+    assert!(matches!(open(&k, &spliced).unwrap_err(), EsdkError::Integrity(_)));
+}
+
+/// The raw AES keyring binds the encryption context, refuses other keys, and a multi-keyring
+/// wraps under each of its keys so that any one of them decrypts.
+#[test]
+fn keyrings() {
+    let (a, b, c) = (keyring("a", 3), keyring("b", 4), keyring("c", 5));
+    let multi = MultiKeyring::new(vec![Box::new(keyring("a", 3)), Box::new(keyring("b", 4))]).unwrap();
+    let message = seal(&multi, &context(), EncryptOptions::default(), b"hello");
+    assert_eq!(open(&a, &message).unwrap().0, b"hello");
+    assert_eq!(open(&b, &message).unwrap().0, b"hello");
+    assert!(matches!(open(&c, &message).unwrap_err(), EsdkError::NoDataKey(_)));
+    // Same name, other key bytes: no data key.
+    assert!(matches!(open(&keyring("a", 9), &message).unwrap_err(), EsdkError::NoDataKey(_)));
+    // The context is reserved for the public key of signed messages.
+    let mut reserved = context();
+    reserved.insert("aws-crypto-public-key".into(), "x".into());
+    let mut out = Vec::new();
+    assert!(matches!(
+        encrypt(&a, &reserved, EncryptOptions::default(), &mut &b"x"[..], &mut out).unwrap_err(),
+        EsdkError::Invalid(_)
+    ));
+    assert!(RawAesKeyring::new("p", "n", &[0u8; 16]).is_err());
+    assert!(RawAesKeyring::new("aws-kms", "n", &[0u8; 32]).is_err());
+}
+
+/// Bounds are applied before allocation: too many data keys, too large a frame, a v1 message,
+/// an unknown suite.
+#[test]
+fn limits_and_unsupported_messages() {
+    let k = keyring("k", 6);
+    let many: Vec<Box<dyn Keyring>> =
+        (0..17).map(|i| Box::new(keyring(&format!("k{i}"), 6)) as Box<dyn Keyring>).collect();
+    let message = seal(&MultiKeyring::new(many).unwrap(), &EncryptionContext::new(), EncryptOptions::default(), b"x");
+    let mut out = Vec::new();
+    let e = decrypt(&k, DecryptLimits::default(), &mut &message[..], &mut out).unwrap_err();
+    assert!(e.to_string().contains("17 encrypted data keys"), "{e}");
+    let big =
+        seal(&k, &EncryptionContext::new(), EncryptOptions { suite: Suite::Committed, frame_length: 1 << 20 }, b"x");
+    let limits = DecryptLimits { max_frame_length: 1 << 16, ..DecryptLimits::default() };
+    let e = decrypt(&k, limits, &mut &big[..], &mut out).unwrap_err();
+    assert!(e.to_string().contains("above the limit"), "{e}");
+    let mut v1 = big.clone();
+    v1[0] = 0x01;
+    assert!(matches!(open(&k, &v1).unwrap_err(), EsdkError::Unsupported(_)));
+    let mut suite = big.clone();
+    suite[1..3].copy_from_slice(&0x0178u16.to_be_bytes());
+    let e = open(&k, &suite).unwrap_err();
+    assert!(matches!(e, EsdkError::Unsupported(_)) && e.to_string().contains("0x0178"), "{e}");
+}
