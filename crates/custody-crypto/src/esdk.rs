@@ -32,6 +32,7 @@ use std::io::{self, Read, Write};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use aws_lc_rs::digest;
+use aws_lc_rs::error::Unspecified;
 use aws_lc_rs::hkdf;
 use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, UnparsedPublicKey};
 use base64::engine::general_purpose::STANDARD;
@@ -428,11 +429,21 @@ impl hkdf::KeyType for Len {
     }
 }
 
+/// HKDF-SHA512 (RFC 5869) of `ikm` with `salt` and the concatenation of `info` into `out`; fails
+/// only for outputs longer than 255 hashes. (Checked against Wycheproof's vectors.)
+pub(crate) fn hkdf_sha512(ikm: &[u8], salt: &[u8], info: &[&[u8]], out: &mut [u8]) -> Result<(), Unspecified> {
+    hkdf::Salt::new(hkdf::HKDF_SHA512, salt).extract(ikm).expand(info, Len(out.len()))?.fill(out)
+}
+
+/// Verifies an ECDSA P-384 signature (DER) over a SHA-384 digest with a public key given as an
+/// X9.62 point, compressed or not. (Checked against Wycheproof's vectors.)
+pub(crate) fn verify_p384(point: &[u8], digest: &digest::Digest, signature: &[u8]) -> bool {
+    UnparsedPublicKey::new(&signature::ECDSA_P384_SHA384_ASN1, point).verify_digest(digest, signature).is_ok()
+}
+
 fn derive_keys(suite: Suite, data_key: &DataKey, message_id: &[u8; MESSAGE_ID_LEN]) -> MessageKeys {
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA512, message_id).extract(data_key.expose_secret());
     let expand = |info: &[&[u8]], out: &mut [u8]| {
-        prk.expand(info, Len(out.len()))
-            .and_then(|okm| okm.fill(out))
+        hkdf_sha512(data_key.expose_secret(), message_id, info, out)
             .expect("32 bytes is within HKDF-SHA512's output limit")
     };
     let mut key = Zeroizing::new([0u8; 32]);
@@ -858,9 +869,9 @@ pub fn decrypt<R: Read, W: Write>(
         if read_full(r.r, &mut sig)? != len {
             return Err(EsdkError::Malformed("the message ends inside the signature".into()));
         }
-        UnparsedPublicKey::new(&signature::ECDSA_P384_SHA384_ASN1, &point)
-            .verify_digest(&digest, &sig)
-            .map_err(|_| EsdkError::Integrity("signature"))?;
+        if !verify_p384(&point, &digest, &sig) {
+            return Err(EsdkError::Integrity("signature"));
+        }
     }
     let mut extra = [0u8; 1];
     if read_full(r.r, &mut extra)? != 0 {

@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 
+use crate::esdk::{hkdf_sha512, verify_p384};
 use crate::seal::{gcm_open, gcm_seal, hkdf_sha256};
 
 fn vectors(name: &str) -> Value {
@@ -87,4 +88,59 @@ fn hkdf_sha256_vectors() {
         }
     }
     assert_eq!(ran, file["numberOfTests"].as_u64().unwrap() as usize);
+}
+
+/// HKDF-SHA512 as the Encryption SDK's key derivation calls it.
+#[test]
+fn hkdf_sha512_vectors() {
+    let file = vectors("hkdf_sha512_test.json");
+    let mut ran = 0;
+    for group in file["testGroups"].as_array().unwrap() {
+        for t in group["tests"].as_array().unwrap() {
+            let (ikm, salt, info) = (h(&t["ikm"]), h(&t["salt"]), h(&t["info"]));
+            let mut out = vec![0u8; t["size"].as_u64().unwrap() as usize];
+            let id = t["tcId"].as_u64().unwrap();
+            let result = hkdf_sha512(&ikm, &salt, &[&info], &mut out);
+            match t["result"].as_str().unwrap() {
+                "valid" => {
+                    result.unwrap_or_else(|_| panic!("tcId {id}: refused a valid size"));
+                    assert_eq!(out, h(&t["okm"]), "tcId {id}");
+                }
+                "invalid" => assert!(result.is_err(), "tcId {id}: accepted an invalid size"),
+                other => panic!("tcId {id}: unexpected result {other}"),
+            }
+            ran += 1;
+        }
+    }
+    assert_eq!(ran, file["numberOfTests"].as_u64().unwrap() as usize);
+}
+
+/// ECDSA P-384 / SHA-384 verification as the Encryption SDK's signed suite calls it, with each
+/// public key both uncompressed (as given) and compressed (as messages carry it). "acceptable"
+/// vectors (legacy encodings) may go either way and are counted.
+#[test]
+fn ecdsa_p384_sha384_vectors() {
+    let file = vectors("ecdsa_secp384r1_sha384_test.json");
+    let (mut ran, mut acceptable) = (0, 0);
+    for group in file["testGroups"].as_array().unwrap() {
+        let uncompressed = h(&group["publicKey"]["uncompressed"]);
+        let mut compressed = vec![0x02 | (uncompressed[uncompressed.len() - 1] & 1)];
+        compressed.extend_from_slice(&uncompressed[1..49]);
+        for t in group["tests"].as_array().unwrap() {
+            let id = t["tcId"].as_u64().unwrap();
+            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA384, &h(&t["msg"]));
+            let sig = h(&t["sig"]);
+            let (a, b) = (verify_p384(&uncompressed, &digest, &sig), verify_p384(&compressed, &digest, &sig));
+            assert_eq!(a, b, "tcId {id}: compressed and uncompressed keys disagree");
+            match t["result"].as_str().unwrap() {
+                "valid" => assert!(a, "tcId {id}: a valid signature was refused"),
+                "invalid" => assert!(!a, "tcId {id}: an invalid signature was accepted"),
+                "acceptable" => acceptable += 1,
+                other => panic!("tcId {id}: unexpected result {other}"),
+            }
+            ran += 1;
+        }
+    }
+    assert_eq!(ran, file["numberOfTests"].as_u64().unwrap() as usize);
+    eprintln!("ECDSA P-384: {ran} vectors, {acceptable} 'acceptable' ones either way");
 }
