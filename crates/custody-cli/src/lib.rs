@@ -7,6 +7,7 @@ mod backup;
 pub mod bootstrap;
 mod commands;
 mod dev;
+mod envelope;
 pub mod exit;
 mod pki;
 mod root;
@@ -126,6 +127,30 @@ Examples:
   custody decrypt-blob -k alias/app --out secret.txt secret.bin"
     )]
     DecryptBlob(commands::DecryptBlobArgs),
+    /// Encrypt files or streams (envelope encryption, AWS Encryption SDK message format): a fresh
+    /// data key per message from custody KMS keys and/or raw AES keys; the bulk work is local.
+    #[command(after_help = "\
+Examples:
+  custody encrypt -k alias/app -c purpose=backup -o db.dump.encrypted db.dump
+  tar c dir | custody encrypt -k alias/app > dir.tar.encrypted
+  custody encrypt -k alias/app -k alias/dr --suite committed-signed -r ./docs --out-dir ./sealed
+  custody encrypt --raw-aes-key acme/backup-2026=./backup.key -o out.encrypted in.bin   (offline)
+
+The output is readable by the AWS Encryption SDKs and their CLI (aws-encryption-cli).
+A file output is written to a temporary name and renamed once complete.")]
+    Encrypt(envelope::EncryptArgs),
+    /// Decrypt what `custody encrypt` (or an AWS Encryption SDK) made.
+    #[command(after_help = "\
+Examples:
+  custody decrypt -k alias/app --require-context purpose=backup -o db.dump db.dump.encrypted
+  custody decrypt --discovery < dir.tar.encrypted | tar x
+  custody decrypt -r ./sealed --out-dir ./plain -v
+  custody decrypt --raw-aes-key acme/backup-2026=./backup.key -o in.bin out.encrypted
+
+With -k, only data keys of those keys are tried (strict); without any key, every custody key
+you may use is (discovery). A file output appears only once the whole message, its last frame
+and its signature are verified.")]
+    Decrypt(envelope::DecryptArgs),
     /// Read the audit trail.
     #[command(subcommand)]
     Audit(commands::AuditCommand),

@@ -27,6 +27,9 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+pub mod keyring;
+
+pub use keyring::{Discovery, KmsKeyring};
 pub use profile::{Endpoint, Profile};
 
 /// What can go wrong talking to custody.

@@ -11,12 +11,12 @@
 //!   [`Suite::CommittedSigned`] (0x0578: the same plus ECDSA P-384). Both encrypt and decrypt;
 //!   message format version 1, the non-committing suites and non-framed bodies are refused with
 //!   an error that says so.
-//! - Strict parsing: every length is checked against [`DecryptLimits`] before anything is
+//! - Strict parsing: every length is checked against [`DecryptOptions`] before anything is
 //!   allocated for it; the commitment is compared in constant time before the header tag is
 //!   checked; frame sequence numbers and IVs must be exactly what the format prescribes; bytes
 //!   after the end of the message are an error.
 //! - Streaming with bounded memory: [`encrypt`] and [`decrypt`] read and write one frame at a
-//!   time (a frame is at most [`DecryptLimits::max_frame_length`] bytes).
+//!   time (a frame is at most [`DecryptOptions::max_frame_length`] bytes).
 //!
 //! Data keys come from a [`Keyring`]; [`RawAesKeyring`] is the SDKs' raw AES keyring (so messages
 //! interoperate with a shared 256-bit wrapping key), and [`MultiKeyring`] combines keyrings.
@@ -110,6 +110,9 @@ pub enum EsdkError {
     /// No keyring could decrypt any of the message's data keys.
     #[error("no keyring could decrypt a data key of this message (its keys: {0})")]
     NoDataKey(String),
+    /// The message's encryption context lacks a pair the caller required.
+    #[error("the message's encryption context does not hold {0}")]
+    ContextMismatch(String),
     /// A keyring failed (the KMS could not be reached, refused the call...).
     #[error("keyring: {0}")]
     Keyring(String),
@@ -347,18 +350,25 @@ impl Keyring for MultiKeyring {
     }
 }
 
-/// Bounds applied while reading a message, before anything is allocated for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DecryptLimits {
+/// How to decrypt: bounds applied while reading a message (before anything is allocated for
+/// it), and what its encryption context must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecryptOptions {
     /// Most encrypted data keys a header may hold (the SDKs' `max_encrypted_data_keys`).
     pub max_encrypted_data_keys: u16,
     /// Largest frame length accepted, in bytes (memory used per frame).
     pub max_frame_length: u32,
+    /// Pairs the message's encryption context must contain (checked before any key is unwrapped).
+    pub required_context: EncryptionContext,
 }
 
-impl Default for DecryptLimits {
+impl Default for DecryptOptions {
     fn default() -> Self {
-        Self { max_encrypted_data_keys: 16, max_frame_length: 16 * 1024 * 1024 }
+        Self {
+            max_encrypted_data_keys: 16,
+            max_frame_length: 16 * 1024 * 1024,
+            required_context: EncryptionContext::new(),
+        }
     }
 }
 
@@ -719,7 +729,7 @@ fn parse_pairs(bytes: &[u8]) -> Result<EncryptionContext, EsdkError> {
 /// end, and any byte after the message is an error. See the module's caution on streaming.
 pub fn decrypt<R: Read, W: Write>(
     keyring: &dyn Keyring,
-    limits: DecryptLimits,
+    options: &DecryptOptions,
     input: &mut R,
     output: &mut W,
 ) -> Result<MessageInfo, EsdkError> {
@@ -748,10 +758,10 @@ pub fn decrypt<R: Read, W: Write>(
     if count == 0 {
         return Err(EsdkError::Malformed("the header holds no encrypted data key".into()));
     }
-    if count > limits.max_encrypted_data_keys {
+    if count > options.max_encrypted_data_keys {
         return Err(EsdkError::Malformed(format!(
             "the header holds {count} encrypted data keys; the limit is {}",
-            limits.max_encrypted_data_keys
+            options.max_encrypted_data_keys
         )));
     }
     let mut keys = Vec::with_capacity(count as usize);
@@ -774,10 +784,10 @@ pub fn decrypt<R: Read, W: Write>(
     if frame_length == 0 {
         return Err(EsdkError::Malformed("a framed message with frame length 0".into()));
     }
-    if frame_length > limits.max_frame_length {
+    if frame_length > options.max_frame_length {
         return Err(EsdkError::Malformed(format!(
             "frame length {frame_length} is above the limit of {} bytes",
-            limits.max_frame_length
+            options.max_frame_length
         )));
     }
     let commitment: [u8; COMMITMENT_LEN] = r.array("the key commitment")?;
@@ -788,6 +798,11 @@ pub fn decrypt<R: Read, W: Write>(
         return Err(EsdkError::Malformed(format!(
             "the {PUBLIC_KEY_CONTEXT_KEY} context key must be present exactly in signed messages"
         )));
+    }
+    for (k, v) in &options.required_context {
+        if context.get(k) != Some(v) {
+            return Err(EsdkError::ContextMismatch(format!("{k}={v}")));
+        }
     }
     let verifier = if suite.is_signed() {
         let b64 = &context[PUBLIC_KEY_CONTEXT_KEY];

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use custody_crypto::esdk::{
-    decrypt, encrypt, DecryptLimits, EncryptOptions, EncryptionContext, EsdkError, Keyring, MultiKeyring,
+    decrypt, encrypt, DecryptOptions, EncryptOptions, EncryptionContext, EsdkError, Keyring, MultiKeyring,
     RawAesKeyring, Suite,
 };
 use serde_json::Value;
@@ -34,7 +34,7 @@ fn vector_keyring(m: &Value, name: &str) -> RawAesKeyring {
 
 fn open(keyring: &dyn Keyring, message: &[u8]) -> Result<(Vec<u8>, custody_crypto::esdk::MessageInfo), EsdkError> {
     let mut out = Vec::new();
-    let info = decrypt(keyring, DecryptLimits::default(), &mut &message[..], &mut out)?;
+    let info = decrypt(keyring, &DecryptOptions::default(), &mut &message[..], &mut out)?;
     Ok((out, info))
 }
 
@@ -182,6 +182,15 @@ fn keyrings() {
         encrypt(&a, &reserved, EncryptOptions::default(), &mut &b"x"[..], &mut out).unwrap_err(),
         EsdkError::Invalid(_)
     ));
+    // A required context pair that the message lacks, or holds with another value.
+    for (k, v) in [("tenant", "other"), ("missing", "x")] {
+        let options =
+            DecryptOptions { required_context: [(k.to_string(), v.to_string())].into(), ..Default::default() };
+        let e = decrypt(&a, &options, &mut &message[..], &mut Vec::new()).unwrap_err();
+        assert!(matches!(e, EsdkError::ContextMismatch(_)), "{e:?}");
+    }
+    let options = DecryptOptions { required_context: [("tenant".into(), "acme".into())].into(), ..Default::default() };
+    decrypt(&a, &options, &mut &message[..], &mut Vec::new()).unwrap();
     assert!(RawAesKeyring::new("p", "n", &[0u8; 16]).is_err());
     assert!(RawAesKeyring::new("aws-kms", "n", &[0u8; 32]).is_err());
 }
@@ -195,12 +204,12 @@ fn limits_and_unsupported_messages() {
         (0..17).map(|i| Box::new(keyring(&format!("k{i}"), 6)) as Box<dyn Keyring>).collect();
     let message = seal(&MultiKeyring::new(many).unwrap(), &EncryptionContext::new(), EncryptOptions::default(), b"x");
     let mut out = Vec::new();
-    let e = decrypt(&k, DecryptLimits::default(), &mut &message[..], &mut out).unwrap_err();
+    let e = decrypt(&k, &DecryptOptions::default(), &mut &message[..], &mut out).unwrap_err();
     assert!(e.to_string().contains("17 encrypted data keys"), "{e}");
     let big =
         seal(&k, &EncryptionContext::new(), EncryptOptions { suite: Suite::Committed, frame_length: 1 << 20 }, b"x");
-    let limits = DecryptLimits { max_frame_length: 1 << 16, ..DecryptLimits::default() };
-    let e = decrypt(&k, limits, &mut &big[..], &mut out).unwrap_err();
+    let limits = DecryptOptions { max_frame_length: 1 << 16, ..DecryptOptions::default() };
+    let e = decrypt(&k, &limits, &mut &big[..], &mut out).unwrap_err();
     assert!(e.to_string().contains("above the limit"), "{e}");
     let mut v1 = big.clone();
     v1[0] = 0x01;

@@ -1,0 +1,501 @@
+//! `custody encrypt` and `custody decrypt`: files and streams in the AWS Encryption SDK message
+//! format (custody_crypto::esdk), with data keys from custody KMS keys and/or raw AES keys.
+//!
+//! Output goes to a temporary file beside the destination, renamed into place only once the
+//! message is complete (and, decrypting, authenticated through its last frame and signature), so
+//! no partial output ever lands at the output path. To stdout (`-o -`) the plaintext streams
+//! frame by frame; a caller that must not act on unverified plaintext writes to a file.
+
+use std::io::{BufReader, BufWriter, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use clap::{Args, ValueEnum};
+use custody_client::{Discovery, KmsKeyring};
+use custody_crypto::esdk::{
+    self, EncryptOptions, EncryptionContext, EsdkError, Keyring, MultiKeyring, RawAesKeyring, Suite,
+};
+use serde_json::json;
+
+use crate::commands::{connect, parse_pair, print_json};
+use crate::exit::{self, CliError};
+use crate::ConnArgs;
+
+type Result<T> = std::result::Result<T, CliError>;
+
+/// Inputs at least this large get a progress bar (on a terminal).
+const PROGRESS_FROM: u64 = 64 * 1024 * 1024;
+
+/// The algorithm suite to encrypt with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SuiteArg {
+    /// 0x0478: AES-256-GCM, HKDF-SHA512, key commitment (the SDKs' default).
+    Committed,
+    /// 0x0578: the same, and an ECDSA P-384 signature (for readers who must not be able to
+    /// encrypt).
+    CommittedSigned,
+}
+
+/// Where the keys come from, shared by both commands.
+#[derive(Debug, Clone, Args)]
+pub struct KeyArgs {
+    /// A custody KMS key: id, ARN or alias (repeatable). Encrypting, the first generates the data
+    /// key and each wraps it; decrypting, only data keys of these keys are tried (strict mode).
+    #[arg(short = 'k', long = "key", value_name = "KEY")]
+    pub keys: Vec<String>,
+    /// A raw AES-256 wrapping key, as the AWS Encryption SDKs' raw AES keyring: provider id, key
+    /// name, and a file holding the 32 key bytes (raw, or base64). Repeatable; works offline.
+    #[arg(long = "raw-aes-key", value_name = "PROVIDER/NAME=KEYFILE")]
+    pub raw_aes_keys: Vec<String>,
+    /// Print a one-line summary per file (bytes, time, throughput) on stderr.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    /// Write the output here (`-` for stdout). Only with a single input; default: stdout.
+    #[arg(short = 'o', long = "out", value_name = "OUT", conflicts_with = "out_dir")]
+    pub out: Option<String>,
+    /// Write one output per input into this directory (several inputs, or -r).
+    #[arg(long = "out-dir", value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// Inputs are directories: process every file under them (needs --out-dir).
+    #[arg(short = 'r', long, requires = "out_dir")]
+    pub recursive: bool,
+    /// Input files, or - for stdin (default).
+    #[arg(default_value = "-")]
+    pub inputs: Vec<String>,
+}
+
+/// `custody encrypt`
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// Encryption context pair KEY=VALUE (repeatable): authenticated, stored in the clear in the
+    /// message, passed to the KMS with every data key.
+    #[arg(short = 'c', long = "context", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    context: Vec<(String, String)>,
+    /// Algorithm suite.
+    #[arg(long, value_enum, default_value = "committed")]
+    suite: SuiteArg,
+    /// Plaintext bytes per frame.
+    #[arg(long = "frame-size", default_value_t = esdk::DEFAULT_FRAME_LENGTH, value_parser = clap::value_parser!(u32).range(1..))]
+    frame_size: u32,
+}
+
+/// `custody decrypt`
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// Refuse the message unless its encryption context holds KEY=VALUE (repeatable).
+    #[arg(long = "require-context", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    require_context: Vec<(String, String)>,
+    /// Try the data keys of any custody key this identity may use (discovery mode); the default
+    /// when neither -k nor --raw-aes-key is given.
+    #[arg(long)]
+    discovery: bool,
+    /// Most encrypted data keys a message may carry.
+    #[arg(long = "max-encrypted-data-keys", default_value_t = 16)]
+    max_encrypted_data_keys: u16,
+}
+
+/// One job: where from, where to.
+struct Job {
+    input: String,
+    /// `None`: stdout.
+    output: Option<PathBuf>,
+}
+
+/// Turns inputs and output flags into jobs.
+fn plan(k: &KeyArgs, suffix: Suffix) -> Result<Vec<Job>> {
+    let usage = |m: String| CliError::new(exit::USAGE, m);
+    let Some(dir) = &k.out_dir else {
+        if k.inputs.len() > 1 {
+            return Err(usage("several inputs need --out-dir DIR".into()));
+        }
+        let output = match k.out.as_deref() {
+            None | Some("-") => None,
+            Some(p) => Some(PathBuf::from(p)),
+        };
+        return Ok(vec![Job { input: k.inputs[0].clone(), output }]);
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot create {}: {e}", dir.display())))?;
+    let mut jobs = Vec::new();
+    for input in &k.inputs {
+        if input == "-" {
+            return Err(usage("stdin (-) cannot be used with --out-dir".into()));
+        }
+        let path = Path::new(input);
+        if path.is_dir() {
+            if !k.recursive {
+                return Err(usage(format!("{input} is a directory; add -r to process the files under it")));
+            }
+            for file in walk(path)? {
+                let rel = file.strip_prefix(path).expect("walked from path");
+                jobs.push(Job { input: file.display().to_string(), output: Some(suffix.apply(&dir.join(rel))) });
+            }
+        } else {
+            let name = path.file_name().ok_or_else(|| usage(format!("{input} names no file")))?;
+            jobs.push(Job { input: input.clone(), output: Some(suffix.apply(&dir.join(name))) });
+        }
+    }
+    Ok(jobs)
+}
+
+/// Every regular file under `dir`, sorted.
+fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d)
+            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", d.display())))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", d.display())))?;
+            let kind = entry.file_type().map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() {
+                out.push(entry.path());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// How output names derive from input names with --out-dir.
+#[derive(Clone, Copy)]
+enum Suffix {
+    /// `x` → `x.encrypted`
+    Add,
+    /// `x.encrypted` → `x`, anything else → `x.decrypted`
+    Strip,
+}
+
+impl Suffix {
+    fn apply(self, p: &Path) -> PathBuf {
+        let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let new = match self {
+            Suffix::Add => format!("{name}.encrypted"),
+            Suffix::Strip => match name.strip_suffix(".encrypted") {
+                Some(stem) if !stem.is_empty() => stem.to_string(),
+                _ => format!("{name}.decrypted"),
+            },
+        };
+        p.with_file_name(new)
+    }
+}
+
+/// Parses `PROVIDER/NAME=KEYFILE` and reads the key.
+fn raw_keyring(spec: &str) -> Result<RawAesKeyring> {
+    let usage = || CliError::new(exit::USAGE, format!("--raw-aes-key wants PROVIDER/NAME=KEYFILE, got {spec:?}"));
+    let (id, file) = spec.split_once('=').ok_or_else(usage)?;
+    let (provider, name) = id.split_once('/').ok_or_else(usage)?;
+    let bytes = zeroize::Zeroizing::new(
+        std::fs::read(file)
+            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read the key file {file}: {e}")))?,
+    );
+    let key = if bytes.len() == 32 {
+        bytes
+    } else {
+        let text = std::str::from_utf8(&bytes).unwrap_or("").trim();
+        zeroize::Zeroizing::new(B64.decode(text).map_err(|_| {
+            CliError::new(exit::INVALID_REQUEST, format!("{file} holds neither 32 raw bytes nor base64 of 32 bytes"))
+        })?)
+    };
+    RawAesKeyring::new(provider, name, &key).map_err(|e| CliError::new(exit::INVALID_REQUEST, format!("{file}: {e}")))
+}
+
+/// The keyring the flags describe: KMS keys first (the first generates), then raw keys.
+async fn keyring(conn: &ConnArgs, k: &KeyArgs, decrypt_discovery: Option<bool>) -> Result<Box<dyn Keyring>> {
+    let mut rings: Vec<Box<dyn Keyring>> = Vec::new();
+    let discovery = match decrypt_discovery {
+        Some(explicit) => explicit || (k.keys.is_empty() && k.raw_aes_keys.is_empty()),
+        None => false,
+    };
+    if !k.keys.is_empty() || discovery {
+        let mut client = connect(conn).await?;
+        let decrypt = if decrypt_discovery.is_some() && !k.keys.is_empty() {
+            let mut arns = Vec::new();
+            for key in &k.keys {
+                arns.push(KmsKeyring::resolve_arn(&mut client, key).await?);
+            }
+            if discovery {
+                Discovery::Any { arn_prefixes: Vec::new() }
+            } else {
+                Discovery::Strict(arns)
+            }
+        } else {
+            Discovery::Any { arn_prefixes: Vec::new() }
+        };
+        let encrypt_keys = if decrypt_discovery.is_none() { k.keys.clone() } else { Vec::new() };
+        rings.push(Box::new(KmsKeyring::new(client, tokio::runtime::Handle::current(), encrypt_keys, decrypt)));
+    }
+    for spec in &k.raw_aes_keys {
+        rings.push(Box::new(raw_keyring(spec)?));
+    }
+    if rings.is_empty() {
+        return Err(CliError::new(
+            exit::USAGE,
+            "give a key: -k KEY (custody KMS) or --raw-aes-key PROVIDER/NAME=KEYFILE",
+        ));
+    }
+    if rings.len() == 1 {
+        return Ok(rings.pop().expect("one"));
+    }
+    Ok(Box::new(MultiKeyring::new(rings).expect("not empty")))
+}
+
+/// Maps a format error to an exit code and a message that says what to do.
+fn esdk_error(input: &str, e: EsdkError) -> CliError {
+    let code = match &e {
+        EsdkError::Malformed(_) | EsdkError::Unsupported(_) | EsdkError::Integrity(_) => exit::INVALID_CIPHERTEXT,
+        EsdkError::ContextMismatch(_) => exit::INVALID_CIPHERTEXT,
+        EsdkError::NoDataKey(_) => exit::DENIED,
+        EsdkError::Invalid(_) => exit::INVALID_REQUEST,
+        EsdkError::Keyring(_) | EsdkError::Io(_) => exit::FAILURE,
+        _ => exit::FAILURE,
+    };
+    let hint = match &e {
+        EsdkError::NoDataKey(_) => {
+            "\nhint: decrypt with one of the keys listed (-k KEY or --raw-aes-key), or --discovery"
+        }
+        _ => "",
+    };
+    CliError::new(code, format!("{input}: {e}{hint}"))
+}
+
+/// A file being written: a temporary name beside `dest`, renamed onto it by [`Staged::commit`],
+/// removed if dropped before.
+struct Staged {
+    tmp: PathBuf,
+    dest: PathBuf,
+    done: bool,
+}
+
+impl Staged {
+    fn create(dest: &Path) -> Result<(Self, std::fs::File)> {
+        if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| CliError::new(exit::FAILURE, format!("cannot create {}: {e}", parent.display())))?;
+        }
+        let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let tmp = dest
+            .with_file_name(format!(".{name}.custody-{:016x}", u64::from_be_bytes(custody_crypto::random::array())));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot create {}: {e}", tmp.display())))?;
+        Ok((Self { tmp, dest: dest.to_path_buf(), done: false }, file))
+    }
+
+    fn commit(mut self, file: std::fs::File) -> Result<()> {
+        let fail =
+            |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot write {}: {e}", self.dest.display()));
+        file.sync_all().map_err(fail)?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.dest).map_err(fail)?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// What one job did.
+struct Done {
+    input: String,
+    output: String,
+    bytes_in: u64,
+    bytes_out: u64,
+    seconds: f64,
+    context: Option<EncryptionContext>,
+}
+
+/// What a job does with its input and output: the message's encryption context, or why not.
+type Work<'a> = dyn Fn(&mut dyn Read, &mut dyn Write) -> std::result::Result<Option<EncryptionContext>, EsdkError> + 'a;
+
+/// Runs `work(reader, writer)` for one job, with staging, progress and accounting.
+fn run_job(job: &Job, what: &str, work: &Work<'_>) -> Result<Done> {
+    let started = Instant::now();
+    let (reader, size): (Box<dyn Read>, Option<u64>) = if job.input == "-" {
+        (Box::new(std::io::stdin().lock()), None)
+    } else {
+        let f = std::fs::File::open(&job.input)
+            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", job.input)))?;
+        let size = f.metadata().ok().map(|m| m.len());
+        (Box::new(f), size)
+    };
+    let bar = match size {
+        Some(n) if n >= PROGRESS_FROM && std::io::stderr().is_terminal() => {
+            let bar = indicatif::ProgressBar::new(n);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(&format!(
+                    "{what} {{bar:30}} {{bytes}}/{{total_bytes}} {{bytes_per_sec}} eta {{eta}}"
+                ))
+                .expect("a valid template"),
+            );
+            Some(bar)
+        }
+        _ => None,
+    };
+    let mut counted = Counted { inner: reader, n: 0, bar: bar.clone() };
+    let mut input = BufReader::with_capacity(1 << 20, &mut counted);
+    let (context, bytes_out) = match &job.output {
+        None => {
+            let stdout = std::io::stdout();
+            let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, stdout.lock()), n: 0 };
+            let context = work(&mut input, &mut out).map_err(|e| esdk_error(&job.input, e))?;
+            out.flush().map_err(|e| CliError::new(exit::FAILURE, format!("cannot write stdout: {e}")))?;
+            (context, out.n)
+        }
+        Some(dest) => {
+            let (staged, file) = Staged::create(dest)?;
+            let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, file), n: 0 };
+            let context = work(&mut input, &mut out).map_err(|e| esdk_error(&job.input, e))?;
+            let file = out
+                .inner
+                .into_inner()
+                .map_err(|e| CliError::new(exit::FAILURE, format!("cannot write {}: {e}", dest.display())))?;
+            staged.commit(file)?;
+            (context, out.n)
+        }
+    };
+    drop(input);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(Done {
+        input: job.input.clone(),
+        output: job.output.as_ref().map_or("-".into(), |p| p.display().to_string()),
+        bytes_in: counted.n,
+        bytes_out,
+        seconds: started.elapsed().as_secs_f64(),
+        context,
+    })
+}
+
+struct Counted<R> {
+    inner: R,
+    n: u64,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n += k as u64;
+        if let Some(b) = &self.bar {
+            b.inc(k as u64);
+        }
+        Ok(k)
+    }
+}
+
+struct Counting<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let k = self.inner.write(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn report(done: &[Done], verb: &str, verbose: bool, json: bool) {
+    if json {
+        let files: Vec<_> = done
+            .iter()
+            .map(|d| {
+                json!({
+                    "Input": d.input, "Output": d.output, "BytesIn": d.bytes_in, "BytesOut": d.bytes_out,
+                    "Seconds": d.seconds, "EncryptionContext": d.context,
+                })
+            })
+            .collect();
+        // Only when the output is not stdout (it would mix with the data).
+        if done.iter().all(|d| d.output != "-") {
+            print_json(&json!({ "Files": files }));
+        }
+    }
+    if verbose {
+        for d in done {
+            let mib = d.bytes_in as f64 / (1024.0 * 1024.0);
+            eprintln!(
+                "{verb} {} -> {}: {} bytes in {:.3} s ({:.1} MiB/s)",
+                d.input,
+                d.output,
+                d.bytes_in,
+                d.seconds,
+                mib / d.seconds.max(1e-9)
+            );
+        }
+    }
+}
+
+/// `custody encrypt`
+pub async fn encrypt(conn: &ConnArgs, a: EncryptArgs, json: bool) -> Result<()> {
+    let jobs = plan(&a.keys, Suffix::Add)?;
+    let keyring = keyring(conn, &a.keys, None).await?;
+    let context: EncryptionContext = a.context.iter().cloned().collect();
+    let options = EncryptOptions {
+        suite: match a.suite {
+            SuiteArg::Committed => Suite::Committed,
+            SuiteArg::CommittedSigned => Suite::CommittedSigned,
+        },
+        frame_length: a.frame_size,
+    };
+    let done = tokio::task::spawn_blocking(move || {
+        jobs.iter()
+            .map(|job| {
+                run_job(job, "encrypting", &|mut r, mut w| {
+                    esdk::encrypt(keyring.as_ref(), &context, options, &mut r, &mut w).map(|_| Some(context.clone()))
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| CliError::new(exit::FAILURE, format!("encryption stopped: {e}")))??;
+    report(&done, "encrypted", a.keys.verbose, json);
+    Ok(())
+}
+
+/// `custody decrypt`
+pub async fn decrypt(conn: &ConnArgs, a: DecryptArgs, json: bool) -> Result<()> {
+    let jobs = plan(&a.keys, Suffix::Strip)?;
+    let keyring = keyring(conn, &a.keys, Some(a.discovery)).await?;
+    let options = esdk::DecryptOptions {
+        max_encrypted_data_keys: a.max_encrypted_data_keys,
+        required_context: a.require_context.iter().cloned().collect(),
+        ..Default::default()
+    };
+    let done = tokio::task::spawn_blocking(move || {
+        jobs.iter()
+            .map(|job| {
+                run_job(job, "decrypting", &|mut r, mut w| {
+                    esdk::decrypt(keyring.as_ref(), &options, &mut r, &mut w).map(|info| Some(info.context))
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| CliError::new(exit::FAILURE, format!("decryption stopped: {e}")))??;
+    report(&done, "decrypted", a.keys.verbose, json);
+    Ok(())
+}

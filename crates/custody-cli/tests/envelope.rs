@@ -1,0 +1,210 @@
+//! `custody encrypt` / `custody decrypt`: the Python SDK's vectors through the CLI, and files
+//! encrypted under custody KMS keys of a real server.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use base64::Engine;
+use serde_json::{json, Value};
+
+fn vectors_dir() -> PathBuf {
+    std::env::var("CUSTODY_TESTVECTORS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testvectors"))
+        .join("esdk-python")
+}
+
+fn run(args: &[&str], profile: Option<&Path>) -> Output {
+    let mut c = common::custody();
+    if let Some(p) = profile {
+        c.env("CUSTODY_PROFILE", p);
+    }
+    c.args(args).output().unwrap()
+}
+
+fn ok(o: &Output) {
+    assert!(o.status.success(), "exit {:?}: {}", o.status.code(), String::from_utf8_lossy(&o.stderr));
+}
+
+/// Every vector through `custody decrypt --raw-aes-key` (no server): "ok" ones give the
+/// plaintext at the output path; "error" ones exit with "invalid ciphertext" (7) or "denied" (4,
+/// no data key) and leave nothing at the output path, not even a partial file.
+#[test]
+fn the_python_sdk_vectors_through_the_cli() {
+    let dir = vectors_dir();
+    let manifest: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ring = &manifest["raw_aes_keyring"];
+    let provider = ring["provider_id"].as_str().unwrap();
+    for name in ["key-0", "key-1"] {
+        let key = base64::engine::general_purpose::STANDARD.decode(ring["keys"][name].as_str().unwrap()).unwrap();
+        std::fs::write(tmp.path().join(name), key).unwrap();
+    }
+    let mut seen = 0;
+    for t in manifest["tests"].as_array().unwrap() {
+        let name = t["name"].as_str().unwrap();
+        let key = t["wrapping_key"].as_str().unwrap();
+        let spec = format!("{provider}/{key}={}", tmp.path().join(key).display());
+        let out = tmp.path().join(format!("{name}.out"));
+        let input = dir.join(t["ciphertext"].as_str().unwrap());
+        let o = run(&["decrypt", "--raw-aes-key", &spec, "-o", out.to_str().unwrap(), input.to_str().unwrap()], None);
+        if t["result"] == "ok" {
+            ok(&o);
+            let expected = std::fs::read(dir.join(t["plaintext"].as_str().unwrap())).unwrap();
+            assert!(std::fs::read(&out).unwrap() == expected, "{name}: plaintext differs");
+        } else {
+            assert!(matches!(o.status.code(), Some(4) | Some(7)), "{name}: exit {:?}", o.status.code());
+            assert!(!out.exists(), "{name}: output left behind");
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 89);
+    // No temporary file was left behind either.
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Files under custody KMS keys: round trips in both suites and several frame sizes, strict and
+/// discovery decryption, two wrapping keys (either decrypts), a required context that does not
+/// match (exit 7, nothing written), stdin to stdout, directories with -r, and a raw AES key beside
+/// a KMS key.
+#[tokio::test(flavor = "multi_thread")]
+async fn files_under_kms_keys() {
+    let (dir, layout) = common::keyfile_dir();
+    let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
+    let profile_path = layout.admin_profile();
+    let key = || async {
+        let r = custody_client::Client::connect(&profile)
+            .await
+            .unwrap()
+            .call("TrentService.CreateKey", json!({}))
+            .await
+            .unwrap();
+        r["KeyMetadata"]["Arn"].as_str().unwrap().to_string()
+    };
+    let (a, b, other) = (key().await, key().await, key().await);
+    let p = Some(profile_path.as_path());
+    let tmp = tempfile::tempdir().unwrap();
+    let path = |n: &str| tmp.path().join(n).display().to_string();
+    let plain: Vec<u8> = (0..300_001u32).map(|i| (i * 7 % 253) as u8).collect();
+    std::fs::write(path("plain"), &plain).unwrap();
+
+    for (suite, frame) in [("committed", "65536"), ("committed-signed", "4096"), ("committed", "1")] {
+        let small = frame == "1";
+        let input = if small { path("small") } else { path("plain") };
+        if small {
+            std::fs::write(&input, b"a few bytes").unwrap();
+        }
+        let expected = std::fs::read(&input).unwrap();
+        ok(&run(
+            &[
+                "encrypt",
+                "-k",
+                &a,
+                "-k",
+                &b,
+                "-c",
+                "purpose=test",
+                "--suite",
+                suite,
+                "--frame-size",
+                frame,
+                "-o",
+                &path("enc"),
+                &input,
+            ],
+            p,
+        ));
+        let message = std::fs::read(path("enc")).unwrap();
+        assert_eq!(message[0], 2, "a v2 message");
+        // Strict with either key, and discovery.
+        for args in [vec!["-k", a.as_str()], vec!["-k", b.as_str()], vec!["--discovery"], vec![]] {
+            let mut cmd = vec!["decrypt", "--require-context", "purpose=test", "-o", "dec"];
+            let out = path("dec");
+            cmd[4] = &out;
+            cmd.extend(args.iter().copied());
+            let enc = path("enc");
+            cmd.push(&enc);
+            ok(&run(&cmd, p));
+            assert!(std::fs::read(path("dec")).unwrap() == expected, "{suite} {frame} {args:?}");
+            std::fs::remove_file(path("dec")).unwrap();
+        }
+        // Strict with a key that did not wrap it: refused, nothing written.
+        let o = run(&["decrypt", "-k", &other, "-o", &path("dec"), &path("enc")], p);
+        assert_eq!(o.status.code(), Some(4), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(!Path::new(&path("dec")).exists());
+        // A required context the message does not hold: refused, nothing written.
+        let o = run(&["decrypt", "-k", &a, "--require-context", "purpose=other", "-o", &path("dec"), &path("enc")], p);
+        assert_eq!(o.status.code(), Some(7), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("purpose=other"));
+        assert!(!Path::new(&path("dec")).exists());
+    }
+
+    // A changed byte in the last frame: refused, and no partial plaintext at the output path.
+    ok(&run(&["encrypt", "-k", &a, "--frame-size", "1024", "-o", &path("enc"), &path("plain")], p));
+    let mut message = std::fs::read(path("enc")).unwrap();
+    let n = message.len();
+    message[n - 20] ^= 1;
+    std::fs::write(path("bad"), &message).unwrap();
+    let o = run(&["decrypt", "-k", &a, "-o", &path("dec"), &path("bad")], p);
+    assert_eq!(o.status.code(), Some(7));
+    assert!(!Path::new(&path("dec")).exists());
+
+    // stdin to stdout.
+    let mut child = common::custody()
+        .env("CUSTODY_PROFILE", &profile_path)
+        .args(["encrypt", "-k", &a])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(b"through pipes").unwrap();
+    }
+    let enc = child.wait_with_output().unwrap();
+    ok(&enc);
+    std::fs::write(path("piped"), &enc.stdout).unwrap();
+    let dec = run(&["decrypt", "-k", &a, &path("piped")], p);
+    ok(&dec);
+    assert_eq!(dec.stdout, b"through pipes");
+
+    // Directories: every file under the input, named *.encrypted, then back; with --json.
+    std::fs::create_dir_all(tmp.path().join("tree/sub")).unwrap();
+    std::fs::write(tmp.path().join("tree/one"), b"1").unwrap();
+    std::fs::write(tmp.path().join("tree/sub/two"), b"22").unwrap();
+    let o = run(&["--json", "encrypt", "-k", &a, "-r", &path("tree"), "--out-dir", &path("sealed")], p);
+    ok(&o);
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["Files"].as_array().unwrap().len(), 2);
+    assert!(tmp.path().join("sealed/sub/two.encrypted").exists());
+    ok(&run(&["decrypt", "-r", &path("sealed"), "--out-dir", &path("opened"), "-v"], p));
+    assert_eq!(std::fs::read(tmp.path().join("opened/one")).unwrap(), b"1");
+    assert_eq!(std::fs::read(tmp.path().join("opened/sub/two")).unwrap(), b"22");
+
+    // A KMS key and a raw AES key: the raw key alone decrypts offline (no server needed).
+    std::fs::write(path("raw.key"), [9u8; 32]).unwrap();
+    let raw = format!("acme/offline={}", path("raw.key"));
+    ok(&run(&["encrypt", "-k", &a, "--raw-aes-key", &raw, "-o", &path("both"), &path("small")], p));
+    let o = common::custody()
+        .args(["decrypt", "--raw-aes-key", &raw, "--endpoint", "https://127.0.0.1:1", &path("both")])
+        .output()
+        .unwrap();
+    ok(&o);
+    assert_eq!(o.stdout, b"a few bytes");
+
+    // Usage errors say what to do.
+    let o = run(&["encrypt", "-o", &path("x"), &path("small")], None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("-k KEY"));
+    let o = run(&["encrypt", "-k", &a, &path("small"), &path("plain")], p);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--out-dir"));
+    server.shutdown().await;
+}
