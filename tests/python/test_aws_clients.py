@@ -211,6 +211,41 @@ def test_aws_encryption_sdk_cli_multi_megabyte(aws_env, tmp_path):
     assert arn.encode() in (tmp_path / "data.enc").read_bytes()[:4096]
 
 
+@pytest.mark.parametrize("algorithm", ["AES_256_GCM_HKDF_SHA512_COMMIT_KEY", "AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384"])
+def test_custody_and_the_aws_encryption_cli_read_each_others_messages(aws_env, tmp_path, algorithm):
+    """The real AWS Encryption SDK CLI and `custody encrypt/decrypt`, both directions, with a custody
+    KMS key: the SDK reaches custody over SigV4, custody over mTLS; the messages are the same format."""
+    env = dict(os.environ)
+    arn = kms().create_key(Description="interop")["KeyMetadata"]["Arn"]
+    src = tmp_path / "data.bin"
+    src.write_bytes(os.urandom(1024 * 1024 + 17))
+    esdk = os.path.join(os.path.dirname(sys.executable), "aws-encryption-cli")
+    sdk = ["--wrapping-keys", f"key={arn}", "--commitment-policy", "require-encrypt-require-decrypt", "-S"]
+    custody = [custody_bin()]
+    cenv = dict(env, CUSTODY_PROFILE=aws_env["CUSTODY_PROFILE"])
+    suite = "committed-signed" if algorithm.endswith("P384") else "committed"
+
+    # SDK -> custody
+    enc = subprocess.run([esdk, "--encrypt", "--input", str(src), "--output", str(tmp_path / "sdk.enc"),
+                          "--algorithm", algorithm, "--frame-length", "4096",
+                          "--encryption-context", "purpose=interop", *sdk], env=env, capture_output=True)
+    assert enc.returncode == 0, enc.stderr.decode()
+    dec = subprocess.run([*custody, "decrypt", "-k", arn, "--require-context", "purpose=interop",
+                          "-o", str(tmp_path / "sdk.out"), str(tmp_path / "sdk.enc")], env=cenv, capture_output=True)
+    assert dec.returncode == 0, dec.stderr.decode()
+    assert filecmp.cmp(src, tmp_path / "sdk.out", shallow=False)
+
+    # custody -> SDK
+    enc = subprocess.run([*custody, "encrypt", "-k", arn, "-c", "purpose=interop", "--suite", suite,
+                          "-o", str(tmp_path / "custody.enc"), str(src)], env=cenv, capture_output=True)
+    assert enc.returncode == 0, enc.stderr.decode()
+    dec = subprocess.run([esdk, "--decrypt", "--input", str(tmp_path / "custody.enc"), "--output",
+                          str(tmp_path / "custody.out"), "--encryption-context", "purpose=interop", *sdk],
+                         env=env, capture_output=True)
+    assert dec.returncode == 0, dec.stderr.decode()
+    assert filecmp.cmp(src, tmp_path / "custody.out", shallow=False)
+
+
 def test_log_and_audit_name_the_access_key_but_never_the_secret(aws_env):
     c = kms()
     c.list_keys()
