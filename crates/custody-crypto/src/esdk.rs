@@ -569,49 +569,62 @@ pub fn encrypt<R: Read, W: Write>(
     out.put(&header)?;
     out.put(tag.as_ref())?;
 
-    // Body: full frames while the input has more than a frame left, then the final frame.
+    // Body: frames are read in batches, sealed in parallel, and written in order. A frame is the
+    // final one when the input ends inside it, or right after it (then it is full).
     let frame_len = options.frame_length as usize;
-    let mut buf = Zeroizing::new(vec![0u8; frame_len]);
-    let mut next = Zeroizing::new(vec![0u8; frame_len]);
-    let mut filled = read_full(input, &mut buf)?;
+    let per_batch = frames_per_batch(frame_len);
+    let mut pool: Vec<Frame> = Vec::new();
+    let take = |pool: &mut Vec<Frame>| pool.pop().unwrap_or_else(|| Frame::new(frame_len));
+    let mut next = take(&mut pool);
+    next.len = read_full(input, &mut next.buf[..frame_len])?;
     let mut seq: u32 = 1;
-    let mut total = filled as u64;
-    loop {
-        let next_filled = if filled == frame_len { read_full(input, &mut next)? } else { 0 };
-        let last = next_filled == 0;
-        if last {
-            let aad = body_aad(&message_id, true, seq, filled as u64);
+    let mut total: u64 = 0;
+    let mut done = false;
+    while !done {
+        let mut batch = Vec::with_capacity(per_batch);
+        while batch.len() < per_batch {
+            let mut frame = std::mem::replace(&mut next, take(&mut pool));
+            frame.seq = seq;
+            total += frame.len as u64;
+            if frame.len == frame_len {
+                next.len = read_full(input, &mut next.buf[..frame_len])?;
+            }
+            frame.last = frame.len < frame_len || next.len == 0;
+            batch.push(frame);
+            if batch.last().is_some_and(|f| f.last) {
+                done = true;
+                break;
+            }
+            seq = seq.checked_add(1).filter(|s| *s != FINAL_FRAME_MARKER).ok_or_else(|| {
+                EsdkError::Invalid("the input needs more frames than a message holds; use a larger frame length".into())
+            })?;
+        }
+        in_parallel(&mut batch, |f| {
+            let aad = body_aad(&message_id, f.last, f.seq, f.len as u64);
             let tag = keys
                 .key
                 .seal_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(frame_iv(seq)),
+                    Nonce::assume_unique_for_key(frame_iv(f.seq)),
                     Aad::from(&aad),
-                    &mut buf[..filled],
+                    &mut f.buf[..f.len],
                 )
                 .expect("frames are far below AES-GCM's limit");
-            out.put(&FINAL_FRAME_MARKER.to_be_bytes())?;
-            out.put(&seq.to_be_bytes())?;
-            out.put(&frame_iv(seq))?;
-            out.put(&(filled as u32).to_be_bytes())?;
-            out.put(&buf[..filled])?;
-            out.put(tag.as_ref())?;
-            break;
-        }
-        let aad = body_aad(&message_id, false, seq, frame_len as u64);
-        let tag = keys
-            .key
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(frame_iv(seq)), Aad::from(&aad), &mut buf[..])
-            .expect("frames are far below AES-GCM's limit");
-        out.put(&seq.to_be_bytes())?;
-        out.put(&frame_iv(seq))?;
-        out.put(&buf[..])?;
-        out.put(tag.as_ref())?;
-        seq = seq.checked_add(1).filter(|s| *s != FINAL_FRAME_MARKER).ok_or_else(|| {
-            EsdkError::Invalid("the input needs more frames than a message holds; use a larger frame length".into())
+            f.buf[f.len..f.len + TAG_LEN].copy_from_slice(tag.as_ref());
+            Ok(())
         })?;
-        std::mem::swap(&mut buf, &mut next);
-        filled = next_filled;
-        total += filled as u64;
+        for f in batch {
+            if f.last {
+                out.put(&FINAL_FRAME_MARKER.to_be_bytes())?;
+                out.put(&f.seq.to_be_bytes())?;
+                out.put(&frame_iv(f.seq))?;
+                out.put(&(f.len as u32).to_be_bytes())?;
+            } else {
+                out.put(&f.seq.to_be_bytes())?;
+                out.put(&frame_iv(f.seq))?;
+            }
+            out.put(&f.buf[..f.len + TAG_LEN])?;
+            pool.push(f);
+        }
     }
     if let (Some(pair), Some(d)) = (signer, out.digest.take()) {
         let sig = pair.sign_digest(&d.finish()).map_err(|_| EsdkError::Keyring("signing the message failed".into()))?;
@@ -621,6 +634,54 @@ pub fn encrypt<R: Read, W: Write>(
     }
     out.w.flush()?;
     Ok(total)
+}
+
+/// Plaintext bytes of the frames processed together (per batch, in memory at once).
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+fn frames_per_batch(frame_len: usize) -> usize {
+    (BATCH_BYTES / frame_len.max(1)).clamp(1, 4096)
+}
+
+/// One frame in flight: its buffer (content and room for the tag), content length, number, and
+/// whether it is the final frame.
+struct Frame {
+    buf: Zeroizing<Vec<u8>>,
+    len: usize,
+    seq: u32,
+    last: bool,
+}
+
+impl Frame {
+    fn new(frame_len: usize) -> Self {
+        Self { buf: Zeroizing::new(vec![0u8; frame_len + TAG_LEN]), len: 0, seq: 0, last: false }
+    }
+}
+
+/// Runs `work` on every frame, spread over the machine's cores; the first error (in frame order)
+/// is returned.
+fn in_parallel(
+    frames: &mut [Frame],
+    work: impl Fn(&mut Frame) -> Result<(), EsdkError> + Sync,
+) -> Result<(), EsdkError> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(frames.len());
+    if workers <= 1 {
+        return frames.iter_mut().try_for_each(&work);
+    }
+    let chunk = frames.len().div_ceil(workers);
+    let work = &work;
+    std::thread::scope(|s| {
+        let handles: Vec<_> =
+            frames.chunks_mut(chunk).map(|part| s.spawn(move || part.iter_mut().try_for_each(work))).collect();
+        let mut result = Ok(());
+        for h in handles {
+            let r = h.join().unwrap_or_else(|_| Err(EsdkError::Invalid("a frame worker panicked".into())));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    })
 }
 
 /// Reads until `buf` is full or the input ends; returns how many bytes were read.
@@ -831,52 +892,73 @@ pub fn decrypt<R: Read, W: Write>(
         .open_in_place(Nonce::assume_unique_for_key([0u8; IV_LEN]), Aad::from(&header), &mut empty)
         .map_err(|_| EsdkError::Integrity("header authentication tag"))?;
 
-    // Body.
-    let mut buf = Zeroizing::new(vec![0u8; frame_length as usize + TAG_LEN]);
+    // Body: frames are read (and their headers checked) in batches, opened in parallel, and
+    // written in order; the final frame's plaintext waits for the signature check.
+    let per_batch = frames_per_batch(frame_length as usize);
+    let mut pool: Vec<Frame> = Vec::new();
     let mut expected: u32 = 1;
     let mut total: u64 = 0;
-    let last_len;
-    loop {
-        let first = r.u32("a frame")?;
-        let final_frame = first == FINAL_FRAME_MARKER;
-        let seq = if final_frame { r.u32("the final frame")? } else { first };
-        if seq != expected {
-            return Err(EsdkError::Malformed(format!("frame {seq} where frame {expected} belongs")));
-        }
-        let iv: [u8; IV_LEN] = r.array("a frame")?;
-        if iv != frame_iv(seq) {
-            return Err(EsdkError::Malformed(format!("frame {seq} has an IV other than its sequence number")));
-        }
-        let len = if final_frame {
-            let len = r.u32("the final frame")?;
-            if len > frame_length {
-                return Err(EsdkError::Malformed(format!(
-                    "the final frame holds {len} bytes, more than the frame length {frame_length}"
-                )));
+    let mut last_frame = None;
+    while last_frame.is_none() {
+        let mut batch: Vec<Frame> = Vec::with_capacity(per_batch);
+        while batch.len() < per_batch {
+            let first = r.u32("a frame")?;
+            let final_frame = first == FINAL_FRAME_MARKER;
+            let seq = if final_frame { r.u32("the final frame")? } else { first };
+            if seq != expected {
+                return Err(EsdkError::Malformed(format!("frame {seq} where frame {expected} belongs")));
             }
-            len as usize
-        } else {
-            frame_length as usize
-        };
-        let body = &mut buf[..len + TAG_LEN];
-        r.exact(body, if final_frame { "the final frame" } else { "a frame" })?;
-        let aad = body_aad(&message_id, final_frame, seq, len as u64);
-        let plain = message_keys
-            .key
-            .open_in_place(Nonce::assume_unique_for_key(iv), Aad::from(&aad), body)
-            .map_err(|_| EsdkError::Integrity("frame authentication tag"))?;
-        total += plain.len() as u64;
-        if final_frame {
-            // Hold the last frame back until the signature is checked (below).
-            last_len = plain.len();
-            break;
+            let iv: [u8; IV_LEN] = r.array("a frame")?;
+            if iv != frame_iv(seq) {
+                return Err(EsdkError::Malformed(format!("frame {seq} has an IV other than its sequence number")));
+            }
+            let len = if final_frame {
+                let len = r.u32("the final frame")?;
+                if len > frame_length {
+                    return Err(EsdkError::Malformed(format!(
+                        "the final frame holds {len} bytes, more than the frame length {frame_length}"
+                    )));
+                }
+                len as usize
+            } else {
+                frame_length as usize
+            };
+            let mut frame = pool.pop().unwrap_or_else(|| Frame::new(frame_length as usize));
+            r.exact(&mut frame.buf[..len + TAG_LEN], if final_frame { "the final frame" } else { "a frame" })?;
+            (frame.len, frame.seq, frame.last) = (len, seq, final_frame);
+            total += len as u64;
+            batch.push(frame);
+            if final_frame {
+                break;
+            }
+            expected = expected
+                .checked_add(1)
+                .filter(|s| *s != FINAL_FRAME_MARKER)
+                .ok_or_else(|| EsdkError::Malformed("more frames than a message can hold".into()))?;
         }
-        output.write_all(plain)?;
-        expected = expected
-            .checked_add(1)
-            .filter(|s| *s != FINAL_FRAME_MARKER)
-            .ok_or_else(|| EsdkError::Malformed("more frames than a message can hold".into()))?;
+        in_parallel(&mut batch, |f| {
+            let aad = body_aad(&message_id, f.last, f.seq, f.len as u64);
+            message_keys
+                .key
+                .open_in_place(
+                    Nonce::assume_unique_for_key(frame_iv(f.seq)),
+                    Aad::from(&aad),
+                    &mut f.buf[..f.len + TAG_LEN],
+                )
+                .map(|_| ())
+                .map_err(|_| EsdkError::Integrity("frame authentication tag"))
+        })?;
+        for f in batch {
+            if f.last {
+                // Held back until the signature is checked (below).
+                last_frame = Some(f);
+                break;
+            }
+            output.write_all(&f.buf[..f.len])?;
+            pool.push(f);
+        }
     }
+    let last_frame = last_frame.expect("the loop ends at the final frame");
     if let Some(point) = verifier {
         let digest = r.digest.take().expect("signed messages are digested").finish();
         let len = r.u16("the signature")? as usize;
@@ -892,7 +974,7 @@ pub fn decrypt<R: Read, W: Write>(
     if read_full(r.r, &mut extra)? != 0 {
         return Err(EsdkError::Malformed("bytes after the end of the message".into()));
     }
-    output.write_all(&buf[..last_len])?;
+    output.write_all(&last_frame.buf[..last_frame.len])?;
     output.flush()?;
     Ok(MessageInfo { suite, message_id, context, encrypted_data_keys: keys, frame_length, plaintext_len: total })
 }
