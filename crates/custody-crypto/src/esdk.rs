@@ -538,28 +538,9 @@ pub fn encrypt<R: Read, W: Write>(
     let message_id: [u8; MESSAGE_ID_LEN] = crate::random::array();
     let keys = derive_keys(suite, &data_key, &message_id);
 
-    // Header body.
-    let mut header = Vec::with_capacity(256);
-    header.push(VERSION_2);
-    header.extend_from_slice(&suite.id().to_be_bytes());
-    header.extend_from_slice(&message_id);
-    let pairs = serialize_pairs(&context)?;
-    header.extend_from_slice(&(pairs.len() as u16).to_be_bytes());
-    header.extend_from_slice(&pairs);
-    let count = u16::try_from(encrypted_data_keys.len())
-        .map_err(|_| EsdkError::Invalid("more than 65535 encrypted data keys".into()))?;
-    header.extend_from_slice(&count.to_be_bytes());
-    for edk in &encrypted_data_keys {
-        for field in [edk.provider_id.as_bytes(), &edk.provider_info, &edk.ciphertext] {
-            let len = u16::try_from(field.len())
-                .map_err(|_| EsdkError::Invalid("an encrypted data key field is larger than 64 KiB".into()))?;
-            header.extend_from_slice(&len.to_be_bytes());
-            header.extend_from_slice(field);
-        }
-    }
-    header.push(CONTENT_TYPE_FRAMED);
-    header.extend_from_slice(&options.frame_length.to_be_bytes());
-    header.extend_from_slice(&keys.commitment[..]);
+    let commitment: [u8; COMMITMENT_LEN] = *keys.commitment;
+    let header =
+        header_body(suite, &message_id, &context, &encrypted_data_keys, options.frame_length, &commitment)?;
     let tag = keys
         .key
         .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0u8; IV_LEN]), Aad::from(&header), &mut [])
@@ -704,6 +685,8 @@ struct In<'a, R: Read> {
     /// Bytes of the header body so far (while reading the header).
     header: Option<Vec<u8>>,
     digest: Option<digest::Context>,
+    /// Digest what is read if the message turns out to be signed (not when only looking).
+    sign: bool,
 }
 
 impl<R: Read> In<'_, R> {
@@ -785,6 +768,218 @@ fn parse_pairs(bytes: &[u8]) -> Result<EncryptionContext, EsdkError> {
     Ok(context)
 }
 
+/// A message's header: parsed, every length bounded, not yet authenticated (that needs the data
+/// key: [`Header::authenticate`]).
+#[derive(Debug, Clone)]
+pub struct Header {
+    /// The suite.
+    pub suite: Suite,
+    /// The message id.
+    pub message_id: [u8; MESSAGE_ID_LEN],
+    /// The encryption context.
+    pub context: EncryptionContext,
+    /// The encrypted data keys.
+    pub encrypted_data_keys: Vec<EncryptedDataKey>,
+    /// The frame length.
+    pub frame_length: u32,
+    commitment: [u8; COMMITMENT_LEN],
+    /// The header body as read (what the tag covers).
+    body: Vec<u8>,
+    tag: [u8; TAG_LEN],
+}
+
+impl Header {
+    fn read<R: Read>(r: &mut In<'_, R>, options: &DecryptOptions) -> Result<Self, EsdkError> {
+        r.header = Some(Vec::with_capacity(512));
+        let version = r.u8("the version")?;
+        match version {
+            VERSION_2 => {}
+            0x01 => {
+                return Err(EsdkError::Unsupported(
+                    "message format version 1 (non-committing suites); custody reads version 2 only".into(),
+                ))
+            }
+            v => return Err(EsdkError::Malformed(format!("unknown message format version 0x{v:02x}"))),
+        }
+        let suite = Suite::from_id(r.u16("the algorithm suite")?)?;
+        if suite.is_signed() && r.sign {
+            let mut d = digest::Context::new(&digest::SHA384);
+            d.update(&[version]);
+            d.update(&suite.id().to_be_bytes());
+            r.digest = Some(d);
+        }
+        let message_id: [u8; MESSAGE_ID_LEN] = r.array("the message id")?;
+        let aad_len = r.u16("the encryption context length")? as usize;
+        let context = parse_pairs(&r.vec(aad_len, "the encryption context")?)?;
+        let count = r.u16("the encrypted data key count")?;
+        if count == 0 {
+            return Err(EsdkError::Malformed("the header holds no encrypted data key".into()));
+        }
+        if count > options.max_encrypted_data_keys {
+            return Err(EsdkError::Malformed(format!(
+                "the header holds {count} encrypted data keys; the limit is {}",
+                options.max_encrypted_data_keys
+            )));
+        }
+        let mut keys = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let len = r.u16("an encrypted data key")? as usize;
+            let provider_id = String::from_utf8(r.vec(len, "an encrypted data key")?)
+                .map_err(|_| EsdkError::Malformed("a key provider id is not UTF-8".into()))?;
+            let len = r.u16("an encrypted data key")? as usize;
+            let provider_info = r.vec(len, "an encrypted data key")?;
+            let len = r.u16("an encrypted data key")? as usize;
+            let ciphertext = r.vec(len, "an encrypted data key")?;
+            keys.push(EncryptedDataKey { provider_id, provider_info, ciphertext });
+        }
+        match r.u8("the content type")? {
+            CONTENT_TYPE_FRAMED => {}
+            0x01 => {
+                return Err(EsdkError::Unsupported("non-framed message bodies; custody reads framed bodies".into()))
+            }
+            t => return Err(EsdkError::Malformed(format!("unknown content type 0x{t:02x}"))),
+        }
+        let frame_length = r.u32("the frame length")?;
+        if frame_length == 0 {
+            return Err(EsdkError::Malformed("a framed message with frame length 0".into()));
+        }
+        if frame_length > options.max_frame_length {
+            return Err(EsdkError::Malformed(format!(
+                "frame length {frame_length} is above the limit of {} bytes",
+                options.max_frame_length
+            )));
+        }
+        let commitment: [u8; COMMITMENT_LEN] = r.array("the key commitment")?;
+        let body = r.header.take().expect("reading the header");
+        let tag: [u8; TAG_LEN] = r.array("the header authentication tag")?;
+        if suite.is_signed() != context.contains_key(PUBLIC_KEY_CONTEXT_KEY) {
+            return Err(EsdkError::Malformed(format!(
+                "the {PUBLIC_KEY_CONTEXT_KEY} context key must be present exactly in signed messages"
+            )));
+        }
+        for (k, v) in &options.required_context {
+            if context.get(k) != Some(v) {
+                return Err(EsdkError::ContextMismatch(format!("{k}={v}")));
+            }
+        }
+        Ok(Self { suite, message_id, context, encrypted_data_keys: keys, frame_length, commitment, body, tag })
+    }
+
+    /// Unwraps the data key with `keyring`, then checks the key commitment (in constant time) and
+    /// the header's tag. Returns the message's keys and the data key.
+    fn authenticate(&self, keyring: &dyn Keyring) -> Result<(MessageKeys, DataKey), EsdkError> {
+        let data_key = keyring.on_decrypt(self.suite, &self.context, &self.encrypted_data_keys)?.ok_or_else(|| {
+            let names: Vec<String> = self
+                .encrypted_data_keys
+                .iter()
+                .map(|k| format!("{}/{}", k.provider_id, String::from_utf8_lossy(key_name_hint(&k.provider_info))))
+                .collect();
+            EsdkError::NoDataKey(names.join(", "))
+        })?;
+        let keys = derive_keys(self.suite, &data_key, &self.message_id);
+        if aws_lc_rs::constant_time::verify_slices_are_equal(&keys.commitment[..], &self.commitment).is_err() {
+            return Err(EsdkError::Integrity("key commitment"));
+        }
+        let mut tag = self.tag;
+        keys.key
+            .open_in_place(Nonce::assume_unique_for_key([0u8; IV_LEN]), Aad::from(&self.body), &mut tag)
+            .map_err(|_| EsdkError::Integrity("header authentication tag"))?;
+        Ok((keys, data_key))
+    }
+}
+
+/// Reads a message's header (for tools that only look: which keys wrap it, its context).
+pub fn read_header<R: Read>(input: &mut R, options: &DecryptOptions) -> Result<Header, EsdkError> {
+    Header::read(&mut In { r: input, header: None, digest: None, sign: false }, options)
+}
+
+/// What [`rewrap`] did.
+#[derive(Debug, Clone)]
+pub struct Rewrapped {
+    /// The new header's encrypted data keys.
+    pub encrypted_data_keys: Vec<EncryptedDataKey>,
+    /// Bytes of the body (and footer) copied unchanged.
+    pub body_bytes: u64,
+}
+
+/// Re-wraps a message's data key: the data key is unwrapped with `old` (and the header
+/// authenticated with it), wrapped again by `new`, and the message written out with the new
+/// encrypted data keys and a new header tag; message id, context, commitment and every body byte
+/// stay as they were. Signed messages cannot be re-wrapped (their signature covers the header
+/// and its key is gone): they are refused as [`EsdkError::Unsupported`].
+pub fn rewrap<R: Read, W: Write>(
+    old: &dyn Keyring,
+    new: &dyn Keyring,
+    options: &DecryptOptions,
+    input: &mut R,
+    output: &mut W,
+) -> Result<Rewrapped, EsdkError> {
+    let header = read_header(input, options)?;
+    if header.suite.is_signed() {
+        return Err(EsdkError::Unsupported(
+            "signed messages (suite 0x0578) cannot be re-wrapped: their signature covers the header; decrypt and encrypt them again".into(),
+        ));
+    }
+    let (keys, data_key) = header.authenticate(old)?;
+    let mut materials = EncryptionMaterials {
+        suite: header.suite,
+        context: header.context.clone(),
+        data_key: Some(data_key),
+        encrypted_data_keys: Vec::new(),
+    };
+    new.on_encrypt(&mut materials)?;
+    let body = header_body(
+        header.suite,
+        &header.message_id,
+        &header.context,
+        &materials.encrypted_data_keys,
+        header.frame_length,
+        &header.commitment,
+    )?;
+    let tag = keys
+        .key
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0u8; IV_LEN]), Aad::from(&body), &mut [])
+        .expect("sealing an empty plaintext cannot fail");
+    output.write_all(&body)?;
+    output.write_all(tag.as_ref())?;
+    let body_bytes = io::copy(input, output)?;
+    output.flush()?;
+    Ok(Rewrapped { encrypted_data_keys: materials.encrypted_data_keys, body_bytes })
+}
+
+/// The header body: everything the header tag covers.
+fn header_body(
+    suite: Suite,
+    message_id: &[u8; MESSAGE_ID_LEN],
+    context: &EncryptionContext,
+    encrypted_data_keys: &[EncryptedDataKey],
+    frame_length: u32,
+    commitment: &[u8; COMMITMENT_LEN],
+) -> Result<Vec<u8>, EsdkError> {
+    let mut header = Vec::with_capacity(256);
+    header.push(VERSION_2);
+    header.extend_from_slice(&suite.id().to_be_bytes());
+    header.extend_from_slice(message_id);
+    let pairs = serialize_pairs(context)?;
+    header.extend_from_slice(&(pairs.len() as u16).to_be_bytes());
+    header.extend_from_slice(&pairs);
+    let count = u16::try_from(encrypted_data_keys.len())
+        .map_err(|_| EsdkError::Invalid("more than 65535 encrypted data keys".into()))?;
+    header.extend_from_slice(&count.to_be_bytes());
+    for edk in encrypted_data_keys {
+        for field in [edk.provider_id.as_bytes(), &edk.provider_info, &edk.ciphertext] {
+            let len = u16::try_from(field.len())
+                .map_err(|_| EsdkError::Invalid("an encrypted data key field is larger than 64 KiB".into()))?;
+            header.extend_from_slice(&len.to_be_bytes());
+            header.extend_from_slice(field);
+        }
+    }
+    header.push(CONTENT_TYPE_FRAMED);
+    header.extend_from_slice(&frame_length.to_be_bytes());
+    header.extend_from_slice(commitment);
+    Ok(header)
+}
+
 /// Decrypts one message from `input` to `output` with a data key from `keyring`. Every frame is
 /// authenticated before its plaintext is written; the signature (signed suite) is verified at the
 /// end, and any byte after the message is an error. See the module's caution on streaming.
@@ -794,103 +989,19 @@ pub fn decrypt<R: Read, W: Write>(
     input: &mut R,
     output: &mut W,
 ) -> Result<MessageInfo, EsdkError> {
-    let mut r = In { r: input, header: Some(Vec::with_capacity(512)), digest: None };
-    let version = r.u8("the version")?;
-    match version {
-        VERSION_2 => {}
-        0x01 => {
-            return Err(EsdkError::Unsupported(
-                "message format version 1 (non-committing suites); custody reads version 2 only".into(),
-            ))
-        }
-        v => return Err(EsdkError::Malformed(format!("unknown message format version 0x{v:02x}"))),
-    }
-    let suite = Suite::from_id(r.u16("the algorithm suite")?)?;
-    if suite.is_signed() {
-        let mut d = digest::Context::new(&digest::SHA384);
-        d.update(&[version]);
-        d.update(&suite.id().to_be_bytes());
-        r.digest = Some(d);
-    }
-    let message_id: [u8; MESSAGE_ID_LEN] = r.array("the message id")?;
-    let aad_len = r.u16("the encryption context length")? as usize;
-    let context = parse_pairs(&r.vec(aad_len, "the encryption context")?)?;
-    let count = r.u16("the encrypted data key count")?;
-    if count == 0 {
-        return Err(EsdkError::Malformed("the header holds no encrypted data key".into()));
-    }
-    if count > options.max_encrypted_data_keys {
-        return Err(EsdkError::Malformed(format!(
-            "the header holds {count} encrypted data keys; the limit is {}",
-            options.max_encrypted_data_keys
-        )));
-    }
-    let mut keys = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        let len = r.u16("an encrypted data key")? as usize;
-        let provider_id = String::from_utf8(r.vec(len, "an encrypted data key")?)
-            .map_err(|_| EsdkError::Malformed("a key provider id is not UTF-8".into()))?;
-        let len = r.u16("an encrypted data key")? as usize;
-        let provider_info = r.vec(len, "an encrypted data key")?;
-        let len = r.u16("an encrypted data key")? as usize;
-        let ciphertext = r.vec(len, "an encrypted data key")?;
-        keys.push(EncryptedDataKey { provider_id, provider_info, ciphertext });
-    }
-    match r.u8("the content type")? {
-        CONTENT_TYPE_FRAMED => {}
-        0x01 => return Err(EsdkError::Unsupported("non-framed message bodies; custody reads framed bodies".into())),
-        t => return Err(EsdkError::Malformed(format!("unknown content type 0x{t:02x}"))),
-    }
-    let frame_length = r.u32("the frame length")?;
-    if frame_length == 0 {
-        return Err(EsdkError::Malformed("a framed message with frame length 0".into()));
-    }
-    if frame_length > options.max_frame_length {
-        return Err(EsdkError::Malformed(format!(
-            "frame length {frame_length} is above the limit of {} bytes",
-            options.max_frame_length
-        )));
-    }
-    let commitment: [u8; COMMITMENT_LEN] = r.array("the key commitment")?;
-    let header = r.header.take().expect("reading the header");
-    let tag: [u8; TAG_LEN] = r.array("the header authentication tag")?;
-
-    if suite.is_signed() != context.contains_key(PUBLIC_KEY_CONTEXT_KEY) {
-        return Err(EsdkError::Malformed(format!(
-            "the {PUBLIC_KEY_CONTEXT_KEY} context key must be present exactly in signed messages"
-        )));
-    }
-    for (k, v) in &options.required_context {
-        if context.get(k) != Some(v) {
-            return Err(EsdkError::ContextMismatch(format!("{k}={v}")));
-        }
-    }
-    let verifier = if suite.is_signed() {
-        let b64 = &context[PUBLIC_KEY_CONTEXT_KEY];
+    let mut r = In { r: input, header: None, digest: None, sign: true };
+    let header = Header::read(&mut r, options)?;
+    let verifier = if header.suite.is_signed() {
+        let b64 = &header.context[PUBLIC_KEY_CONTEXT_KEY];
         let point =
             STANDARD.decode(b64).map_err(|_| EsdkError::Malformed("the message's public key is not base64".into()))?;
         Some(point)
     } else {
         None
     };
-
-    let data_key = keyring.on_decrypt(suite, &context, &keys)?.ok_or_else(|| {
-        let names: Vec<String> = keys
-            .iter()
-            .map(|k| format!("{}/{}", k.provider_id, String::from_utf8_lossy(key_name_hint(&k.provider_info))))
-            .collect();
-        EsdkError::NoDataKey(names.join(", "))
-    })?;
-    let message_keys = derive_keys(suite, &data_key, &message_id);
+    let (message_keys, data_key) = header.authenticate(keyring)?;
     drop(data_key);
-    if aws_lc_rs::constant_time::verify_slices_are_equal(&message_keys.commitment[..], &commitment).is_err() {
-        return Err(EsdkError::Integrity("key commitment"));
-    }
-    let mut empty = tag;
-    message_keys
-        .key
-        .open_in_place(Nonce::assume_unique_for_key([0u8; IV_LEN]), Aad::from(&header), &mut empty)
-        .map_err(|_| EsdkError::Integrity("header authentication tag"))?;
+    let Header { suite, message_id, context, encrypted_data_keys: keys, frame_length, .. } = header;
 
     // Body: frames are read (and their headers checked) in batches, opened in parallel, and
     // written in order; the final frame's plaintext waits for the signature check.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use custody_crypto::esdk::{
-    decrypt, encrypt, DecryptOptions, EncryptOptions, EncryptionContext, EsdkError, Keyring, MultiKeyring,
+    decrypt, encrypt, read_header, rewrap, DecryptOptions, EncryptOptions, EncryptionContext, EsdkError, Keyring, MultiKeyring,
     RawAesKeyring, Suite,
 };
 use serde_json::Value;
@@ -218,4 +218,48 @@ fn limits_and_unsupported_messages() {
     suite[1..3].copy_from_slice(&0x0178u16.to_be_bytes());
     let e = open(&k, &suite).unwrap_err();
     assert!(matches!(e, EsdkError::Unsupported(_)) && e.to_string().contains("0x0178"), "{e}");
+}
+
+/// Re-wrapping replaces the header's data keys and tag and leaves every body byte as it was; the
+/// result decrypts with the new key only (when only the new key wraps it). A signed message is
+/// refused; a header that was changed, or an old keyring that cannot unwrap, fails and writes
+/// nothing usable.
+#[test]
+fn rewrap_changes_the_header_only() {
+    let (old, new) = (keyring("old", 7), keyring("new", 8));
+    let plain: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+    let message = seal(&old, &context(), EncryptOptions { suite: Suite::Committed, frame_length: 4096 }, &plain);
+    let before = read_header(&mut &message[..], &DecryptOptions::default()).unwrap();
+    let mut out = Vec::new();
+    let done = rewrap(&old, &new, &DecryptOptions::default(), &mut &message[..], &mut out).unwrap();
+    let after = read_header(&mut &out[..], &DecryptOptions::default()).unwrap();
+    assert_eq!((after.message_id, &after.context, after.frame_length), (before.message_id, &before.context, 4096));
+    assert_eq!(after.encrypted_data_keys, done.encrypted_data_keys);
+    assert_eq!(after.encrypted_data_keys.len(), 1);
+    assert_eq!(after.encrypted_data_keys[0].provider_info[..3], *b"new");
+    // The body: the same bytes at the end of both messages.
+    let body = done.body_bytes as usize;
+    assert_eq!(out[out.len() - body..], message[message.len() - body..]);
+    assert!(body > plain.len());
+    assert_eq!(open(&new, &out).unwrap().0, plain);
+    assert!(matches!(open(&old, &out).unwrap_err(), EsdkError::NoDataKey(_)));
+    // Both keys wrap it after a re-wrap through a multi-keyring.
+    let both = MultiKeyring::new(vec![Box::new(keyring("new", 8)), Box::new(keyring("old", 7))]).unwrap();
+    let mut twice = Vec::new();
+    rewrap(&new, &both, &DecryptOptions::default(), &mut &out[..], &mut twice).unwrap();
+    assert_eq!(open(&old, &twice).unwrap().0, plain);
+    assert_eq!(open(&new, &twice).unwrap().0, plain);
+
+    // Refused: a signed message, a wrong old key, a changed header.
+    let signed = seal(&old, &context(), EncryptOptions { suite: Suite::CommittedSigned, frame_length: 4096 }, b"x");
+    let e = rewrap(&old, &new, &DecryptOptions::default(), &mut &signed[..], &mut Vec::new()).unwrap_err();
+    assert!(matches!(e, EsdkError::Unsupported(_)) && e.to_string().contains("signed"), "{e}");
+    let e = rewrap(&new, &new, &DecryptOptions::default(), &mut &message[..], &mut Vec::new()).unwrap_err();
+    assert!(matches!(e, EsdkError::NoDataKey(_)), "{e:?}");
+    // The context's value "acme" sits in the header body; the tag (or the wrapped key's AAD) must catch it.
+    let at = message.windows(4).position(|w| w == b"acme").unwrap();
+    let mut changed = message.clone();
+    changed[at] ^= 0x20;
+    let e = rewrap(&old, &new, &DecryptOptions::default(), &mut &changed[..], &mut Vec::new()).unwrap_err();
+    assert!(matches!(e, EsdkError::NoDataKey(_) | EsdkError::Integrity(_)), "{e:?}");
 }
