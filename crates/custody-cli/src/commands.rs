@@ -469,6 +469,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Root(cmd) => crate::root::root(&cli.conn, cmd, json).await,
         Command::Encrypt(args) => crate::envelope::encrypt(&cli.conn, args, json).await,
         Command::Decrypt(args) => crate::envelope::decrypt(&cli.conn, args, json).await,
+        Command::Rewrap(args) => crate::envelope::rewrap(&cli.conn, args, json).await,
         Command::Agent(args) => crate::pki::agent(&cli.conn, args, json).await,
         Command::Check => check(&cli.conn, json).await,
         Command::Backup(cmd) => crate::backup::backup(&cli.conn, cmd, json).await,

@@ -502,3 +502,276 @@ pub async fn decrypt(conn: &ConnArgs, a: DecryptArgs, json: bool) -> Result<()> 
     report(&done, "decrypted", a.keys.verbose, json);
     Ok(())
 }
+
+/// `custody rewrap`
+#[derive(Debug, Args)]
+pub struct RewrapArgs {
+    /// The key (id, ARN or alias) to wrap the data keys under, at its current version
+    /// (repeatable: each wraps them).
+    #[arg(short = 'k', long = "key", value_name = "KEY", required = true)]
+    keys: Vec<String>,
+    /// Only unwrap data keys of these keys (strict); default: any custody key you may use.
+    #[arg(long = "from", value_name = "KEY")]
+    from: Vec<String>,
+    /// Raw AES keys that may unwrap the current data keys: PROVIDER/NAME=KEYFILE (repeatable).
+    #[arg(long = "raw-aes-key", value_name = "PROVIDER/NAME=KEYFILE")]
+    raw_aes_keys: Vec<String>,
+    /// Most KMS operations per second, over all workers (0: no limit).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Files re-wrapped at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    concurrency: u16,
+    /// Only say what would be done.
+    #[arg(long = "dry-run")]
+    dry_run: bool,
+    /// Journal of finished files: those listed are skipped, each one finished is added (so an
+    /// interrupted run continues where it stopped).
+    #[arg(long, value_name = "JOURNAL")]
+    resume: Option<PathBuf>,
+    /// Print one line per file.
+    #[arg(short = 'v', long)]
+    verbose: bool,
+    /// Files, or directories (every file under them).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+}
+
+/// What happened to one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Rewrapped,
+    AlreadyDone,
+    InJournal,
+    WouldRewrap,
+}
+
+/// The target key's id and current version, read from a custody ciphertext blob it just made
+/// (`0x01 || key id (16) || version (u32)`): a data key wrapped by that version is already done.
+fn blob_version(blob: &[u8]) -> Option<&[u8]> {
+    (blob.len() > 21 && blob[0] == 0x01).then(|| &blob[1..21])
+}
+
+/// Spaces out KMS operations to at most `rate` per second, over all workers.
+struct Pace {
+    every: Option<std::time::Duration>,
+    next: std::sync::Mutex<Instant>,
+}
+
+impl Pace {
+    fn new(rate: f64) -> Self {
+        let every = (rate > 0.0).then(|| std::time::Duration::from_secs_f64(1.0 / rate));
+        Self { every, next: std::sync::Mutex::new(Instant::now()) }
+    }
+
+    fn take(&self, ops: u32) {
+        let Some(every) = self.every else { return };
+        let wait = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let at = (*next).max(now);
+            *next = at + every * ops;
+            at - now
+        };
+        std::thread::sleep(wait);
+    }
+}
+
+/// `custody rewrap`
+pub async fn rewrap(conn: &ConnArgs, a: RewrapArgs, json: bool) -> Result<()> {
+    let mut files = Vec::new();
+    for p in &a.paths {
+        if p.is_dir() {
+            files.extend(walk(p)?);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    let journal: std::collections::HashSet<String> = match &a.resume {
+        Some(j) if j.exists() => std::fs::read_to_string(j)
+            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read the journal {}: {e}", j.display())))?
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        _ => Default::default(),
+    };
+    // The target keys: their ARNs, and the id and version a fresh wrapping carries.
+    let mut client = connect(conn).await?;
+    let mut targets = Vec::new();
+    for key in &a.keys {
+        let r = client.call("TrentService.Encrypt", json!({ "KeyId": key, "Plaintext": B64.encode([0u8]) })).await?;
+        let arn = r["KeyId"].as_str().unwrap_or_default().to_string();
+        let blob = B64.decode(r["CiphertextBlob"].as_str().unwrap_or_default()).unwrap_or_default();
+        targets.push((arn, blob_version(&blob).map(<[u8]>::to_vec)));
+    }
+    let from = if a.from.is_empty() {
+        Discovery::Any { arn_prefixes: Vec::new() }
+    } else {
+        let mut arns = Vec::new();
+        for key in &a.from {
+            arns.push(KmsKeyring::resolve_arn(&mut client, key).await?);
+        }
+        Discovery::Strict(arns)
+    };
+    let workers = usize::from(a.concurrency).min(files.len().max(1));
+    let mut rings = Vec::new();
+    for _ in 0..workers {
+        let client = connect(conn).await?;
+        let kms = KmsKeyring::new(client, tokio::runtime::Handle::current(), a.keys.clone(), from.clone());
+        let mut old: Vec<Box<dyn Keyring>> = Vec::new();
+        for spec in &a.raw_aes_keys {
+            old.push(Box::new(raw_keyring(spec)?));
+        }
+        rings.push((kms, old));
+    }
+    let queue = std::sync::Mutex::new(files.into_iter().collect::<std::collections::VecDeque<_>>());
+    let pace = Pace::new(a.rate);
+    let journal_file =
+        match &a.resume {
+            Some(j) if !a.dry_run => {
+                Some(std::sync::Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(j).map_err(
+                    |e| CliError::new(exit::FAILURE, format!("cannot open the journal {}: {e}", j.display())),
+                )?))
+            }
+            _ => None,
+        };
+    let ops = 1 + a.keys.len() as u32;
+    let (dry_run, verbose) = (a.dry_run, a.verbose);
+    let started = Instant::now();
+    let results = tokio::task::spawn_blocking(move || {
+        let results = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for (kms, raw) in &rings {
+                let (queue, pace, journal, journal_file, targets, results) =
+                    (&queue, &pace, &journal, &journal_file, &targets, &results);
+                s.spawn(move || loop {
+                    let Some(path) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front() else { return };
+                    let shown = path.display().to_string();
+                    let fate = rewrap_one(&path, &shown, kms, raw, targets, journal, dry_run, pace, ops);
+                    if let (Ok(Fate::Rewrapped), Some(j)) = (&fate, journal_file) {
+                        let mut j = j.lock().unwrap_or_else(|p| p.into_inner());
+                        let _ = writeln!(j, "{shown}");
+                    }
+                    if verbose {
+                        match &fate {
+                            Ok(f) => eprintln!("{shown}: {f:?}"),
+                            Err(e) => eprintln!("{shown}: FAILED: {}", e.message),
+                        }
+                    }
+                    results.lock().unwrap_or_else(|p| p.into_inner()).push((shown, fate));
+                });
+            }
+        });
+        results.into_inner().unwrap_or_else(|p| p.into_inner())
+    })
+    .await
+    .map_err(|e| CliError::new(exit::FAILURE, format!("rewrap stopped: {e}")))?;
+    let count = |f: Fate| results.iter().filter(|(_, r)| matches!(r, Ok(x) if *x == f)).count();
+    let failed: Vec<&(String, Result<Fate>)> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    let summary = json!({
+        "Rewrapped": count(Fate::Rewrapped),
+        "WouldRewrap": count(Fate::WouldRewrap),
+        "AlreadyDone": count(Fate::AlreadyDone),
+        "InJournal": count(Fate::InJournal),
+        "Failed": failed.iter().map(|(p, r)| json!({ "Path": p, "Error": r.as_ref().err().map(|e| e.message.clone()) })).collect::<Vec<_>>(),
+        "Seconds": started.elapsed().as_secs_f64(),
+    });
+    if json {
+        print_json(&summary);
+    } else {
+        println!(
+            "{} re-wrapped, {} already under the key's current version, {} skipped (journal){}, {} failed, in {:.1} s",
+            summary["Rewrapped"],
+            summary["AlreadyDone"],
+            summary["InJournal"],
+            if dry_run { format!(", {} would be re-wrapped", summary["WouldRewrap"]) } else { String::new() },
+            failed.len(),
+            started.elapsed().as_secs_f64()
+        );
+        for (p, r) in &failed {
+            eprintln!("{p}: {}", r.as_ref().err().map(|e| e.message.as_str()).unwrap_or(""));
+        }
+    }
+    match failed.first() {
+        None => Ok(()),
+        Some((_, Err(e))) => Err(CliError::new(e.code, format!("{} file(s) could not be re-wrapped", failed.len()))),
+        Some(_) => unreachable!("failed holds errors only"),
+    }
+}
+
+/// Re-wraps one file in place (atomically), unless it is done already.
+#[allow(clippy::too_many_arguments)]
+fn rewrap_one(
+    path: &Path,
+    shown: &str,
+    kms: &KmsKeyring,
+    raw: &[Box<dyn Keyring>],
+    targets: &[(String, Option<Vec<u8>>)],
+    journal: &std::collections::HashSet<String>,
+    dry_run: bool,
+    pace: &Pace,
+    ops: u32,
+) -> Result<Fate> {
+    if journal.contains(shown) {
+        return Ok(Fate::InJournal);
+    }
+    let fail = |e: std::io::Error| CliError::new(exit::FAILURE, format!("{shown}: {e}"));
+    let options = esdk::DecryptOptions::default();
+    let header = esdk::read_header(&mut BufReader::new(std::fs::File::open(path).map_err(fail)?), &options)
+        .map_err(|e| esdk_error(shown, e))?;
+    let done = targets.iter().all(|(arn, version)| {
+        header.encrypted_data_keys.iter().any(|k| {
+            k.provider_id == custody_client::keyring::KMS_PROVIDER_ID
+                && k.provider_info == arn.as_bytes()
+                && version.as_deref().is_some_and(|v| blob_version(&k.ciphertext) == Some(v))
+        })
+    });
+    if done {
+        return Ok(Fate::AlreadyDone);
+    }
+    if dry_run {
+        return Ok(Fate::WouldRewrap);
+    }
+    pace.take(ops);
+    let permissions = std::fs::metadata(path).map_err(fail)?.permissions();
+    let (staged, file) = Staged::create(path)?;
+    file.set_permissions(permissions).map_err(fail)?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let mut input = BufReader::with_capacity(1 << 20, std::fs::File::open(path).map_err(fail)?);
+    // Old data keys: the KMS keyring (discovery or --from), then raw keys.
+    let old_rings: Vec<&dyn Keyring> =
+        std::iter::once(kms as &dyn Keyring).chain(raw.iter().map(|r| r.as_ref())).collect();
+    let old = AnyOf(old_rings);
+    esdk::rewrap(&old, kms, &options, &mut input, &mut out).map_err(|e| esdk_error(shown, e))?;
+    let file = out.into_inner().map_err(|e| CliError::new(exit::FAILURE, format!("{shown}: {e}")))?;
+    staged.commit(file)?;
+    Ok(Fate::Rewrapped)
+}
+
+/// Borrowed keyrings tried in turn on decryption (encryption goes elsewhere).
+struct AnyOf<'a>(Vec<&'a dyn Keyring>);
+
+impl Keyring for AnyOf<'_> {
+    fn on_encrypt(&self, _: &mut esdk::EncryptionMaterials) -> std::result::Result<(), EsdkError> {
+        Err(EsdkError::Invalid("this keyring only decrypts".into()))
+    }
+
+    fn on_decrypt(
+        &self,
+        suite: Suite,
+        context: &EncryptionContext,
+        keys: &[esdk::EncryptedDataKey],
+    ) -> std::result::Result<Option<esdk::DataKey>, EsdkError> {
+        let mut first_error = None;
+        for k in &self.0 {
+            match k.on_decrypt(suite, context, keys) {
+                Ok(Some(key)) => return Ok(Some(key)),
+                Ok(None) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(None), Err)
+    }
+}

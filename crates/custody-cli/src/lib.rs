@@ -151,6 +151,17 @@ With -k, only data keys of those keys are tried (strict); without any key, every
 you may use is (discovery). A file output appears only once the whole message, its last frame
 and its signature are verified.")]
     Decrypt(envelope::DecryptArgs),
+    /// Re-wrap the data keys of encrypted files under a key's current version (or another key),
+    /// in place: only the header changes, every body byte stays; resumable.
+    #[command(after_help = "\
+Examples:
+  custody rewrap -k alias/app ./archive                  after a rotation: current version
+  custody rewrap -k alias/new --from alias/old --rate 200 --concurrency 8 --resume rewrap.journal ./archive
+  custody rewrap -k alias/app --dry-run ./archive --json
+
+Files already wrapped by the key's current version are skipped. Signed messages (--suite
+committed-signed) cannot be re-wrapped: their signature covers the header.")]
+    Rewrap(envelope::RewrapArgs),
     /// Read the audit trail.
     #[command(subcommand)]
     Audit(commands::AuditCommand),

@@ -208,3 +208,116 @@ async fn files_under_kms_keys() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--out-dir"));
     server.shutdown().await;
 }
+
+/// `custody rewrap`: after a rotation, files move to the key's current version (only headers
+/// change); a second run finds nothing to do; moving to another key makes the old one useless
+/// for them; a dry run changes nothing; a journal lets a run resume; a signed message is refused
+/// and reported, the others still done.
+#[tokio::test(flavor = "multi_thread")]
+async fn rewrap_moves_files_to_the_current_version_or_another_key() {
+    let (dir, layout) = common::keyfile_dir();
+    let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
+    let profile_path = layout.admin_profile();
+    let p = Some(profile_path.as_path());
+    let mut admin = common::admin_client(&profile).await;
+    let mut create = async || {
+        admin.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["Arn"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (a, b) = (create().await, create().await);
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tmp.path().join("files");
+    std::fs::create_dir_all(files.join("sub")).unwrap();
+    let mut originals = Vec::new();
+    for i in 0..5 {
+        let name = if i < 2 { format!("sub/f{i}") } else { format!("f{i}") };
+        let plain: Vec<u8> = (0..(i * 50_000 + 1)).map(|j| (j % 199) as u8).collect();
+        let src = tmp.path().join(format!("plain{i}"));
+        std::fs::write(&src, &plain).unwrap();
+        let out = files.join(&name);
+        ok(&run(&["encrypt", "-k", &a, "--frame-size", "4096", "-o", out.to_str().unwrap(), src.to_str().unwrap()], p));
+        originals.push((out, plain, std::fs::read(files.join(&name)).unwrap()));
+    }
+    let rewrap = |args: &[&str]| {
+        let mut all = vec!["--json", "rewrap"];
+        all.extend_from_slice(args);
+        let o = run(&all, p);
+        (o.status.code(), serde_json::from_slice::<Value>(&o.stdout).unwrap_or(Value::Null), o)
+    };
+    let files_arg = files.to_str().unwrap().to_string();
+
+    // Nothing to do yet: every file is under a's current version.
+    let (code, r, o) = rewrap(&["-k", &a, &files_arg]);
+    assert_eq!(code, Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!((r["AlreadyDone"].as_u64(), r["Rewrapped"].as_u64()), (Some(5), Some(0)), "{r}");
+
+    // After a rotation: a dry run changes nothing, then all five are re-wrapped, bodies untouched.
+    admin.call("TrentService.RotateKeyOnDemand", json!({ "KeyId": a })).await.unwrap();
+    let (_, r, _) = rewrap(&["-k", &a, "--dry-run", &files_arg]);
+    assert_eq!(r["WouldRewrap"].as_u64(), Some(5), "{r}");
+    for (path, _, before) in &originals {
+        assert_eq!(&std::fs::read(path).unwrap(), before, "a dry run changed {}", path.display());
+    }
+    let (code, r, _) = rewrap(&["-k", &a, "--concurrency", "3", "--rate", "1000", &files_arg]);
+    assert_eq!((code, r["Rewrapped"].as_u64()), (Some(0), Some(5)), "{r}");
+    for (path, plain, before) in &originals {
+        let after = std::fs::read(path).unwrap();
+        assert_ne!(&after, before);
+        let body = body_len(plain.len(), 4096);
+        assert_eq!(after[after.len() - body..], before[before.len() - body..], "the body changed");
+        let o = run(&["decrypt", "-k", &a, path.to_str().unwrap()], p);
+        ok(&o);
+        assert!(&o.stdout == plain);
+    }
+    let (_, r, _) = rewrap(&["-k", &a, &files_arg]);
+    assert_eq!(r["AlreadyDone"].as_u64(), Some(5), "{r}");
+
+    // To another key, with a journal: a's data keys are gone from the files.
+    let journal = tmp.path().join("journal");
+    let journal_arg = journal.to_str().unwrap().to_string();
+    let (code, r, _) = rewrap(&["-k", &b, "--from", &a, "--resume", &journal_arg, &files_arg]);
+    assert_eq!((code, r["Rewrapped"].as_u64()), (Some(0), Some(5)), "{r}");
+    assert_eq!(std::fs::read_to_string(&journal).unwrap().lines().count(), 5);
+    for (path, plain, _) in &originals {
+        let o = run(&["decrypt", "-k", &b, path.to_str().unwrap()], p);
+        ok(&o);
+        assert!(&o.stdout == plain);
+        let o = run(&["decrypt", "-k", &a, path.to_str().unwrap()], p);
+        assert_eq!(o.status.code(), Some(4));
+    }
+    // Resuming with the journal skips them all (without even reading them).
+    let (_, r, _) = rewrap(&["-k", &a, "--from", &b, "--resume", &journal_arg, &files_arg]);
+    assert_eq!(r["InJournal"].as_u64(), Some(5), "{r}");
+
+    // A signed message is refused (reported with its path); the rest of the run goes on.
+    let signed = files.join("signed");
+    ok(&run(
+        &[
+            "encrypt",
+            "-k",
+            &b,
+            "--suite",
+            "committed-signed",
+            "-o",
+            signed.to_str().unwrap(),
+            originals[0].0.to_str().unwrap(),
+        ],
+        p,
+    ));
+    let (code, r, _) = rewrap(&["-k", &a, &files_arg]);
+    assert_eq!(code, Some(7), "{r}");
+    assert_eq!(r["Rewrapped"].as_u64(), Some(5), "{r}");
+    let failed = r["Failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0]["Error"].as_str().unwrap().contains("signed"), "{r}");
+    server.shutdown().await;
+}
+
+/// Bytes of a framed body (and nothing after it) for `len` plaintext bytes in frames of `frame`.
+fn body_len(len: usize, frame: usize) -> usize {
+    let full = if len > 0 && len.is_multiple_of(frame) { len / frame - 1 } else { len / frame };
+    let last = len - full * frame;
+    full * (4 + 12 + frame + 16) + (4 + 4 + 12 + 4 + last + 16)
+}

@@ -539,8 +539,7 @@ pub fn encrypt<R: Read, W: Write>(
     let keys = derive_keys(suite, &data_key, &message_id);
 
     let commitment: [u8; COMMITMENT_LEN] = *keys.commitment;
-    let header =
-        header_body(suite, &message_id, &context, &encrypted_data_keys, options.frame_length, &commitment)?;
+    let header = header_body(suite, &message_id, &context, &encrypted_data_keys, options.frame_length, &commitment)?;
     let tag = keys
         .key
         .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0u8; IV_LEN]), Aad::from(&header), &mut [])

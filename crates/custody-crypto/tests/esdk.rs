@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use custody_crypto::esdk::{
-    decrypt, encrypt, read_header, rewrap, DecryptOptions, EncryptOptions, EncryptionContext, EsdkError, Keyring, MultiKeyring,
-    RawAesKeyring, Suite,
+    decrypt, encrypt, read_header, rewrap, DecryptOptions, EncryptOptions, EncryptionContext, EsdkError, Keyring,
+    MultiKeyring, RawAesKeyring, Suite,
 };
 use serde_json::Value;
 
