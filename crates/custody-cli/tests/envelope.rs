@@ -188,6 +188,27 @@ async fn files_under_kms_keys() {
     assert_eq!(std::fs::read(tmp.path().join("opened/one")).unwrap(), b"1");
     assert_eq!(std::fs::read(tmp.path().join("opened/sub/two")).unwrap(), b"22");
 
+    // Data-key caching (opt-in): the files of one run share a data key (the same wrapped key in
+    // every header), without it each has its own; all decrypt.
+    let headers = |dir: &str| -> Vec<Vec<custody_crypto::esdk::EncryptedDataKey>> {
+        let mut v: Vec<_> = walk(&tmp.path().join(dir))
+            .iter()
+            .map(|p| {
+                let f = std::fs::read(p).unwrap();
+                custody_crypto::esdk::read_header(&mut &f[..], &Default::default()).unwrap().encrypted_data_keys
+            })
+            .collect();
+        v.dedup();
+        v
+    };
+    ok(&run(&["encrypt", "-k", &a, "--cache-max-age", "60", "-r", &path("tree"), "--out-dir", &path("cached")], p));
+    assert_eq!(headers("cached").len(), 1, "one data key for both files");
+    assert_eq!(headers("sealed").len(), 2, "without a cache, a data key each");
+    ok(&run(&["decrypt", "--cache-max-age", "60", "-r", &path("cached"), "--out-dir", &path("cached-out")], p));
+    assert_eq!(std::fs::read(tmp.path().join("cached-out/sub/two")).unwrap(), b"22");
+    let o = run(&["encrypt", "-k", &a, "--cache-max-messages", "2", &path("small")], p);
+    assert_eq!(o.status.code(), Some(2), "the limits need --cache-max-age");
+
     // A KMS key and a raw AES key: the raw key alone decrypts offline (no server needed).
     std::fs::write(path("raw.key"), [9u8; 32]).unwrap();
     let raw = format!("acme/offline={}", path("raw.key"));
@@ -320,4 +341,18 @@ fn body_len(len: usize, frame: usize) -> usize {
     let full = if len > 0 && len.is_multiple_of(frame) { len / frame - 1 } else { len / frame };
     let last = len - full * frame;
     full * (4 + 12 + frame + 16) + (4 + 4 + 12 + 4 + last + 16)
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
 }

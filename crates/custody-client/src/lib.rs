@@ -29,7 +29,7 @@ use tokio_rustls::TlsConnector;
 
 pub mod keyring;
 
-pub use keyring::{Discovery, KmsKeyring};
+pub use keyring::{CacheLimits, CachingKeyring, Discovery, KmsKeyring};
 pub use profile::{Endpoint, Profile};
 
 /// What can go wrong talking to custody.

@@ -60,7 +60,7 @@ fn main() {
     let keyring = RawAesKeyring::new("bench", "k", &[3u8; 32]).unwrap();
     let context = EncryptionContext::from([("purpose".to_string(), "bench".to_string())]);
     for suite in [Suite::Committed, Suite::CommittedSigned] {
-        let options = EncryptOptions { suite, frame_length: frame };
+        let options = EncryptOptions { suite, frame_length: frame, ..EncryptOptions::default() };
         let t = Instant::now();
         // Frames are read straight into their buffers (no BufReader: it would add a copy).
         let mut input = std::fs::File::open(&plain_path).unwrap();

@@ -180,6 +180,9 @@ pub struct EncryptionMaterials {
     pub data_key: Option<DataKey>,
     /// The data key wrapped by each wrapping key so far.
     pub encrypted_data_keys: Vec<EncryptedDataKey>,
+    /// How many bytes the message will encrypt, when known in advance (a data-key cache needs
+    /// it to count bytes per key; see [`EncryptOptions::plaintext_length`]).
+    pub plaintext_length: Option<u64>,
 }
 
 /// Wraps and unwraps data keys (the SDKs' keyring interface).
@@ -195,6 +198,21 @@ pub trait Keyring: Send + Sync {
         context: &EncryptionContext,
         keys: &[EncryptedDataKey],
     ) -> Result<Option<DataKey>, EsdkError>;
+}
+
+impl<K: Keyring + ?Sized> Keyring for Box<K> {
+    fn on_encrypt(&self, materials: &mut EncryptionMaterials) -> Result<(), EsdkError> {
+        (**self).on_encrypt(materials)
+    }
+
+    fn on_decrypt(
+        &self,
+        suite: Suite,
+        context: &EncryptionContext,
+        keys: &[EncryptedDataKey],
+    ) -> Result<Option<DataKey>, EsdkError> {
+        (**self).on_decrypt(suite, context, keys)
+    }
 }
 
 /// The SDKs' raw AES keyring: data keys wrapped with AES-256-GCM under a 256-bit key the user
@@ -379,11 +397,14 @@ pub struct EncryptOptions {
     pub suite: Suite,
     /// Plaintext bytes per frame (1 to 2^32 - 1; default [`DEFAULT_FRAME_LENGTH`]).
     pub frame_length: u32,
+    /// The input's length, when known (a file's size): told to the keyring, and enforced (an
+    /// input of another length is an error).
+    pub plaintext_length: Option<u64>,
 }
 
 impl Default for EncryptOptions {
     fn default() -> Self {
-        Self { suite: Suite::Committed, frame_length: DEFAULT_FRAME_LENGTH }
+        Self { suite: Suite::Committed, frame_length: DEFAULT_FRAME_LENGTH, plaintext_length: None }
     }
 }
 
@@ -528,7 +549,13 @@ pub fn encrypt<R: Read, W: Write>(
     } else {
         None
     };
-    let mut materials = EncryptionMaterials { suite, context, data_key: None, encrypted_data_keys: Vec::new() };
+    let mut materials = EncryptionMaterials {
+        suite,
+        context,
+        data_key: None,
+        encrypted_data_keys: Vec::new(),
+        plaintext_length: options.plaintext_length,
+    };
     keyring.on_encrypt(&mut materials)?;
     let EncryptionMaterials { context, data_key, encrypted_data_keys, .. } = materials;
     let data_key = data_key.ok_or_else(|| EsdkError::Keyring("the keyring produced no data key".into()))?;
@@ -566,10 +593,19 @@ pub fn encrypt<R: Read, W: Write>(
             let mut frame = std::mem::replace(&mut next, take(&mut pool));
             frame.seq = seq;
             total += frame.len as u64;
+            if options.plaintext_length.is_some_and(|n| total > n) {
+                return Err(EsdkError::Invalid("the input is longer than its declared length".into()));
+            }
             if frame.len == frame_len {
                 next.len = read_full(input, &mut next.buf[..frame_len])?;
             }
             frame.last = frame.len < frame_len || next.len == 0;
+            if frame.last && options.plaintext_length.is_some_and(|n| total != n) {
+                return Err(EsdkError::Invalid(format!(
+                    "the input was {total} bytes, not the {} declared",
+                    options.plaintext_length.unwrap_or_default()
+                )));
+            }
             batch.push(frame);
             if batch.last().is_some_and(|f| f.last) {
                 done = true;
@@ -925,6 +961,7 @@ pub fn rewrap<R: Read, W: Write>(
         context: header.context.clone(),
         data_key: Some(data_key),
         encrypted_data_keys: Vec::new(),
+        plaintext_length: None,
     };
     new.on_encrypt(&mut materials)?;
     let body = header_body(

@@ -112,7 +112,12 @@ fn both_suites_round_trip_at_frame_boundaries() {
         for frame in [1u32, 7, 4096] {
             for len in [0usize, 1, 6, 7, 8, 13, 14, 15, 4095, 4096, 4097, 3 * 4096] {
                 let plain: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
-                let message = seal(&k, &context(), EncryptOptions { suite, frame_length: frame }, &plain);
+                let message = seal(
+                    &k,
+                    &context(),
+                    EncryptOptions { suite, frame_length: frame, ..EncryptOptions::default() },
+                    &plain,
+                );
                 assert_eq!(message[0], 0x02);
                 assert_eq!(u16::from_be_bytes([message[1], message[2]]), suite.id());
                 let (back, info) = open(&k, &message).unwrap_or_else(|e| panic!("{suite:?} {frame} {len}: {e}"));
@@ -132,7 +137,8 @@ fn every_change_is_detected() {
     let k = keyring("k", 2);
     for suite in [Suite::Committed, Suite::CommittedSigned] {
         let plain = b"attack at dawn, bring the ladders".to_vec();
-        let message = seal(&k, &context(), EncryptOptions { suite, frame_length: 8 }, &plain);
+        let message =
+            seal(&k, &context(), EncryptOptions { suite, frame_length: 8, ..EncryptOptions::default() }, &plain);
         for i in 0..message.len() {
             let mut m = message.clone();
             m[i] ^= 0x01;
@@ -148,7 +154,12 @@ fn every_change_is_detected() {
     }
     // Swap frames 1 and 2 (unsigned suite, 8-byte frames: 40 bytes are four regular frames of
     // 4+12+8+16 bytes, then a final frame holding the last 8).
-    let message = seal(&k, &context(), EncryptOptions { suite: Suite::Committed, frame_length: 8 }, &[9u8; 40]);
+    let message = seal(
+        &k,
+        &context(),
+        EncryptOptions { suite: Suite::Committed, frame_length: 8, ..EncryptOptions::default() },
+        &[9u8; 40],
+    );
     let frame = 4 + 12 + 8 + 16;
     let body = message.len() - (4 * frame + 4 + 4 + 12 + 4 + 8 + 16);
     let mut swapped = message.clone();
@@ -156,7 +167,12 @@ fn every_change_is_detected() {
     swapped[body + frame..body + 2 * frame].copy_from_slice(&message[body..body + frame]);
     assert!(matches!(open(&k, &swapped).unwrap_err(), EsdkError::Malformed(_)));
     // The header of one message on the body of another (same key, same sizes).
-    let other = seal(&k, &context(), EncryptOptions { suite: Suite::Committed, frame_length: 8 }, &[9u8; 40]);
+    let other = seal(
+        &k,
+        &context(),
+        EncryptOptions { suite: Suite::Committed, frame_length: 8, ..EncryptOptions::default() },
+        &[9u8; 40],
+    );
     let mut spliced = message[..body].to_vec();
     spliced.extend_from_slice(&other[body..]);
     assert!(matches!(open(&k, &spliced).unwrap_err(), EsdkError::Integrity(_)));
@@ -206,8 +222,12 @@ fn limits_and_unsupported_messages() {
     let mut out = Vec::new();
     let e = decrypt(&k, &DecryptOptions::default(), &mut &message[..], &mut out).unwrap_err();
     assert!(e.to_string().contains("17 encrypted data keys"), "{e}");
-    let big =
-        seal(&k, &EncryptionContext::new(), EncryptOptions { suite: Suite::Committed, frame_length: 1 << 20 }, b"x");
+    let big = seal(
+        &k,
+        &EncryptionContext::new(),
+        EncryptOptions { suite: Suite::Committed, frame_length: 1 << 20, ..EncryptOptions::default() },
+        b"x",
+    );
     let limits = DecryptOptions { max_frame_length: 1 << 16, ..DecryptOptions::default() };
     let e = decrypt(&k, &limits, &mut &big[..], &mut out).unwrap_err();
     assert!(e.to_string().contains("above the limit"), "{e}");
@@ -228,7 +248,12 @@ fn limits_and_unsupported_messages() {
 fn rewrap_changes_the_header_only() {
     let (old, new) = (keyring("old", 7), keyring("new", 8));
     let plain: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
-    let message = seal(&old, &context(), EncryptOptions { suite: Suite::Committed, frame_length: 4096 }, &plain);
+    let message = seal(
+        &old,
+        &context(),
+        EncryptOptions { suite: Suite::Committed, frame_length: 4096, ..EncryptOptions::default() },
+        &plain,
+    );
     let before = read_header(&mut &message[..], &DecryptOptions::default()).unwrap();
     let mut out = Vec::new();
     let done = rewrap(&old, &new, &DecryptOptions::default(), &mut &message[..], &mut out).unwrap();
@@ -251,7 +276,12 @@ fn rewrap_changes_the_header_only() {
     assert_eq!(open(&new, &twice).unwrap().0, plain);
 
     // Refused: a signed message, a wrong old key, a changed header.
-    let signed = seal(&old, &context(), EncryptOptions { suite: Suite::CommittedSigned, frame_length: 4096 }, b"x");
+    let signed = seal(
+        &old,
+        &context(),
+        EncryptOptions { suite: Suite::CommittedSigned, frame_length: 4096, ..EncryptOptions::default() },
+        b"x",
+    );
     let e = rewrap(&old, &new, &DecryptOptions::default(), &mut &signed[..], &mut Vec::new()).unwrap_err();
     assert!(matches!(e, EsdkError::Unsupported(_)) && e.to_string().contains("signed"), "{e}");
     let e = rewrap(&new, &new, &DecryptOptions::default(), &mut &message[..], &mut Vec::new()).unwrap_err();
@@ -262,4 +292,23 @@ fn rewrap_changes_the_header_only() {
     changed[at] ^= 0x20;
     let e = rewrap(&old, &new, &DecryptOptions::default(), &mut &changed[..], &mut Vec::new()).unwrap_err();
     assert!(matches!(e, EsdkError::NoDataKey(_) | EsdkError::Integrity(_)), "{e:?}");
+}
+
+/// A declared plaintext length is enforced: an input shorter or longer fails, and the message
+/// made so far is not a valid one.
+#[test]
+fn a_declared_length_is_enforced() {
+    let k = keyring("k", 1);
+    for (declared, actual) in [(10u64, 9usize), (10, 11), (4096, 4097), (8192, 4096)] {
+        let options =
+            EncryptOptions { frame_length: 4096, plaintext_length: Some(declared), ..EncryptOptions::default() };
+        let mut out = Vec::new();
+        let e = encrypt(&k, &context(), options, &mut &vec![0u8; actual][..], &mut out).unwrap_err();
+        assert!(matches!(e, EsdkError::Invalid(_)), "{declared} vs {actual}: {e:?}");
+        assert!(open(&k, &out).is_err(), "{declared} vs {actual}: a partial message decrypted");
+    }
+    let options = EncryptOptions { plaintext_length: Some(5), ..EncryptOptions::default() };
+    let mut out = Vec::new();
+    encrypt(&k, &context(), options, &mut &b"12345"[..], &mut out).unwrap();
+    assert_eq!(open(&k, &out).unwrap().0, b"12345");
 }
