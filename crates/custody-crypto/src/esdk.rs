@@ -576,59 +576,30 @@ pub fn encrypt<R: Read, W: Write>(
     out.put(&header)?;
     out.put(tag.as_ref())?;
 
-    // Body: frames are read in batches, sealed in parallel, and written in order. A frame is the
-    // final one when the input ends inside it, or right after it (then it is full).
-    let frame_len = options.frame_length as usize;
-    let per_batch = frames_per_batch(frame_len);
-    let mut pool: Vec<Frame> = Vec::new();
-    let take = |pool: &mut Vec<Frame>| pool.pop().unwrap_or_else(|| Frame::new(frame_len));
-    let mut next = take(&mut pool);
-    next.len = read_full(input, &mut next.buf[..frame_len])?;
-    let mut seq: u32 = 1;
-    let mut total: u64 = 0;
-    let mut done = false;
-    while !done {
-        let mut batch = Vec::with_capacity(per_batch);
-        while batch.len() < per_batch {
-            let mut frame = std::mem::replace(&mut next, take(&mut pool));
-            frame.seq = seq;
-            total += frame.len as u64;
-            if options.plaintext_length.is_some_and(|n| total > n) {
-                return Err(EsdkError::Invalid("the input is longer than its declared length".into()));
-            }
-            if frame.len == frame_len {
-                next.len = read_full(input, &mut next.buf[..frame_len])?;
-            }
-            frame.last = frame.len < frame_len || next.len == 0;
-            if frame.last && options.plaintext_length.is_some_and(|n| total != n) {
-                return Err(EsdkError::Invalid(format!(
-                    "the input was {total} bytes, not the {} declared",
-                    options.plaintext_length.unwrap_or_default()
-                )));
-            }
-            batch.push(frame);
-            if batch.last().is_some_and(|f| f.last) {
-                done = true;
-                break;
-            }
-            seq = seq.checked_add(1).filter(|s| *s != FINAL_FRAME_MARKER).ok_or_else(|| {
-                EsdkError::Invalid("the input needs more frames than a message holds; use a larger frame length".into())
-            })?;
-        }
-        in_parallel(&mut batch, |f| {
-            let aad = body_aad(&message_id, f.last, f.seq, f.len as u64);
-            let tag = keys
-                .key
-                .seal_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(frame_iv(f.seq)),
-                    Aad::from(&aad),
-                    &mut f.buf[..f.len],
-                )
-                .expect("frames are far below AES-GCM's limit");
-            f.buf[f.len..f.len + TAG_LEN].copy_from_slice(tag.as_ref());
-            Ok(())
-        })?;
-        for f in batch {
+    // Body: frames are read in batches and sealed in parallel, the next batch being read while
+    // the current one is sealed; batches are written in order.
+    let mut frames = PlainFrames::new(input, options)?;
+    let seal = |f: &mut Frame| {
+        let aad = body_aad(&message_id, f.last, f.seq, f.len as u64);
+        let tag = keys
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(frame_iv(f.seq)),
+                Aad::from(&aad),
+                &mut f.buf[..f.len],
+            )
+            .expect("frames are far below AES-GCM's limit");
+        f.buf[f.len..f.len + TAG_LEN].copy_from_slice(tag.as_ref());
+        Ok(())
+    };
+    let mut batch = frames.batch()?;
+    loop {
+        let (sealed, next) = std::thread::scope(|s| {
+            let sealing = s.spawn(|| in_parallel(&mut batch, seal).map(|()| batch));
+            let next = if frames.done { Ok(Vec::new()) } else { frames.batch() };
+            (sealing.join().unwrap_or_else(|_| Err(EsdkError::Invalid("a frame worker panicked".into()))), next)
+        });
+        for f in sealed? {
             if f.last {
                 out.put(&FINAL_FRAME_MARKER.to_be_bytes())?;
                 out.put(&f.seq.to_be_bytes())?;
@@ -639,9 +610,14 @@ pub fn encrypt<R: Read, W: Write>(
                 out.put(&frame_iv(f.seq))?;
             }
             out.put(&f.buf[..f.len + TAG_LEN])?;
-            pool.push(f);
+            frames.pool.push(f);
+        }
+        batch = next?;
+        if batch.is_empty() {
+            break;
         }
     }
+    let total = frames.total;
     if let (Some(pair), Some(d)) = (signer, out.digest.take()) {
         let sig = pair.sign_digest(&d.finish()).map_err(|_| EsdkError::Keyring("signing the message failed".into()))?;
         let sig = sig.as_ref();
@@ -674,13 +650,142 @@ impl Frame {
     }
 }
 
-/// Runs `work` on every frame, spread over the machine's cores; the first error (in frame order)
-/// is returned.
+/// Cuts the plaintext into frames, a batch at a time. A frame is the final one when the input ends
+/// inside it, or right after it (then it is full).
+struct PlainFrames<'a, R: Read> {
+    input: &'a mut R,
+    frame_len: usize,
+    per_batch: usize,
+    declared: Option<u64>,
+    /// The frame read ahead (to tell whether the one before it is the last).
+    next: Frame,
+    seq: u32,
+    total: u64,
+    /// The final frame has been handed out.
+    done: bool,
+    /// Buffers to reuse.
+    pool: Vec<Frame>,
+}
+
+impl<'a, R: Read> PlainFrames<'a, R> {
+    fn new(input: &'a mut R, options: EncryptOptions) -> Result<Self, EsdkError> {
+        let frame_len = options.frame_length as usize;
+        let mut next = Frame::new(frame_len);
+        next.len = read_full(input, &mut next.buf[..frame_len])?;
+        Ok(Self {
+            input,
+            frame_len,
+            per_batch: frames_per_batch(frame_len),
+            declared: options.plaintext_length,
+            next,
+            seq: 1,
+            total: 0,
+            done: false,
+            pool: Vec::new(),
+        })
+    }
+
+    fn batch(&mut self) -> Result<Vec<Frame>, EsdkError> {
+        let mut batch = Vec::with_capacity(self.per_batch);
+        while batch.len() < self.per_batch && !self.done {
+            let spare = self.pool.pop().unwrap_or_else(|| Frame::new(self.frame_len));
+            let mut frame = std::mem::replace(&mut self.next, spare);
+            frame.seq = self.seq;
+            self.total += frame.len as u64;
+            if self.declared.is_some_and(|n| self.total > n) {
+                return Err(EsdkError::Invalid("the input is longer than its declared length".into()));
+            }
+            if frame.len == self.frame_len {
+                self.next.len = read_full(self.input, &mut self.next.buf[..self.frame_len])?;
+            } else {
+                self.next.len = 0;
+            }
+            frame.last = frame.len < self.frame_len || self.next.len == 0;
+            if frame.last {
+                if let Some(n) = self.declared.filter(|n| *n != self.total) {
+                    return Err(EsdkError::Invalid(format!(
+                        "the input was {} bytes, not the {n} declared",
+                        self.total
+                    )));
+                }
+                self.done = true;
+            } else {
+                self.seq = self.seq.checked_add(1).filter(|s| *s != FINAL_FRAME_MARKER).ok_or_else(|| {
+                    EsdkError::Invalid(
+                        "the input needs more frames than a message holds; use a larger frame length".into(),
+                    )
+                })?;
+            }
+            batch.push(frame);
+        }
+        Ok(batch)
+    }
+}
+
+/// Reads the body's frames a batch at a time, checking their numbers, IVs and lengths.
+struct CipherFrames {
+    frame_length: u32,
+    per_batch: usize,
+    expected: u32,
+    total: u64,
+    /// The final frame has been read.
+    done: bool,
+    pool: Vec<Frame>,
+}
+
+impl CipherFrames {
+    fn batch<R: Read>(&mut self, r: &mut In<'_, R>) -> Result<Vec<Frame>, EsdkError> {
+        let mut batch = Vec::with_capacity(self.per_batch);
+        while batch.len() < self.per_batch && !self.done {
+            let first = r.u32("a frame")?;
+            let final_frame = first == FINAL_FRAME_MARKER;
+            let seq = if final_frame { r.u32("the final frame")? } else { first };
+            if seq != self.expected {
+                return Err(EsdkError::Malformed(format!("frame {seq} where frame {} belongs", self.expected)));
+            }
+            let iv: [u8; IV_LEN] = r.array("a frame")?;
+            if iv != frame_iv(seq) {
+                return Err(EsdkError::Malformed(format!("frame {seq} has an IV other than its sequence number")));
+            }
+            let len = if final_frame {
+                let len = r.u32("the final frame")?;
+                if len > self.frame_length {
+                    return Err(EsdkError::Malformed(format!(
+                        "the final frame holds {len} bytes, more than the frame length {}",
+                        self.frame_length
+                    )));
+                }
+                len as usize
+            } else {
+                self.frame_length as usize
+            };
+            let mut frame = self.pool.pop().unwrap_or_else(|| Frame::new(self.frame_length as usize));
+            r.exact(&mut frame.buf[..len + TAG_LEN], if final_frame { "the final frame" } else { "a frame" })?;
+            (frame.len, frame.seq, frame.last) = (len, seq, final_frame);
+            self.total += len as u64;
+            batch.push(frame);
+            if final_frame {
+                self.done = true;
+            } else {
+                self.expected = self
+                    .expected
+                    .checked_add(1)
+                    .filter(|s| *s != FINAL_FRAME_MARKER)
+                    .ok_or_else(|| EsdkError::Malformed("more frames than a message can hold".into()))?;
+            }
+        }
+        Ok(batch)
+    }
+}
+
+/// Runs `work` on every frame, spread over all cores but one (the reader of the next batch runs
+/// on that one); the first error (in frame order) is returned.
 fn in_parallel(
     frames: &mut [Frame],
     work: impl Fn(&mut Frame) -> Result<(), EsdkError> + Sync,
 ) -> Result<(), EsdkError> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(frames.len());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = cores.saturating_sub(1).max(1).min(frames.len());
     if workers <= 1 {
         return frames.iter_mut().try_for_each(&work);
     }
@@ -1039,72 +1144,49 @@ pub fn decrypt<R: Read, W: Write>(
     drop(data_key);
     let Header { suite, message_id, context, encrypted_data_keys: keys, frame_length, .. } = header;
 
-    // Body: frames are read (and their headers checked) in batches, opened in parallel, and
-    // written in order; the final frame's plaintext waits for the signature check.
-    let per_batch = frames_per_batch(frame_length as usize);
-    let mut pool: Vec<Frame> = Vec::new();
-    let mut expected: u32 = 1;
-    let mut total: u64 = 0;
+    // Body: frames are read (and their headers checked) in batches and opened in parallel, the
+    // next batch being read while the current one is opened; batches are written in order, and
+    // the final frame's plaintext waits for the signature check.
+    let mut frames = CipherFrames {
+        frame_length,
+        per_batch: frames_per_batch(frame_length as usize),
+        expected: 1,
+        total: 0,
+        done: false,
+        pool: Vec::new(),
+    };
+    let open = |f: &mut Frame| {
+        let aad = body_aad(&message_id, f.last, f.seq, f.len as u64);
+        message_keys
+            .key
+            .open_in_place(
+                Nonce::assume_unique_for_key(frame_iv(f.seq)),
+                Aad::from(&aad),
+                &mut f.buf[..f.len + TAG_LEN],
+            )
+            .map(|_| ())
+            .map_err(|_| EsdkError::Integrity("frame authentication tag"))
+    };
+    let mut batch = frames.batch(&mut r)?;
     let mut last_frame = None;
     while last_frame.is_none() {
-        let mut batch: Vec<Frame> = Vec::with_capacity(per_batch);
-        while batch.len() < per_batch {
-            let first = r.u32("a frame")?;
-            let final_frame = first == FINAL_FRAME_MARKER;
-            let seq = if final_frame { r.u32("the final frame")? } else { first };
-            if seq != expected {
-                return Err(EsdkError::Malformed(format!("frame {seq} where frame {expected} belongs")));
-            }
-            let iv: [u8; IV_LEN] = r.array("a frame")?;
-            if iv != frame_iv(seq) {
-                return Err(EsdkError::Malformed(format!("frame {seq} has an IV other than its sequence number")));
-            }
-            let len = if final_frame {
-                let len = r.u32("the final frame")?;
-                if len > frame_length {
-                    return Err(EsdkError::Malformed(format!(
-                        "the final frame holds {len} bytes, more than the frame length {frame_length}"
-                    )));
-                }
-                len as usize
-            } else {
-                frame_length as usize
-            };
-            let mut frame = pool.pop().unwrap_or_else(|| Frame::new(frame_length as usize));
-            r.exact(&mut frame.buf[..len + TAG_LEN], if final_frame { "the final frame" } else { "a frame" })?;
-            (frame.len, frame.seq, frame.last) = (len, seq, final_frame);
-            total += len as u64;
-            batch.push(frame);
-            if final_frame {
-                break;
-            }
-            expected = expected
-                .checked_add(1)
-                .filter(|s| *s != FINAL_FRAME_MARKER)
-                .ok_or_else(|| EsdkError::Malformed("more frames than a message can hold".into()))?;
-        }
-        in_parallel(&mut batch, |f| {
-            let aad = body_aad(&message_id, f.last, f.seq, f.len as u64);
-            message_keys
-                .key
-                .open_in_place(
-                    Nonce::assume_unique_for_key(frame_iv(f.seq)),
-                    Aad::from(&aad),
-                    &mut f.buf[..f.len + TAG_LEN],
-                )
-                .map(|_| ())
-                .map_err(|_| EsdkError::Integrity("frame authentication tag"))
-        })?;
-        for f in batch {
+        let (opened, next) = std::thread::scope(|s| {
+            let opening = s.spawn(|| in_parallel(&mut batch, open).map(|()| batch));
+            let next = if frames.done { Ok(Vec::new()) } else { frames.batch(&mut r) };
+            (opening.join().unwrap_or_else(|_| Err(EsdkError::Invalid("a frame worker panicked".into()))), next)
+        });
+        for f in opened? {
             if f.last {
                 // Held back until the signature is checked (below).
                 last_frame = Some(f);
                 break;
             }
             output.write_all(&f.buf[..f.len])?;
-            pool.push(f);
+            frames.pool.push(f);
         }
+        batch = next?;
     }
+    let total = frames.total;
     let last_frame = last_frame.expect("the loop ends at the final frame");
     if let Some(point) = verifier {
         let digest = r.digest.take().expect("signed messages are digested").finish();
