@@ -520,7 +520,7 @@ pub async fn decrypt(conn: &ConnArgs, a: DecryptArgs, json: bool) -> Result<()> 
         jobs.iter()
             .map(|job| {
                 run_job(job, "decrypting", true, &|mut r, mut w, _| {
-                    esdk::decrypt(keyring.as_ref(), &options, &mut r, &mut w).map(|info| Some(info.context))
+                    esdk::decrypt(keyring.as_ref(), &options, &mut r, &mut w).map(|info| Some(info.header.context))
                 })
             })
             .collect::<Result<Vec<_>>>()
@@ -790,16 +790,6 @@ impl Keyring for AnyOf<'_> {
         context: &EncryptionContext,
         keys: &[esdk::EncryptedDataKey],
     ) -> std::result::Result<Option<esdk::DataKey>, EsdkError> {
-        let mut first_error = None;
-        for k in &self.0 {
-            match k.on_decrypt(suite, context, keys) {
-                Ok(Some(key)) => return Ok(Some(key)),
-                Ok(None) => {}
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        first_error.map_or(Ok(None), Err)
+        esdk::first_data_key(self.0.iter().copied(), suite, context, keys)
     }
 }

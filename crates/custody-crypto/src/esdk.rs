@@ -351,21 +351,29 @@ impl Keyring for MultiKeyring {
         context: &EncryptionContext,
         keys: &[EncryptedDataKey],
     ) -> Result<Option<DataKey>, EsdkError> {
-        let mut first_error = None;
-        for k in &self.keyrings {
-            match k.on_decrypt(suite, context, keys) {
-                Ok(Some(key)) => return Ok(Some(key)),
-                Ok(None) => {}
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+        first_data_key(self.keyrings.iter().map(|k| k.as_ref()), suite, context, keys)
+    }
+}
+
+/// The first data key one of `keyrings` unwraps (tried in order); if none does, the first error
+/// one of them reported, else `Ok(None)`.
+pub fn first_data_key<'a>(
+    keyrings: impl IntoIterator<Item = &'a dyn Keyring>,
+    suite: Suite,
+    context: &EncryptionContext,
+    keys: &[EncryptedDataKey],
+) -> Result<Option<DataKey>, EsdkError> {
+    let mut first_error = None;
+    for k in keyrings {
+        match k.on_decrypt(suite, context, keys) {
+            Ok(Some(key)) => return Ok(Some(key)),
+            Ok(None) => {}
+            Err(e) => {
+                first_error.get_or_insert(e);
             }
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(None),
-        }
     }
+    first_error.map_or(Ok(None), Err)
 }
 
 /// How to decrypt: bounds applied while reading a message (before anything is allocated for
@@ -409,18 +417,11 @@ impl Default for EncryptOptions {
 }
 
 /// What a decrypted message said about itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct MessageInfo {
-    /// Its suite.
-    pub suite: Suite,
-    /// Its message id.
-    pub message_id: [u8; MESSAGE_ID_LEN],
-    /// Its encryption context (for a signed message, including the public key).
-    pub context: EncryptionContext,
-    /// Its encrypted data keys.
-    pub encrypted_data_keys: Vec<EncryptedDataKey>,
-    /// Its frame length.
-    pub frame_length: u32,
+    /// Its header (suite, message id, context — for a signed message including the public key —,
+    /// encrypted data keys, frame length).
+    pub header: Header,
     /// Plaintext bytes.
     pub plaintext_len: u64,
 }
@@ -1142,7 +1143,7 @@ pub fn decrypt<R: Read, W: Write>(
     };
     let (message_keys, data_key) = header.authenticate(keyring)?;
     drop(data_key);
-    let Header { suite, message_id, context, encrypted_data_keys: keys, frame_length, .. } = header;
+    let (message_id, frame_length) = (header.message_id, header.frame_length);
 
     // Body: frames are read (and their headers checked) in batches and opened in parallel, the
     // next batch being read while the current one is opened; batches are written in order, and
@@ -1205,7 +1206,7 @@ pub fn decrypt<R: Read, W: Write>(
     }
     output.write_all(&last_frame.buf[..last_frame.len])?;
     output.flush()?;
-    Ok(MessageInfo { suite, message_id, context, encrypted_data_keys: keys, frame_length, plaintext_len: total })
+    Ok(MessageInfo { header, plaintext_len: total })
 }
 
 /// The printable start of a provider info (a raw key's name, a KMS key's ARN), for messages.

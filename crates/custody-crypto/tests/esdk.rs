@@ -63,10 +63,10 @@ fn the_python_sdk_vectors() {
                 let expected = std::fs::read(dir.join(t["plaintext"].as_str().unwrap())).unwrap();
                 assert!(plain == expected, "{name}: plaintext differs");
                 let suite = u16::from_str_radix(t["suite"].as_str().unwrap(), 16).unwrap();
-                assert_eq!(info.suite.id(), suite, "{name}");
-                assert_eq!(info.frame_length as u64, t["frame_length"].as_u64().unwrap(), "{name}");
-                let mut context = info.context.clone();
-                if info.suite.is_signed() {
+                assert_eq!(info.header.suite.id(), suite, "{name}");
+                assert_eq!(info.header.frame_length as u64, t["frame_length"].as_u64().unwrap(), "{name}");
+                let mut context = info.header.context.clone();
+                if info.header.suite.is_signed() {
                     assert!(context.remove("aws-crypto-public-key").is_some(), "{name}");
                 }
                 let want: EncryptionContext = serde_json::from_value(t["encryption_context"].clone()).unwrap();
@@ -122,8 +122,8 @@ fn both_suites_round_trip_at_frame_boundaries() {
                 assert_eq!(u16::from_be_bytes([message[1], message[2]]), suite.id());
                 let (back, info) = open(&k, &message).unwrap_or_else(|e| panic!("{suite:?} {frame} {len}: {e}"));
                 assert_eq!(back, plain, "{suite:?} frame {frame} len {len}");
-                assert_eq!((info.frame_length, info.plaintext_len), (frame, len as u64));
-                assert_eq!(info.context.contains_key("aws-crypto-public-key"), suite.is_signed());
+                assert_eq!((info.header.frame_length, info.plaintext_len), (frame, len as u64));
+                assert_eq!(info.header.context.contains_key("aws-crypto-public-key"), suite.is_signed());
             }
         }
     }
