@@ -22,6 +22,8 @@ use serde_json::json;
 use crate::commands::{connect, parse_pair, print_json};
 use crate::exit::{self, CliError};
 use crate::ConnArgs;
+use custody_crypto::BlobHeader;
+use custody_server::AtomicFile;
 
 type Result<T> = std::result::Result<T, CliError>;
 
@@ -219,29 +221,35 @@ fn raw_keyring(spec: &str) -> Result<RawAesKeyring> {
     RawAesKeyring::new(provider, name, &key).map_err(|e| CliError::new(exit::INVALID_REQUEST, format!("{file}: {e}")))
 }
 
+/// What a keyring is made for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Encrypt,
+    /// With `--discovery` (also the default when no key at all is given).
+    Decrypt {
+        discovery: bool,
+    },
+}
+
 /// The keyring the flags describe: KMS keys first (the first generates), then raw keys.
-async fn keyring(conn: &ConnArgs, k: &KeyArgs, decrypt_discovery: Option<bool>) -> Result<Box<dyn Keyring>> {
+async fn keyring(conn: &ConnArgs, k: &KeyArgs, purpose: Purpose) -> Result<Box<dyn Keyring>> {
     let mut rings: Vec<Box<dyn Keyring>> = Vec::new();
-    let discovery = match decrypt_discovery {
-        Some(explicit) => explicit || (k.keys.is_empty() && k.raw_aes_keys.is_empty()),
-        None => false,
-    };
+    let discovery = purpose == Purpose::Decrypt { discovery: true }
+        || (purpose != Purpose::Encrypt && k.keys.is_empty() && k.raw_aes_keys.is_empty());
     if !k.keys.is_empty() || discovery {
         let mut client = connect(conn).await?;
-        let decrypt = if decrypt_discovery.is_some() && !k.keys.is_empty() {
-            let mut arns = Vec::new();
-            for key in &k.keys {
-                arns.push(KmsKeyring::resolve_arn(&mut client, key).await?);
+        let any = || Discovery::Any { arn_prefixes: Vec::new() };
+        let (encrypt_keys, decrypt) = match purpose {
+            Purpose::Encrypt => (k.keys.clone(), any()),
+            Purpose::Decrypt { .. } if discovery => (Vec::new(), any()),
+            Purpose::Decrypt { .. } => {
+                let mut arns = Vec::new();
+                for key in &k.keys {
+                    arns.push(KmsKeyring::resolve_arn(&mut client, key).await?);
+                }
+                (Vec::new(), Discovery::Strict(arns))
             }
-            if discovery {
-                Discovery::Any { arn_prefixes: Vec::new() }
-            } else {
-                Discovery::Strict(arns)
-            }
-        } else {
-            Discovery::Any { arn_prefixes: Vec::new() }
         };
-        let encrypt_keys = if decrypt_discovery.is_none() { k.keys.clone() } else { Vec::new() };
         rings.push(Box::new(KmsKeyring::new(client, tokio::runtime::Handle::current(), encrypt_keys, decrypt)));
     }
     for spec in &k.raw_aes_keys {
@@ -291,48 +299,19 @@ fn esdk_error(input: &str, e: EsdkError) -> CliError {
     CliError::new(code, format!("{input}: {e}{hint}"))
 }
 
-/// A file being written: a temporary name beside `dest`, renamed onto it by [`Staged::commit`],
-/// removed if dropped before.
-struct Staged {
-    tmp: PathBuf,
-    dest: PathBuf,
-    done: bool,
+/// Starts an output file beside `dest` (its directory made if needed): see [`AtomicFile`].
+fn stage(dest: &Path) -> Result<AtomicFile> {
+    let fail = |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot create {}: {e}", dest.display()));
+    if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(fail)?;
+    }
+    AtomicFile::create(dest, None).map_err(fail)
 }
 
-impl Staged {
-    fn create(dest: &Path) -> Result<(Self, std::fs::File)> {
-        if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| CliError::new(exit::FAILURE, format!("cannot create {}: {e}", parent.display())))?;
-        }
-        let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let tmp = dest
-            .with_file_name(format!(".{name}.custody-{:016x}", u64::from_be_bytes(custody_crypto::random::array())));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot create {}: {e}", tmp.display())))?;
-        Ok((Self { tmp, dest: dest.to_path_buf(), done: false }, file))
-    }
-
-    fn commit(mut self, file: std::fs::File) -> Result<()> {
-        let fail =
-            |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot write {}: {e}", self.dest.display()));
-        file.sync_all().map_err(fail)?;
-        drop(file);
-        std::fs::rename(&self.tmp, &self.dest).map_err(fail)?;
-        self.done = true;
-        Ok(())
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
+/// Finishes an output file: flushes the buffer, fsyncs, renames it into place.
+fn commit(out: BufWriter<AtomicFile>, dest: &Path) -> Result<()> {
+    let fail = |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot write {}: {e}", dest.display()));
+    out.into_inner().map_err(|e| fail(e.into_error()))?.commit().map_err(fail)
 }
 
 /// What one job did.
@@ -388,14 +367,9 @@ fn run_job(job: &Job, what: &str, buffered: bool, work: &Work<'_>) -> Result<Don
             (context, out.n)
         }
         Some(dest) => {
-            let (staged, file) = Staged::create(dest)?;
-            let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, file), n: 0 };
+            let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, stage(dest)?), n: 0 };
             let context = work(&mut input, &mut out, size).map_err(|e| esdk_error(&job.input, e))?;
-            let file = out
-                .inner
-                .into_inner()
-                .map_err(|e| CliError::new(exit::FAILURE, format!("cannot write {}: {e}", dest.display())))?;
-            staged.commit(file)?;
+            commit(out.inner, dest)?;
             (context, out.n)
         }
     };
@@ -481,7 +455,7 @@ fn report(done: &[Done], verb: &str, verbose: bool, json: bool) {
 /// `custody encrypt`
 pub async fn encrypt(conn: &ConnArgs, a: EncryptArgs, json: bool) -> Result<()> {
     let jobs = plan(&a.keys, Suffix::Add)?;
-    let keyring = keyring(conn, &a.keys, None).await?;
+    let keyring = keyring(conn, &a.keys, Purpose::Encrypt).await?;
     let context: EncryptionContext = a.context.iter().cloned().collect();
     let options = EncryptOptions {
         suite: match a.suite {
@@ -510,7 +484,7 @@ pub async fn encrypt(conn: &ConnArgs, a: EncryptArgs, json: bool) -> Result<()> 
 /// `custody decrypt`
 pub async fn decrypt(conn: &ConnArgs, a: DecryptArgs, json: bool) -> Result<()> {
     let jobs = plan(&a.keys, Suffix::Strip)?;
-    let keyring = keyring(conn, &a.keys, Some(a.discovery)).await?;
+    let keyring = keyring(conn, &a.keys, Purpose::Decrypt { discovery: a.discovery }).await?;
     let options = esdk::DecryptOptions {
         max_encrypted_data_keys: a.max_encrypted_data_keys,
         required_context: a.require_context.iter().cloned().collect(),
@@ -574,12 +548,6 @@ enum Fate {
     WouldRewrap,
 }
 
-/// The target key's id and current version, read from a custody ciphertext blob it just made
-/// (`0x01 || key id (16) || version (u32)`): a data key wrapped by that version is already done.
-fn blob_version(blob: &[u8]) -> Option<&[u8]> {
-    (blob.len() > 21 && blob[0] == 0x01).then(|| &blob[1..21])
-}
-
 /// Spaces out KMS operations to at most `rate` per second, over all workers.
 struct Pace {
     every: Option<std::time::Duration>,
@@ -623,14 +591,15 @@ pub async fn rewrap(conn: &ConnArgs, a: RewrapArgs, json: bool) -> Result<()> {
             .collect(),
         _ => Default::default(),
     };
-    // The target keys: their ARNs, and the id and version a fresh wrapping carries.
+    // The target keys: their ARNs, and the key id and version a fresh wrapping carries (a data key
+    // wrapped by that version is already done).
     let mut client = connect(conn).await?;
     let mut targets = Vec::new();
     for key in &a.keys {
         let r = client.call("TrentService.Encrypt", json!({ "KeyId": key, "Plaintext": B64.encode([0u8]) })).await?;
         let arn = r["KeyId"].as_str().unwrap_or_default().to_string();
         let blob = B64.decode(r["CiphertextBlob"].as_str().unwrap_or_default()).unwrap_or_default();
-        targets.push((arn, blob_version(&blob).map(<[u8]>::to_vec)));
+        targets.push((arn, BlobHeader::parse(&blob).ok()));
     }
     let from = if a.from.is_empty() {
         Discovery::Any { arn_prefixes: Vec::new() }
@@ -734,7 +703,7 @@ fn rewrap_one(
     shown: &str,
     kms: &KmsKeyring,
     raw: &[Box<dyn Keyring>],
-    targets: &[(String, Option<Vec<u8>>)],
+    targets: &[(String, Option<BlobHeader>)],
     journal: &std::collections::HashSet<String>,
     dry_run: bool,
     pace: &Pace,
@@ -744,14 +713,16 @@ fn rewrap_one(
         return Ok(Fate::InJournal);
     }
     let fail = |e: std::io::Error| CliError::new(exit::FAILURE, format!("{shown}: {e}"));
-    let options = esdk::DecryptOptions::default();
-    let header = esdk::read_header(&mut BufReader::new(std::fs::File::open(path).map_err(fail)?), &options)
-        .map_err(|e| esdk_error(shown, e))?;
-    let done = targets.iter().all(|(arn, version)| {
+    let file = std::fs::File::open(path).map_err(fail)?;
+    let permissions = file.metadata().map_err(fail)?.permissions();
+    let mut input = BufReader::with_capacity(1 << 20, file);
+    let header = esdk::read_header(&mut input, &esdk::DecryptOptions::default()).map_err(|e| esdk_error(shown, e))?;
+    let done = targets.iter().all(|(arn, current)| {
         header.encrypted_data_keys.iter().any(|k| {
             k.provider_id == custody_client::keyring::KMS_PROVIDER_ID
                 && k.provider_info == arn.as_bytes()
-                && version.as_deref().is_some_and(|v| blob_version(&k.ciphertext) == Some(v))
+                && current.is_some()
+                && BlobHeader::parse(&k.ciphertext).ok() == *current
         })
     });
     if done {
@@ -761,18 +732,15 @@ fn rewrap_one(
         return Ok(Fate::WouldRewrap);
     }
     pace.take(ops);
-    let permissions = std::fs::metadata(path).map_err(fail)?.permissions();
-    let (staged, file) = Staged::create(path)?;
-    file.set_permissions(permissions).map_err(fail)?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    let mut input = BufReader::with_capacity(1 << 20, std::fs::File::open(path).map_err(fail)?);
+    let staged = stage(path)?;
+    staged.as_file().set_permissions(permissions).map_err(fail)?;
+    let mut out = BufWriter::with_capacity(1 << 20, staged);
     // Old data keys: the KMS keyring (discovery or --from), then raw keys.
     let old_rings: Vec<&dyn Keyring> =
         std::iter::once(kms as &dyn Keyring).chain(raw.iter().map(|r| r.as_ref())).collect();
     let old = AnyOf(old_rings);
-    esdk::rewrap(&old, kms, &options, &mut input, &mut out).map_err(|e| esdk_error(shown, e))?;
-    let file = out.into_inner().map_err(|e| CliError::new(exit::FAILURE, format!("{shown}: {e}")))?;
-    staged.commit(file)?;
+    esdk::rewrap(&header, &old, kms, &mut input, &mut out).map_err(|e| esdk_error(shown, e))?;
+    commit(out, path)?;
     Ok(Fate::Rewrapped)
 }
 

@@ -438,14 +438,19 @@ pub fn serialize_pairs(context: &EncryptionContext) -> Result<Vec<u8>, EsdkError
     out.extend_from_slice(&u16::try_from(context.len()).map_err(|_| too_large())?.to_be_bytes());
     for (k, v) in context {
         for field in [k.as_bytes(), v.as_bytes()] {
-            out.extend_from_slice(&u16::try_from(field.len()).map_err(|_| too_large())?.to_be_bytes());
-            out.extend_from_slice(field);
+            put_field(&mut out, field).ok_or_else(too_large)?;
         }
     }
     if out.len() > usize::from(u16::MAX) {
         return Err(too_large());
     }
     Ok(out)
+}
+
+/// Appends `field` with its u16 length (the format's one kind of length prefix), or `None` if it
+/// does not fit one.
+fn put_field(out: &mut Vec<u8>, field: &[u8]) -> Option<()> {
+    (field.len() <= usize::from(u16::MAX)).then(|| crate::seal::put_field(out, field))
 }
 
 /// The message's derived keys: the frame key (AES-256-GCM) and the commitment.
@@ -862,9 +867,9 @@ impl<R: Read> In<'_, R> {
         Ok(u32::from_be_bytes(self.array(what)?))
     }
 
-    /// A field of `len` bytes; `len` is at most 64 KiB (a u16 length) or a bounded frame.
-    fn vec(&mut self, len: usize, what: &str) -> Result<Vec<u8>, EsdkError> {
-        let mut v = vec![0u8; len];
+    /// A field with a u16 length prefix (so at most 64 KiB is allocated for it).
+    fn field(&mut self, what: &str) -> Result<Vec<u8>, EsdkError> {
+        let mut v = vec![0u8; usize::from(self.u16(what)?)];
         self.exact(&mut v, what)?;
         Ok(v)
     }
@@ -950,8 +955,7 @@ impl Header {
             r.digest = Some(d);
         }
         let message_id: [u8; MESSAGE_ID_LEN] = r.array("the message id")?;
-        let aad_len = r.u16("the encryption context length")? as usize;
-        let context = parse_pairs(&r.vec(aad_len, "the encryption context")?)?;
+        let context = parse_pairs(&r.field("the encryption context")?)?;
         let count = r.u16("the encrypted data key count")?;
         if count == 0 {
             return Err(EsdkError::Malformed("the header holds no encrypted data key".into()));
@@ -964,13 +968,10 @@ impl Header {
         }
         let mut keys = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            let len = r.u16("an encrypted data key")? as usize;
-            let provider_id = String::from_utf8(r.vec(len, "an encrypted data key")?)
+            let provider_id = String::from_utf8(r.field("an encrypted data key")?)
                 .map_err(|_| EsdkError::Malformed("a key provider id is not UTF-8".into()))?;
-            let len = r.u16("an encrypted data key")? as usize;
-            let provider_info = r.vec(len, "an encrypted data key")?;
-            let len = r.u16("an encrypted data key")? as usize;
-            let ciphertext = r.vec(len, "an encrypted data key")?;
+            let provider_info = r.field("an encrypted data key")?;
+            let ciphertext = r.field("an encrypted data key")?;
             keys.push(EncryptedDataKey { provider_id, provider_info, ciphertext });
         }
         match r.u8("the content type")? {
@@ -1043,19 +1044,19 @@ pub struct Rewrapped {
     pub body_bytes: u64,
 }
 
-/// Re-wraps a message's data key: the data key is unwrapped with `old` (and the header
-/// authenticated with it), wrapped again by `new`, and the message written out with the new
-/// encrypted data keys and a new header tag; message id, context, commitment and every body byte
-/// stay as they were. Signed messages cannot be re-wrapped (their signature covers the header
-/// and its key is gone): they are refused as [`EsdkError::Unsupported`].
+/// Re-wraps a message's data key: given its `header` (from [`read_header`]) and the rest of the
+/// message (`rest`, read on from where the header ended), the data key is unwrapped with `old`
+/// (and the header authenticated with it), wrapped again by `new`, and the message written out
+/// with the new encrypted data keys and a new header tag; message id, context, commitment and
+/// every body byte stay as they were. Signed messages cannot be re-wrapped (their signature
+/// covers the header and its key is gone): they are refused as [`EsdkError::Unsupported`].
 pub fn rewrap<R: Read, W: Write>(
+    header: &Header,
     old: &dyn Keyring,
     new: &dyn Keyring,
-    options: &DecryptOptions,
-    input: &mut R,
+    rest: &mut R,
     output: &mut W,
 ) -> Result<Rewrapped, EsdkError> {
-    let header = read_header(input, options)?;
     if header.suite.is_signed() {
         return Err(EsdkError::Unsupported(
             "signed messages (suite 0x0578) cannot be re-wrapped: their signature covers the header; decrypt and encrypt them again".into(),
@@ -1084,7 +1085,7 @@ pub fn rewrap<R: Read, W: Write>(
         .expect("sealing an empty plaintext cannot fail");
     output.write_all(&body)?;
     output.write_all(tag.as_ref())?;
-    let body_bytes = io::copy(input, output)?;
+    let body_bytes = io::copy(rest, output)?;
     output.flush()?;
     Ok(Rewrapped { encrypted_data_keys: materials.encrypted_data_keys, body_bytes })
 }
@@ -1102,18 +1103,14 @@ fn header_body(
     header.push(VERSION_2);
     header.extend_from_slice(&suite.id().to_be_bytes());
     header.extend_from_slice(message_id);
-    let pairs = serialize_pairs(context)?;
-    header.extend_from_slice(&(pairs.len() as u16).to_be_bytes());
-    header.extend_from_slice(&pairs);
+    put_field(&mut header, &serialize_pairs(context)?).expect("serialize_pairs bounds the context");
     let count = u16::try_from(encrypted_data_keys.len())
         .map_err(|_| EsdkError::Invalid("more than 65535 encrypted data keys".into()))?;
     header.extend_from_slice(&count.to_be_bytes());
     for edk in encrypted_data_keys {
         for field in [edk.provider_id.as_bytes(), &edk.provider_info, &edk.ciphertext] {
-            let len = u16::try_from(field.len())
-                .map_err(|_| EsdkError::Invalid("an encrypted data key field is larger than 64 KiB".into()))?;
-            header.extend_from_slice(&len.to_be_bytes());
-            header.extend_from_slice(field);
+            put_field(&mut header, field)
+                .ok_or_else(|| EsdkError::Invalid("an encrypted data key field is larger than 64 KiB".into()))?;
         }
     }
     header.push(CONTENT_TYPE_FRAMED);

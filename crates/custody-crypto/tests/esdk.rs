@@ -256,7 +256,7 @@ fn rewrap_changes_the_header_only() {
     );
     let before = read_header(&mut &message[..], &DecryptOptions::default()).unwrap();
     let mut out = Vec::new();
-    let done = rewrap(&old, &new, &DecryptOptions::default(), &mut &message[..], &mut out).unwrap();
+    let done = rewrap_message(&old, &new, &message, &mut out).unwrap();
     let after = read_header(&mut &out[..], &DecryptOptions::default()).unwrap();
     assert_eq!((after.message_id, &after.context, after.frame_length), (before.message_id, &before.context, 4096));
     assert_eq!(after.encrypted_data_keys, done.encrypted_data_keys);
@@ -271,7 +271,7 @@ fn rewrap_changes_the_header_only() {
     // Both keys wrap it after a re-wrap through a multi-keyring.
     let both = MultiKeyring::new(vec![Box::new(keyring("new", 8)), Box::new(keyring("old", 7))]).unwrap();
     let mut twice = Vec::new();
-    rewrap(&new, &both, &DecryptOptions::default(), &mut &out[..], &mut twice).unwrap();
+    rewrap_message(&new, &both, &out, &mut twice).unwrap();
     assert_eq!(open(&old, &twice).unwrap().0, plain);
     assert_eq!(open(&new, &twice).unwrap().0, plain);
 
@@ -282,15 +282,15 @@ fn rewrap_changes_the_header_only() {
         EncryptOptions { suite: Suite::CommittedSigned, frame_length: 4096, ..EncryptOptions::default() },
         b"x",
     );
-    let e = rewrap(&old, &new, &DecryptOptions::default(), &mut &signed[..], &mut Vec::new()).unwrap_err();
+    let e = rewrap_message(&old, &new, &signed, &mut Vec::new()).unwrap_err();
     assert!(matches!(e, EsdkError::Unsupported(_)) && e.to_string().contains("signed"), "{e}");
-    let e = rewrap(&new, &new, &DecryptOptions::default(), &mut &message[..], &mut Vec::new()).unwrap_err();
+    let e = rewrap_message(&new, &new, &message, &mut Vec::new()).unwrap_err();
     assert!(matches!(e, EsdkError::NoDataKey(_)), "{e:?}");
     // The context's value "acme" sits in the header body; the tag (or the wrapped key's AAD) must catch it.
     let at = message.windows(4).position(|w| w == b"acme").unwrap();
     let mut changed = message.clone();
     changed[at] ^= 0x20;
-    let e = rewrap(&old, &new, &DecryptOptions::default(), &mut &changed[..], &mut Vec::new()).unwrap_err();
+    let e = rewrap_message(&old, &new, &changed, &mut Vec::new()).unwrap_err();
     assert!(matches!(e, EsdkError::NoDataKey(_) | EsdkError::Integrity(_)), "{e:?}");
 }
 
@@ -311,4 +311,16 @@ fn a_declared_length_is_enforced() {
     let mut out = Vec::new();
     encrypt(&k, &context(), options, &mut &b"12345"[..], &mut out).unwrap();
     assert_eq!(open(&k, &out).unwrap().0, b"12345");
+}
+
+/// `rewrap` of a whole message in memory: the header read first, then the rest.
+fn rewrap_message(
+    old: &dyn Keyring,
+    new: &dyn Keyring,
+    message: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<custody_crypto::esdk::Rewrapped, EsdkError> {
+    let mut input = message;
+    let header = read_header(&mut input, &DecryptOptions::default())?;
+    rewrap(&header, old, new, &mut input, out)
 }

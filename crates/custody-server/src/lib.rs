@@ -48,15 +48,70 @@ const AMZ_JSON: &str = "application/x-amz-json-1.1";
 /// never readable by others, not even while being written.
 pub fn write_file(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    // Created 0600 by tempfile; widened (if at all) before any byte is written.
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    let mut file = AtomicFile::create(path, Some(mode))?;
+    file.write_all(bytes)?;
+    file.commit()
+}
+
+/// A file written under a temporary name beside its destination (created new, never an existing
+/// file), and renamed onto the destination by [`AtomicFile::commit`] after an fsync: a reader
+/// sees the old file or the whole new one. Dropped before the commit, the temporary file is
+/// removed. The one mechanism behind [`write_file`] and the CLI's streamed outputs.
+#[derive(Debug)]
+pub struct AtomicFile {
+    file: Option<std::fs::File>,
+    tmp: std::path::PathBuf,
+    dest: std::path::PathBuf,
+}
+
+impl AtomicFile {
+    /// Starts writing `dest`. With `mode`, the file has those permissions before any byte is
+    /// written; without, the process's default (umask) applies.
+    pub fn create(dest: &std::path::Path, mode: Option<u32>) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let tmp = dest
+            .with_file_name(format!(".{name}.custody-{:016x}", u64::from_be_bytes(custody_crypto::random::array())));
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let staged = Self { file: Some(file), tmp, dest: dest.to_path_buf() };
+        if let Some(mode) = mode {
+            staged.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
+        Ok(staged)
+    }
+
+    /// The temporary file (to set permissions, say).
+    pub fn as_file(&self) -> &std::fs::File {
+        self.file.as_ref().expect("open until committed")
+    }
+
+    /// Syncs the file and renames it onto the destination.
+    pub fn commit(mut self) -> std::io::Result<()> {
+        let file = self.file.take().expect("open until committed");
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.dest)?;
+        self.tmp = std::path::PathBuf::new();
+        Ok(())
+    }
+}
+
+impl std::io::Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.as_mut().expect("open until committed").write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.as_mut().expect("open until committed").flush()
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Why the server could not start.
