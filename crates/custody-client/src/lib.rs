@@ -240,6 +240,14 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+impl Profile {
+    /// The TLS 1.3 client configuration this profile gives: its CA as the only root, its client
+    /// certificate if it has one, HTTP/1.1 by ALPN (what [`Client`] connects with).
+    pub fn tls_config(&self) -> Result<Arc<ClientConfig>, ClientError> {
+        tls_config(self)
+    }
+}
+
 fn tls_config(profile: &Profile) -> Result<Arc<ClientConfig>, ClientError> {
     let cfg_err = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
         ClientError::Config(format!("cannot use {what} {}: {e}", path.display()))

@@ -1,0 +1,467 @@
+//! The load generator: C kept-alive TLS 1.3 connections, each sending one request at a time,
+//! for a duration or a number of requests, as fast as answers come (closed loop) or at a fixed
+//! total rate (open loop).
+//!
+//! Connections are opened before the clock starts, so handshakes are not measured. Latency is
+//! kept in an HDR histogram per action (microseconds, 3 significant digits). At a fixed rate, a
+//! request that is late because earlier answers were late is measured from when it was *due*,
+//! not when it was sent, so a stalled server cannot hide its stall by delaying the requests that
+//! would have seen it (coordinated omission); a request sent on time is measured from when it
+//! was sent (tokio's timer wakes up to a millisecond late, which is not the server's doing).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// The actions the generator can send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Op {
+    /// Encrypt of 64 bytes.
+    Encrypt,
+    /// Decrypt of a 64-byte plaintext's ciphertext.
+    Decrypt,
+    /// GenerateDataKey, AES_256.
+    GenerateDataKey,
+    /// ReEncrypt of that ciphertext to a second key.
+    ReEncrypt,
+    /// DescribeKey.
+    DescribeKey,
+}
+
+impl Op {
+    /// Every action, in report order.
+    pub const ALL: [Op; 5] = [Op::Encrypt, Op::Decrypt, Op::GenerateDataKey, Op::ReEncrypt, Op::DescribeKey];
+
+    /// The X-Amz-Target.
+    pub fn target(self) -> &'static str {
+        match self {
+            Op::Encrypt => "TrentService.Encrypt",
+            Op::Decrypt => "TrentService.Decrypt",
+            Op::GenerateDataKey => "TrentService.GenerateDataKey",
+            Op::ReEncrypt => "TrentService.ReEncrypt",
+            Op::DescribeKey => "TrentService.DescribeKey",
+        }
+    }
+
+    /// The name used on the command line and in reports (`generate-data-key`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Encrypt => "encrypt",
+            Op::Decrypt => "decrypt",
+            Op::GenerateDataKey => "generate-data-key",
+            Op::ReEncrypt => "re-encrypt",
+            Op::DescribeKey => "describe-key",
+        }
+    }
+
+    /// Parses a name as [`Op::name`] gives it.
+    pub fn parse(s: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|o| o.name() == s)
+    }
+}
+
+/// One prepared request: the action and its JSON body.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The action.
+    pub op: Op,
+    /// Its body, sent as is.
+    pub body: Bytes,
+}
+
+/// When a run ends.
+#[derive(Debug, Clone, Copy)]
+pub enum Stop {
+    /// After this long.
+    After(Duration),
+    /// After this many requests in all.
+    Requests(u64),
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Kept-alive connections, each with one request in flight.
+    pub connections: usize,
+    /// When to stop.
+    pub stop: Stop,
+    /// Total requests per second across all connections (open loop); `None`: as fast as the
+    /// server answers (closed loop).
+    pub rate: Option<f64>,
+    /// The requests, in the order they are sent (weights expanded: `[e, e, d]` is two Encrypt
+    /// for each Decrypt).
+    pub mix: Vec<Prepared>,
+}
+
+/// Where to send, and how to connect.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Host name or address to connect to and to check the certificate against.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// TLS 1.3 client configuration (with the client certificate).
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl Target {
+    /// The profile's endpoint and TLS configuration.
+    pub fn from_profile(profile: &custody_client::Profile) -> Result<Self, custody_client::ClientError> {
+        let endpoint = profile.endpoint()?;
+        Ok(Self { host: endpoint.host, port: endpoint.port, tls: profile.tls_config()? })
+    }
+
+    fn authority(&self) -> HeaderValue {
+        let s = if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        HeaderValue::from_str(&s).expect("host and port make a header value")
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| e.to_string())?;
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(self.host.clone()).map_err(|e| e.to_string())?;
+        let tls = TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(|e| e.to_string())?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+}
+
+/// Latency and counts of one action.
+#[derive(Debug, Clone)]
+pub struct OpStats {
+    /// Answered with 200, latency in microseconds.
+    pub latency: Histogram<u64>,
+    /// Failed requests by cause (`HTTP 503 ServiceUnavailableException`, `connection: ...`).
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl OpStats {
+    fn new() -> Self {
+        Self { latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"), errors: BTreeMap::new() }
+    }
+
+    fn merge(&mut self, other: &OpStats) {
+        self.latency.add(&other.latency).expect("same bounds");
+        for (k, v) in &other.errors {
+            *self.errors.entry(k.clone()).or_default() += v;
+        }
+    }
+
+    /// Requests that failed.
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+/// What a run measured.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// From the first request sent to the last answer.
+    pub elapsed: Duration,
+    /// Per action.
+    pub ops: BTreeMap<Op, OpStats>,
+}
+
+impl Outcome {
+    /// Every action together.
+    pub fn total(&self) -> OpStats {
+        let mut all = OpStats::new();
+        for s in self.ops.values() {
+            all.merge(s);
+        }
+        all
+    }
+
+    /// Answered (200) requests per second, all actions.
+    pub fn ok_per_second(&self) -> f64 {
+        self.total().latency.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// The summary of one action (or of all with `None`).
+    pub fn summary(&self, op: Option<Op>) -> Summary {
+        let s = match op {
+            Some(op) => self.ops.get(&op).cloned().unwrap_or_else(OpStats::new),
+            None => self.total(),
+        };
+        Summary::of(op.map_or("all", Op::name), &s, self.elapsed)
+    }
+}
+
+/// Figures of one action, for printing and `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Action name, or `all`.
+    pub action: String,
+    /// Answered (200) requests.
+    pub requests: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Failed requests by cause.
+    pub error_causes: BTreeMap<String, u64>,
+    /// Answered requests per second.
+    pub ops_per_second: f64,
+    /// Median latency, µs.
+    pub p50_us: u64,
+    /// 99th percentile latency, µs.
+    pub p99_us: u64,
+    /// 99.9th percentile latency, µs.
+    pub p999_us: u64,
+    /// Slowest, µs.
+    pub max_us: u64,
+}
+
+impl Summary {
+    fn of(action: &str, s: &OpStats, elapsed: Duration) -> Self {
+        let h = &s.latency;
+        Summary {
+            action: action.to_string(),
+            requests: h.len(),
+            errors: s.error_count(),
+            error_causes: s.errors.clone(),
+            ops_per_second: h.len() as f64 / elapsed.as_secs_f64(),
+            p50_us: h.value_at_quantile(0.50),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+        }
+    }
+
+    /// One line: `encrypt  12,345 ops/s  p50 ...`.
+    pub fn line(&self) -> String {
+        let errors = if self.errors == 0 {
+            "0 errors".to_string()
+        } else {
+            let causes: Vec<String> = self.error_causes.iter().map(|(k, v)| format!("{v}× {k}")).collect();
+            format!("{} errors ({})", self.errors, causes.join(", "))
+        };
+        format!(
+            "{:<18} {:>9.0} ops/s  p50 {:>7}  p99 {:>7}  p99.9 {:>7}  max {:>7}  {:>9} requests  {errors}",
+            self.action,
+            self.ops_per_second,
+            micros(self.p50_us),
+            micros(self.p99_us),
+            micros(self.p999_us),
+            micros(self.max_us),
+            self.requests,
+        )
+    }
+}
+
+/// `850 µs`, `1.25 ms`.
+pub fn micros(us: u64) -> String {
+    if us < 1000 {
+        format!("{us} µs")
+    } else {
+        format!("{:.2} ms", us as f64 / 1000.0)
+    }
+}
+
+/// Runs `plan` against `target`. Fails only if a connection cannot be opened at the start;
+/// failures during the run are counted in the outcome.
+pub async fn run(target: &Target, plan: &Plan) -> Result<Outcome, String> {
+    assert!(!plan.mix.is_empty() && plan.connections > 0, "a plan has requests and connections");
+    let mut senders = Vec::with_capacity(plan.connections);
+    for _ in 0..plan.connections {
+        senders.push(
+            target.connect().await.map_err(|e| format!("cannot connect to {}:{}: {e}", target.host, target.port))?,
+        );
+    }
+    let started = Instant::now();
+    let shared = Arc::new(Shared {
+        issued: AtomicU64::new(0),
+        started,
+        deadline: match plan.stop {
+            Stop::After(d) => Some(started + d),
+            Stop::Requests(_) => None,
+        },
+        limit: match plan.stop {
+            Stop::Requests(n) => n,
+            Stop::After(_) => u64::MAX,
+        },
+        // Each connection sends every `connections / rate` seconds, the connections staggered.
+        interval: plan.rate.map(|r| Duration::from_secs_f64(plan.connections as f64 / r)),
+        authority: target.authority(),
+    });
+    let mut tasks = Vec::new();
+    for (index, sender) in senders.into_iter().enumerate() {
+        let (target, plan, shared) = (target.clone(), plan.clone(), shared.clone());
+        tasks.push(tokio::spawn(async move { worker(index, sender, &target, &plan, &shared).await }));
+    }
+    let mut ops: BTreeMap<Op, OpStats> = BTreeMap::new();
+    for t in tasks {
+        for (op, s) in t.await.map_err(|e| format!("a connection's task failed: {e}"))? {
+            ops.entry(op).or_insert_with(OpStats::new).merge(&s);
+        }
+    }
+    Ok(Outcome { elapsed: started.elapsed(), ops })
+}
+
+struct Shared {
+    issued: AtomicU64,
+    started: Instant,
+    deadline: Option<Instant>,
+    limit: u64,
+    interval: Option<Duration>,
+    authority: HeaderValue,
+}
+
+async fn worker(
+    index: usize,
+    mut sender: SendRequest<Full<Bytes>>,
+    target: &Target,
+    plan: &Plan,
+    shared: &Shared,
+) -> BTreeMap<Op, OpStats> {
+    let mut stats: BTreeMap<Op, OpStats> = BTreeMap::new();
+    let content_type = HeaderValue::from_static("application/x-amz-json-1.1");
+    let targets: BTreeMap<Op, HeaderValue> =
+        Op::ALL.iter().map(|op| (*op, HeaderValue::from_static(op.target()))).collect();
+    let offset = shared.interval.map(|i| i.mul_f64(index as f64 / plan.connections as f64));
+    let mut sent: u64 = 0;
+    loop {
+        let n = shared.issued.fetch_add(1, Ordering::Relaxed);
+        if n >= shared.limit {
+            break;
+        }
+        let due = match (shared.interval, offset) {
+            (Some(interval), Some(offset)) => {
+                let due = shared.started + offset + interval.mul_f64(sent as f64);
+                if shared.deadline.is_some_and(|d| due >= d) {
+                    break;
+                }
+                if Instant::now() < due {
+                    // Ahead of schedule: wait, and count from when the timer woke us (it
+                    // wakes up to a millisecond late; that lateness is ours, not the server's).
+                    tokio::time::sleep_until(due.into()).await;
+                    Instant::now()
+                } else {
+                    // Behind schedule because answers came late: count from when it was due.
+                    due
+                }
+            }
+            _ => {
+                let now = Instant::now();
+                if shared.deadline.is_some_and(|d| now >= d) {
+                    break;
+                }
+                now
+            }
+        };
+        sent += 1;
+        let prepared = &plan.mix[(n % plan.mix.len() as u64) as usize];
+        let mut req = hyper::Request::new(Full::new(prepared.body.clone()));
+        *req.method_mut() = hyper::Method::POST;
+        let headers = req.headers_mut();
+        headers.insert(HOST, shared.authority.clone());
+        headers.insert(CONTENT_TYPE, content_type.clone());
+        headers.insert("x-amz-target", targets[&prepared.op].clone());
+        let result = send(&mut sender, req).await;
+        let entry = stats.entry(prepared.op).or_insert_with(OpStats::new);
+        match result {
+            Ok(()) => {
+                let us = due.elapsed().as_micros().clamp(1, 60_000_000) as u64;
+                entry.latency.record(us).expect("within bounds");
+            }
+            Err(Failure::Answer(cause)) => *entry.errors.entry(cause).or_default() += 1,
+            Err(Failure::Connection(cause)) => {
+                *entry.errors.entry(format!("connection: {cause}")).or_default() += 1;
+                match target.connect().await {
+                    Ok(s) => sender = s,
+                    Err(e) => {
+                        *entry.errors.entry(format!("reconnect: {e}")).or_default() += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    }
+    stats
+}
+
+enum Failure {
+    /// The server answered, but not with 200.
+    Answer(String),
+    /// The connection broke.
+    Connection(String),
+}
+
+async fn send(sender: &mut SendRequest<Full<Bytes>>, req: hyper::Request<Full<Bytes>>) -> Result<(), Failure> {
+    let conn = |e: hyper::Error| Failure::Connection(e.to_string());
+    sender.ready().await.map_err(conn)?;
+    let resp = sender.send_request(req).await.map_err(conn)?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(conn)?.to_bytes();
+    if status == hyper::StatusCode::OK {
+        return Ok(());
+    }
+    let code = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["__type"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    Err(Failure::Answer(format!("HTTP {} {code}", status.as_u16())))
+}
+
+/// Expands `encrypt=2,decrypt=1` into the order requests are sent: the weights interleaved
+/// (`e d e`), so every stretch of the run sees the same mix.
+pub fn parse_mix(spec: &str) -> Result<Vec<Op>, String> {
+    let mut weighted = Vec::new();
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        let (name, weight) = part.split_once('=').unwrap_or((part, "1"));
+        let op = Op::parse(name.trim()).ok_or_else(|| {
+            let names: Vec<&str> = Op::ALL.iter().map(|o| o.name()).collect();
+            format!("unknown action {name:?} in the mix: use {}", names.join(", "))
+        })?;
+        let weight: u32 = weight
+            .trim()
+            .parse()
+            .ok()
+            .filter(|w| (1..=1000).contains(w))
+            .ok_or_else(|| format!("the weight of {name} must be a whole number from 1 to 1000"))?;
+        weighted.push((op, weight));
+    }
+    if weighted.is_empty() {
+        return Err("the mix is empty: give at least one action, e.g. encrypt=1".into());
+    }
+    let most = weighted.iter().map(|w| w.1).max().unwrap_or(1);
+    let mut order = Vec::new();
+    for round in 0..most {
+        for (op, w) in &weighted {
+            if round < *w {
+                order.push(*op);
+            }
+        }
+    }
+    Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixes_interleave_by_weight() {
+        assert_eq!(parse_mix("encrypt=2,decrypt").unwrap(), vec![Op::Encrypt, Op::Decrypt, Op::Encrypt]);
+        assert_eq!(parse_mix("describe-key").unwrap(), vec![Op::DescribeKey]);
+        assert!(parse_mix("encrypt=0").unwrap_err().contains("from 1 to 1000"));
+        assert!(parse_mix("sign=1").unwrap_err().contains("unknown action \"sign\""));
+        assert!(parse_mix("").unwrap_err().contains("empty"));
+    }
+}

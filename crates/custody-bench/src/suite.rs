@@ -1,0 +1,559 @@
+//! `custody-bench suite`: custody as shipped and the bare TLS baseline, each in its own process,
+//! driven by the same load generator with the same connections, in one run; every figure is
+//! given beside the baseline's, and every target of the performance issue is checked.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::load::{self, Op, Plan, Prepared, Stop, Summary, Target};
+
+/// What the suite runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The `custody` binary.
+    pub custody: PathBuf,
+    /// Connections, the same for every phase and the baseline.
+    pub connections: usize,
+    /// Seconds per phase.
+    pub seconds: u64,
+    /// Rounds of phases (baseline, then each action, then again).
+    pub rounds: usize,
+    /// Cold `custody encrypt` runs.
+    pub cold_runs: usize,
+    /// Mixed requests of the soak (0: none).
+    pub soak: u64,
+    /// Report progress on stderr.
+    pub progress: bool,
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The first JSON value a child prints on stdout (how `custody dev --json` and
+/// `custody-bench baseline` say where they listen).
+fn first_json_line(child: &mut Child, what: &str) -> Result<Value, String> {
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut reader = std::io::BufReader::new(stdout);
+    // The JSON may span lines (pretty-printed): read until what was read parses.
+    let mut text = String::new();
+    let value = loop {
+        let before = text.len();
+        reader.read_line(&mut text).map_err(|e| format!("{what}: {e}"))?;
+        if let Ok(v) = serde_json::from_str::<Value>(&text) {
+            break v;
+        }
+        if text.len() == before || text.len() > 64 << 10 {
+            return Err(format!("{what} did not start; it printed {text:?} (see its log)"));
+        }
+    };
+    // Keep reading (and dropping) whatever else it prints, so it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    Ok(value)
+}
+
+/// Resident and peak resident memory of a process, bytes (from /proc/PID/status).
+pub fn memory_of(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")? * 1024, field("VmHWM:")? * 1024))
+}
+
+/// The machine, as a reader of the results needs to know it.
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    /// Cores this process may use.
+    pub cores: usize,
+    /// CPU model.
+    pub cpu: String,
+    /// Kernel release.
+    pub kernel: String,
+}
+
+impl Machine {
+    fn this() -> Self {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines().find_map(|l| {
+                    l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+                })
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let kernel =
+            std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|k| k.trim().to_string()).unwrap_or_default();
+        Self { cores: std::thread::available_parallelism().map_or(1, |n| n.get()), cpu, kernel }
+    }
+}
+
+/// One target of the issue and how this run did.
+#[derive(Debug, Serialize)]
+pub struct Check {
+    /// What is required.
+    pub target: String,
+    /// What was measured.
+    pub measured: String,
+    /// Whether it is met.
+    pub met: bool,
+}
+
+/// One action's figures over all rounds.
+#[derive(Debug, Serialize)]
+pub struct Phase {
+    /// Latency and counts over all rounds.
+    #[serde(flatten)]
+    pub summary: Summary,
+    /// Requests per second of each round.
+    pub rounds_ops_per_second: Vec<f64>,
+    /// Median over rounds of this action's requests per second divided by the baseline's in the
+    /// same round.
+    pub ratio_to_baseline: f64,
+}
+
+/// Everything the suite measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Where it ran.
+    pub machine: Machine,
+    /// Connections used by every phase.
+    pub connections: usize,
+    /// Seconds per phase and round.
+    pub seconds_per_phase: u64,
+    /// Rounds.
+    pub rounds: usize,
+    /// The bare TLS server.
+    pub baseline: Phase,
+    /// custody, per action.
+    pub actions: Vec<Phase>,
+    /// Encrypt at half its peak rate (open loop).
+    pub half_rate: Summary,
+    /// The rate of the half-rate run.
+    pub half_rate_target_per_second: f64,
+    /// Cold `custody encrypt` of 1 KiB, wall milliseconds: median, 90th percentile, slowest.
+    pub cold_encrypt_ms: [f64; 3],
+    /// The soak, if run.
+    pub soak: Option<Soak>,
+    /// Server memory when the run ended: resident, peak resident (bytes).
+    pub server_rss_bytes: u64,
+    /// Peak resident memory of the server over the whole run (bytes).
+    pub server_peak_rss_bytes: u64,
+    /// Requests custody answered in the whole run.
+    pub server_requests: u64,
+    /// The targets.
+    pub checks: Vec<Check>,
+}
+
+/// The long mixed run.
+#[derive(Debug, Serialize)]
+pub struct Soak {
+    /// All actions together.
+    pub summary: Summary,
+    /// Per action.
+    pub actions: Vec<Summary>,
+    /// Server resident memory sampled every 2 s: (seconds since the soak began, bytes).
+    pub rss_samples: Vec<(u64, u64)>,
+}
+
+fn say(settings: &Settings, line: &str) {
+    if settings.progress {
+        eprintln!("{line}");
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[v.len() / 2]
+}
+
+/// Request bodies for every action against `key` (and `other`, ReEncrypt's destination).
+pub async fn prepare(client: &mut custody_client::Client, key: &str, other: &str) -> Result<Vec<Prepared>, String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let encrypted = client
+        .call("TrentService.Encrypt", json!({ "KeyId": key, "Plaintext": b64.encode([7u8; 64]) }))
+        .await
+        .map_err(|e| format!("the first Encrypt failed: {e}"))?;
+    let blob = encrypted["CiphertextBlob"].as_str().ok_or("Encrypt answered without a CiphertextBlob")?;
+    let body = |v: Value| Bytes::from(serde_json::to_vec(&v).expect("JSON values serialize"));
+    Ok(vec![
+        Prepared { op: Op::Encrypt, body: body(json!({ "KeyId": key, "Plaintext": b64.encode([7u8; 64]) })) },
+        Prepared { op: Op::Decrypt, body: body(json!({ "KeyId": key, "CiphertextBlob": blob })) },
+        Prepared { op: Op::GenerateDataKey, body: body(json!({ "KeyId": key, "KeySpec": "AES_256" })) },
+        Prepared { op: Op::ReEncrypt, body: body(json!({ "CiphertextBlob": blob, "DestinationKeyId": other })) },
+        Prepared { op: Op::DescribeKey, body: body(json!({ "KeyId": key })) },
+    ])
+}
+
+/// Creates a symmetric key for the benchmark and returns its id.
+pub async fn create_key(client: &mut custody_client::Client) -> Result<String, String> {
+    let created = client
+        .call("TrentService.CreateKey", json!({ "Description": "custody-bench" }))
+        .await
+        .map_err(|e| format!("cannot create a key for the benchmark: {e}"))?;
+    created["KeyMetadata"]["KeyId"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| "CreateKey answered without a KeyId".into())
+}
+
+/// Runs the suite.
+pub async fn run(settings: &Settings) -> Result<Report, String> {
+    if !settings.custody.is_file() {
+        return Err(format!(
+            "no custody binary at {}: build it first (cargo build --release --bins) or pass --custody PATH",
+            settings.custody.display()
+        ));
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let data = dir.path().join("data");
+    // custody as `custody dev` runs it: TLS 1.3 with client certificates, every request
+    // authorized against the key's policy and durably audited before it is answered.
+    let log = std::fs::File::create(dir.path().join("custody.log")).map_err(|e| e.to_string())?;
+    let mut child = Command::new(&settings.custody)
+        .args(["dev", "--json", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", settings.custody.display()))?;
+    let started = first_json_line(&mut child, "custody dev");
+    let custody = Proc(child);
+    let started = started?;
+    let pid = custody.0.id();
+    let profile_path = PathBuf::from(started["Profile"].as_str().ok_or("custody dev did not name its profile")?);
+    let profile = custody_client::Profile::load(&profile_path).map_err(|e| e.to_string())?;
+    let mut client = custody_client::Client::connect(&profile).await.map_err(|e| e.to_string())?;
+    let key = create_key(&mut client).await?;
+    let other = create_key(&mut client).await?;
+    let prepared = prepare(&mut client, &key, &other).await?;
+
+    // The baseline answers with the bytes of a real Encrypt answer, so both send the same amount.
+    let answer = client
+        .call(
+            "TrentService.Encrypt",
+            json!({ "KeyId": key, "Plaintext": base64::engine::general_purpose::STANDARD.encode([7u8; 64]) }),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let body_file = dir.path().join("baseline-body.json");
+    std::fs::write(&body_file, serde_json::to_vec(&answer).expect("JSON serializes")).map_err(|e| e.to_string())?;
+    let ca = profile.ca_file().map_err(|e| e.to_string())?;
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(me)
+        .arg("baseline")
+        .arg("--client-ca")
+        .arg(&ca)
+        .arg("--body-file")
+        .arg(&body_file)
+        .arg("--cert-out")
+        .arg(dir.path().join("baseline.crt"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start the baseline: {e}"))?;
+    let listening = first_json_line(&mut child, "the baseline server");
+    let _baseline_proc = Proc(child);
+    let listening = listening?;
+    let baseline_profile = custody_client::Profile {
+        endpoint: listening["Endpoint"].as_str().map(str::to_string),
+        ca_file: Some(dir.path().join("baseline.crt")),
+        ..profile.clone()
+    };
+    let baseline = Target::from_profile(&baseline_profile).map_err(|e| e.to_string())?;
+    let target = Target::from_profile(&profile).map_err(|e| e.to_string())?;
+
+    let closed = |op: Op, stop: Stop| Plan {
+        connections: settings.connections,
+        stop,
+        rate: None,
+        mix: prepared.iter().filter(|p| p.op == op).cloned().collect(),
+    };
+    let mut served: u64 = 4;
+    say(settings, "warming up (2 s each)");
+    load::run(&baseline, &closed(Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?;
+    served +=
+        load::run(&target, &closed(Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?.total().latency.len();
+
+    let phase = Duration::from_secs(settings.seconds);
+    let mut base_rounds = Vec::new();
+    let mut base_total: Option<load::Outcome> = None;
+    let mut per_op: Vec<Rounds> =
+        Op::ALL.iter().map(|op| Rounds { op: *op, rates: Vec::new(), ratios: Vec::new(), total: None }).collect();
+    for round in 1..=settings.rounds {
+        let b = load::run(&baseline, &closed(Op::Encrypt, Stop::After(phase))).await?;
+        let b_rate = b.ok_per_second();
+        say(settings, &format!("round {round}/{}: baseline {b_rate:.0} ops/s", settings.rounds));
+        base_rounds.push(b_rate);
+        merge_into(&mut base_total, b);
+        for Rounds { op, rates, ratios, total } in per_op.iter_mut() {
+            let o = load::run(&target, &closed(*op, Stop::After(phase))).await?;
+            let rate = o.ok_per_second();
+            served += o.total().latency.len() + o.total().error_count();
+            say(
+                settings,
+                &format!(
+                    "round {round}/{}: {:<18} {rate:.0} ops/s ({:.2}x)",
+                    settings.rounds,
+                    op.name(),
+                    rate / b_rate
+                ),
+            );
+            rates.push(rate);
+            ratios.push(rate / b_rate);
+            merge_into(total, o);
+        }
+    }
+    let phase_of = |name: Option<Op>, rates: &[f64], ratios: &[f64], total: &load::Outcome| {
+        let mut summary = total.summary(name);
+        // Over all rounds, the time is the sum of the phases (the merged elapsed is meaningless).
+        summary.ops_per_second = median(rates);
+        Phase { summary, rounds_ops_per_second: rates.to_vec(), ratio_to_baseline: median(ratios) }
+    };
+    let baseline_phase = {
+        let total = base_total.expect("at least one round");
+        let mut p = phase_of(Some(Op::Encrypt), &base_rounds, &vec![1.0; base_rounds.len()], &total);
+        p.summary.action = "baseline".into();
+        p
+    };
+    let actions: Vec<Phase> = per_op
+        .iter()
+        .map(|r| phase_of(Some(r.op), &r.rates, &r.ratios, r.total.as_ref().expect("rounds ran")))
+        .collect();
+    let encrypt_rate = actions[0].summary.ops_per_second;
+
+    let half = encrypt_rate / 2.0;
+    say(settings, &format!("encrypt at half its peak: {half:.0} ops/s for {} s", 2 * settings.seconds));
+    let mut plan = closed(Op::Encrypt, Stop::After(2 * phase));
+    plan.rate = Some(half);
+    let half_run = load::run(&target, &plan).await?;
+    served += half_run.total().latency.len();
+    let half_rate = half_run.summary(Some(Op::Encrypt));
+
+    say(settings, &format!("cold `custody encrypt` of 1 KiB, {} runs", settings.cold_runs));
+    let cold = cold_encrypt(settings, dir.path(), &profile_path, &key)?;
+    served += settings.cold_runs as u64;
+
+    let soak = if settings.soak > 0 {
+        say(settings, &format!("soak: {} mixed requests over {} connections", settings.soak, settings.connections));
+        let s = soak(&target, &prepared, settings, pid).await?;
+        served += s.summary.requests + s.summary.errors;
+        Some(s)
+    } else {
+        None
+    };
+    let (rss, peak) = memory_of(pid).ok_or("cannot read the server's memory from /proc")?;
+
+    let mut checks = vec![
+        Check {
+            target: "Encrypt 64 B >= 0.5x the baseline's requests per second".into(),
+            measured: format!(
+                "{:.2}x ({encrypt_rate:.0} ops/s against {:.0})",
+                actions[0].ratio_to_baseline, baseline_phase.summary.ops_per_second
+            ),
+            met: actions[0].ratio_to_baseline >= 0.5,
+        },
+        Check {
+            target: "p99 latency at half of the peak Encrypt rate < 2 ms".into(),
+            measured: format!("{} at {half:.0} ops/s", load::micros(half_rate.p99_us)),
+            met: half_rate.p99_us < 2000 && half_rate.errors == 0,
+        },
+    ];
+    for op in [Op::GenerateDataKey, Op::Decrypt] {
+        let p = actions.iter().find(|p| p.summary.action == op.name()).expect("every action ran");
+        let ratio = p.summary.ops_per_second / encrypt_rate;
+        checks.push(Check {
+            target: format!("{} within 10% of Encrypt", op.name()),
+            measured: format!("{ratio:.2}x Encrypt ({:.0} ops/s)", p.summary.ops_per_second),
+            met: (ratio - 1.0).abs() <= 0.10,
+        });
+    }
+    checks.push(Check {
+        target: "cold `custody encrypt` of 1 KiB with the KMS keyring < 30 ms".into(),
+        measured: format!("median {:.1} ms (p90 {:.1} ms, slowest {:.1} ms)", cold[0], cold[1], cold[2]),
+        met: cold[0] < 30.0,
+    });
+    checks.push(Check {
+        target: "server resident memory < 64 MiB after the run".into(),
+        measured: format!("{:.1} MiB after {served} requests (peak {:.1} MiB)", mib(rss), mib(peak)),
+        met: rss < 64 << 20,
+    });
+    if let Some(s) = &soak {
+        checks.push(Check {
+            target: format!("{} mixed requests: zero errors", s.summary.requests + s.summary.errors),
+            measured: format!("{} errors", s.summary.errors),
+            met: s.summary.errors == 0,
+        });
+    }
+    Ok(Report {
+        machine: Machine::this(),
+        connections: settings.connections,
+        seconds_per_phase: settings.seconds,
+        rounds: settings.rounds,
+        baseline: baseline_phase,
+        actions,
+        half_rate,
+        half_rate_target_per_second: half,
+        cold_encrypt_ms: cold,
+        soak,
+        server_rss_bytes: rss,
+        server_peak_rss_bytes: peak,
+        server_requests: served,
+        checks,
+    })
+}
+
+/// One action's rounds: requests per second, ratio to the baseline, everything measured.
+struct Rounds {
+    op: Op,
+    rates: Vec<f64>,
+    ratios: Vec<f64>,
+    total: Option<load::Outcome>,
+}
+
+fn merge_into(total: &mut Option<load::Outcome>, o: load::Outcome) {
+    match total {
+        None => *total = Some(o),
+        Some(t) => {
+            t.elapsed += o.elapsed;
+            for (op, s) in o.ops {
+                match t.ops.get_mut(&op) {
+                    Some(existing) => {
+                        existing.latency.add(&s.latency).expect("same bounds");
+                        for (k, v) in s.errors {
+                            *existing.errors.entry(k).or_default() += v;
+                        }
+                    }
+                    None => {
+                        t.ops.insert(op, s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+/// Runs `custody encrypt -k KEY` on a 1 KiB file `settings.cold_runs` times, each a new process
+/// that reads its profile, connects (TLS 1.3 handshake with its client certificate), asks for
+/// one data key and writes the message. Wall milliseconds: median, 90th percentile, slowest.
+fn cold_encrypt(settings: &Settings, dir: &Path, profile: &Path, key: &str) -> Result<[f64; 3], String> {
+    let input = dir.join("cold.txt");
+    std::fs::write(&input, [b'x'; 1024]).map_err(|e| e.to_string())?;
+    let mut times = Vec::new();
+    for i in 0..settings.cold_runs.max(1) {
+        let out = dir.join(format!("cold-{i}.encrypted"));
+        let t = Instant::now();
+        let status = Command::new(&settings.custody)
+            .args(["encrypt", "-k", key, "-c", "purpose=bench", "-o"])
+            .arg(&out)
+            .arg(&input)
+            .env("CUSTODY_PROFILE", profile)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| e.to_string())?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        if !status.success() {
+            return Err(format!(
+                "`custody encrypt` failed ({status}); run it by hand with CUSTODY_PROFILE={}",
+                profile.display()
+            ));
+        }
+        times.push(ms);
+    }
+    times.sort_by(f64::total_cmp);
+    let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+    Ok([at(0.5), at(0.9), times[times.len() - 1]])
+}
+
+async fn soak(target: &Target, prepared: &[Prepared], settings: &Settings, pid: u32) -> Result<Soak, String> {
+    let plan = Plan {
+        connections: settings.connections,
+        stop: Stop::Requests(settings.soak),
+        rate: None,
+        mix: prepared.to_vec(),
+    };
+    let started = Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sampling = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if let Some((rss, _)) = memory_of(pid) {
+                if tx.send((started.elapsed().as_secs(), rss)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let outcome = load::run(target, &plan).await?;
+    sampling.abort();
+    let mut rss_samples = Vec::new();
+    while let Ok(s) = rx.try_recv() {
+        rss_samples.push(s);
+    }
+    let actions =
+        Op::ALL.iter().filter(|op| outcome.ops.contains_key(op)).map(|op| outcome.summary(Some(*op))).collect();
+    Ok(Soak { summary: outcome.summary(None), actions, rss_samples })
+}
+
+/// The report as text.
+pub fn print(report: &Report) {
+    let m = &report.machine;
+    println!("machine: {} cores, {}, Linux {}", m.cores, m.cpu, m.kernel);
+    println!(
+        "{} connections (TLS 1.3, client certificates), {} rounds of {} s per phase; ops/s is the median round",
+        report.connections, report.rounds, report.seconds_per_phase
+    );
+    println!();
+    println!("{}", report.baseline.summary.line());
+    for p in &report.actions {
+        println!("{}  {:.2}x baseline", p.summary.line(), p.ratio_to_baseline);
+    }
+    println!();
+    println!(
+        "encrypt at {:.0} ops/s (half the peak), latency from when each request was due:",
+        report.half_rate_target_per_second
+    );
+    println!("{}", report.half_rate.line());
+    if let Some(s) = &report.soak {
+        println!();
+        println!("soak:");
+        println!("{}", s.summary.line());
+        for a in &s.actions {
+            println!("{}", a.line());
+        }
+        let samples: Vec<String> = s.rss_samples.iter().map(|(t, rss)| format!("{t}s {:.1}", mib(*rss))).collect();
+        println!("server RSS (MiB) during the soak: {}", samples.join(", "));
+    }
+    println!();
+    println!("targets:");
+    for c in &report.checks {
+        println!("  [{}] {}: {}", if c.met { "met" } else { "GAP" }, c.target, c.measured);
+    }
+}
