@@ -141,8 +141,10 @@ impl Kms {
             None => std::borrow::Cow::Owned(format!("default:{}", key.tenant)),
         };
         if let Some(p) = self.policies.lock().unwrap_or_else(|p| p.into_inner()).get(text.as_ref()) {
+            self.policy_cache.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(p.clone());
         }
+        self.policy_cache.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let parsed = match &key.policy {
             Some(p) => Policy::parse(p),
             None => Policy::parse(&default_policy(key.tenant.as_str(), self.config.default_key_policy)),

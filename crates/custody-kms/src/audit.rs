@@ -197,6 +197,10 @@ pub(crate) struct TrailEnd {
 /// each record's JSON as stored (an [`AuditRecord`]), one per element.
 pub type AuditSink = Box<dyn Fn(&[Vec<u8>]) + Send + Sync>;
 
+/// Told of every group commit once it is durable (or failed): how long it took and how many
+/// records it held (for the server's metrics).
+pub type AuditObserver = Box<dyn Fn(std::time::Duration, usize) + Send + Sync>;
+
 /// An event waiting for its sequence number, encoded once, by the request's own thread: its
 /// JSON is both what the record's hash covers and (with the links spliced in front) what is
 /// stored, so the audit thread only hashes and copies bytes.
@@ -240,6 +244,7 @@ fn encode_record(out: &mut Vec<u8>, seq: u64, written_at: Millis, prev: &[u8; 32
 #[derive(Default)]
 pub(crate) struct Sequencer {
     sink: std::sync::OnceLock<AuditSink>,
+    observer: std::sync::OnceLock<AuditObserver>,
     state: Mutex<Option<TrailEnd>>,
     /// Records waiting for the next group commit, each with how to tell its request the result.
     queue: Mutex<Vec<(PendingRecord, Completion)>>,
@@ -500,7 +505,11 @@ impl Kms {
             return;
         }
         let (events, completions): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let started = std::time::Instant::now();
         let result = self.append_records(u, state, events, Vec::new());
+        if let Some(observe) = self.audit_seq.observer.get() {
+            observe(started.elapsed(), completions.len());
+        }
         self.audit_seq.failing.store(result.is_err(), std::sync::atomic::Ordering::Relaxed);
         let outcome: Vec<Result<u64, String>> = match result {
             Ok(seqs) => seqs.into_iter().map(Ok).collect(),
@@ -514,6 +523,16 @@ impl Kms {
     /// Sends every record, once durable, to `sink` too (set once, at start).
     pub fn set_audit_sink(&self, sink: AuditSink) {
         let _ = self.audit_seq.sink.set(sink);
+    }
+
+    /// Tells `observer` of every group commit (set once, at start).
+    pub fn set_audit_observer(&self, observer: AuditObserver) {
+        let _ = self.audit_seq.observer.set(observer);
+    }
+
+    /// Records waiting for the next group commit.
+    pub fn audit_queue_depth(&self) -> usize {
+        self.audit_seq.queue.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// The newest record's sequence number (0 when the trail is empty).

@@ -135,12 +135,21 @@ pub struct Kms {
     audit_seq: audit::Sequencer,
     /// Parsed key policies by their text (a policy is parsed once, not on every request).
     policies: std::sync::Mutex<std::collections::HashMap<String, Arc<policy::Policy>>>,
+    /// How often `policies` answered.
+    policy_cache: CacheCounters,
     /// Serials of revoked certificates, as last loaded from the store ([`Kms::refresh_revocations`]).
     revoked: RwLock<std::collections::HashSet<String>>,
     /// Encryptions per key version since the last [`Kms::flush_usage`].
     usage: std::sync::Mutex<std::collections::HashMap<(ids::KeyId, u32), u64>>,
     /// How the PKCS#11 token wraps a new root key (root rotation of a PKCS#11 store).
     root_wrapper: root::WrapperSlot,
+}
+
+/// Hits and misses of a cache, counted as they happen.
+#[derive(Debug, Default)]
+struct CacheCounters {
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
 }
 
 /// What exists only while unsealed.
@@ -158,6 +167,22 @@ impl Kms {
     /// The service's configuration.
     pub fn config(&self) -> &KmsConfig {
         &self.config
+    }
+
+    /// The service's caches and how often each answered: `store` (rows read by requests, when
+    /// the backend keeps them) and `policy` (parsed key policies).
+    pub fn cache_stats(&self) -> Vec<(&'static str, custody_store::CacheStats)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut stats = Vec::new();
+        if let Some(s) = self.backend.cache_stats() {
+            stats.push(("store", s));
+        }
+        let policy = &self.policy_cache;
+        stats.push((
+            "policy",
+            custody_store::CacheStats { hits: policy.hits.load(Relaxed), misses: policy.misses.load(Relaxed) },
+        ));
+        stats
     }
 
     /// The store backend.

@@ -34,6 +34,10 @@ pub enum KeyState {
 }
 
 impl KeyState {
+    /// Every state.
+    pub const ALL: [KeyState; 4] =
+        [KeyState::Enabled, KeyState::Disabled, KeyState::PendingDeletion, KeyState::Destroyed];
+
     /// The AWS name.
     pub fn as_str(self) -> &'static str {
         match self {

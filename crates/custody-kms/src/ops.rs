@@ -146,6 +146,8 @@ pub struct WorkReport {
     pub rotated: usize,
     /// Keys destroyed.
     pub destroyed: usize,
+    /// Keys in each state after the pass (index: [`KeyState::ALL`]'s order), every tenant.
+    pub keys_by_state: [u64; 4],
 }
 
 impl Kms {
@@ -808,23 +810,36 @@ impl Kms {
         let now = now_ms();
         let mut report = WorkReport::default();
         u.barrier.for_each::<KeyRecord, KmsError>(Table::Keys, "", None, |key| {
+            let before = key.value.state;
             let result = match key.value.state {
                 KeyState::Enabled
                     if key.value.rotation.enabled && key.value.rotation.next_rotation.is_some_and(|t| t <= now) =>
                 {
                     let proof = authz::scheduler::<act::RotateKeyOnDemand>();
                     let actor = crate::audit::Actor::Scheduler { action: "Custody.ScheduledRotation" };
-                    self.rotate(&u, actor, key, RotationKind::Automatic, &proof).map(|_| report.rotated += 1)
+                    self.rotate(&u, actor, key, RotationKind::Automatic, &proof).map(|_| {
+                        report.rotated += 1;
+                        None
+                    })
                 }
                 KeyState::PendingDeletion if key.value.deletion_date.is_some_and(|t| t <= now) => {
-                    self.destroy(&u, key).map(|_| report.destroyed += 1)
+                    self.destroy(&u, key).map(|_| {
+                        report.destroyed += 1;
+                        Some(KeyState::Destroyed)
+                    })
                 }
-                _ => Ok(()),
+                _ => Ok(None),
             };
-            match result {
-                Ok(()) | Err(KmsError::Conflict) => {}
-                Err(e) => tracing::error!(error = %e, "scheduled work failed; will retry on the next pass"),
-            }
+            let after = match result {
+                Ok(Some(state)) => state,
+                Ok(None) | Err(KmsError::Conflict) => before,
+                Err(e) => {
+                    tracing::error!(error = %e, "scheduled work failed; will retry on the next pass");
+                    before
+                }
+            };
+            let index = KeyState::ALL.iter().position(|s| *s == after).expect("every state is listed");
+            report.keys_by_state[index] += 1;
             Ok(Continue(()))
         })?;
         Ok(report)

@@ -349,6 +349,7 @@ impl Kms {
             seal: RwLock::new(SealState::Sealed { submitted: Vec::new() }),
             audit_seq: Default::default(),
             policies: Default::default(),
+            policy_cache: Default::default(),
             revoked: Default::default(),
             usage: Default::default(),
             root_wrapper: Default::default(),

@@ -24,6 +24,7 @@ pub(crate) fn spawn(
     kms: Arc<Kms>,
     served: Arc<ServedCert>,
     trust: Arc<tls::ClientTrust>,
+    metrics: &Arc<crate::metrics::Metrics>,
     shutdown: watch::Receiver<bool>,
 ) {
     let k = kms.clone();
@@ -32,6 +33,7 @@ pub(crate) fn spawn(
     tokio::spawn(crate::periodic(
         "revocation and trust refresh",
         REVOCATION_REFRESH,
+        metrics,
         shutdown.clone(),
         move || match refresh_trust(&k, &trust, own_ca_file.as_deref()) {
             // While sealed nothing but status and unseal is answered; all of it loads at unseal.

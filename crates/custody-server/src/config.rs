@@ -64,6 +64,7 @@ Setting { name: "audit_retain_days", env: "CUSTODY_AUDIT_RETAIN_DAYS", kind: Kin
     Setting { name: "audit_retain_records", env: "CUSTODY_AUDIT_RETAIN_RECORDS", kind: Kind::Integer, default: "0", doc: "Keep at most about this many of the newest audit records (0: all); pruned at checkpoints like `audit_retain_days`." },
     Setting { name: "audit_file", env: "CUSTODY_AUDIT_FILE", kind: Kind::Text, default: "<none>", doc: "Also append every audit record to this file as a JSON line (mode 0600), for log shippers. The database trail stays the authoritative, verifiable one." },
     Setting { name: "audit_file_max_bytes", env: "CUSTODY_AUDIT_FILE_MAX_BYTES", kind: Kind::Integer, default: "104857600", doc: "Rotate the audit file at this size, keeping five old files (FILE.1 to FILE.5)." },
+    Setting { name: "metrics_listen", env: "CUSTODY_METRICS_LISTEN", kind: Kind::Text, default: "<none>", doc: "Serve Prometheus metrics at `GET /metrics` on this address, plain HTTP, without authentication; a loopback address only (127.0.0.1:PORT or [::1]:PORT), anything else is refused at start. Unset: no metrics listener. docs/OPERATIONS.md lists the metrics." },
     Setting { name: "node_name", env: "CUSTODY_NODE_NAME", kind: Kind::Text, default: "<host name>", doc: "This node's name in audit records." },
     Setting { name: "log_format", env: "CUSTODY_LOG_FORMAT", kind: Kind::Text, default: "text", doc: "`text` or `json` (one JSON object per line)." },
     Setting { name: "tls.cert_file", env: "CUSTODY_TLS_CERT_FILE", kind: Kind::Text, default: "<data_dir>/tls/server.crt", doc: "Server certificate chain (PEM). Unset: the server issues its own from the internal CA and renews it at two thirds of its life. Set (with `tls.key_file`): the operator provides the files; the server reloads them when they change, keeps the old certificate if new files do not load, and never renews them itself." },
@@ -133,6 +134,9 @@ pub struct ServerConfig {
     /// See [`SETTINGS`].
     #[serde(default = "defaults::audit_file_max_bytes")]
     pub audit_file_max_bytes: u64,
+    /// See [`SETTINGS`].
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// See [`SETTINGS`]. `None`: the host name.
     #[serde(default)]
     pub node_name: Option<String>,
@@ -324,6 +328,9 @@ impl ServerConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.seal_setting()?;
+        if let Some(addr) = &self.metrics_listen {
+            crate::metrics::check_listen(addr).map_err(ConfigError)?;
+        }
         if self.scheduler_interval_ms == 0 {
             return Err(ConfigError("scheduler_interval_ms must be at least 1".into()));
         }

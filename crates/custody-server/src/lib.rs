@@ -10,6 +10,7 @@ pub mod audit_file;
 mod certificates;
 pub mod config;
 pub mod keyfile;
+pub mod metrics;
 pub mod process;
 pub mod protocol;
 pub mod sigv4;
@@ -141,6 +142,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Server {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     kms: Arc<Kms>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -246,28 +248,52 @@ impl Server {
             .map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let state =
-            Arc::new(State { kms: kms.clone(), node: config.node_name(), max_request_bytes: config.max_request_bytes });
+        let metrics = metrics::Metrics::new();
+        {
+            let m = metrics.clone();
+            kms.set_audit_observer(Box::new(move |took, records| m.audit_commit(took, records)));
+        }
+        let metrics_addr = match config.metrics_listen {
+            Some(addr) => {
+                metrics::check_listen(&addr).map_err(|e| StartError::Config(config::ConfigError(e)))?;
+                let l = TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
+                let bound = l.local_addr().map_err(|source| StartError::Listen { addr, source })?;
+                tokio::spawn(metrics::serve(l, metrics.clone(), kms.clone(), served.clone(), shutdown_rx.clone()));
+                tracing::info!(%bound, "metrics at http://{bound}/metrics (loopback only)");
+                Some(bound)
+            }
+            None => None,
+        };
+        let state = Arc::new(State {
+            kms: kms.clone(),
+            node: config.node_name(),
+            max_request_bytes: config.max_request_bytes,
+            metrics: metrics.clone(),
+        });
         let every = Duration::from_millis(config.scheduler_interval_ms);
         let k = kms.clone();
-        tokio::spawn(periodic("retention", every, shutdown_rx.clone(), move || k.prune_audit(), |_| {}));
+        tokio::spawn(periodic("retention", every, &metrics, shutdown_rx.clone(), move || k.prune_audit(), |_| {}));
         let k = kms.clone();
+        let m = metrics.clone();
         tokio::spawn(periodic(
             "scheduler",
             every,
+            &metrics,
             shutdown_rx.clone(),
             move || k.run_due_work(),
-            |r| {
+            move |r| {
+                m.key_counts(r.keys_by_state);
                 if r.rotated + r.destroyed > 0 {
                     tracing::info!(rotated = r.rotated, destroyed = r.destroyed, "scheduler pass");
                 }
             },
         ));
-        certificates::spawn(&config, kms.clone(), served, trust, shutdown_rx.clone());
+        certificates::spawn(&config, kms.clone(), served, trust, &metrics, shutdown_rx.clone());
         let k = kms.clone();
         tokio::spawn(periodic(
             "key usage",
             Duration::from_secs(1),
+            &metrics,
             shutdown_rx.clone(),
             move || match k.flush_usage() {
                 Err(custody_kms::KmsError::Sealed) => Ok(Default::default()),
@@ -279,21 +305,34 @@ impl Server {
         tokio::spawn(periodic(
             "root rotation",
             Duration::from_millis(200),
+            &metrics,
             shutdown_rx.clone(),
             move || k.continue_root_rotation(Duration::from_millis(100)),
             |_| {},
         ));
         let k = kms.clone();
         let every = Duration::from_millis(config.audit_checkpoint_interval_ms);
-        tokio::spawn(periodic("audit checkpoint", every, shutdown_rx.clone(), move || k.audit_checkpoint(), |_| {}));
+        tokio::spawn(periodic(
+            "audit checkpoint",
+            every,
+            &metrics,
+            shutdown_rx.clone(),
+            move || k.audit_checkpoint(),
+            |_| {},
+        ));
         let task = tokio::spawn(accept_loop(listener, TlsAcceptor::from(tls), state, shutdown_rx));
         tracing::info!(%local_addr, "custody listening (TLS 1.3)");
-        Ok(Self { local_addr, kms, shutdown, task })
+        Ok(Self { local_addr, metrics_addr, kms, shutdown, task })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where `GET /metrics` is served, if `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The service behind this server.
@@ -358,6 +397,7 @@ struct State {
     kms: Arc<Kms>,
     node: String,
     max_request_bytes: usize,
+    metrics: Arc<metrics::Metrics>,
 }
 
 async fn accept_loop(
@@ -402,13 +442,17 @@ async fn connection(
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "TLS handshake refused");
+            state.metrics.handshake_failed();
             return;
         }
         Err(_) => {
             tracing::info!(%peer, "TLS handshake timed out");
+            state.metrics.handshake_failed();
             return;
         }
     };
+    // Counted as closed however this function ends.
+    let _open = OpenConnection::new(state.metrics.clone());
     let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
         Some(cert) => match tls::identity_of(cert) {
             Some(uri) => Identity::Certificate { uri, serial: tls::serial_of(cert).unwrap_or_default() },
@@ -433,6 +477,22 @@ async fn connection(
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
+    }
+}
+
+/// One open TLS connection, for `custody_connections_open`.
+struct OpenConnection(Arc<metrics::Metrics>);
+
+impl OpenConnection {
+    fn new(metrics: Arc<metrics::Metrics>) -> Self {
+        metrics.connection(true);
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connection(false);
     }
 }
 
@@ -467,6 +527,13 @@ async fn handle(
             Err(_) => Err("the audit thread stopped".into()),
         }
     };
+    // For the metrics: what the answer will say, and a label from custody's own list.
+    let code = match (&audited, &result) {
+        (Err(_), _) => Some("ServiceUnavailableException"),
+        (Ok(()), Err(e)) => Some(e.code),
+        (Ok(()), Ok(_)) => None,
+    };
+    let label = metric_action(&action, auth_principal.is_some(), code);
     let (status, body) = match (audited, result) {
         // Fail closed: a request whose record cannot be written gets no answer but this one.
         (Err(why), _) => {
@@ -494,7 +561,9 @@ async fn handle(
         (None, Identity::Anonymous) => "-",
     };
     let access_key_id = access_key_id.as_deref().unwrap_or("-");
-    let ms = started.elapsed().as_millis() as u64;
+    let took = started.elapsed();
+    state.metrics.request(label, outcome_of(code), took);
+    let ms = took.as_millis() as u64;
     tracing::info!(%request_id, %peer, principal, access_key_id, action = %action, status, ms, "request");
     let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize"))));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -630,14 +699,7 @@ fn finish_event(
                 v.get("KeyId").or_else(|| v.get("KeyMetadata").and_then(|m| m.get("Arn"))).and_then(|k| k.as_str());
             (Outcome::Success, None, None, resolved.map(str::to_string).or(key_hint))
         }
-        Err(e) => {
-            let outcome = match e.code {
-                "MissingAuthenticationTokenException" | "UnrecognizedClientException" => Outcome::Unauthenticated,
-                "AccessDeniedException" => Outcome::Denied,
-                _ => Outcome::Failed,
-            };
-            (outcome, Some(e.code.to_string()), e.detail.clone(), key_hint)
-        }
+        Err(e) => (outcome_of(Some(e.code)), Some(e.code.to_string()), e.detail.clone(), key_hint),
     };
     custody_kms::AuditEvent {
         principal,
@@ -649,6 +711,34 @@ fn finish_event(
         detail,
         duration_ms: started.elapsed().as_millis() as u64,
         ..base
+    }
+}
+
+/// How a request that got `code` (`None`: answered 200) ended, for its audit record and metrics.
+fn outcome_of(code: Option<&str>) -> custody_kms::Outcome {
+    use custody_kms::Outcome;
+    match code {
+        None => Outcome::Success,
+        Some("MissingAuthenticationTokenException" | "UnrecognizedClientException") => Outcome::Unauthenticated,
+        Some("AccessDeniedException") => Outcome::Denied,
+        Some(_) => Outcome::Failed,
+    }
+}
+
+/// The `action` label of a request's metrics. The target is the client's text, so it is used
+/// only once custody has recognized it: answered, or refused by an action that exists after the
+/// caller authenticated (an unknown action is refused as `UnknownOperationException`). Anything
+/// else counts as `other`, so no client can create series at will.
+fn metric_action<'a>(action: &'a str, authenticated: bool, code: Option<&str>) -> &'a str {
+    let recognized = match code {
+        None => true,
+        Some("UnknownOperationException") => false,
+        Some(_) => authenticated,
+    };
+    if action == "healthz" || (recognized && (action.starts_with("TrentService.") || action.starts_with("Custody."))) {
+        action
+    } else {
+        "other"
     }
 }
 
@@ -700,27 +790,41 @@ fn is_alert(action: &str, outcome: custody_kms::Outcome, error_code: Option<&str
 
 /// Runs `work` on the blocking pool every `every` until shutdown, logging failures (a sealed
 /// server simply has nothing to do yet).
-async fn periodic<T: Send + 'static>(
+fn periodic<T: Send + 'static>(
     name: &'static str,
     every: Duration,
+    metrics: &Arc<metrics::Metrics>,
     mut shutdown: watch::Receiver<bool>,
     work: impl Fn() -> Result<T, custody_kms::KmsError> + Send + Sync + 'static,
     report: impl Fn(T) + Send + 'static,
-) {
-    let work = Arc::new(work);
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        let w = work.clone();
-        match tokio::task::spawn_blocking(move || w()).await {
-            Ok(Ok(v)) => report(v),
-            Ok(Err(custody_kms::KmsError::Sealed)) => {}
-            Ok(Err(e)) => tracing::error!(task = name, error = %e, "background task failed; will retry"),
-            Err(e) => tracing::error!(task = name, error = %e, "background task panicked"),
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let metrics = metrics.clone();
+    async move {
+        let work = Arc::new(work);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let w = work.clone();
+            let result = match tokio::task::spawn_blocking(move || w()).await {
+                Ok(Ok(v)) => {
+                    report(v);
+                    "ok"
+                }
+                Ok(Err(custody_kms::KmsError::Sealed)) => "sealed",
+                Ok(Err(e)) => {
+                    tracing::error!(task = name, error = %e, "background task failed; will retry");
+                    "error"
+                }
+                Err(e) => {
+                    tracing::error!(task = name, error = %e, "background task panicked");
+                    "error"
+                }
+            };
+            metrics.task_ran(name, result);
         }
     }
 }

@@ -225,4 +225,18 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Makes sure bytes of deleted rows no longer exist anywhere in the database files (for
     /// SQLite: checkpoint and truncate the write-ahead log).
     fn erase_freed(&self) -> Result<(), StoreError>;
+    /// Lookups answered from this process's row cache and lookups that read the database,
+    /// since start (`None`: the backend keeps no cache).
+    fn cache_stats(&self) -> Option<CacheStats> {
+        None
+    }
+}
+
+/// How often a cache answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Answered from the cache.
+    pub hits: u64,
+    /// Not in the cache.
+    pub misses: u64,
 }

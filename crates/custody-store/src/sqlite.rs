@@ -60,6 +60,8 @@ struct Shared {
     /// The database path, as registered in [`OPEN`].
     path: PathBuf,
     cache: Mutex<HashMap<Table, TableCache>>,
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for Shared {
@@ -140,7 +142,13 @@ fn share(path: &Path) -> Result<Arc<Shared>, StoreError> {
             }
         }
     }
-    let shared = Arc::new(Shared { lock: Some(lock), path: canonical.clone(), cache: Mutex::new(HashMap::new()) });
+    let shared = Arc::new(Shared {
+        lock: Some(lock),
+        path: canonical.clone(),
+        cache: Mutex::new(HashMap::new()),
+        hits: Default::default(),
+        misses: Default::default(),
+    });
     open.push((canonical, Arc::downgrade(&shared)));
     Ok(shared)
 }
@@ -276,6 +284,11 @@ impl SqliteBackend {
 }
 
 impl Backend for SqliteBackend {
+    fn cache_stats(&self) -> Option<crate::CacheStats> {
+        use std::sync::atomic::Ordering::Relaxed;
+        Some(crate::CacheStats { hits: self.shared.hits.load(Relaxed), misses: self.shared.misses.load(Relaxed) })
+    }
+
     fn get(&self, table: Table, key: &str) -> Result<Option<Row>, StoreError> {
         if !cached(table) {
             return self.read_row(table, key);
@@ -284,10 +297,12 @@ impl Backend for SqliteBackend {
             let mut cache = self.cache();
             let t = cache.entry(table).or_default();
             if let Some(hit) = t.rows.get(key) {
+                self.shared.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(hit.clone());
             }
             t.generation
         };
+        self.shared.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let row = self.read_row(table, key)?;
         let mut cache = self.cache();
         // A write to this table since the read began may have made `row` old: then do not keep it.
