@@ -564,7 +564,13 @@ async fn handle(
     let took = started.elapsed();
     state.metrics.request(label, outcome_of(code), took);
     let ms = took.as_millis() as u64;
-    tracing::info!(%request_id, %peer, principal, access_key_id, action = %action, status, ms, "request");
+    // Every request is in the audit trail already; the log repeats only those that failed (at
+    // `debug`, every request: RUST_LOG=custody_server=debug).
+    if status == 200 {
+        tracing::debug!(%request_id, %peer, principal, access_key_id, action = %action, status, ms, "request");
+    } else {
+        tracing::info!(%request_id, %peer, principal, access_key_id, action = %action, status, ms, "request");
+    }
     let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize"))));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = resp.headers_mut();
