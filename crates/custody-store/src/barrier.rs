@@ -33,7 +33,21 @@ pub struct Barrier {
     write: (u32, Arc<BarrierKey>),
     /// Every generation this barrier opens (the write generation included).
     keys: Vec<(u32, Arc<BarrierKey>)>,
+    /// Rows opened lately, by table and key: the sealed value and what it opened to. Opening is
+    /// a pure function of the sealed bytes (under this barrier's keys), so a row read again with
+    /// the same bytes needs no key derivation and no decryption; a changed or tampered row has
+    /// other bytes and is opened (and checked) afresh. Plaintexts are wiped when evicted.
+    opened: std::sync::Mutex<std::collections::HashMap<Table, std::collections::HashMap<String, Opened>>>,
 }
+
+/// A row as sealed, and its plaintext.
+struct Opened {
+    sealed: Vec<u8>,
+    plain: Arc<SecretBytes>,
+}
+
+/// Opened rows kept, at most; past it the memo starts again empty.
+const OPENED_ROWS: usize = 4096;
 
 /// First bytes of a sealed value that records its root key generation.
 pub const GENERATION_TAG: &[u8; 4] = b"\xc5gen";
@@ -63,7 +77,7 @@ impl Barrier {
     /// A barrier over `backend` with the key derived from the unsealed root key of generation 1.
     pub fn new(backend: Arc<dyn Backend>, key: BarrierKey) -> Self {
         let key = Arc::new(key);
-        Self { backend, write: (1, key.clone()), keys: vec![(1, key)] }
+        Self { backend, write: (1, key.clone()), keys: vec![(1, key)], opened: Default::default() }
     }
 
     /// A barrier that seals under `write` and opens the generations in `keys` as well (during a
@@ -77,7 +91,7 @@ impl Barrier {
         if !keys.iter().any(|(g, _)| *g == write.0) {
             keys.push(write.clone());
         }
-        Self { backend, write, keys }
+        Self { backend, write, keys, opened: Default::default() }
     }
 
     /// The generation new rows are sealed under.
@@ -157,7 +171,8 @@ impl Barrier {
     /// Opens a raw row without decoding it (a root rotation re-seals it as it is; the audit trail
     /// decodes one of two layouts itself).
     pub fn open_plain(&self, table: Table, row: &crate::Row) -> Result<SecretBytes, StoreError> {
-        self.open_bytes(table, &row.key, &row.value)
+        let plain = self.open_bytes(table, &row.key, &row.value)?;
+        Ok(SecretBytes::new(plain.expose_secret().to_vec()))
     }
 
     /// A delete, to apply in a batch.
@@ -192,7 +207,31 @@ impl Barrier {
         Ok(Versioned { key, rev, value })
     }
 
-    fn open_bytes(&self, table: Table, key: &str, sealed: &[u8]) -> Result<SecretBytes, StoreError> {
+    fn open_bytes(&self, table: Table, key: &str, sealed: &[u8]) -> Result<Arc<SecretBytes>, StoreError> {
+        let memo = |opened: &std::collections::HashMap<Table, std::collections::HashMap<String, Opened>>| {
+            let hit = opened.get(&table)?.get(key)?;
+            (hit.sealed == sealed).then(|| hit.plain.clone())
+        };
+        // The audit trail is read by scans of thousands of records, each once: not worth keeping.
+        if matches!(table, Table::Audit | Table::AuditCheckpoints) {
+            return self.open_sealed(table, key, sealed).map(Arc::new);
+        }
+        if let Some(plain) = memo(&self.opened.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Ok(plain);
+        }
+        let plain = Arc::new(self.open_sealed(table, key, sealed)?);
+        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        if opened.values().map(|t| t.len()).sum::<usize>() >= OPENED_ROWS {
+            opened.clear();
+        }
+        opened
+            .entry(table)
+            .or_default()
+            .insert(key.to_string(), Opened { sealed: sealed.to_vec(), plain: plain.clone() });
+        Ok(plain)
+    }
+
+    fn open_sealed(&self, table: Table, key: &str, sealed: &[u8]) -> Result<SecretBytes, StoreError> {
         let key_of = |generation: u32| self.keys.iter().find(|(g, _)| *g == generation).map(|(_, k)| k);
         let tagged = split_tag(sealed)
             .and_then(|(generation, body)| Some((key_of(generation)?, body)))
@@ -228,7 +267,12 @@ mod tests {
         let raw = backend.get(Table::Keys, "a").unwrap().unwrap().value;
         assert!(!raw.windows(7).any(|w| w == b"Enabled"), "values are not stored in the clear");
 
-        // Copy b's sealed value over a: the row no longer opens.
+        // Read again: the same bytes, answered from the memo of opened rows.
+        let again: Versioned<String> = barrier.get(Table::Keys, "a").unwrap().unwrap();
+        assert_eq!(again.value, "Enabled");
+
+        // Copy b's sealed value over a: the row no longer opens (the memo holds a's old bytes,
+        // so the new ones are opened and checked, not answered from it).
         let b_raw = backend.get(Table::Keys, "b").unwrap().unwrap().value;
         backend
             .apply(&[Write::Put { table: Table::Keys, key: "a".into(), value: b_raw, expect: Expect::Any }])
