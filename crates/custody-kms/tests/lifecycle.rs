@@ -166,10 +166,14 @@ fn scheduler_rotates_due_keys_and_destroys_after_the_window() {
     f.kms.enable_key_rotation(&f.caller, &k, Some(90)).unwrap();
     f.kms.schedule_key_deletion(&f.caller, &doomed, Some(7)).unwrap();
 
-    assert_eq!(f.kms.run_due_work().unwrap(), custody_kms::WorkReport::default(), "nothing due yet");
+    let report = f.kms.run_due_work().unwrap();
+    assert_eq!((report.rotated, report.destroyed), (0, 0), "nothing due yet");
+    // Enabled, Disabled, PendingDeletion, Destroyed (KeyState::ALL), as the metrics show them.
+    assert_eq!(report.keys_by_state, [1, 0, 1, 0]);
     std::thread::sleep(std::time::Duration::from_millis(200));
     let report = f.kms.run_due_work().unwrap();
     assert_eq!(report.destroyed, 1);
+    assert_eq!(report.keys_by_state, [1, 0, 0, 1], "counted after the pass's own changes");
     let meta = f.kms.describe_key(&f.caller, &doomed).unwrap();
     assert_eq!(meta.key_state, "Destroyed", "the tombstone still answers DescribeKey");
     assert!(matches!(
