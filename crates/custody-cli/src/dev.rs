@@ -83,10 +83,11 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
     );
     // It holds a secret access key: private to the user.
     bootstrap::write_file(&env_file, env.as_bytes(), 0o600).map_err(fail)?;
+    let metrics = server.metrics_addr().map(|a| format!("http://{a}/metrics"));
     if json {
         crate::commands::print_json(&json!({
             "Endpoint": endpoint, "Profile": profile, "CaFile": ca, "EnvFile": abs(env_file), "FirstRun": first_run,
-            "AwsAccessKeyId": key_id, "SeparationOfDuties": "warn",
+            "AwsAccessKeyId": key_id, "SeparationOfDuties": "warn", "Metrics": metrics,
         }));
     } else {
         println!("custody dev is running (TLS 1.3, unsealed with the DEVELOPMENT key file {}).", key_file.display());
@@ -98,6 +99,9 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
              role; policies that give it both key administration and Decrypt are allowed and flagged as audit alerts), \
              and new keys are usable by the tenant's key users. docs/ACCESS.md describes production."
         );
+        if let Some(url) = &metrics {
+            println!("Metrics (Prometheus text, this machine only): {url}");
+        }
         println!("\nIn another shell:\n\n  source {}\n\nor set:\n\n{}", env_file.display(), indent(&env));
         println!(
             "Try: custody key create --description demo\nStop with Ctrl-C; the keys are kept in {}.",

@@ -20,10 +20,15 @@ impl Drop for Dev {
 }
 
 // The child is moved into `Dev`, whose Drop kills and waits for it.
-#[allow(clippy::zombie_processes)]
 fn start_dev(dir: &std::path::Path, data: &std::path::Path) -> Dev {
+    start_dev_with(dir, data, &[])
+}
+
+#[allow(clippy::zombie_processes)]
+fn start_dev_with(dir: &std::path::Path, data: &std::path::Path, env: &[(&str, &str)]) -> Dev {
     let mut child = custody()
         .current_dir(dir)
+        .envs(env.iter().copied())
         .args(["--json", "dev", "--data"])
         .arg(data)
         .args(["--listen", "127.0.0.1:0"])
@@ -64,6 +69,7 @@ fn dev_starts_writes_the_environment_and_keeps_keys() {
     let dev = start_dev(dir.path(), &data);
     assert_eq!(dev.info["FirstRun"], true);
     assert_eq!(dev.info["SeparationOfDuties"], "warn", "dev says separation of duties is relaxed");
+    assert!(dev.info["Metrics"].is_null(), "no metrics listener unless asked for");
     let endpoint = dev.info["Endpoint"].as_str().unwrap().to_string();
     assert!(!endpoint.ends_with(":0"), "the real port is reported: {endpoint}");
     let env = std::fs::read_to_string(data.join("env")).unwrap();
@@ -86,5 +92,23 @@ fn dev_starts_writes_the_environment_and_keeps_keys() {
     assert_eq!(dev.info["FirstRun"], false);
     let listed = run(&["key", "list"]);
     assert!(listed.contains(&key_id), "keys survive a restart: {listed}");
+    stop(dev);
+}
+
+#[test]
+fn dev_serves_metrics_when_asked_and_says_where() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("devdata");
+    let dev = start_dev_with(dir.path(), &data, &[("CUSTODY_METRICS_LISTEN", "127.0.0.1:0")]);
+    let url = dev.info["Metrics"].as_str().expect("the metrics URL is printed").to_string();
+    let addr = url.strip_prefix("http://").and_then(|u| u.strip_suffix("/metrics")).unwrap().to_string();
+    assert!(!addr.ends_with(":0"), "the real port is reported: {url}");
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    use std::io::Write;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.lines().any(|l| l == "custody_sealed 0"), "{text}");
     stop(dev);
 }
