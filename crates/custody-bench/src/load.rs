@@ -108,10 +108,8 @@ pub struct Plan {
 /// Where to send, and how to connect.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// Host name or address to connect to and to check the certificate against.
-    pub host: String,
-    /// Port.
-    pub port: u16,
+    /// Host (checked against the certificate) and port.
+    pub endpoint: custody_client::Endpoint,
     /// TLS 1.3 client configuration (with the client certificate).
     pub tls: Arc<rustls::ClientConfig>,
 }
@@ -119,23 +117,14 @@ pub struct Target {
 impl Target {
     /// The profile's endpoint and TLS configuration.
     pub fn from_profile(profile: &custody_client::Profile) -> Result<Self, custody_client::ClientError> {
-        let endpoint = profile.endpoint()?;
-        Ok(Self { host: endpoint.host, port: endpoint.port, tls: profile.tls_config()? })
-    }
-
-    fn authority(&self) -> HeaderValue {
-        let s = if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        };
-        HeaderValue::from_str(&s).expect("host and port make a header value")
+        Ok(Self { endpoint: profile.endpoint()?, tls: profile.tls_config()? })
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| e.to_string())?;
+        let (host, port) = (self.endpoint.host.as_str(), self.endpoint.port);
+        let tcp = TcpStream::connect((host, port)).await.map_err(|e| e.to_string())?;
         tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-        let name = ServerName::try_from(self.host.clone()).map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
         let tls = TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(|e| e.to_string())?;
         let (sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
@@ -172,7 +161,7 @@ impl OpStats {
 }
 
 /// What a run measured.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Outcome {
     /// From the first request sent to the last answer.
     pub elapsed: Duration,
@@ -190,9 +179,27 @@ impl Outcome {
         all
     }
 
+    /// Answered (200) requests, all actions.
+    pub fn answered(&self) -> u64 {
+        self.ops.values().map(|s| s.latency.len()).sum()
+    }
+
+    /// Failed requests, all actions.
+    pub fn failed(&self) -> u64 {
+        self.ops.values().map(OpStats::error_count).sum()
+    }
+
     /// Answered (200) requests per second, all actions.
     pub fn ok_per_second(&self) -> f64 {
-        self.total().latency.len() as f64 / self.elapsed.as_secs_f64()
+        self.answered() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Adds another run's figures (its time too) to these.
+    pub fn absorb(&mut self, other: Outcome) {
+        self.elapsed += other.elapsed;
+        for (op, s) in other.ops {
+            self.ops.entry(op).or_insert_with(OpStats::new).merge(&s);
+        }
     }
 
     /// The summary of one action (or of all with `None`).
@@ -280,9 +287,7 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<Outcome, String> {
     assert!(!plan.mix.is_empty() && plan.connections > 0, "a plan has requests and connections");
     let mut senders = Vec::with_capacity(plan.connections);
     for _ in 0..plan.connections {
-        senders.push(
-            target.connect().await.map_err(|e| format!("cannot connect to {}:{}: {e}", target.host, target.port))?,
-        );
+        senders.push(target.connect().await.map_err(|e| format!("cannot connect to {}: {e}", target.endpoint))?);
     }
     let started = Instant::now();
     let shared = Arc::new(Shared {
@@ -298,7 +303,7 @@ pub async fn run(target: &Target, plan: &Plan) -> Result<Outcome, String> {
         },
         // Each connection sends every `connections / rate` seconds, the connections staggered.
         interval: plan.rate.map(|r| Duration::from_secs_f64(plan.connections as f64 / r)),
-        authority: target.authority(),
+        authority: HeaderValue::from_str(&target.endpoint.authority()).expect("host and port make a header value"),
     });
     let mut tasks = Vec::new();
     for (index, sender) in senders.into_iter().enumerate() {

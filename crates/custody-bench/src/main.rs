@@ -153,7 +153,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode, String> {
                 None => suite::create_key(&mut client).await?,
             };
             let destination = destination_key.unwrap_or_else(|| key.clone());
-            let prepared = suite::prepare(&mut client, &key, &destination).await?;
+            let (prepared, _) = suite::prepare(&mut client, &key, &destination).await?;
             let mix = order
                 .iter()
                 .map(|op| prepared.iter().find(|p| p.op == *op).expect("every action prepared").clone())

@@ -187,8 +187,13 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Request bodies for every action against `key` (and `other`, ReEncrypt's destination).
-pub async fn prepare(client: &mut custody_client::Client, key: &str, other: &str) -> Result<Vec<Prepared>, String> {
+/// Request bodies for every action against `key` (and `other`, ReEncrypt's destination), and the
+/// answer of the Encrypt that made the ciphertext they decrypt.
+pub async fn prepare(
+    client: &mut custody_client::Client,
+    key: &str,
+    other: &str,
+) -> Result<(Vec<Prepared>, Value), String> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let encrypted = client
         .call("TrentService.Encrypt", json!({ "KeyId": key, "Plaintext": b64.encode([7u8; 64]) }))
@@ -196,13 +201,14 @@ pub async fn prepare(client: &mut custody_client::Client, key: &str, other: &str
         .map_err(|e| format!("the first Encrypt failed: {e}"))?;
     let blob = encrypted["CiphertextBlob"].as_str().ok_or("Encrypt answered without a CiphertextBlob")?;
     let body = |v: Value| Bytes::from(serde_json::to_vec(&v).expect("JSON values serialize"));
-    Ok(vec![
+    let bodies = vec![
         Prepared { op: Op::Encrypt, body: body(json!({ "KeyId": key, "Plaintext": b64.encode([7u8; 64]) })) },
         Prepared { op: Op::Decrypt, body: body(json!({ "KeyId": key, "CiphertextBlob": blob })) },
         Prepared { op: Op::GenerateDataKey, body: body(json!({ "KeyId": key, "KeySpec": "AES_256" })) },
         Prepared { op: Op::ReEncrypt, body: body(json!({ "CiphertextBlob": blob, "DestinationKeyId": other })) },
         Prepared { op: Op::DescribeKey, body: body(json!({ "KeyId": key })) },
-    ])
+    ];
+    Ok((bodies, encrypted))
 }
 
 /// Creates a symmetric key for the benchmark and returns its id.
@@ -247,16 +253,8 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     let mut client = custody_client::Client::connect(&profile).await.map_err(|e| e.to_string())?;
     let key = create_key(&mut client).await?;
     let other = create_key(&mut client).await?;
-    let prepared = prepare(&mut client, &key, &other).await?;
-
     // The baseline answers with the bytes of a real Encrypt answer, so both send the same amount.
-    let answer = client
-        .call(
-            "TrentService.Encrypt",
-            json!({ "KeyId": key, "Plaintext": base64::engine::general_purpose::STANDARD.encode([7u8; 64]) }),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    let (prepared, answer) = prepare(&mut client, &key, &other).await?;
     let body_file = dir.path().join("baseline-body.json");
     std::fs::write(&body_file, serde_json::to_vec(&answer).expect("JSON serializes")).map_err(|e| e.to_string())?;
     let ca = profile.ca_file().map_err(|e| e.to_string())?;
@@ -291,27 +289,29 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         rate: None,
         mix: prepared.iter().filter(|p| p.op == op).cloned().collect(),
     };
-    let mut served: u64 = 4;
+    // Two CreateKey and prepare's Encrypt.
+    let mut served: u64 = 3;
     say(settings, "warming up (2 s each)");
     load::run(&baseline, &closed(Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?;
-    served +=
-        load::run(&target, &closed(Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?.total().latency.len();
+    served += load::run(&target, &closed(Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?.answered();
 
     let phase = Duration::from_secs(settings.seconds);
     let mut base_rounds = Vec::new();
-    let mut base_total: Option<load::Outcome> = None;
-    let mut per_op: Vec<Rounds> =
-        Op::ALL.iter().map(|op| Rounds { op: *op, rates: Vec::new(), ratios: Vec::new(), total: None }).collect();
+    let mut base_total = load::Outcome::default();
+    let mut per_op: Vec<Rounds> = Op::ALL
+        .iter()
+        .map(|op| Rounds { op: *op, rates: Vec::new(), ratios: Vec::new(), total: Default::default() })
+        .collect();
     for round in 1..=settings.rounds {
         let b = load::run(&baseline, &closed(Op::Encrypt, Stop::After(phase))).await?;
         let b_rate = b.ok_per_second();
         say(settings, &format!("round {round}/{}: baseline {b_rate:.0} ops/s", settings.rounds));
         base_rounds.push(b_rate);
-        merge_into(&mut base_total, b);
+        base_total.absorb(b);
         for Rounds { op, rates, ratios, total } in per_op.iter_mut() {
             let o = load::run(&target, &closed(*op, Stop::After(phase))).await?;
             let rate = o.ok_per_second();
-            served += o.total().latency.len() + o.total().error_count();
+            served += o.answered() + o.failed();
             say(
                 settings,
                 &format!(
@@ -323,25 +323,21 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
             );
             rates.push(rate);
             ratios.push(rate / b_rate);
-            merge_into(total, o);
+            total.absorb(o);
         }
     }
     let phase_of = |name: Option<Op>, rates: &[f64], ratios: &[f64], total: &load::Outcome| {
         let mut summary = total.summary(name);
-        // Over all rounds, the time is the sum of the phases (the merged elapsed is meaningless).
+        // The median round's rate, not the mean over all rounds (a slow round is the machine's).
         summary.ops_per_second = median(rates);
         Phase { summary, rounds_ops_per_second: rates.to_vec(), ratio_to_baseline: median(ratios) }
     };
     let baseline_phase = {
-        let total = base_total.expect("at least one round");
-        let mut p = phase_of(Some(Op::Encrypt), &base_rounds, &vec![1.0; base_rounds.len()], &total);
+        let mut p = phase_of(Some(Op::Encrypt), &base_rounds, &vec![1.0; base_rounds.len()], &base_total);
         p.summary.action = "baseline".into();
         p
     };
-    let actions: Vec<Phase> = per_op
-        .iter()
-        .map(|r| phase_of(Some(r.op), &r.rates, &r.ratios, r.total.as_ref().expect("rounds ran")))
-        .collect();
+    let actions: Vec<Phase> = per_op.iter().map(|r| phase_of(Some(r.op), &r.rates, &r.ratios, &r.total)).collect();
     let encrypt_rate = actions[0].summary.ops_per_second;
 
     let half = encrypt_rate / 2.0;
@@ -349,7 +345,7 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     let mut plan = closed(Op::Encrypt, Stop::After(2 * phase));
     plan.rate = Some(half);
     let half_run = load::run(&target, &plan).await?;
-    served += half_run.total().latency.len();
+    served += half_run.answered() + half_run.failed();
     let half_rate = half_run.summary(Some(Op::Encrypt));
 
     say(settings, &format!("cold `custody encrypt` of 1 KiB, {} runs", settings.cold_runs));
@@ -430,29 +426,7 @@ struct Rounds {
     op: Op,
     rates: Vec<f64>,
     ratios: Vec<f64>,
-    total: Option<load::Outcome>,
-}
-
-fn merge_into(total: &mut Option<load::Outcome>, o: load::Outcome) {
-    match total {
-        None => *total = Some(o),
-        Some(t) => {
-            t.elapsed += o.elapsed;
-            for (op, s) in o.ops {
-                match t.ops.get_mut(&op) {
-                    Some(existing) => {
-                        existing.latency.add(&s.latency).expect("same bounds");
-                        for (k, v) in s.errors {
-                            *existing.errors.entry(k).or_default() += v;
-                        }
-                    }
-                    None => {
-                        t.ops.insert(op, s);
-                    }
-                }
-            }
-        }
-    }
+    total: load::Outcome,
 }
 
 fn mib(bytes: u64) -> f64 {
