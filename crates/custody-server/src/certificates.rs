@@ -24,7 +24,7 @@ pub(crate) fn spawn(
     kms: Arc<Kms>,
     served: Arc<ServedCert>,
     trust: Arc<tls::ClientTrust>,
-    metrics: &Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: watch::Receiver<bool>,
 ) {
     let k = kms.clone();

@@ -272,13 +272,20 @@ impl Server {
         });
         let every = Duration::from_millis(config.scheduler_interval_ms);
         let k = kms.clone();
-        tokio::spawn(periodic("retention", every, &metrics, shutdown_rx.clone(), move || k.prune_audit(), |_| {}));
+        tokio::spawn(periodic(
+            "retention",
+            every,
+            metrics.clone(),
+            shutdown_rx.clone(),
+            move || k.prune_audit(),
+            |_| {},
+        ));
         let k = kms.clone();
         let m = metrics.clone();
         tokio::spawn(periodic(
             "scheduler",
             every,
-            &metrics,
+            metrics.clone(),
             shutdown_rx.clone(),
             move || k.run_due_work(),
             move |r| {
@@ -288,12 +295,12 @@ impl Server {
                 }
             },
         ));
-        certificates::spawn(&config, kms.clone(), served, trust, &metrics, shutdown_rx.clone());
+        certificates::spawn(&config, kms.clone(), served, trust, metrics.clone(), shutdown_rx.clone());
         let k = kms.clone();
         tokio::spawn(periodic(
             "key usage",
             Duration::from_secs(1),
-            &metrics,
+            metrics.clone(),
             shutdown_rx.clone(),
             move || match k.flush_usage() {
                 Err(custody_kms::KmsError::Sealed) => Ok(Default::default()),
@@ -305,7 +312,7 @@ impl Server {
         tokio::spawn(periodic(
             "root rotation",
             Duration::from_millis(200),
-            &metrics,
+            metrics.clone(),
             shutdown_rx.clone(),
             move || k.continue_root_rotation(Duration::from_millis(100)),
             |_| {},
@@ -315,7 +322,7 @@ impl Server {
         tokio::spawn(periodic(
             "audit checkpoint",
             every,
-            &metrics,
+            metrics.clone(),
             shutdown_rx.clone(),
             move || k.audit_checkpoint(),
             |_| {},
@@ -796,41 +803,38 @@ fn is_alert(action: &str, outcome: custody_kms::Outcome, error_code: Option<&str
 
 /// Runs `work` on the blocking pool every `every` until shutdown, logging failures (a sealed
 /// server simply has nothing to do yet).
-fn periodic<T: Send + 'static>(
+async fn periodic<T: Send + 'static>(
     name: &'static str,
     every: Duration,
-    metrics: &Arc<metrics::Metrics>,
+    metrics: Arc<metrics::Metrics>,
     mut shutdown: watch::Receiver<bool>,
     work: impl Fn() -> Result<T, custody_kms::KmsError> + Send + Sync + 'static,
     report: impl Fn(T) + Send + 'static,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let metrics = metrics.clone();
-    async move {
-        let work = Arc::new(work);
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
-            }
-            let w = work.clone();
-            let result = match tokio::task::spawn_blocking(move || w()).await {
-                Ok(Ok(v)) => {
-                    report(v);
-                    "ok"
-                }
-                Ok(Err(custody_kms::KmsError::Sealed)) => "sealed",
-                Ok(Err(e)) => {
-                    tracing::error!(task = name, error = %e, "background task failed; will retry");
-                    "error"
-                }
-                Err(e) => {
-                    tracing::error!(task = name, error = %e, "background task panicked");
-                    "error"
-                }
-            };
-            metrics.task_ran(name, result);
+) {
+    let work = Arc::new(work);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
         }
+        let w = work.clone();
+        let result = match tokio::task::spawn_blocking(move || w()).await {
+            Ok(Ok(v)) => {
+                report(v);
+                "ok"
+            }
+            Ok(Err(custody_kms::KmsError::Sealed)) => "sealed",
+            Ok(Err(e)) => {
+                tracing::error!(task = name, error = %e, "background task failed; will retry");
+                "error"
+            }
+            Err(e) => {
+                tracing::error!(task = name, error = %e, "background task panicked");
+                "error"
+            }
+        };
+        metrics.task_ran(name, result);
     }
 }

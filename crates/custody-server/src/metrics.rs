@@ -26,7 +26,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -107,72 +107,90 @@ pub struct Metrics {
 impl Metrics {
     /// All metrics, registered.
     pub fn new() -> Arc<Self> {
-        let mut registry = Registry::with_prefix("custody");
-        let m = Self {
-            requests: Family::default(),
-            latency: Family::new_with_constructor(latency_buckets as fn() -> Histogram),
-            audit_commit: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
-            audit_group: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
-            audit_queue: Gauge::default(),
-            audit_failing: Gauge::default(),
-            alerts: Counter::default(),
-            sealed: Gauge::default(),
-            root_generation: Gauge::default(),
-            keys: Family::default(),
-            scheduler_runs: Family::default(),
-            cert_expiry: Family::default(),
-            cache: Family::default(),
-            connections: Gauge::default(),
-            handshake_failures: Counter::default(),
-            registry: Registry::default(),
-        };
-        registry.register("requests", "Requests answered, by action and outcome", m.requests.clone());
-        registry.register_with_unit(
-            "request_duration",
-            "Time from a request's arrival to its answer (audit record durable), by action",
-            Unit::Seconds,
-            m.latency.clone(),
-        );
-        registry.register_with_unit(
-            "audit_commit_duration",
-            "Time to make one group of audit records durable (one transaction)",
-            Unit::Seconds,
-            m.audit_commit.clone(),
-        );
-        registry.register("audit_commit_records", "Audit records per group commit", m.audit_group.clone());
-        registry.register(
-            "audit_queue_depth",
-            "Audit records waiting for the next group commit",
-            m.audit_queue.clone(),
-        );
-        registry.register(
-            "audit_failing",
-            "1 while the audit trail cannot be written (every request is refused)",
-            m.audit_failing.clone(),
-        );
-        registry.register("audit_alerts", "Audit records flagged alert since start", m.alerts.clone());
-        registry.register("sealed", "1 while sealed", m.sealed.clone());
-        registry.register("root_generation", "Generation of the root key", m.root_generation.clone());
-        registry.register("keys", "Keys by state, every tenant, as of the last scheduler pass", m.keys.clone());
-        registry.register("scheduler_runs", "Background task runs, by task and result", m.scheduler_runs.clone());
-        registry.register_with_unit(
-            "tls_cert_expiry",
-            "Seconds until a certificate expires (server: the one served now; ca: the issuing CA)",
-            Unit::Seconds,
-            m.cert_expiry.clone(),
-        );
-        registry.register("cache_lookups", "Cache lookups, by cache and result (hit or miss)", m.cache.clone());
-        registry.register("connections_open", "TLS connections open now", m.connections.clone());
-        registry.register(
-            "tls_handshake_failures",
-            "TLS handshakes refused or timed out",
-            m.handshake_failures.clone(),
-        );
-        Arc::new(Self { registry, ..m })
+        let mut r = Registry::with_prefix("custody");
+        let seconds = Some(Unit::Seconds);
+        Arc::new(Self {
+            requests: add(&mut r, "requests", "Requests answered, by action and outcome", None, Family::default()),
+            latency: add(
+                &mut r,
+                "request_duration",
+                "Time from a request's arrival to its answer (audit record durable), by action",
+                seconds.clone(),
+                Family::new_with_constructor(latency_buckets as fn() -> Histogram),
+            ),
+            audit_commit: add(
+                &mut r,
+                "audit_commit_duration",
+                "Time to make one group of audit records durable (one transaction)",
+                seconds.clone(),
+                Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+            ),
+            audit_group: add(
+                &mut r,
+                "audit_commit_records",
+                "Audit records per group commit",
+                None,
+                Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            ),
+            audit_queue: add(
+                &mut r,
+                "audit_queue_depth",
+                "Audit records waiting for the next group commit",
+                None,
+                Gauge::default(),
+            ),
+            audit_failing: add(
+                &mut r,
+                "audit_failing",
+                "1 while the audit trail cannot be written (every request is refused)",
+                None,
+                Gauge::default(),
+            ),
+            alerts: add(&mut r, "audit_alerts", "Audit records flagged alert since start", None, Counter::default()),
+            sealed: add(&mut r, "sealed", "1 while sealed", None, Gauge::default()),
+            root_generation: add(&mut r, "root_generation", "Generation of the root key", None, Gauge::default()),
+            keys: add(
+                &mut r,
+                "keys",
+                "Keys by state, every tenant, as of the last scheduler pass",
+                None,
+                Family::default(),
+            ),
+            scheduler_runs: add(
+                &mut r,
+                "scheduler_runs",
+                "Background task runs, by task and result",
+                None,
+                Family::default(),
+            ),
+            cert_expiry: add(
+                &mut r,
+                "tls_cert_expiry",
+                "Seconds until a certificate expires (server: the one served now; ca: the issuing CA)",
+                seconds,
+                Family::default(),
+            ),
+            cache: add(
+                &mut r,
+                "cache_lookups",
+                "Cache lookups, by cache and result (hit or miss)",
+                None,
+                Family::default(),
+            ),
+            connections: add(&mut r, "connections_open", "TLS connections open now", None, Gauge::default()),
+            handshake_failures: add(
+                &mut r,
+                "tls_handshake_failures",
+                "TLS handshakes refused or timed out",
+                None,
+                Counter::default(),
+            ),
+            registry: r,
+        })
     }
 
-    /// One answered request. `action` must come from custody's own list (see
-    /// [`crate::protocol::known_action`]), never straight from the request.
+    /// One answered request. `action` must be a label custody chose (the server's
+    /// `metric_action`), never the request's target as sent.
     pub fn request(&self, action: &str, outcome: Outcome, took: Duration) {
         let action = action.to_string();
         self.requests.get_or_create(&RequestLabels { action: action.clone(), outcome: outcome_label(outcome) }).inc();
@@ -239,6 +257,15 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+}
+
+/// Registers `metric` (a handle: the registry keeps a clone) and returns it.
+fn add<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, unit: Option<Unit>, metric: M) -> M {
+    match unit {
+        Some(unit) => registry.register_with_unit(name, help, unit, metric.clone()),
+        None => registry.register(name, help, metric.clone()),
+    }
+    metric
 }
 
 /// Brings a counter up to a total kept elsewhere (counters only go up).
