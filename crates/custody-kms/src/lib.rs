@@ -33,8 +33,8 @@ use custody_store::{Backend, Barrier, Expect, Table, Versioned, Write};
 pub use access::{default_policy, parse_action, AccessEntry, DefaultKeyPolicy, Explanation};
 pub use access_keys::{AccessKeyInfo, NewAccessKey};
 pub use audit::{
-    AuditCheckpoint, AuditEvent, AuditHealth, AuditQuery, AuditRecord, AuditScope, AuditSink, AuditVerification,
-    Outcome,
+    AuditArrival, AuditCheckpoint, AuditEvent, AuditHealth, AuditQuery, AuditRecord, AuditScope, AuditSink,
+    AuditVerification, Outcome,
 };
 pub use authz::{Action, Caller};
 pub use backup::{Backup, BackupHeader, Destroyed};
@@ -74,12 +74,20 @@ pub struct KmsConfig {
     pub separation_of_duties: SeparationOfDuties,
     /// Benchmarks only: write no audit records (`danger_disable_audit`).
     pub danger_disable_audit: bool,
+    /// Longest the audit thread waits, before a group commit, for the records of requests
+    /// being served (`audit_group_wait_us`; zero: commit what is queued at once).
+    pub audit_group_wait: std::time::Duration,
     /// What the policy of a key created without one allows.
     pub default_key_policy: DefaultKeyPolicy,
     /// Encryptions under one key version after which the key rotates by itself
     /// ([`DEFAULT_KEY_USAGE_LIMIT`]; docs/SECURITY.md has the bound).
     pub key_usage_limit: u64,
 }
+
+/// Default of `audit_group_wait_us`: how long, at most, the audit thread waits for the records of
+/// requests being served before a group commit. Zero: it pays where custody has its cores to
+/// itself and costs where its clients share them (docs/BENCHMARKS.md "Session 8").
+pub const DEFAULT_AUDIT_GROUP_WAIT_US: u64 = 0;
 
 /// Encryptions per key version before an automatic rotation: 2^32, the limit NIST SP 800-38D
 /// sets for AES-GCM with random 96-bit nonces under one key. custody's blobs derive a fresh key
@@ -120,6 +128,7 @@ impl Default for KmsConfig {
             audit_retain_records: 0,
             separation_of_duties: SeparationOfDuties::Enforce,
             danger_disable_audit: false,
+            audit_group_wait: std::time::Duration::from_micros(DEFAULT_AUDIT_GROUP_WAIT_US),
             default_key_policy: DefaultKeyPolicy::KeyAdminsOnly,
             key_usage_limit: DEFAULT_KEY_USAGE_LIMIT,
         }

@@ -34,6 +34,9 @@ pub enum Kind {
     Bool,
 }
 
+/// Largest `audit_group_wait_us` accepted.
+const MAX_AUDIT_GROUP_WAIT_US: u64 = 10_000;
+
 /// Every setting custody's server reads.
 pub const SETTINGS: &[Setting] = &[
     Setting { name: "data_dir", env: "CUSTODY_DATA_DIR", kind: Kind::Text, default: "./custody-data", doc: "Directory with the store (custody.db) and the TLS files written by `custody init`." },
@@ -60,6 +63,7 @@ pub const SETTINGS: &[Setting] = &[
         default: "10000",
         doc: "Also sign a checkpoint this often when records have none yet, so the unsigned tail of the trail stays short.",
     },
+Setting { name: "audit_group_wait_us", env: "CUSTODY_AUDIT_GROUP_WAIT_US", kind: Kind::Integer, default: "0", doc: "Before each group commit of the audit trail, wait at most this many microseconds for the records of requests being served and for a group as large as the last, so that one commit (one flush) carries them all: less CPU per request, for at most this much added latency; a client sending one request at a time is never held up. Worth it when custody has its cores to itself (250: +17 % Encrypt throughput with the server on its own core); when clients share its cores, 0 is faster (docs/BENCHMARKS.md, Session 8). 0: commit what is queued at once. At most 10000." },
 Setting { name: "audit_retain_days", env: "CUSTODY_AUDIT_RETAIN_DAYS", kind: Kind::Integer, default: "0", doc: "Delete audit records older than this many days (0: keep forever). Pruning stops at a signed checkpoint, which anchors what remains, so the trail still verifies." },
     Setting { name: "audit_retain_records", env: "CUSTODY_AUDIT_RETAIN_RECORDS", kind: Kind::Integer, default: "0", doc: "Keep at most about this many of the newest audit records (0: all); pruned at checkpoints like `audit_retain_days`." },
     Setting { name: "audit_file", env: "CUSTODY_AUDIT_FILE", kind: Kind::Text, default: "<none>", doc: "Also append every audit record to this file as a JSON line (mode 0600), for log shippers. The database trail stays the authoritative, verifiable one." },
@@ -122,6 +126,9 @@ pub struct ServerConfig {
     /// See [`SETTINGS`].
     #[serde(default = "defaults::audit_checkpoint_interval_ms")]
     pub audit_checkpoint_interval_ms: u64,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::audit_group_wait_us")]
+    pub audit_group_wait_us: u64,
     /// See [`SETTINGS`].
     #[serde(default)]
     pub audit_retain_days: u64,
@@ -254,6 +261,9 @@ mod defaults {
     pub fn audit_checkpoint_interval_ms() -> u64 {
         10_000
     }
+    pub fn audit_group_wait_us() -> u64 {
+        custody_kms::DEFAULT_AUDIT_GROUP_WAIT_US
+    }
     pub fn log_format() -> String {
         "text".into()
     }
@@ -338,6 +348,12 @@ impl ServerConfig {
             return Err(ConfigError(
                 "audit_checkpoint_every and audit_checkpoint_interval_ms must be at least 1".into(),
             ));
+        }
+        if self.audit_group_wait_us > MAX_AUDIT_GROUP_WAIT_US {
+            return Err(ConfigError(format!(
+                "audit_group_wait_us is {}: at most {MAX_AUDIT_GROUP_WAIT_US} (every request may wait this long)",
+                self.audit_group_wait_us
+            )));
         }
         if self.danger_server_cert_lifetime_seconds < 5 {
             return Err(ConfigError("danger_server_cert_lifetime_seconds must be at least 5".into()));
@@ -469,6 +485,7 @@ mod tests {
                 "audit_file_max_bytes" => c.audit_file_max_bytes.to_string(),
                 "audit_retain_records" => c.audit_retain_records.to_string(),
                 "audit_checkpoint_interval_ms" => c.audit_checkpoint_interval_ms.to_string(),
+                "audit_group_wait_us" => c.audit_group_wait_us.to_string(),
                 "danger_day_length_ms" => c.danger_day_length_ms.to_string(),
                 "separation_of_duties" => c.separation_of_duties.clone(),
                 "danger_disable_audit" => c.danger_disable_audit.to_string(),
@@ -511,6 +528,11 @@ mod tests {
         assert!(err("seal = \"hsm\"").contains("keyfile:PATH"));
         assert!(err("listen = \"nowhere\"").contains("invalid"));
         assert!(err("[").contains("not valid TOML"));
+        assert!(err("audit_group_wait_us = 10001").contains("at most 10000"));
+        assert_eq!(
+            ServerConfig::from_toml_and_env("audit_group_wait_us = 250", |_| None).unwrap().audit_group_wait_us,
+            250
+        );
         let e = ServerConfig::from_toml_and_env("", |k| (k == "CUSTODY_SCHEDULER_INTERVAL_MS").then(|| "soon".into()));
         assert!(e.unwrap_err().0.contains("whole number"));
     }

@@ -176,6 +176,7 @@ impl Server {
                         _ => custody_kms::SeparationOfDuties::Enforce,
                     },
                     danger_disable_audit: config.danger_disable_audit,
+                    audit_group_wait: Duration::from_micros(config.audit_group_wait_us),
                     default_key_policy: match config.default_key_policy.as_str() {
                         "tenant" => custody_kms::DefaultKeyPolicy::Tenant,
                         _ => custody_kms::DefaultKeyPolicy::KeyAdminsOnly,
@@ -510,19 +511,21 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
+    let arrival = state.kms.audit_arrival();
     let request_id = uuid::Uuid::new_v4().to_string();
     let (base, dispatched) = route(&state, &identity, peer, &request_id, req).await;
     let action = base.action.clone();
     let protocol::Dispatched { result, principal: auth_principal, access_key_id, recorded, hints } = dispatched;
     // A state change already committed its record with it.
     let audited = if action == "healthz" || recorded.is_some() {
+        drop(arrival);
         Ok(())
     } else {
         let event = finish_event(base, hints.key, &result, auth_principal.clone(), access_key_id.clone(), started);
         let kms = state.kms.clone();
         // Wait for the audit thread to make the record durable, without holding a thread.
         let (tx, rx) = tokio::sync::oneshot::channel();
-        kms.submit_audit(event, hints.context.as_ref(), Box::new(move |r| drop(tx.send(r))));
+        kms.submit_audit(arrival, event, hints.context.as_ref(), Box::new(move |r| drop(tx.send(r))));
         match rx.await {
             Ok(Ok(_)) => Ok(()),
             // While sealed only status and unseal are answered, and only the log can record them.
