@@ -17,6 +17,10 @@
 //!   after the end of the message are an error.
 //! - Streaming with bounded memory: [`encrypt`] and [`decrypt`] read and write one frame at a
 //!   time (a frame is at most [`DecryptOptions::max_frame_length`] bytes).
+//! - For an input that can be read at any offset (a regular file), [`encrypt_at`] and
+//!   [`decrypt_at`] make and read the same messages with every core reading and sealing (or
+//!   opening) runs of frames of its own, written in order by the caller's thread: one thread
+//!   reading for all is what bounds the streaming functions on a fast machine.
 //!
 //! Data keys come from a [`Keyring`]; [`RawAesKeyring`] is the SDKs' raw AES keyring (so messages
 //! interoperate with a shared 256-bit wrapping key), and [`MultiKeyring`] combines keyrings.
@@ -531,71 +535,12 @@ pub fn encrypt<R: Read, W: Write>(
     input: &mut R,
     output: &mut W,
 ) -> Result<u64, EsdkError> {
-    let suite = options.suite;
-    if options.frame_length == 0 {
-        return Err(EsdkError::Invalid("the frame length must be at least 1 byte".into()));
-    }
-    if context.contains_key(PUBLIC_KEY_CONTEXT_KEY) {
-        return Err(EsdkError::Invalid(format!(
-            "the encryption context key {PUBLIC_KEY_CONTEXT_KEY:?} is reserved for the signing suite's public key"
-        )));
-    }
-    let rng = aws_lc_rs::rand::SystemRandom::new();
-    let mut context = context.clone();
-    let signer = if suite.is_signed() {
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P384_SHA384_ASN1_SIGNING, &rng)
-            .map_err(|_| EsdkError::Keyring("cannot generate the message's signing key".into()))?;
-        let pair = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P384_SHA384_ASN1_SIGNING, pkcs8.as_ref())
-            .expect("a generated key parses");
-        let compressed: aws_lc_rs::encoding::EcPublicKeyCompressedBin<'_> =
-            aws_lc_rs::encoding::AsBigEndian::as_be_bytes(pair.public_key())
-                .map_err(|_| EsdkError::Keyring("cannot encode the message's public key".into()))?;
-        context.insert(PUBLIC_KEY_CONTEXT_KEY.into(), STANDARD.encode(compressed.as_ref()));
-        Some(pair)
-    } else {
-        None
-    };
-    let mut materials = EncryptionMaterials {
-        suite,
-        context,
-        data_key: None,
-        encrypted_data_keys: Vec::new(),
-        plaintext_length: options.plaintext_length,
-    };
-    keyring.on_encrypt(&mut materials)?;
-    let EncryptionMaterials { context, data_key, encrypted_data_keys, .. } = materials;
-    let data_key = data_key.ok_or_else(|| EsdkError::Keyring("the keyring produced no data key".into()))?;
-    if encrypted_data_keys.is_empty() {
-        return Err(EsdkError::Keyring("the keyring wrapped the data key under no key".into()));
-    }
-    let message_id: [u8; MESSAGE_ID_LEN] = crate::random::array();
-    let keys = derive_keys(suite, &data_key, &message_id);
-
-    let commitment: [u8; COMMITMENT_LEN] = *keys.commitment;
-    let header = header_body(suite, &message_id, &context, &encrypted_data_keys, options.frame_length, &commitment)?;
-    let tag = keys
-        .key
-        .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0u8; IV_LEN]), Aad::from(&header), &mut [])
-        .expect("sealing an empty plaintext cannot fail");
-
-    let mut out = Out { w: output, digest: signer.as_ref().map(|_| digest::Context::new(&digest::SHA384)) };
-    out.put(&header)?;
-    out.put(tag.as_ref())?;
-
+    let (message, mut out) = Sealer::begin(keyring, context, options, output)?;
     // Body: frames are read in batches and sealed in parallel, the next batch being read while
     // the current one is sealed; batches are written in order.
     let mut frames = PlainFrames::new(input, options)?;
     let seal = |f: &mut Frame| {
-        let aad = body_aad(&message_id, f.last, f.seq, f.len as u64);
-        let tag = keys
-            .key
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(frame_iv(f.seq)),
-                Aad::from(&aad),
-                &mut f.buf[..f.len],
-            )
-            .expect("frames are far below AES-GCM's limit");
-        f.buf[f.len..f.len + TAG_LEN].copy_from_slice(tag.as_ref());
+        message.seal(f);
         Ok(())
     };
     let mut batch = frames.batch()?;
@@ -606,16 +551,7 @@ pub fn encrypt<R: Read, W: Write>(
             (sealing.join().unwrap_or_else(|_| Err(EsdkError::Invalid("a frame worker panicked".into()))), next)
         });
         for f in sealed? {
-            if f.last {
-                out.put(&FINAL_FRAME_MARKER.to_be_bytes())?;
-                out.put(&f.seq.to_be_bytes())?;
-                out.put(&frame_iv(f.seq))?;
-                out.put(&(f.len as u32).to_be_bytes())?;
-            } else {
-                out.put(&f.seq.to_be_bytes())?;
-                out.put(&frame_iv(f.seq))?;
-            }
-            out.put(&f.buf[..f.len + TAG_LEN])?;
+            put_frame(&mut out, &f)?;
             frames.pool.push(f);
         }
         batch = next?;
@@ -623,16 +559,320 @@ pub fn encrypt<R: Read, W: Write>(
             break;
         }
     }
-    let total = frames.total;
-    if let (Some(pair), Some(d)) = (signer, out.digest.take()) {
-        let sig = pair.sign_digest(&d.finish()).map_err(|_| EsdkError::Keyring("signing the message failed".into()))?;
-        let sig = sig.as_ref();
-        out.put(&(sig.len() as u16).to_be_bytes())?;
-        out.put(sig)?;
-    }
-    out.w.flush()?;
-    Ok(total)
+    message.finish(out)?;
+    Ok(frames.total)
 }
+
+/// Input that several threads can read at any offset at once: a regular file (`pread`), or bytes
+/// in memory.
+pub trait ReadAt: Sync {
+    /// Reads into `buf` from `offset`; returns how many bytes were read (0 at the end).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+}
+
+#[cfg(unix)]
+impl ReadAt for std::fs::File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(self, buf, offset)
+    }
+}
+
+impl ReadAt for [u8] {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(self.len());
+        let n = buf.len().min(self.len() - start);
+        buf[..n].copy_from_slice(&self[start..start + n]);
+        Ok(n)
+    }
+}
+
+/// Like [`encrypt`] (the same message), for an input of `len` bytes that can be read at any
+/// offset, such as a regular file: every core reads and seals frames of its own, so reading is
+/// spread over the cores too instead of one thread reading for all. The input must hold exactly
+/// `len` bytes until this returns: one that turns out shorter or longer is an error.
+pub fn encrypt_at<R: ReadAt + ?Sized, W: Write>(
+    keyring: &dyn Keyring,
+    context: &EncryptionContext,
+    options: EncryptOptions,
+    input: &R,
+    len: u64,
+    output: &mut W,
+) -> Result<u64, EsdkError> {
+    if let Some(n) = options.plaintext_length.filter(|n| *n != len) {
+        return Err(EsdkError::Invalid(format!("the input is {len} bytes, not the {n} declared")));
+    }
+    let frame_len = options.frame_length as usize;
+    // Frame k (from 1) holds bytes [(k - 1) * frame, k * frame); the last holds the rest, which
+    // may be a whole frame, or nothing for an empty input.
+    let count = len.div_ceil(u64::from(options.frame_length.max(1))).max(1);
+    if count >= u64::from(FINAL_FRAME_MARKER) {
+        return Err(EsdkError::Invalid(
+            "the input needs more frames than a message holds; use a larger frame length".into(),
+        ));
+    }
+    let options = EncryptOptions { plaintext_length: Some(len), ..options };
+    let (message, mut out) = Sealer::begin(keyring, context, options, output)?;
+    // Runs of consecutive frames: one read of their plaintext, each frame sealed in place, its
+    // tag kept beside.
+    let per_run = (RUN_BYTES / frame_len.max(1)).max(1) as u64;
+    let new_run = || Run { buf: Zeroizing::new(Vec::new()), first: 0, frames: 0, tags: Vec::new() };
+    let fill = |run: u64, r: &mut Run| -> Result<(), EsdkError> {
+        r.first = run * per_run + 1;
+        r.frames = per_run.min(count - run * per_run) as usize;
+        let offset = run * per_run * frame_len as u64;
+        let bytes = (len - offset).min((r.frames * frame_len) as u64) as usize;
+        r.buf.resize(bytes, 0);
+        read_exact_at(input, &mut r.buf, offset, len, "encryption")?;
+        r.tags.clear();
+        for (i, content) in r.buf.chunks_mut(frame_len).enumerate() {
+            let seq = r.first + i as u64;
+            r.tags.push(message.seal_detached(seq as u32, seq == count, content));
+        }
+        if r.tags.len() < r.frames {
+            // An empty input: one final frame with nothing in it.
+            r.tags.push(message.seal_detached(r.first as u32, true, &mut []));
+        }
+        Ok(())
+    };
+    let drain = |r: &Run| -> Result<(), EsdkError> {
+        let mut contents = r.buf.chunks(frame_len);
+        for (i, tag) in r.tags.iter().enumerate() {
+            let seq = (r.first + i as u64) as u32;
+            let content = contents.next().unwrap_or(&[]);
+            if u64::from(seq) == count {
+                out.put(&FINAL_FRAME_MARKER.to_be_bytes())?;
+                out.put(&seq.to_be_bytes())?;
+                out.put(&frame_iv(seq))?;
+                out.put(&(content.len() as u32).to_be_bytes())?;
+            } else {
+                out.put(&seq.to_be_bytes())?;
+                out.put(&frame_iv(seq))?;
+            }
+            out.put(content)?;
+            out.put(tag)?;
+        }
+        Ok(())
+    };
+    in_order(count.div_ceil(per_run), new_run, fill, drain)?;
+    let mut beyond = [0u8; 1];
+    if input.read_at(&mut beyond, len)? != 0 {
+        return Err(EsdkError::Invalid(format!(
+            "the input grew beyond the {len} bytes it held when encryption began: it changed while it was read"
+        )));
+    }
+    message.finish(out)?;
+    Ok(len)
+}
+
+/// Consecutive frames of a message in [`encrypt_at`] or [`decrypt_at`], read together: their
+/// bytes, the first one's number and how many there are (and, encrypting, their tags).
+struct Run {
+    buf: Zeroizing<Vec<u8>>,
+    first: u64,
+    frames: usize,
+    tags: Vec<[u8; TAG_LEN]>,
+}
+
+/// Fills runs `0..runs` (`fill`: read and seal or open) on every core, run r on worker
+/// r % workers, and hands each to `drain` (write) on this thread, in order; buffers go back to
+/// their worker for reuse, and at most two filled runs wait per worker, so memory stays bounded
+/// whatever the size. The first error in run order is returned; the workers then stop.
+fn in_order<T: Send>(
+    runs: u64,
+    new: impl Fn() -> T + Sync,
+    fill: impl Fn(u64, &mut T) -> Result<(), EsdkError> + Sync,
+    mut drain: impl FnMut(&T) -> Result<(), EsdkError>,
+) -> Result<(), EsdkError> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(runs as usize);
+    if workers <= 1 {
+        let mut run = new();
+        for r in 0..runs {
+            fill(r, &mut run)?;
+            drain(&run)?;
+        }
+        return Ok(());
+    }
+    std::thread::scope(|s| {
+        let mut filled = Vec::with_capacity(workers);
+        let mut spare = Vec::with_capacity(workers);
+        for w in 0..workers {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<T, EsdkError>>(2);
+            let (back, pool) = std::sync::mpsc::channel::<T>();
+            let (new, fill) = (&new, &fill);
+            s.spawn(move || {
+                for r in (w as u64..runs).step_by(workers) {
+                    let mut run = pool.try_recv().unwrap_or_else(|_| new());
+                    let result = fill(r, &mut run).map(|()| run);
+                    let failed = result.is_err();
+                    if tx.send(result).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            filled.push(rx);
+            spare.push(back);
+        }
+        for r in 0..runs as usize {
+            let run =
+                filled[r % workers].recv().map_err(|_| EsdkError::Invalid("a frame worker panicked".into()))??;
+            drain(&run)?;
+            let _ = spare[r % workers].send(run);
+        }
+        Ok(())
+    })
+}
+
+/// Fills `buf` from `offset` of an input that held `len` bytes when `what` began.
+fn read_exact_at<R: ReadAt + ?Sized>(
+    input: &R,
+    buf: &mut [u8],
+    offset: u64,
+    len: u64,
+    what: &str,
+) -> Result<(), EsdkError> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => {
+                return Err(EsdkError::Invalid(format!(
+                    "the input ended at byte {} of the {len} it held when {what} began: it changed while it was read",
+                    offset + n as u64
+                )))
+            }
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// A message being encrypted: what sealing its frames and finishing it need.
+struct Sealer {
+    message_id: [u8; MESSAGE_ID_LEN],
+    keys: MessageKeys,
+    signer: Option<EcdsaKeyPair>,
+}
+
+impl Sealer {
+    /// Gets the data key from `keyring` and writes the header and its tag to `output`.
+    fn begin<'w, W: Write>(
+        keyring: &dyn Keyring,
+        context: &EncryptionContext,
+        options: EncryptOptions,
+        output: &'w mut W,
+    ) -> Result<(Self, Out<'w, W>), EsdkError> {
+        let suite = options.suite;
+        if options.frame_length == 0 {
+            return Err(EsdkError::Invalid("the frame length must be at least 1 byte".into()));
+        }
+        if context.contains_key(PUBLIC_KEY_CONTEXT_KEY) {
+            return Err(EsdkError::Invalid(format!(
+                "the encryption context key {PUBLIC_KEY_CONTEXT_KEY:?} is reserved for the signing suite's public key"
+            )));
+        }
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let mut context = context.clone();
+        let signer = if suite.is_signed() {
+            let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P384_SHA384_ASN1_SIGNING, &rng)
+                .map_err(|_| EsdkError::Keyring("cannot generate the message's signing key".into()))?;
+            let pair = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P384_SHA384_ASN1_SIGNING, pkcs8.as_ref())
+                .expect("a generated key parses");
+            let compressed: aws_lc_rs::encoding::EcPublicKeyCompressedBin<'_> =
+                aws_lc_rs::encoding::AsBigEndian::as_be_bytes(pair.public_key())
+                    .map_err(|_| EsdkError::Keyring("cannot encode the message's public key".into()))?;
+            context.insert(PUBLIC_KEY_CONTEXT_KEY.into(), STANDARD.encode(compressed.as_ref()));
+            Some(pair)
+        } else {
+            None
+        };
+        let mut materials = EncryptionMaterials {
+            suite,
+            context,
+            data_key: None,
+            encrypted_data_keys: Vec::new(),
+            plaintext_length: options.plaintext_length,
+        };
+        keyring.on_encrypt(&mut materials)?;
+        let EncryptionMaterials { context, data_key, encrypted_data_keys, .. } = materials;
+        let data_key = data_key.ok_or_else(|| EsdkError::Keyring("the keyring produced no data key".into()))?;
+        if encrypted_data_keys.is_empty() {
+            return Err(EsdkError::Keyring("the keyring wrapped the data key under no key".into()));
+        }
+        let message_id: [u8; MESSAGE_ID_LEN] = crate::random::array();
+        let keys = derive_keys(suite, &data_key, &message_id);
+
+        let commitment: [u8; COMMITMENT_LEN] = *keys.commitment;
+        let header =
+            header_body(suite, &message_id, &context, &encrypted_data_keys, options.frame_length, &commitment)?;
+        let tag = keys
+            .key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0u8; IV_LEN]), Aad::from(&header), &mut [])
+            .expect("sealing an empty plaintext cannot fail");
+
+        let mut out = Out { w: output, digest: signer.as_ref().map(|_| digest::Context::new(&digest::SHA384)) };
+        out.put(&header)?;
+        out.put(tag.as_ref())?;
+        Ok((Self { message_id, keys, signer }, out))
+    }
+
+    /// Seals frame `f` in place, its tag after its content.
+    fn seal(&self, f: &mut Frame) {
+        let aad = body_aad(&self.message_id, f.last, f.seq, f.len as u64);
+        let tag = self
+            .keys
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(frame_iv(f.seq)),
+                Aad::from(&aad),
+                &mut f.buf[..f.len],
+            )
+            .expect("frames are far below AES-GCM's limit");
+        f.buf[f.len..f.len + TAG_LEN].copy_from_slice(tag.as_ref());
+    }
+
+    /// Seals the content of frame `seq` in place and returns its tag.
+    fn seal_detached(&self, seq: u32, last: bool, content: &mut [u8]) -> [u8; TAG_LEN] {
+        let aad = body_aad(&self.message_id, last, seq, content.len() as u64);
+        let tag = self
+            .keys
+            .key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(frame_iv(seq)), Aad::from(&aad), content)
+            .expect("frames are far below AES-GCM's limit");
+        tag.as_ref().try_into().expect("a 16-byte tag")
+    }
+
+    /// Writes the signature (signed suite) and flushes.
+    fn finish<W: Write>(self, mut out: Out<'_, W>) -> Result<(), EsdkError> {
+        if let (Some(pair), Some(d)) = (self.signer, out.digest.take()) {
+            let sig =
+                pair.sign_digest(&d.finish()).map_err(|_| EsdkError::Keyring("signing the message failed".into()))?;
+            let sig = sig.as_ref();
+            out.put(&(sig.len() as u16).to_be_bytes())?;
+            out.put(sig)?;
+        }
+        out.w.flush()?;
+        Ok(())
+    }
+}
+
+/// Writes one sealed frame: its header fields, content and tag.
+fn put_frame<W: Write>(out: &mut Out<'_, W>, f: &Frame) -> Result<(), EsdkError> {
+    if f.last {
+        out.put(&FINAL_FRAME_MARKER.to_be_bytes())?;
+        out.put(&f.seq.to_be_bytes())?;
+        out.put(&frame_iv(f.seq))?;
+        out.put(&(f.len as u32).to_be_bytes())?;
+    } else {
+        out.put(&f.seq.to_be_bytes())?;
+        out.put(&frame_iv(f.seq))?;
+    }
+    out.put(&f.buf[..f.len + TAG_LEN])
+}
+
+/// Plaintext bytes of the consecutive frames one worker reads and seals at a time in
+/// [`encrypt_at`] (fewer hand-overs between threads than frame by frame).
+const RUN_BYTES: usize = 1024 * 1024;
 
 /// Plaintext bytes of the frames processed together (per batch, in memory at once).
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
@@ -1204,6 +1444,140 @@ pub fn decrypt<R: Read, W: Write>(
     output.write_all(&last_frame.buf[..last_frame.len])?;
     output.flush()?;
     Ok(MessageInfo { header, plaintext_len: total })
+}
+
+/// Reads a [`ReadAt`] from the start, as a stream (for the header).
+struct Cursor<'a, R: ReadAt + ?Sized> {
+    r: &'a R,
+    pos: u64,
+}
+
+impl<R: ReadAt + ?Sized> Read for Cursor<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.r.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// Like [`decrypt`] (the same checks, the same result), for a message of `len` bytes that can be
+/// read at any offset, such as a regular file: the body's layout follows from the header and
+/// `len`, so every core reads and opens frames of its own. A signed message is read as a stream
+/// (its signature covers the whole message in order). The input must hold exactly `len` bytes
+/// until this returns.
+pub fn decrypt_at<R: ReadAt + ?Sized, W: Write>(
+    keyring: &dyn Keyring,
+    options: &DecryptOptions,
+    input: &R,
+    len: u64,
+    output: &mut W,
+) -> Result<MessageInfo, EsdkError> {
+    let mut cursor = Cursor { r: input, pos: 0 };
+    let header = Header::read(&mut In { r: &mut cursor, header: None, digest: None, sign: false }, options)?;
+    if header.suite.is_signed() {
+        let mut stream = io::BufReader::with_capacity(1 << 20, Cursor { r: input, pos: 0 });
+        return decrypt(keyring, options, &mut stream, output);
+    }
+    let body = cursor.pos;
+    let (message_keys, data_key) = header.authenticate(keyring)?;
+    drop(data_key);
+    let (message_id, frame_length) = (header.message_id, header.frame_length as usize);
+    // Every frame but the last: sequence number, IV, content, tag. The last: the final-frame
+    // marker, sequence number, IV, content length, content, tag.
+    let full = 4 + IV_LEN + frame_length + TAG_LEN;
+    let final_fields = 4 + 4 + IV_LEN + 4;
+    let rest = len.saturating_sub(body);
+    let Some(frames) = rest.checked_sub((final_fields + TAG_LEN) as u64) else {
+        return Err(EsdkError::Malformed("the message ends inside the final frame".into()));
+    };
+    let count = frames / full as u64;
+    let last_len = (frames % full as u64) as usize;
+    if last_len > frame_length {
+        return Err(EsdkError::Malformed(format!(
+            "the body's {rest} bytes are not whole frames of {frame_length} bytes and a final frame"
+        )));
+    }
+    if count + 1 >= u64::from(FINAL_FRAME_MARKER) {
+        return Err(EsdkError::Malformed("more frames than a message can hold".into()));
+    }
+    // Checks frame `seq`'s number and IV (`fields`: what precedes its content) and opens its
+    // content in place (`sealed`: the content, then the tag).
+    let open = |seq: u32, last: bool, fields: &[u8], sealed: &mut [u8]| -> Result<(), EsdkError> {
+        let (number, iv) = if last {
+            if fields[..4] != FINAL_FRAME_MARKER.to_be_bytes() {
+                return Err(EsdkError::Malformed(format!("frame {seq} where the final frame belongs")));
+            }
+            (&fields[4..8], &fields[8..8 + IV_LEN])
+        } else {
+            (&fields[..4], &fields[4..4 + IV_LEN])
+        };
+        let number = u32::from_be_bytes(number.try_into().expect("four bytes"));
+        if number != seq {
+            return Err(EsdkError::Malformed(if number == FINAL_FRAME_MARKER {
+                format!("the final frame where frame {seq} belongs")
+            } else {
+                format!("frame {number} where frame {seq} belongs")
+            }));
+        }
+        if iv != frame_iv(seq) {
+            return Err(EsdkError::Malformed(format!("frame {seq} has an IV other than its sequence number")));
+        }
+        let aad = body_aad(&message_id, last, seq, (sealed.len() - TAG_LEN) as u64);
+        message_keys
+            .key
+            .open_in_place(Nonce::assume_unique_for_key(frame_iv(seq)), Aad::from(&aad), sealed)
+            .map(|_| ())
+            .map_err(|_| EsdkError::Integrity("frame authentication tag"))
+    };
+    // Every frame but the last, in runs of consecutive frames: one read, each opened in place.
+    let head = 4 + IV_LEN;
+    let per_run = (RUN_BYTES / full).max(1) as u64;
+    let new_run = || Run { buf: Zeroizing::new(Vec::new()), first: 0, frames: 0, tags: Vec::new() };
+    let fill = |run: u64, r: &mut Run| -> Result<(), EsdkError> {
+        r.first = run * per_run + 1;
+        r.frames = per_run.min(count - run * per_run) as usize;
+        r.buf.resize(r.frames * full, 0);
+        read_exact_at(input, &mut r.buf, body + run * per_run * full as u64, len, "decryption")?;
+        for (i, frame) in r.buf.chunks_mut(full).enumerate() {
+            let (fields, sealed) = frame.split_at_mut(head);
+            open((r.first + i as u64) as u32, false, fields, sealed)?;
+        }
+        Ok(())
+    };
+    let drain = |r: &Run| -> Result<(), EsdkError> {
+        for frame in r.buf.chunks(full) {
+            output.write_all(&frame[head..head + frame_length])?;
+        }
+        Ok(())
+    };
+    in_order(count.div_ceil(per_run), new_run, fill, drain)?;
+    // The final frame. One that declares fewer bytes than the message holds is opened as
+    // declared (as a stream reads it), and the rest are bytes after the end of the message.
+    let mut last = Zeroizing::new(vec![0u8; final_fields + last_len + TAG_LEN]);
+    read_exact_at(input, &mut last, body + count * full as u64, len, "decryption")?;
+    let declared = u32::from_be_bytes(last[final_fields - 4..final_fields].try_into().expect("four bytes")) as usize;
+    if declared > frame_length {
+        return Err(EsdkError::Malformed(format!(
+            "the final frame holds {declared} bytes, more than the frame length {frame_length}"
+        )));
+    }
+    if declared > last_len {
+        return Err(EsdkError::Malformed("the message ends inside the final frame".into()));
+    }
+    let (fields, sealed) = last.split_at_mut(final_fields);
+    open((count + 1) as u32, true, fields, &mut sealed[..declared + TAG_LEN])?;
+    if declared < last_len {
+        return Err(EsdkError::Malformed("bytes after the end of the message".into()));
+    }
+    let mut beyond = [0u8; 1];
+    if input.read_at(&mut beyond, len)? != 0 {
+        return Err(EsdkError::Invalid(format!(
+            "the input grew beyond the {len} bytes it held when decryption began: it changed while it was read"
+        )));
+    }
+    output.write_all(&sealed[..declared])?;
+    output.flush()?;
+    Ok(MessageInfo { header, plaintext_len: count * frame_length as u64 + declared as u64 })
 }
 
 /// The printable start of a provider info (a raw key's name, a KMS key's ARN), for messages.

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use custody_crypto::esdk::{
-    decrypt, encrypt, read_header, rewrap, DecryptOptions, EncryptOptions, EncryptionContext, EsdkError, Keyring,
-    MultiKeyring, RawAesKeyring, Suite,
+    decrypt, decrypt_at, encrypt, encrypt_at, read_header, rewrap, DecryptOptions, EncryptOptions, EncryptionContext,
+    EsdkError, Keyring, MultiKeyring, RawAesKeyring, Suite,
 };
 use serde_json::Value;
 
@@ -32,16 +32,43 @@ fn vector_keyring(m: &Value, name: &str) -> RawAesKeyring {
     RawAesKeyring::new(k["provider_id"].as_str().unwrap(), name, &key).unwrap()
 }
 
+/// Decrypts `message` as a stream ([`decrypt`]) and read at offsets ([`decrypt_at`]): both must
+/// give the same plaintext, or fail with the same class of error.
 fn open(keyring: &dyn Keyring, message: &[u8]) -> Result<(Vec<u8>, custody_crypto::esdk::MessageInfo), EsdkError> {
     let mut out = Vec::new();
-    let info = decrypt(keyring, &DecryptOptions::default(), &mut &message[..], &mut out)?;
-    Ok((out, info))
+    let streamed = decrypt(keyring, &DecryptOptions::default(), &mut &message[..], &mut out);
+    let mut at = Vec::new();
+    let positional = decrypt_at(keyring, &DecryptOptions::default(), message, message.len() as u64, &mut at);
+    match (&streamed, &positional) {
+        (Ok(a), Ok(b)) => {
+            assert!(out == at, "decrypt_at gave another plaintext");
+            assert_eq!(a.plaintext_len, b.plaintext_len);
+        }
+        (Err(a), Err(b)) => {
+            assert_eq!(std::mem::discriminant(a), std::mem::discriminant(b), "stream: {a:?}; at offsets: {b:?}")
+        }
+        (a, b) => panic!("decrypt and decrypt_at disagree: {:?} / {:?}", a.as_ref().err(), b.as_ref().err()),
+    }
+    Ok((out, streamed?))
 }
 
+/// Encrypts `plain` as a stream ([`encrypt`]) and read at offsets ([`encrypt_at`]); both messages
+/// must decrypt to it. Returns the first.
 fn seal(keyring: &dyn Keyring, context: &EncryptionContext, options: EncryptOptions, plain: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let n = encrypt(keyring, context, options, &mut &plain[..], &mut out).unwrap();
     assert_eq!(n, plain.len() as u64);
+    let mut at = Vec::new();
+    let n = encrypt_at(keyring, context, options, plain, plain.len() as u64, &mut at).unwrap();
+    assert_eq!(n, plain.len() as u64);
+    if !options.suite.is_signed() {
+        // (A signature's DER encoding varies in length.)
+        assert_eq!(at.len(), out.len(), "the same message layout");
+    }
+    let mut back = Vec::new();
+    let any = DecryptOptions { max_encrypted_data_keys: u16::MAX, max_frame_length: u32::MAX, ..Default::default() };
+    decrypt(keyring, &any, &mut &at[..], &mut back).unwrap();
+    assert!(back == plain, "encrypt_at's message decrypts to the plaintext");
     out
 }
 
@@ -323,4 +350,35 @@ fn rewrap_message(
     let mut input = message;
     let header = read_header(&mut input, &DecryptOptions::default())?;
     rewrap(&header, old, new, &mut input, out)
+}
+
+/// Reading at offsets: many frames over several workers give the same message as the stream,
+/// and an input that changes while it is read is an error, never a message of other bytes.
+#[test]
+fn reading_at_offsets_matches_the_stream_and_notices_changes() {
+    let k = keyring("k", 7);
+    // Enough frames for every worker to take several runs (runs are about 1 MiB).
+    let plain: Vec<u8> = (0..5 * 1024 * 1024 + 123).map(|i| (i * 7 % 253) as u8).collect();
+    for frame in [4096u32, 65536, 1 << 20] {
+        let options = EncryptOptions { frame_length: frame, ..EncryptOptions::default() };
+        let message = seal(&k, &context(), options, &plain);
+        let (back, info) = open(&k, &message).unwrap();
+        assert!(back == plain && info.plaintext_len == plain.len() as u64, "frame {frame}");
+    }
+    let options = EncryptOptions { frame_length: 4096, ..EncryptOptions::default() };
+    // Shorter than it said (it shrank while read), and longer (it grew).
+    for (data, len) in [(&plain[..100_000], 100_001u64), (&plain[..100_000], 99_999)] {
+        let e = encrypt_at(&k, &context(), options, data, len, &mut Vec::new()).unwrap_err();
+        assert!(matches!(e, EsdkError::Invalid(_)) && e.to_string().contains("changed while it was read"), "{e}");
+    }
+    let message = seal(&k, &context(), options, &plain[..100_000]);
+    let mut grown = message.clone();
+    grown.extend_from_slice(b"appended while decrypting");
+    let e = decrypt_at(&k, &DecryptOptions::default(), &grown[..], message.len() as u64, &mut Vec::new()).unwrap_err();
+    assert!(matches!(e, EsdkError::Invalid(_)) && e.to_string().contains("changed while it was read"), "{e}");
+    // A declared length other than the input's is refused before anything is written.
+    let declared = EncryptOptions { plaintext_length: Some(5), ..options };
+    let mut out = Vec::new();
+    let e = encrypt_at(&k, &context(), declared, &b"123456"[..], 6, &mut out).unwrap_err();
+    assert!(matches!(e, EsdkError::Invalid(_)) && out.is_empty(), "{e}");
 }
