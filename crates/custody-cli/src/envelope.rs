@@ -8,6 +8,7 @@
 
 use std::io::{BufReader, BufWriter, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -15,7 +16,7 @@ use base64::Engine;
 use clap::{Args, ValueEnum};
 use custody_client::{Discovery, KmsKeyring};
 use custody_crypto::esdk::{
-    self, EncryptOptions, EncryptionContext, EsdkError, Keyring, MultiKeyring, RawAesKeyring, Suite,
+    self, EncryptOptions, EncryptionContext, EsdkError, Keyring, MultiKeyring, RawAesKeyring, ReadAt, Suite,
 };
 use serde_json::json;
 
@@ -324,23 +325,27 @@ struct Done {
     context: Option<EncryptionContext>,
 }
 
-/// What a job does with its input and output: the message's encryption context, or why not.
-/// Its arguments: input, output, and the input's size when known.
-type Work<'a> = dyn Fn(&mut dyn Read, &mut dyn Write, Option<u64>) -> std::result::Result<Option<EncryptionContext>, EsdkError>
-    + 'a;
+/// What a job reads: a regular file, read at offsets by every core, or a stream (stdin, a pipe).
+enum Source<'a> {
+    File(&'a dyn ReadAt, u64),
+    Stream(&'a mut dyn Read),
+}
 
-/// Runs `work(reader, writer)` for one job, with staging, progress and accounting.
-fn run_job(job: &Job, what: &str, buffered: bool, work: &Work<'_>) -> Result<Done> {
+/// What a job does with its input and output: the message's encryption context, or why not.
+type Work<'a> = dyn Fn(Source<'_>, &mut dyn Write) -> std::result::Result<Option<EncryptionContext>, EsdkError> + 'a;
+
+/// Runs `work(source, writer)` for one job, with staging, progress and accounting.
+fn run_job(job: &Job, what: &str, work: &Work<'_>) -> Result<Done> {
     let started = Instant::now();
-    let (reader, size): (Box<dyn Read>, Option<u64>) = if job.input == "-" {
-        (Box::new(std::io::stdin().lock()), None)
+    let file = if job.input == "-" {
+        None
     } else {
         let f = std::fs::File::open(&job.input)
             .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", job.input)))?;
         let size = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
-        (Box::new(f), size)
+        Some((f, size))
     };
-    let bar = match size {
+    let bar = match file.as_ref().and_then(|(_, size)| *size) {
         Some(n) if n >= PROGRESS_FROM && std::io::stderr().is_terminal() => {
             let bar = indicatif::ProgressBar::new(n);
             bar.set_style(
@@ -353,53 +358,79 @@ fn run_job(job: &Job, what: &str, buffered: bool, work: &Work<'_>) -> Result<Don
         }
         _ => None,
     };
-    let mut counted = Counted { inner: reader, n: 0, bar: bar.clone() };
-    // Encrypting reads whole frames straight into their buffers; decrypting reads small fields
-    // too, which a buffer saves a system call each.
-    let mut input: Box<dyn Read + '_> =
-        if buffered { Box::new(BufReader::with_capacity(1 << 20, &mut counted)) } else { Box::new(&mut counted) };
+    let read = AtomicU64::new(0);
+    let run = |out: &mut dyn Write| match &file {
+        Some((f, Some(len))) => work(Source::File(&CountedFile { inner: f, n: &read, bar: bar.clone() }, *len), out),
+        // Not a regular file (stdin, a pipe, a device): a stream, buffered (decrypting reads small
+        // fields too, which a buffer saves a system call each; frames are larger than it and
+        // bypass it).
+        Some((f, None)) => {
+            work(Source::Stream(&mut BufReader::with_capacity(1 << 20, Counted { inner: f, n: &read })), out)
+        }
+        None => work(
+            Source::Stream(&mut BufReader::with_capacity(
+                1 << 20,
+                Counted { inner: std::io::stdin().lock(), n: &read },
+            )),
+            out,
+        ),
+    };
     let (context, bytes_out) = match &job.output {
         None => {
             let stdout = std::io::stdout();
             let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, stdout.lock()), n: 0 };
-            let context = work(&mut input, &mut out, size).map_err(|e| esdk_error(&job.input, e))?;
+            let context = run(&mut out).map_err(|e| esdk_error(&job.input, e))?;
             out.flush().map_err(|e| CliError::new(exit::FAILURE, format!("cannot write stdout: {e}")))?;
             (context, out.n)
         }
         Some(dest) => {
             let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, stage(dest)?), n: 0 };
-            let context = work(&mut input, &mut out, size).map_err(|e| esdk_error(&job.input, e))?;
+            let context = run(&mut out).map_err(|e| esdk_error(&job.input, e))?;
             commit(out.inner, dest)?;
             (context, out.n)
         }
     };
-    drop(input);
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
     Ok(Done {
         input: job.input.clone(),
         output: job.output.as_ref().map_or("-".into(), |p| p.display().to_string()),
-        bytes_in: counted.n,
+        bytes_in: read.load(Ordering::Relaxed),
         bytes_out,
         seconds: started.elapsed().as_secs_f64(),
         context,
     })
 }
 
-struct Counted<R> {
-    inner: R,
-    n: u64,
+/// A regular file being read at offsets, counting what is read (and moving the progress bar).
+struct CountedFile<'a> {
+    inner: &'a std::fs::File,
+    n: &'a AtomicU64,
     bar: Option<indicatif::ProgressBar>,
 }
 
-impl<R: Read> Read for Counted<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let k = self.inner.read(buf)?;
-        self.n += k as u64;
+impl ReadAt for CountedFile<'_> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let k = self.inner.read_at(buf, offset)?;
+        self.n.fetch_add(k as u64, Ordering::Relaxed);
         if let Some(b) = &self.bar {
             b.inc(k as u64);
         }
+        Ok(k)
+    }
+}
+
+/// A stream being read, counting what is read.
+struct Counted<'a, R> {
+    inner: R,
+    n: &'a AtomicU64,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n.fetch_add(k as u64, Ordering::Relaxed);
         Ok(k)
     }
 }
@@ -468,9 +499,13 @@ pub async fn encrypt(conn: &ConnArgs, a: EncryptArgs, json: bool) -> Result<()> 
     let done = tokio::task::spawn_blocking(move || {
         jobs.iter()
             .map(|job| {
-                run_job(job, "encrypting", false, &|mut r, mut w, size| {
-                    let options = EncryptOptions { plaintext_length: size, ..options };
-                    esdk::encrypt(keyring.as_ref(), &context, options, &mut r, &mut w).map(|_| Some(context.clone()))
+                run_job(job, "encrypting", &|source, mut w| {
+                    let keyring = keyring.as_ref();
+                    match source {
+                        Source::File(f, len) => esdk::encrypt_at(keyring, &context, options, f, len, &mut w),
+                        Source::Stream(mut r) => esdk::encrypt(keyring, &context, options, &mut r, &mut w),
+                    }
+                    .map(|_| Some(context.clone()))
                 })
             })
             .collect::<Result<Vec<_>>>()
@@ -493,8 +528,13 @@ pub async fn decrypt(conn: &ConnArgs, a: DecryptArgs, json: bool) -> Result<()> 
     let done = tokio::task::spawn_blocking(move || {
         jobs.iter()
             .map(|job| {
-                run_job(job, "decrypting", true, &|mut r, mut w, _| {
-                    esdk::decrypt(keyring.as_ref(), &options, &mut r, &mut w).map(|info| Some(info.header.context))
+                run_job(job, "decrypting", &|source, mut w| {
+                    let keyring = keyring.as_ref();
+                    match source {
+                        Source::File(f, len) => esdk::decrypt_at(keyring, &options, f, len, &mut w),
+                        Source::Stream(mut r) => esdk::decrypt(keyring, &options, &mut r, &mut w),
+                    }
+                    .map(|info| Some(info.header.context))
                 })
             })
             .collect::<Result<Vec<_>>>()
