@@ -104,10 +104,7 @@ async fn each_role_over_mtls_and_sigv4() {
     assert_eq!(err_code(first.call("TrentService.CreateKey", json!({})).await), "AccessDeniedException");
     assert_eq!(err_code(first.call("Custody.ListAuditRecords", json!({})).await), "AccessDeniedException");
 
-    let key = keyadmin.0.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["Arn"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = common::create_key(&mut keyadmin.0, "Arn").await;
     let encrypt = json!({ "KeyId": key, "Plaintext": b64(b"hello"), "EncryptionContext": { "app": "billing" } });
 
     // What each role can and cannot do, identically over both identities. The key has the
@@ -235,10 +232,7 @@ async fn separation_of_duties_is_enforced() {
         admin.call("Custody.UpdatePrincipal", json!({ "Name": "keyadmin", "Roles": ["key-admin", "key-user"] })).await;
     assert_eq!(err_code(update), "SeparationOfDutiesException");
 
-    let key = keyadmin.0.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = common::create_key(&mut keyadmin.0, "KeyId").await;
     let before =
         keyadmin.0.call("TrentService.GetKeyPolicy", json!({ "KeyId": key, "PolicyName": "default" })).await.unwrap();
 
@@ -396,10 +390,7 @@ async fn who_can_and_explain() {
     let mut auditor = principal(&w, &mut admin, "auditor", &["auditor"]).await;
     let user = |n: &str| format!("arn:aws:iam::{}:user/{n}", w.tenant);
 
-    let key = keyadmin.0.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = common::create_key(&mut keyadmin.0, "KeyId").await;
     // Three statements: administration for the tenant's key admins, Decrypt for alice, Decrypt
     // for bob only with app=billing; and a deny for carol. Two grants: carol (denied by the
     // policy anyway) and dave.
@@ -596,10 +587,7 @@ async fn relaxed_separation_of_duties_is_allowed_with_an_audit_alert() {
     let (dir, layout) = common::keyfile_dir();
     let (_server, profile) = common::start(dir.path(), &layout, |_| {}).await;
     let mut admin = Client::connect(&profile).await.unwrap();
-    let key = admin.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["Arn"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = common::create_key(&mut admin, "Arn").await;
     let both = json!({ "Statement": { "Sid": "All", "Effect": "Allow", "Principal": { "AWS": admin.call("Custody.WhoAmI", json!({})).await.unwrap()["Arn"] }, "Action": "kms:*", "Resource": "*" } }).to_string();
     admin
         .call("TrentService.PutKeyPolicy", json!({ "KeyId": key, "PolicyName": "default", "Policy": both }))
@@ -622,10 +610,7 @@ async fn grants_open_use_within_their_constraints_until_retired_or_revoked() {
     let mut other = principal(&w, &mut admin, "other", &["key-user"]).await;
     let user = |n: &str| format!("arn:aws:iam::{}:user/{n}", w.tenant);
     // The default policy opens use to nobody; a grant opens it to app, for app=billing only.
-    let key = keyadmin.0.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["Arn"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = common::create_key(&mut keyadmin.0, "Arn").await;
     let grant = keyadmin
         .0
         .call(

@@ -15,8 +15,7 @@ async fn one_record_per_request_and_nothing_secret_in_it() {
     let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
     let mut c = common::admin_client(&profile).await;
     let canary = "audit-plaintext-canary-51d2";
-    let k =
-        c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["Arn"].as_str().unwrap().to_string();
+    let k = common::create_key(&mut c, "Arn").await;
     let enc = c
         .call(
             "TrentService.Encrypt",
@@ -88,10 +87,7 @@ async fn when_the_audit_cannot_be_written_nothing_is_answered() {
     // No checkpoint timer in the way: each refused request waits out SQLite's 10 s busy timeout.
     let (server, profile) = common::start(dir.path(), &layout, |c| c.audit_checkpoint_interval_ms = 3_600_000).await;
     let mut c = common::admin_client(&profile).await;
-    let k = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let k = common::create_key(&mut c, "KeyId").await;
 
     // Another process holds the database's write lock longer than the server waits (10 s).
     let db = layout.database();
@@ -153,10 +149,7 @@ async fn verify_export_and_hash_through_the_cli() {
     })
     .await;
     let mut c = common::admin_client(&profile).await;
-    let k = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let k = common::create_key(&mut c, "KeyId").await;
     for i in 0..12 {
         let ctx = json!({ "customer": format!("customer-{i}") });
         c.call("TrentService.Encrypt", json!({ "KeyId": k, "Plaintext": B64.encode("x"), "EncryptionContext": ctx }))

@@ -241,12 +241,7 @@ async fn rewrap_moves_files_to_the_current_version_or_another_key() {
     let profile_path = layout.admin_profile();
     let p = Some(profile_path.as_path());
     let mut admin = common::admin_client(&profile).await;
-    let mut create = async || {
-        admin.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["Arn"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let mut create = async || common::create_key(&mut admin, "Arn").await;
     let (a, b) = (create().await, create().await);
     let tmp = tempfile::tempdir().unwrap();
     let files = tmp.path().join("files");

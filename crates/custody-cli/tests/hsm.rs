@@ -101,10 +101,7 @@ fn with_shares(args: &[&str], dir: &Path) -> Vec<String> {
 
 async fn encrypt(profile: &Profile, text: &[u8]) -> String {
     let mut c = Client::connect(profile).await.unwrap();
-    let key = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = common::create_key(&mut c, "KeyId").await;
     let body = json!({ "KeyId": key, "Plaintext": base64::engine::general_purpose::STANDARD.encode(text) });
     c.call("TrentService.Encrypt", body).await.unwrap()["CiphertextBlob"].as_str().unwrap().to_string()
 }

@@ -40,10 +40,7 @@ async fn a_scrape_shows_requests_latency_audit_keys_certificates_and_caches() {
     .await;
     let addr = server.metrics_addr().expect("metrics_listen was set");
     let mut client = common::admin_client(&profile).await;
-    let key = client.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = common::create_key(&mut client, "KeyId").await;
     let plaintext = base64::engine::general_purpose::STANDARD.encode(b"metrics");
     for _ in 0..3 {
         client.call("TrentService.Encrypt", json!({ "KeyId": key, "Plaintext": plaintext })).await.unwrap();

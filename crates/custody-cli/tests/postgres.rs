@@ -28,10 +28,7 @@ async fn two_nodes_share_one_postgresql_store() {
     assert_ne!(profile_a.endpoint, profile_b.endpoint);
 
     // Create on A, encrypt on B.
-    let key = a.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = common::create_key(&mut a, "KeyId").await;
     let pt = "c2VjcmV0";
     let old = b.call("TrentService.Encrypt", json!({ "KeyId": key, "Plaintext": pt })).await.unwrap();
     // Rotate on B; decrypt the old ciphertext on A; new ciphertexts use version 2.
@@ -127,10 +124,7 @@ async fn two_schedulers_never_rotate_twice() {
     let (node_a, profile) = common::start(dir.path(), &layout, node).await;
     let (node_b, _) = common::start(dir.path(), &layout, node).await;
     let mut a = Client::connect(&profile).await.unwrap();
-    let key = a.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = common::create_key(&mut a, "KeyId").await;
     let started = std::time::Instant::now();
     a.call("TrentService.EnableKeyRotation", json!({ "KeyId": key, "RotationPeriodInDays": 90 })).await.unwrap();
     // The check: a 1-second rotation period, two nodes, 60 seconds.
@@ -195,10 +189,7 @@ async fn the_root_rotates_while_two_nodes_serve() {
         common::unseal(p, &old_shares[..3]).await.unwrap();
     }
     let mut a = Client::connect(&profile_a).await.unwrap();
-    let key = a.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = common::create_key(&mut a, "KeyId").await;
     let before = a.call("TrentService.Encrypt", json!({ "KeyId": key, "Plaintext": "YmVmb3Jl" })).await.unwrap();
 
     // Load on both nodes: encrypt and decrypt, and new keys (new versions, new rows) on each.

@@ -45,10 +45,7 @@ async fn aws_shapes_and_errors() {
     let arn = m["Arn"].as_str().unwrap().to_string();
     let key_id = m["KeyId"].as_str().unwrap().to_string();
     assert_eq!(arn, format!("arn:aws:kms:us-east-1:{}:key/{key_id}", m["AWSAccountId"].as_str().unwrap()));
-    let other = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let other = common::create_key(&mut c, "KeyId").await;
 
     // Encrypt / Decrypt / ReEncrypt / GenerateDataKey* / GenerateRandom.
     let ctx = json!({ "app": "billing" });

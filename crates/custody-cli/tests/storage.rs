@@ -87,14 +87,8 @@ async fn a_key_row_edited_in_sqlite_is_refused_with_a_generic_error() {
     let (dir, layout) = common::keyfile_dir();
     let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
     let mut c = common::admin_client(&profile).await;
-    let a = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let b = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let a = common::create_key(&mut c, "KeyId").await;
+    let b = common::create_key(&mut c, "KeyId").await;
     c.call("TrentService.DisableKey", json!({ "KeyId": b })).await.unwrap();
 
     // Someone with write access to the database "edits the state" of key a: they can only
@@ -144,14 +138,8 @@ async fn a_key_version_row_copied_to_another_key_does_not_open() {
     let (dir, layout) = common::keyfile_dir();
     let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
     let mut c = common::admin_client(&profile).await;
-    let a = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let b = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let a = common::create_key(&mut c, "KeyId").await;
+    let b = common::create_key(&mut c, "KeyId").await;
     // Give b a's (wrapped) version 1: if it opened, b would encrypt with a's material.
     let conn = rusqlite::Connection::open(layout.database()).unwrap();
     conn.execute(
@@ -177,10 +165,7 @@ async fn the_scheduler_destroys_material_and_keeps_a_tombstone() {
     })
     .await;
     let mut c = common::admin_client(&profile).await;
-    let k = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let k = common::create_key(&mut c, "KeyId").await;
     let blob = c.call("TrentService.Encrypt", json!({ "KeyId": k, "Plaintext": "c2VjcmV0" })).await.unwrap()
         ["CiphertextBlob"]
         .clone();
@@ -221,10 +206,7 @@ async fn check_finds_what_was_changed_outside_custody() {
     let (_server, profile) = common::start(dir.path(), &layout, |_| {}).await;
     let path = dir.path().join("data/admin/profile.toml");
     let mut c = common::admin_client(&profile).await;
-    let a = c.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let a = common::create_key(&mut c, "KeyId").await;
     c.call("TrentService.RotateKeyOnDemand", json!({ "KeyId": a })).await.unwrap();
     c.call("TrentService.CreateAlias", json!({ "AliasName": "alias/a", "TargetKeyId": a })).await.unwrap();
     let run = || common::custody().arg("--profile").arg(&path).args(["--json", "check"]).output().unwrap();

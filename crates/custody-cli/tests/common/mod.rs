@@ -65,6 +65,15 @@ pub async fn admin_client(profile: &Profile) -> Client {
     Client::connect(profile).await.unwrap()
 }
 
+/// Creates a key as `c` (with no parameters) and returns the new key's `field` ("KeyId" or "Arn").
+pub async fn create_key(c: &mut Client, field: &str) -> String {
+    let made = c.call("TrentService.CreateKey", serde_json::json!({})).await.unwrap();
+    made["KeyMetadata"][field]
+        .as_str()
+        .unwrap_or_else(|| panic!("CreateKey answered without {field}: {made}"))
+        .to_string()
+}
+
 /// A child process killed on drop (so a failing test leaves no server behind).
 pub struct Running {
     pub child: Child,
