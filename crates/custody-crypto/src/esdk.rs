@@ -601,10 +601,13 @@ pub fn encrypt_at<R: ReadAt + ?Sized, W: Write>(
     if let Some(n) = options.plaintext_length.filter(|n| *n != len) {
         return Err(EsdkError::Invalid(format!("the input is {len} bytes, not the {n} declared")));
     }
+    if options.frame_length == 0 {
+        return Err(EsdkError::Invalid("the frame length must be at least 1 byte".into()));
+    }
     let frame_len = options.frame_length as usize;
     // Frame k (from 1) holds bytes [(k - 1) * frame, k * frame); the last holds the rest, which
     // may be a whole frame, or nothing for an empty input.
-    let count = len.div_ceil(u64::from(options.frame_length.max(1))).max(1);
+    let count = len.div_ceil(u64::from(options.frame_length)).max(1);
     if count >= u64::from(FINAL_FRAME_MARKER) {
         return Err(EsdkError::Invalid(
             "the input needs more frames than a message holds; use a larger frame length".into(),
@@ -614,7 +617,7 @@ pub fn encrypt_at<R: ReadAt + ?Sized, W: Write>(
     let (message, mut out) = Sealer::begin(keyring, context, options, output)?;
     // Runs of consecutive frames: one read of their plaintext, each frame sealed in place, its
     // tag kept beside.
-    let per_run = (RUN_BYTES / frame_len.max(1)).max(1) as u64;
+    let per_run = (RUN_BYTES / frame_len).max(1) as u64;
     let new_run = || Run { buf: Zeroizing::new(Vec::new()), first: 0, frames: 0, tags: Vec::new() };
     let fill = |run: u64, r: &mut Run| -> Result<(), EsdkError> {
         r.first = run * per_run + 1;

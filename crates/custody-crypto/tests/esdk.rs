@@ -376,6 +376,10 @@ fn reading_at_offsets_matches_the_stream_and_notices_changes() {
     grown.extend_from_slice(b"appended while decrypting");
     let e = decrypt_at(&k, &DecryptOptions::default(), &grown[..], message.len() as u64, &mut Vec::new()).unwrap_err();
     assert!(matches!(e, EsdkError::Invalid(_)) && e.to_string().contains("changed while it was read"), "{e}");
+    let e =
+        encrypt_at(&k, &context(), EncryptOptions { frame_length: 0, ..options }, &plain[..10], 10, &mut Vec::new())
+            .unwrap_err();
+    assert!(e.to_string().contains("frame length must be at least 1"), "{e}");
     // A declared length other than the input's is refused before anything is written.
     let declared = EncryptOptions { plaintext_length: Some(5), ..options };
     let mut out = Vec::new();
