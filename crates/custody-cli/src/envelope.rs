@@ -335,7 +335,7 @@ enum Source<'a> {
 type Work<'a> = dyn Fn(Source<'_>, &mut dyn Write) -> std::result::Result<Option<EncryptionContext>, EsdkError> + 'a;
 
 /// Runs `work(source, writer)` for one job, with staging, progress and accounting.
-fn run_job(job: &Job, what: &str, work: &Work<'_>) -> Result<Done> {
+fn run_job(job: &Job, what: &str, buffered: bool, work: &Work<'_>) -> Result<Done> {
     let started = Instant::now();
     let file = if job.input == "-" {
         None
@@ -359,21 +359,20 @@ fn run_job(job: &Job, what: &str, work: &Work<'_>) -> Result<Done> {
         _ => None,
     };
     let read = AtomicU64::new(0);
+    // Not a regular file (stdin, a pipe, a device): a stream. Encrypting reads whole frames
+    // straight into their buffers; decrypting reads small fields too, which a buffer saves a
+    // system call each.
+    let stream = |r: &mut dyn Read, out: &mut dyn Write| {
+        if buffered {
+            work(Source::Stream(&mut BufReader::with_capacity(1 << 20, r)), out)
+        } else {
+            work(Source::Stream(r), out)
+        }
+    };
     let run = |out: &mut dyn Write| match &file {
         Some((f, Some(len))) => work(Source::File(&CountedFile { inner: f, n: &read, bar: bar.clone() }, *len), out),
-        // Not a regular file (stdin, a pipe, a device): a stream, buffered (decrypting reads small
-        // fields too, which a buffer saves a system call each; frames are larger than it and
-        // bypass it).
-        Some((f, None)) => {
-            work(Source::Stream(&mut BufReader::with_capacity(1 << 20, Counted { inner: f, n: &read })), out)
-        }
-        None => work(
-            Source::Stream(&mut BufReader::with_capacity(
-                1 << 20,
-                Counted { inner: std::io::stdin().lock(), n: &read },
-            )),
-            out,
-        ),
+        Some((f, None)) => stream(&mut Counted { inner: f, n: &read }, out),
+        None => stream(&mut Counted { inner: std::io::stdin().lock(), n: &read }, out),
     };
     let (context, bytes_out) = match &job.output {
         None => {
@@ -499,7 +498,7 @@ pub async fn encrypt(conn: &ConnArgs, a: EncryptArgs, json: bool) -> Result<()> 
     let done = tokio::task::spawn_blocking(move || {
         jobs.iter()
             .map(|job| {
-                run_job(job, "encrypting", &|source, mut w| {
+                run_job(job, "encrypting", false, &|source, mut w| {
                     let keyring = keyring.as_ref();
                     match source {
                         Source::File(f, len) => esdk::encrypt_at(keyring, &context, options, f, len, &mut w),
@@ -528,7 +527,7 @@ pub async fn decrypt(conn: &ConnArgs, a: DecryptArgs, json: bool) -> Result<()> 
     let done = tokio::task::spawn_blocking(move || {
         jobs.iter()
             .map(|job| {
-                run_job(job, "decrypting", &|source, mut w| {
+                run_job(job, "decrypting", true, &|source, mut w| {
                     let keyring = keyring.as_ref();
                     match source {
                         Source::File(f, len) => esdk::decrypt_at(keyring, &options, f, len, &mut w),
