@@ -4,32 +4,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use common::event;
 use custody_crypto::RootKey;
-use custody_kms::{AuditEvent, Kms, KmsConfig, Outcome};
+use custody_kms::{Kms, KmsConfig, Outcome};
 use custody_store::SqliteBackend;
-
-fn event(i: u64) -> AuditEvent {
-    let outcomes = [Outcome::Success, Outcome::Failed, Outcome::Denied, Outcome::Unauthenticated];
-    let actions =
-        ["TrentService.Encrypt", "TrentService.Decrypt", "TrentService.GenerateDataKey", "TrentService.ListKeys"];
-    AuditEvent {
-        time: 1_700_000_000_000 + i as i64,
-        request_id: format!("req-{i}"),
-        source: "127.0.0.1:5000".into(),
-        tls_identity: None,
-        principal: Some("arn:aws:iam::111122223333:user/admin".into()),
-        access_key_id: None,
-        action: actions[(i % 4) as usize].into(),
-        key_id: Some(format!("key-{}", i % 7)),
-        encryption_context: None,
-        outcome: outcomes[(i % 4) as usize],
-        error_code: None,
-        detail: None,
-        duration_ms: i % 5,
-        node: "node-a".into(),
-        alert: i.is_multiple_of(10),
-    }
-}
 
 mod common;
 

@@ -7,7 +7,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use custody_kms::{AuditEvent, Kms, KmsConfig, Outcome};
+use common::event;
+use custody_kms::{Kms, KmsConfig};
 
 mod common;
 
@@ -16,26 +17,6 @@ const LONG: Duration = Duration::from_secs(60);
 
 /// Plenty for a commit on a loaded CI machine, far below [`LONG`].
 const PROMPT: Duration = Duration::from_secs(20);
-
-fn event(i: u64) -> AuditEvent {
-    AuditEvent {
-        time: 1_700_000_000_000 + i as i64,
-        request_id: format!("req-{i}"),
-        source: "127.0.0.1:5000".into(),
-        tls_identity: None,
-        principal: Some("arn:aws:iam::111122223333:user/admin".into()),
-        access_key_id: None,
-        action: "TrentService.Encrypt".into(),
-        key_id: None,
-        encryption_context: None,
-        outcome: Outcome::Success,
-        error_code: None,
-        detail: None,
-        duration_ms: 0,
-        node: "node-a".into(),
-        alert: false,
-    }
-}
 
 /// The service with `wait`, and the sizes of its group commits as they happen.
 fn service(store: &common::Store, wait: Duration) -> (Arc<Kms>, Arc<Mutex<Vec<usize>>>) {

@@ -59,3 +59,32 @@ pub fn open_at(backend: Arc<dyn Backend>, root: &[u8; 32], identity: &str, confi
     let caller = kms.authenticate_certificate(identity).unwrap();
     (kms, caller)
 }
+
+/// Audit event `i` of a varied stream: four actions, four outcomes, seven keys, every tenth an alert.
+pub fn event(i: u64) -> custody_kms::AuditEvent {
+    let outcomes = [
+        custody_kms::Outcome::Success,
+        custody_kms::Outcome::Failed,
+        custody_kms::Outcome::Denied,
+        custody_kms::Outcome::Unauthenticated,
+    ];
+    let actions =
+        ["TrentService.Encrypt", "TrentService.Decrypt", "TrentService.GenerateDataKey", "TrentService.ListKeys"];
+    custody_kms::AuditEvent {
+        time: 1_700_000_000_000 + i as i64,
+        request_id: format!("req-{i}"),
+        source: "127.0.0.1:5000".into(),
+        tls_identity: None,
+        principal: Some("arn:aws:iam::111122223333:user/admin".into()),
+        access_key_id: None,
+        action: actions[(i % 4) as usize].into(),
+        key_id: Some(format!("key-{}", i % 7)),
+        encryption_context: None,
+        outcome: outcomes[(i % 4) as usize],
+        error_code: None,
+        detail: None,
+        duration_ms: i % 5,
+        node: "node-a".into(),
+        alert: i.is_multiple_of(10),
+    }
+}
