@@ -642,27 +642,14 @@ pub fn encrypt_at<R: ReadAt + ?Sized, W: Write>(
         for (i, tag) in r.tags.iter().enumerate() {
             let seq = (r.first + i as u64) as u32;
             let content = contents.next().unwrap_or(&[]);
-            if u64::from(seq) == count {
-                out.put(&FINAL_FRAME_MARKER.to_be_bytes())?;
-                out.put(&seq.to_be_bytes())?;
-                out.put(&frame_iv(seq))?;
-                out.put(&(content.len() as u32).to_be_bytes())?;
-            } else {
-                out.put(&seq.to_be_bytes())?;
-                out.put(&frame_iv(seq))?;
-            }
+            put_frame_fields(&mut out, seq, u64::from(seq) == count, content.len())?;
             out.put(content)?;
             out.put(tag)?;
         }
         Ok(())
     };
     in_order(count.div_ceil(per_run), new_run, fill, drain)?;
-    let mut beyond = [0u8; 1];
-    if input.read_at(&mut beyond, len)? != 0 {
-        return Err(EsdkError::Invalid(format!(
-            "the input grew beyond the {len} bytes it held when encryption began: it changed while it was read"
-        )));
-    }
+    check_not_grown(input, len, "encryption")?;
     message.finish(out)?;
     Ok(len)
 }
@@ -821,17 +808,8 @@ impl Sealer {
 
     /// Seals frame `f` in place, its tag after its content.
     fn seal(&self, f: &mut Frame) {
-        let aad = body_aad(&self.message_id, f.last, f.seq, f.len as u64);
-        let tag = self
-            .keys
-            .key
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(frame_iv(f.seq)),
-                Aad::from(&aad),
-                &mut f.buf[..f.len],
-            )
-            .expect("frames are far below AES-GCM's limit");
-        f.buf[f.len..f.len + TAG_LEN].copy_from_slice(tag.as_ref());
+        let tag = self.seal_detached(f.seq, f.last, &mut f.buf[..f.len]);
+        f.buf[f.len..f.len + TAG_LEN].copy_from_slice(&tag);
     }
 
     /// Seals the content of frame `seq` in place and returns its tag.
@@ -861,16 +839,22 @@ impl Sealer {
 
 /// Writes one sealed frame: its header fields, content and tag.
 fn put_frame<W: Write>(out: &mut Out<'_, W>, f: &Frame) -> Result<(), EsdkError> {
-    if f.last {
-        out.put(&FINAL_FRAME_MARKER.to_be_bytes())?;
-        out.put(&f.seq.to_be_bytes())?;
-        out.put(&frame_iv(f.seq))?;
-        out.put(&(f.len as u32).to_be_bytes())?;
-    } else {
-        out.put(&f.seq.to_be_bytes())?;
-        out.put(&frame_iv(f.seq))?;
-    }
+    put_frame_fields(out, f.seq, f.last, f.len)?;
     out.put(&f.buf[..f.len + TAG_LEN])
+}
+
+/// Writes the fields before frame `seq`'s content: its number and IV, and for the final frame the
+/// final-frame marker before them and the content's length after.
+fn put_frame_fields<W: Write>(out: &mut Out<'_, W>, seq: u32, last: bool, len: usize) -> Result<(), EsdkError> {
+    if last {
+        out.put(&FINAL_FRAME_MARKER.to_be_bytes())?;
+    }
+    out.put(&seq.to_be_bytes())?;
+    out.put(&frame_iv(seq))?;
+    if last {
+        out.put(&(len as u32).to_be_bytes())?;
+    }
+    Ok(())
 }
 
 /// Plaintext bytes of the consecutive frames one worker reads and seals at a time in
@@ -1396,18 +1380,7 @@ pub fn decrypt<R: Read, W: Write>(
         done: false,
         pool: Vec::new(),
     };
-    let open = |f: &mut Frame| {
-        let aad = body_aad(&message_id, f.last, f.seq, f.len as u64);
-        message_keys
-            .key
-            .open_in_place(
-                Nonce::assume_unique_for_key(frame_iv(f.seq)),
-                Aad::from(&aad),
-                &mut f.buf[..f.len + TAG_LEN],
-            )
-            .map(|_| ())
-            .map_err(|_| EsdkError::Integrity("frame authentication tag"))
-    };
+    let open = |f: &mut Frame| open_frame(&message_keys, &message_id, f.seq, f.last, &mut f.buf[..f.len + TAG_LEN]);
     let mut batch = frames.batch(&mut r)?;
     let mut last_frame = None;
     while last_frame.is_none() {
@@ -1449,6 +1422,33 @@ pub fn decrypt<R: Read, W: Write>(
     Ok(MessageInfo { header, plaintext_len: total })
 }
 
+/// Opens frame `seq` in place: `sealed` is its content and then its tag; the plaintext replaces
+/// the content.
+fn open_frame(
+    keys: &MessageKeys,
+    message_id: &[u8; MESSAGE_ID_LEN],
+    seq: u32,
+    last: bool,
+    sealed: &mut [u8],
+) -> Result<(), EsdkError> {
+    let aad = body_aad(message_id, last, seq, (sealed.len() - TAG_LEN) as u64);
+    keys.key
+        .open_in_place(Nonce::assume_unique_for_key(frame_iv(seq)), Aad::from(&aad), sealed)
+        .map(|_| ())
+        .map_err(|_| EsdkError::Integrity("frame authentication tag"))
+}
+
+/// After reading an input that held `len` bytes when `what` began: an error if it holds more now.
+fn check_not_grown<R: ReadAt + ?Sized>(input: &R, len: u64, what: &str) -> Result<(), EsdkError> {
+    let mut beyond = [0u8; 1];
+    if input.read_at(&mut beyond, len)? != 0 {
+        return Err(EsdkError::Invalid(format!(
+            "the input grew beyond the {len} bytes it held when {what} began: it changed while it was read"
+        )));
+    }
+    Ok(())
+}
+
 /// Reads a [`ReadAt`] from the start, as a stream (for the header).
 struct Cursor<'a, R: ReadAt + ?Sized> {
     r: &'a R,
@@ -1476,8 +1476,9 @@ pub fn decrypt_at<R: ReadAt + ?Sized, W: Write>(
     output: &mut W,
 ) -> Result<MessageInfo, EsdkError> {
     let mut cursor = Cursor { r: input, pos: 0 };
-    let header = Header::read(&mut In { r: &mut cursor, header: None, digest: None, sign: false }, options)?;
+    let header = read_header(&mut cursor, options)?;
     if header.suite.is_signed() {
+        // (The stream reads the header again, digesting it this time: a few hundred bytes.)
         let mut stream = io::BufReader::with_capacity(1 << 20, Cursor { r: input, pos: 0 });
         return decrypt(keyring, options, &mut stream, output);
     }
@@ -1525,12 +1526,7 @@ pub fn decrypt_at<R: ReadAt + ?Sized, W: Write>(
         if iv != frame_iv(seq) {
             return Err(EsdkError::Malformed(format!("frame {seq} has an IV other than its sequence number")));
         }
-        let aad = body_aad(&message_id, last, seq, (sealed.len() - TAG_LEN) as u64);
-        message_keys
-            .key
-            .open_in_place(Nonce::assume_unique_for_key(frame_iv(seq)), Aad::from(&aad), sealed)
-            .map(|_| ())
-            .map_err(|_| EsdkError::Integrity("frame authentication tag"))
+        open_frame(&message_keys, &message_id, seq, last, sealed)
     };
     // Every frame but the last, in runs of consecutive frames: one read, each opened in place.
     let head = 4 + IV_LEN;
@@ -1572,12 +1568,7 @@ pub fn decrypt_at<R: ReadAt + ?Sized, W: Write>(
     if declared < last_len {
         return Err(EsdkError::Malformed("bytes after the end of the message".into()));
     }
-    let mut beyond = [0u8; 1];
-    if input.read_at(&mut beyond, len)? != 0 {
-        return Err(EsdkError::Invalid(format!(
-            "the input grew beyond the {len} bytes it held when decryption began: it changed while it was read"
-        )));
-    }
+    check_not_grown(input, len, "decryption")?;
     output.write_all(&sealed[..declared])?;
     output.flush()?;
     Ok(MessageInfo { header, plaintext_len: count * frame_length as u64 + declared as u64 })
