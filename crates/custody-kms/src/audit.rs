@@ -303,9 +303,12 @@ impl Sequencer {
     /// PostgreSQL's `commit_delay` is the same idea.
     fn gather(&self, wait: std::time::Duration) {
         use std::sync::atomic::Ordering::Relaxed;
+        if wait.is_zero() {
+            return;
+        }
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         self.target.store(self.last_group.load(Relaxed), Relaxed);
-        if wait.is_zero() || self.ready(queue.len()) {
+        if self.ready(queue.len()) {
             return;
         }
         let deadline = std::time::Instant::now() + wait;
@@ -530,7 +533,11 @@ impl Kms {
 
     /// Counts a request as being served until its record is submitted (or the returned value
     /// is dropped), so that the audit thread can wait for its record to share a group commit.
+    /// Without `audit_group_wait` nothing waits for arrivals, and nothing is counted.
     pub fn audit_arrival(self: &std::sync::Arc<Self>) -> AuditArrival {
+        if self.config.audit_group_wait.is_zero() {
+            return AuditArrival { kms: None };
+        }
         // No lock: only the last arrival's end can have to wake the audit thread.
         self.audit_seq.arriving.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         AuditArrival { kms: Some(self.clone()) }
