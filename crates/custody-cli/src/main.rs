@@ -30,7 +30,7 @@ fn main() -> ExitCode {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("warn,custody_server=info,custody_kms=info"));
+        .unwrap_or_else(|_| EnvFilter::new("warn,custody_server=info,custody_kms=info,custody_store=info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if std::env::var("CUSTODY_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
