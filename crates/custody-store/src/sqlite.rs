@@ -246,7 +246,7 @@ impl SqliteBackend {
             tracing::info!(
                 from = current,
                 to = Self::SCHEMA_VERSION,
-                "upgrading the store's schema (every row is copied once: about 25 s per GB here, and free disk space for about twice the store until it is done)"
+                "upgrading the store's schema: every row is copied once (15-25 s per GB of store on a small VM), which needs free disk space of about twice the store until it is done"
             );
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
