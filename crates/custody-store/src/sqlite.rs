@@ -261,7 +261,7 @@ impl SqliteBackend {
         if existing && current < Self::SCHEMA_VERSION {
             // The rewrite went through the WAL, which keeps its size once grown: copy it into the
             // database and truncate it, so the upgrade leaves no store-sized WAL behind.
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(db)?;
+            checkpoint_truncate(&conn)?;
             tracing::info!(seconds = started.elapsed().as_secs_f64(), "store schema upgraded");
         }
         Ok(())
@@ -392,7 +392,7 @@ impl Backend for SqliteBackend {
         let conn = self.lock();
         // Copy the WAL's pages (including the zeroed ones secure_delete wrote) into the main file
         // and truncate the WAL, so old page images with the deleted bytes are gone from it.
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(db)
+        checkpoint_truncate(&conn)
     }
 }
 
@@ -441,6 +441,25 @@ impl SqliteBackend {
             }
         }
         tx.commit().map_err(db)
+    }
+}
+
+/// Copies the whole WAL into the database file and truncates it. SQLite answers "busy" without
+/// doing anything while another checkpoint runs (the checkpoint thread's, every 200 ms): try
+/// again until it is done, for at most 10 s.
+fn checkpoint_truncate(conn: &Connection) -> Result<(), StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).map_err(db)?;
+        if busy == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(StoreError::Database(
+                "the write-ahead log could not be checkpointed: the database stayed busy for 10 s".into(),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
@@ -495,6 +514,24 @@ mod tests {
         // The rewrite (20 KB of audit row, copied) left no WAL behind.
         let wal = std::fs::metadata(dir.path().join("s.db-wal")).map(|m| m.len()).unwrap_or(0);
         assert!(wal < 20_000, "WAL of {wal} bytes after the upgrade");
+    }
+
+    /// `erase_freed` is done only when the WAL is empty, also when the checkpoint thread was
+    /// copying the WAL at the same moment (SQLite then answers "busy" and copies nothing).
+    #[test]
+    fn erase_freed_empties_the_wal_even_beside_the_checkpoint_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let b = SqliteBackend::open(&path).unwrap();
+        let wal = dir.path().join("s.db-wal");
+        for round in 0..12 {
+            for i in 0..150 {
+                b.apply(&[put(Table::Versions, &format!("r{round}/{i}"), &[round as u8; 3000], Expect::Any)]).unwrap();
+            }
+            b.erase_freed().unwrap();
+            let left = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+            assert_eq!(left, 0, "round {round}: {left} bytes of WAL after erase_freed");
+        }
     }
 
     #[test]
