@@ -241,8 +241,9 @@ impl SqliteBackend {
         let existing: bool = tx
             .query_row("SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'rows')", [], |r| r.get(0))
             .map_err(db)?;
+        let upgrading = existing && current < Self::SCHEMA_VERSION;
         let started = std::time::Instant::now();
-        if existing && current < Self::SCHEMA_VERSION {
+        if upgrading {
             tracing::info!(
                 from = current,
                 to = Self::SCHEMA_VERSION,
@@ -258,7 +259,7 @@ impl SqliteBackend {
             .map_err(db)?;
         }
         tx.commit().map_err(db)?;
-        if existing && current < Self::SCHEMA_VERSION {
+        if upgrading {
             // The rewrite went through the WAL, which keeps its size once grown: copy it into the
             // database and truncate it, so the upgrade leaves no store-sized WAL behind.
             checkpoint_truncate(&conn)?;
