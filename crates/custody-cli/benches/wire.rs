@@ -1,6 +1,6 @@
 //! Encrypt over the wire, with and without the audit trail, in one run.
 //!
-//! `cargo bench -p custody-cli --bench wire -- SECONDS CONNECTIONS [ROUNDS]`
+//! `cargo bench -p custody-cli --bench wire -- SECONDS CONNECTIONS [ROUNDS [GROUP_WAIT_US]]`
 //!
 //! Two real custody servers are started in-process on free ports from two data directories: one
 //! as shipped (every request durably audited before it is answered) and one with
@@ -8,7 +8,8 @@
 //! connections run Encrypt of 64 bytes against each in turn, ROUNDS times, SECONDS per round, and
 //! the best round of each is compared, so both sides see the same machine at the same time.
 //! Each line also gives the process's CPU time per request (clients and server: they share the
-//! machine) and how busy it kept the cores, which tell a CPU cost from a wait.
+//! machine) and how busy it kept the cores, which tell a CPU cost from a wait. GROUP_WAIT_US sets
+//! the audited server's `audit_group_wait_us` (default 0, as shipped).
 //! (The bare-TLS baseline and the full load generator are the performance issue's.)
 
 use std::sync::Arc;
@@ -86,6 +87,7 @@ fn main() {
     let seconds: u64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(5);
     let connections: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(16);
     let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2);
+    let group_wait_us: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(0);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async move {
         let mut sides = Vec::new();
@@ -98,8 +100,11 @@ fn main() {
         };
         for disable_audit in sides_wanted {
             let (dir, layout) = common::keyfile_dir();
-            let (server, profile) =
-                common::start(dir.path(), &layout, |c| c.danger_disable_audit = disable_audit).await;
+            let (server, profile) = common::start(dir.path(), &layout, |c| {
+                c.danger_disable_audit = disable_audit;
+                c.audit_group_wait_us = group_wait_us;
+            })
+            .await;
             let mut admin = custody_client::Client::connect(&profile).await.unwrap();
             let key = admin.call("TrentService.CreateKey", json!({})).await.unwrap()["KeyMetadata"]["KeyId"]
                 .as_str()
@@ -112,7 +117,9 @@ fn main() {
                 results.push(round(profile, key, seconds, connections).await);
             }
         }
-        println!("connections: {connections}, {rounds} rounds of {seconds} s each, best round shown");
+        println!(
+            "connections: {connections}, {rounds} rounds of {seconds} s each, best round shown; audit_group_wait_us = {group_wait_us}"
+        );
         let mut best = Vec::new();
         let names = match side.as_deref() {
             Some("off") => ["danger_disable_audit", ""],
