@@ -1,6 +1,7 @@
 //! `custody-bench suite`: custody as shipped and the bare TLS baseline, each in its own process,
 //! driven by the same load generator with the same connections, in one run; every figure is
-//! given beside the baseline's, and every target of the performance issue is checked.
+//! given beside the baseline's, and every target of the performance issue is checked, with the
+//! audit's cost (the same custody with `danger_disable_audit`, in a process of its own).
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -146,6 +147,11 @@ pub struct Report {
     pub baseline: Phase,
     /// custody, per action.
     pub actions: Vec<Phase>,
+    /// Encrypt against the same custody with `danger_disable_audit` (its own process), each
+    /// round right after the audited Encrypt.
+    pub unaudited_encrypt: Phase,
+    /// What the audit costs: 1 - the median over rounds of audited / unaudited Encrypt rates.
+    pub audit_cost: f64,
     /// Encrypt at half its peak rate (open loop).
     pub half_rate: Summary,
     /// The rate of the half-rate run.
@@ -227,21 +233,14 @@ pub async fn create_key(client: &mut custody_client::Client) -> Result<String, S
 }
 
 /// Runs the suite.
-pub async fn run(settings: &Settings) -> Result<Report, String> {
-    if !settings.custody.is_file() {
-        return Err(format!(
-            "no custody binary at {}: build it first (cargo build --release --bins) or pass --custody PATH",
-            settings.custody.display()
-        ));
-    }
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let data = dir.path().join("data");
-    // custody as `custody dev` runs it: TLS 1.3 with client certificates, every request
-    // authorized against the key's policy and durably audited before it is answered.
-    let log = std::fs::File::create(dir.path().join("custody.log")).map_err(|e| e.to_string())?;
+/// Starts `custody dev` on a free port with its data in `dir/name` (log: `dir/name.log`), with
+/// `env` set; returns the process and its admin profile's path.
+fn start_custody(settings: &Settings, dir: &Path, name: &str, env: &[(&str, &str)]) -> Result<(Proc, PathBuf), String> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
     let mut child = Command::new(&settings.custody)
         .args(["dev", "--json", "--listen", "127.0.0.1:0", "--data"])
-        .arg(&data)
+        .arg(dir.join(name))
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -250,14 +249,37 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     let started = first_json_line(&mut child, "custody dev");
     let custody = Proc(child);
     let started = started?;
+    let profile = started["Profile"].as_str().ok_or("custody dev did not name its profile")?;
+    Ok((custody, PathBuf::from(profile)))
+}
+
+pub async fn run(settings: &Settings) -> Result<Report, String> {
+    if !settings.custody.is_file() {
+        return Err(format!(
+            "no custody binary at {}: build it first (cargo build --release --bins) or pass --custody PATH",
+            settings.custody.display()
+        ));
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    // custody as `custody dev` runs it: TLS 1.3 with client certificates, every request
+    // authorized against the key's policy and durably audited before it is answered.
+    let (custody, profile_path) = start_custody(settings, dir.path(), "data", &[])?;
     let pid = custody.0.id();
-    let profile_path = PathBuf::from(started["Profile"].as_str().ok_or("custody dev did not name its profile")?);
     let profile = custody_client::Profile::load(&profile_path).map_err(|e| e.to_string())?;
     let mut client = custody_client::Client::connect(&profile).await.map_err(|e| e.to_string())?;
     let key = create_key(&mut client).await?;
     let other = create_key(&mut client).await?;
     // The baseline answers with the bytes of a real Encrypt answer, so both send the same amount.
     let (prepared, answer) = prepare(&mut client, &key, &other).await?;
+    // The same custody writing no audit records, for what the audit costs (its own process and
+    // store; idle except for its Encrypt phases).
+    let (_unaudited_proc, unaudited_profile_path) =
+        start_custody(settings, dir.path(), "data-unaudited", &[("CUSTODY_DANGER_DISABLE_AUDIT", "true")])?;
+    let unaudited_profile = custody_client::Profile::load(&unaudited_profile_path).map_err(|e| e.to_string())?;
+    let mut unaudited_client = custody_client::Client::connect(&unaudited_profile).await.map_err(|e| e.to_string())?;
+    let (u_key, u_other) = (create_key(&mut unaudited_client).await?, create_key(&mut unaudited_client).await?);
+    let unaudited_encrypt: Vec<Prepared> =
+        prepare(&mut unaudited_client, &u_key, &u_other).await?.0.into_iter().filter(|p| p.op == Op::Encrypt).collect();
     let body_file = dir.path().join("baseline-body.json");
     std::fs::write(&body_file, serde_json::to_vec(&answer).expect("JSON serializes")).map_err(|e| e.to_string())?;
     let ca = profile.ca_file().map_err(|e| e.to_string())?;
@@ -285,6 +307,9 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     };
     let baseline = Target::from_profile(&baseline_profile).map_err(|e| e.to_string())?;
     let target = Target::from_profile(&profile).map_err(|e| e.to_string())?;
+    let unaudited = Target::from_profile(&unaudited_profile).map_err(|e| e.to_string())?;
+    let unaudited_plan =
+        |stop: Stop| Plan { connections: settings.connections, stop, rate: None, mix: unaudited_encrypt.clone() };
 
     let closed = |op: Op, stop: Stop| Plan {
         connections: settings.connections,
@@ -297,6 +322,7 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     say(settings, "warming up (2 s each)");
     load::run(&baseline, &closed(Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?;
     served += load::run(&target, &closed(Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?.answered();
+    load::run(&unaudited, &unaudited_plan(Stop::After(Duration::from_secs(2)))).await?;
 
     let phase = Duration::from_secs(settings.seconds);
     let mut base_rounds = Vec::new();
@@ -305,6 +331,9 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         .iter()
         .map(|op| Rounds { op: *op, rates: Vec::new(), ratios: Vec::new(), total: Default::default() })
         .collect();
+    let (mut unaudited_rates, mut unaudited_total) = (Vec::new(), load::Outcome::default());
+    // Each round's audited Encrypt rate divided by the unaudited one measured right after it.
+    let mut audit_ratios = Vec::new();
     for round in 1..=settings.rounds {
         // The machine's speed drifts within a round: each round starts its actions one later, so
         // no action always runs last, and actions are compared within their round (below).
@@ -330,6 +359,23 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
             rates.push(rate);
             ratios.push(rate / b_rate);
             total.absorb(o);
+            if *op == Op::Encrypt {
+                let u = load::run(&unaudited, &unaudited_plan(Stop::After(phase))).await?;
+                let u_rate = u.ok_per_second();
+                say(
+                    settings,
+                    &format!(
+                        "round {round}/{}: {:<18} {u_rate:.0} ops/s ({:.2}x; the audit costs {:.1} %)",
+                        settings.rounds,
+                        "encrypt, no audit",
+                        u_rate / b_rate,
+                        100.0 * (1.0 - rate / u_rate)
+                    ),
+                );
+                unaudited_rates.push(u_rate);
+                audit_ratios.push(rate / u_rate);
+                unaudited_total.absorb(u);
+            }
         }
     }
     per_op.sort_by_key(|r| Op::ALL.iter().position(|op| *op == r.op));
@@ -354,6 +400,13 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     };
     let actions: Vec<Phase> = per_op.iter().map(|r| phase_of(Some(r.op), &r.rates, &r.ratios, &r.total)).collect();
     let encrypt_rate = actions[0].summary.ops_per_second;
+    let unaudited_phase = {
+        let to_baseline: Vec<f64> = unaudited_rates.iter().zip(&base_rounds).map(|(u, b)| u / b).collect();
+        let mut p = phase_of(Some(Op::Encrypt), &unaudited_rates, &to_baseline, &unaudited_total);
+        p.summary.action = "encrypt, no audit".into();
+        p
+    };
+    let audit_cost = 1.0 - median(&audit_ratios);
 
     let half = encrypt_rate / 2.0;
     say(settings, &format!("encrypt at half its peak: {half:.0} ops/s for {} s", 2 * settings.seconds));
@@ -392,6 +445,15 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
             met: half_rate.p99_us < 2000 && half_rate.errors == 0,
         },
     ];
+    checks.push(Check {
+        target: "the audit costs at most 20% of Encrypt throughput".into(),
+        measured: format!(
+            "{:.1}% (median of the rounds' pairs; {encrypt_rate:.0} ops/s audited, {:.0} with danger_disable_audit)",
+            100.0 * audit_cost,
+            unaudited_phase.summary.ops_per_second
+        ),
+        met: audit_cost <= 0.20,
+    });
     for op in [Op::GenerateDataKey, Op::Decrypt] {
         let p = actions.iter().find(|p| p.summary.action == op.name()).expect("every action ran");
         let ratio = p.ratio_to_encrypt;
@@ -428,6 +490,8 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         rounds: settings.rounds,
         baseline: baseline_phase,
         actions,
+        unaudited_encrypt: unaudited_phase,
+        audit_cost,
         half_rate,
         half_rate_target_per_second: half,
         cold_encrypt_ms: cold,
@@ -527,6 +591,13 @@ pub fn print(report: &Report) {
     for p in &report.actions {
         println!("{}  {:.2}x baseline  {:.2}x encrypt", p.summary.line(), p.ratio_to_baseline, p.ratio_to_encrypt);
     }
+    let u = &report.unaudited_encrypt;
+    println!(
+        "{}  {:.2}x baseline  (the audit costs {:.1} %)",
+        u.summary.line(),
+        u.ratio_to_baseline,
+        100.0 * report.audit_cost
+    );
     println!();
     println!(
         "encrypt at {:.0} ops/s (half the peak), latency from when each request was due:",
