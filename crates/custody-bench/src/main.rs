@@ -33,8 +33,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Start custody (`custody dev`) and the baseline, each in its own process, run every phase
-    /// against both with the same connections, and check the targets.
+    /// Start custody (`custody dev`), the same custody without audit, and the baseline, each in
+    /// its own process, run every phase against them with the same connections, and check the
+    /// targets.
     Suite {
         /// The custody binary (default: `custody` beside this program).
         #[arg(long, value_name = "PATH")]
