@@ -232,7 +232,6 @@ pub async fn create_key(client: &mut custody_client::Client) -> Result<String, S
         .ok_or_else(|| "CreateKey answered without a KeyId".into())
 }
 
-/// Runs the suite.
 /// Starts `custody dev` on a free port with its data in `dir/name` (log: `dir/name.log`), with
 /// `env` set; returns the process and its admin profile's path.
 fn start_custody(settings: &Settings, dir: &Path, name: &str, env: &[(&str, &str)]) -> Result<(Proc, PathBuf), String> {
@@ -253,6 +252,7 @@ fn start_custody(settings: &Settings, dir: &Path, name: &str, env: &[(&str, &str
     Ok((custody, PathBuf::from(profile)))
 }
 
+/// Runs the suite.
 pub async fn run(settings: &Settings) -> Result<Report, String> {
     if !settings.custody.is_file() {
         return Err(format!(
