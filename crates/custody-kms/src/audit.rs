@@ -176,7 +176,18 @@ fn committer(kms: std::sync::Weak<Kms>) {
             }
         }
         seq.gather(kms.config.audit_group_wait);
-        let Ok(u) = kms.unsealed() else { continue };
+        let u = match kms.unsealed() {
+            Ok(u) => u,
+            // Queued before the node sealed itself: they cannot be written now, so say so
+            // (instead of waiting, and spinning here, until someone unseals).
+            Err(e) => {
+                let batch = std::mem::take(&mut *seq.queue.lock().unwrap_or_else(|p| p.into_inner()));
+                for (_, done) in batch {
+                    done(Err(e.to_string()));
+                }
+                continue;
+            }
+        };
         let mut state = seq.state.lock().unwrap_or_else(|p| p.into_inner());
         kms.commit_queued(&u, &mut state);
     }

@@ -225,3 +225,35 @@ fn only_a_security_officer_rotates_and_a_key_file_store_has_no_root_rotation() {
     assert!(matches!(err, KmsError::Validation { .. }), "{err:?}");
     assert!(err.to_string().contains("key-file store"), "{err}");
 }
+
+#[test]
+fn records_queued_when_a_node_seals_itself_fail_instead_of_waiting_for_an_unseal() {
+    let (_dir, backend, out) = common::init(InitSeal::Shamir { threshold: 3, shares: 5 });
+    let identity = format!("spiffe://custody/{}/admin", out.tenant);
+    let shares = &out.shares[..3];
+    let (kms, caller) = unseal(&backend, shares, &identity);
+    // A node whose audit thread waits (up to a minute) for the records of requests still being
+    // served, so that a record is queued when the node seals itself.
+    let config = KmsConfig { audit_group_wait: Duration::from_secs(60), ..KmsConfig::development() };
+    let node = Arc::new(Kms::open(backend.clone(), config).unwrap());
+    for s in shares {
+        node.submit_share(&s.to_text()).unwrap();
+    }
+    let (queued, still_served) = (node.audit_arrival(), node.audit_arrival());
+    let (tx, rx) = std::sync::mpsc::channel();
+    node.submit_audit(queued, common::event(1), None, Box::new(move |r| drop(tx.send(r))));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(rx.try_recv().is_err(), "the record waits for its group");
+
+    // The root rotates while the node looks away: it cannot follow, so it seals itself.
+    kms.rotate_root(&caller).unwrap();
+    run_to_end(&kms);
+    assert!(matches!(node.follow_root(), Err(KmsError::Sealed)));
+    // The last request being served ends: the group is complete, but the node is sealed. The
+    // queued record's request is told at once (the server then refuses it), rather than
+    // waiting for an unseal with the audit thread spinning.
+    drop(still_served);
+    let result = rx.recv_timeout(Duration::from_secs(20)).expect("a queued record is answered when the node seals");
+    let why = result.expect_err("nothing can be written while sealed");
+    assert!(why.contains("sealed"), "{why}");
+}
