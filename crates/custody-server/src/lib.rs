@@ -531,7 +531,10 @@ async fn handle(
             // While sealed only status and unseal are answered, and only the log can record them.
             // Anything else that got a result (the node sealed itself while serving it) is
             // refused like any request whose record could not be written.
-            Ok(Err(e)) if unrecorded_while_sealed(&action, result.is_ok()) && kms.status().is_ok_and(|s| s.sealed) => {
+            Ok(Err(e))
+                if protocol::unrecorded_while_sealed(&action, result.is_ok())
+                    && kms.status().is_ok_and(|s| s.sealed) =>
+            {
                 tracing::debug!(error = %e, "request while sealed: recorded in the log only");
                 Ok(())
             }
@@ -598,13 +601,6 @@ async fn handle(
         }
     }
     resp
-}
-
-/// Whether a request may be answered with only a log line when its audit record cannot be
-/// written because the node is sealed: one that failed (it did nothing), or one of the two
-/// actions served while sealed (they touch no key).
-fn unrecorded_while_sealed(action: &str, succeeded: bool) -> bool {
-    !succeeded || matches!(action, "Custody.GetStatus" | "Custody.Unseal")
 }
 
 /// Reads the request and runs it: the audit event so far (its `action` is the operation), and
@@ -848,21 +844,5 @@ async fn periodic<T: Send + 'static>(
             }
         };
         metrics.task_ran(name, result);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::unrecorded_while_sealed;
-
-    #[test]
-    fn only_failures_and_the_sealed_actions_go_unrecorded_while_sealed() {
-        assert!(unrecorded_while_sealed("Custody.GetStatus", true));
-        assert!(unrecorded_while_sealed("Custody.Unseal", true));
-        assert!(unrecorded_while_sealed("TrentService.Decrypt", false));
-        // A result computed before the node sealed itself is never returned without its record.
-        for action in ["TrentService.Decrypt", "TrentService.Encrypt", "TrentService.GenerateDataKey", "-"] {
-            assert!(!unrecorded_while_sealed(action, true), "{action}");
-        }
     }
 }

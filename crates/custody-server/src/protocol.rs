@@ -208,6 +208,14 @@ struct Auth {
     source_ip: Option<std::net::IpAddr>,
 }
 
+/// Whether a request may be answered with only a log line when its audit record cannot be
+/// written because the node is sealed: one that failed (it did nothing), or one of the two
+/// actions served while sealed (they touch no key). A result computed before the node sealed
+/// itself is never returned without its record.
+pub fn unrecorded_while_sealed(target: &str, succeeded: bool) -> bool {
+    !succeeded || matches!(target, "Custody.GetStatus" | "Custody.Unseal")
+}
+
 /// Actions that only read the store and compute: they never wait for a commit, so the server runs
 /// them on its async workers instead of handing each to a blocking thread (their audit record is
 /// awaited separately). Anything that may commit a state change is not listed.
@@ -1043,6 +1051,17 @@ fn lower_first(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_failures_and_the_sealed_actions_go_unrecorded_while_sealed() {
+        use super::unrecorded_while_sealed;
+        assert!(unrecorded_while_sealed("Custody.GetStatus", true));
+        assert!(unrecorded_while_sealed("Custody.Unseal", true));
+        assert!(unrecorded_while_sealed("TrentService.Decrypt", false));
+        for action in ["TrentService.Decrypt", "TrentService.Encrypt", "TrentService.GenerateDataKey", "-"] {
+            assert!(!unrecorded_while_sealed(action, true), "{action}");
+        }
+    }
+
     use super::*;
 
     #[test]
