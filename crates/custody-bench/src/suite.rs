@@ -277,9 +277,9 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         start_custody(settings, dir.path(), "data-unaudited", &[("CUSTODY_DANGER_DISABLE_AUDIT", "true")])?;
     let unaudited_profile = custody_client::Profile::load(&unaudited_profile_path).map_err(|e| e.to_string())?;
     let mut unaudited_client = custody_client::Client::connect(&unaudited_profile).await.map_err(|e| e.to_string())?;
-    let (u_key, u_other) = (create_key(&mut unaudited_client).await?, create_key(&mut unaudited_client).await?);
-    let unaudited_encrypt: Vec<Prepared> =
-        prepare(&mut unaudited_client, &u_key, &u_other).await?.0.into_iter().filter(|p| p.op == Op::Encrypt).collect();
+    let u_key = create_key(&mut unaudited_client).await?;
+    // Only its Encrypt phases run (ReEncrypt's destination is never used: the key itself).
+    let (unaudited_prepared, _) = prepare(&mut unaudited_client, &u_key, &u_key).await?;
     let body_file = dir.path().join("baseline-body.json");
     std::fs::write(&body_file, serde_json::to_vec(&answer).expect("JSON serializes")).map_err(|e| e.to_string())?;
     let ca = profile.ca_file().map_err(|e| e.to_string())?;
@@ -308,10 +308,9 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     let baseline = Target::from_profile(&baseline_profile).map_err(|e| e.to_string())?;
     let target = Target::from_profile(&profile).map_err(|e| e.to_string())?;
     let unaudited = Target::from_profile(&unaudited_profile).map_err(|e| e.to_string())?;
-    let unaudited_plan =
-        |stop: Stop| Plan { connections: settings.connections, stop, rate: None, mix: unaudited_encrypt.clone() };
 
-    let closed = |op: Op, stop: Stop| Plan {
+    // `op` as fast as answers come, with the requests prepared for one server.
+    let closed = |prepared: &[Prepared], op: Op, stop: Stop| Plan {
         connections: settings.connections,
         stop,
         rate: None,
@@ -320,9 +319,10 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     // Two CreateKey and prepare's Encrypt.
     let mut served: u64 = 3;
     say(settings, "warming up (2 s each)");
-    load::run(&baseline, &closed(Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?;
-    served += load::run(&target, &closed(Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?.answered();
-    load::run(&unaudited, &unaudited_plan(Stop::After(Duration::from_secs(2)))).await?;
+    load::run(&baseline, &closed(&prepared, Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?;
+    served +=
+        load::run(&target, &closed(&prepared, Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?.answered();
+    load::run(&unaudited, &closed(&unaudited_prepared, Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?;
 
     let phase = Duration::from_secs(settings.seconds);
     let mut base_rounds = Vec::new();
@@ -338,13 +338,13 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         // The machine's speed drifts within a round: each round starts its actions one later, so
         // no action always runs last, and actions are compared within their round (below).
         per_op.rotate_left(usize::from(round > 1));
-        let b = load::run(&baseline, &closed(Op::Encrypt, Stop::After(phase))).await?;
+        let b = load::run(&baseline, &closed(&prepared, Op::Encrypt, Stop::After(phase))).await?;
         let b_rate = b.ok_per_second();
         say(settings, &format!("round {round}/{}: baseline {b_rate:.0} ops/s", settings.rounds));
         base_rounds.push(b_rate);
         base_total.absorb(b);
         for Rounds { op, rates, ratios, total } in per_op.iter_mut() {
-            let o = load::run(&target, &closed(*op, Stop::After(phase))).await?;
+            let o = load::run(&target, &closed(&prepared, *op, Stop::After(phase))).await?;
             let rate = o.ok_per_second();
             served += o.answered() + o.failed();
             say(
@@ -360,7 +360,7 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
             ratios.push(rate / b_rate);
             total.absorb(o);
             if *op == Op::Encrypt {
-                let u = load::run(&unaudited, &unaudited_plan(Stop::After(phase))).await?;
+                let u = load::run(&unaudited, &closed(&unaudited_prepared, Op::Encrypt, Stop::After(phase))).await?;
                 let u_rate = u.ok_per_second();
                 say(
                     settings,
@@ -410,7 +410,7 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
 
     let half = encrypt_rate / 2.0;
     say(settings, &format!("encrypt at half its peak: {half:.0} ops/s for {} s", 2 * settings.seconds));
-    let mut plan = closed(Op::Encrypt, Stop::After(2 * phase));
+    let mut plan = closed(&prepared, Op::Encrypt, Stop::After(2 * phase));
     plan.rate = Some(half);
     let half_run = load::run(&target, &plan).await?;
     served += half_run.answered() + half_run.failed();
