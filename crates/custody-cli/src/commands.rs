@@ -264,7 +264,7 @@ pub enum AuditCommand {
         after_help = "Examples:\n  custody audit query --action Decrypt --outcome failed --since 1h\n  custody audit query --key alias/payments --principal admin --json"
     )]
     Query {
-        /// Key id or ARN (records whose key contains this).
+        /// Key id, ARN or alias (records whose key contains this; an alias also matches the key it names now).
         #[arg(long)]
         key: Option<String>,
         /// Principal (ARN or certificate identity contains this).
@@ -950,10 +950,18 @@ async fn audit(conn: &ConnArgs, cmd: AuditCommand, json: bool) -> Result<()> {
                 }
             };
             output(json, &v, || match v["problem"].as_object() {
-                None => println!(
-                    "OK: {} records, {} signed checkpoints, chain intact up to {}.",
-                    v["records"], v["checkpoints"], v["last_seq"]
-                ),
+                None => {
+                    let count = |field: &str, one: &str| match v[field].as_u64().unwrap_or(0) {
+                        1 => format!("1 {one}"),
+                        n => format!("{n} {one}s"),
+                    };
+                    println!(
+                        "OK: {}, {}, chain intact up to {}.",
+                        count("records", "record"),
+                        count("checkpoints", "signed checkpoint"),
+                        v["last_seq"]
+                    )
+                }
                 Some(p) => println!("BROKEN at record {}: {}", p["seq"], p["what"].as_str().unwrap_or("")),
             });
             if v["problem"].is_object() {

@@ -196,6 +196,16 @@ async fn verify_export_and_hash_through_the_cli() {
     let (_, out, _) = run(&["--json", "audit", "query", "--action", "Encrypt", "--since", "1h"]);
     let q: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(q["Records"].as_array().unwrap().len(), 12);
+    // Records carry the key's ARN; an alias finds the records of the key it names now.
+    c.call("TrentService.CreateAlias", json!({ "AliasName": "alias/audited", "TargetKeyId": k })).await.unwrap();
+    for key in ["alias/audited", k.as_str()] {
+        let (_, out, _) = run(&["--json", "audit", "query", "--key", key, "--action", "Encrypt"]);
+        let q: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(q["Records"].as_array().unwrap().len(), 12, "--key {key}: {q}");
+    }
+    let (code, out, _) = run(&["--json", "audit", "query", "--key", "alias/never-created"]);
+    let q: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((code, q["Records"].as_array().unwrap().len()), (Some(0), 0), "{q}");
     let (code, out, _) = run(&["audit", "tail", "-n", "5"]);
     assert_eq!((code, out.lines().count()), (Some(0), 5), "{out}");
 

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::authz::{act, authorize, Caller};
 use crate::error::KmsError;
+use crate::ids::KeyRef;
 use crate::model::{now_ms, Millis};
 use crate::{Kms, Unsealed};
 
@@ -141,7 +142,8 @@ pub struct AuditQuery {
     pub after: u64,
     /// Most records returned.
     pub limit: usize,
-    /// Key id or ARN contains this.
+    /// Key id or ARN contains this; an alias (`alias/name` or its ARN) also matches the records
+    /// of the key it names now.
     pub key: Option<String>,
     /// Principal ARN or TLS identity contains this.
     pub principal: Option<String>,
@@ -920,6 +922,18 @@ impl Kms {
             None => true,
             Some(n) => field.as_deref().is_some_and(|f| f.contains(n.as_str())),
         };
+        // Records name the key a request resolved to (its ARN), not the alias the caller typed;
+        // only a request that failed before resolving names the alias itself. So an alias
+        // matches both: its own text, and the ARN of the key it names now (if it still exists).
+        let aliased = match q.key.as_deref().map(|k| KeyRef::parse(k, "keyId")) {
+            Some(Ok(r @ (KeyRef::Alias(_) | KeyRef::AliasArn { .. }))) => {
+                self.resolve(&*self.unsealed()?, caller, &r).ok().map(|k| self.key_arn(&k.value))
+            }
+            _ => None,
+        };
+        let key_matches = |field: &Option<String>| {
+            contains(field, &q.key) || aliased.as_ref().is_some_and(|arn| field.as_deref() == Some(arn.as_str()))
+        };
         let mut out = Vec::new();
         let mut after = q.after;
         loop {
@@ -933,7 +947,7 @@ impl Kms {
                 let mine = e.principal.as_deref().is_some_and(|p| p.starts_with(&arn_prefix))
                     || e.tls_identity.as_deref().is_some_and(|t| t.starts_with(&identity_prefix));
                 let matches = mine
-                    && contains(&e.key_id, &q.key)
+                    && key_matches(&e.key_id)
                     && (contains(&e.principal, &q.principal) || contains(&e.tls_identity, &q.principal))
                     && q.action.as_deref().is_none_or(|a| e.action.ends_with(a))
                     && q.outcome.is_none_or(|o| o == e.outcome)
