@@ -299,12 +299,24 @@ pub enum AuditCommand {
         #[arg(long)]
         public_key: Option<String>,
     },
-    /// Export the trail as JSON lines (records and checkpoints) for a SIEM or offline verification.
-    #[command(after_help = "Example:\n  custody audit export --out trail.jsonl")]
+    /// Export the trail as JSON lines (records and checkpoints) for a SIEM or offline
+    /// verification. Records of other accounts appear as links only (`{"elided": ...}`: sequence
+    /// number and hashes), so the export still verifies; a security officer gets every record.
+    #[command(after_help = "\
+Examples:
+  custody audit export --out trail.jsonl
+  custody audit export --since 1h > last-hour.jsonl
+  custody audit verify --from-export last-hour.jsonl
+
+With --since the export starts right after the newest signed checkpoint made before that time,
+so it can be verified on its own; it may begin with a few older records.")]
     Export {
-        /// Output file (default: stdout).
+        /// Output file, written completely before it replaces anything (default: stdout).
         #[arg(long, short = 'o')]
         out: Option<PathBuf>,
+        /// Only records from this long ago (30m, 1h, 2d) or since an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
     },
     /// The newest records of your account; with -f, keep printing new ones as they come.
     #[command(after_help = "Examples:\n  custody audit tail\n  custody audit tail -f -n 50")]
@@ -955,10 +967,15 @@ async fn audit(conn: &ConnArgs, cmd: AuditCommand, json: bool) -> Result<()> {
                         1 => format!("1 {one}"),
                         n => format!("{n} {one}s"),
                     };
+                    let elided = match v["elided"].as_u64().unwrap_or(0) {
+                        0 => String::new(),
+                        n => format!(" ({n} of other accounts: links checked, content not shown)"),
+                    };
                     println!(
-                        "OK: {}, {}, chain intact up to {}.",
+                        "OK: {}{elided}, {}, chain intact from {} to {}.",
                         count("records", "record"),
                         count("checkpoints", "signed checkpoint"),
+                        v["first_seq"],
                         v["last_seq"]
                     )
                 }
@@ -969,27 +986,46 @@ async fn audit(conn: &ConnArgs, cmd: AuditCommand, json: bool) -> Result<()> {
             }
             Ok(())
         }
-        AuditCommand::Export { out } => {
-            let r = connect(conn).await?.call("Custody.ExportAudit", json!({})).await?;
-            let mut text = serde_json::to_string(&json!({ "custody_audit_export": 1, "public_key": r["PublicKey"] }))
-                .expect("json")
-                + "\n";
-            for rec in r["Records"].as_array().into_iter().flatten() {
-                text.push_str(&serde_json::to_string(&json!({ "record": rec })).expect("json"));
-                text.push('\n');
+        AuditCommand::Export { out, since } => {
+            let since = since.as_deref().map(parse_since).transpose()?;
+            let mut c = connect(conn).await?;
+            let io = |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot write the export: {e}"));
+            let Some(path) = out else {
+                let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+                export_trail(&mut c, since, &mut stdout, None).await?;
+                return stdout.flush().map_err(io);
+            };
+            // A temporary file beside the target (0600), renamed over it once complete.
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let temp = tempfile::Builder::new().prefix(".custody-audit-export").tempfile_in(dir).map_err(io)?;
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let bar = indicatif::ProgressBar::new_spinner();
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos} records  {per_sec}")
+                        .expect("a valid template"),
+                );
+                bar
+            });
+            let mut w = std::io::BufWriter::new(temp.as_file());
+            let counts = export_trail(&mut c, since, &mut w, bar.as_ref()).await?;
+            w.flush().map_err(io)?;
+            drop(w);
+            temp.as_file().sync_all().map_err(io)?;
+            temp.persist(&path).map_err(|e| io(e.error))?;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
             }
-            for cp in r["Checkpoints"].as_array().into_iter().flatten() {
-                text.push_str(&serde_json::to_string(&json!({ "checkpoint": cp })).expect("json"));
-                text.push('\n');
-            }
-            match out {
-                Some(p) => {
-                    bootstrap::write_file(&p, text.as_bytes(), 0o600).map_err(|m| CliError::new(exit::FAILURE, m))
-                }
-                None => std::io::stdout()
-                    .write_all(text.as_bytes())
-                    .map_err(|e| CliError::new(exit::FAILURE, e.to_string())),
-            }
+            let summary = json!({ "Path": path, "Records": counts.0, "Elided": counts.1, "Checkpoints": counts.2 });
+            output(json, &summary, || {
+                eprintln!(
+                    "exported {} records ({} of other accounts as links only) and {} checkpoints to {}",
+                    counts.0,
+                    counts.1,
+                    counts.2,
+                    path.display()
+                )
+            });
+            Ok(())
         }
         AuditCommand::Tail { follow, lines } => {
             let mut c = connect(conn).await?;
@@ -1036,6 +1072,47 @@ fn print_audit_line(rec: &Value) {
 }
 
 /// Verifies an export file with the same verifier the server uses.
+/// Writes the trail to `w` page by page (the server sends at most 1,000 records at a time): a
+/// header line, then every record, elided record and checkpoint as a JSON line, in order.
+/// Returns how many records, of them elided, and checkpoints were written.
+async fn export_trail(
+    c: &mut Client,
+    since: Option<i64>,
+    w: &mut dyn Write,
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<(u64, u64, u64)> {
+    let io = |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot write the export: {e}"));
+    let mut request = match since {
+        Some(ms) => json!({ "Since": ms, "Limit": 1000 }),
+        None => json!({ "Limit": 1000 }),
+    };
+    let (mut records, mut elided, mut checkpoints) = (0u64, 0u64, 0u64);
+    let mut header = true;
+    loop {
+        let page = c.call("Custody.ExportAudit", request).await?;
+        if std::mem::take(&mut header) {
+            let line = json!({ "custody_audit_export": 2, "public_key": page["PublicKey"] });
+            writeln!(w, "{line}").map_err(io)?;
+        }
+        for line in page["Lines"].as_array().into_iter().flatten() {
+            if line.get("checkpoint").is_some() {
+                checkpoints += 1;
+            } else {
+                records += 1;
+                elided += u64::from(line.get("elided").is_some());
+            }
+            writeln!(w, "{line}").map_err(io)?;
+        }
+        if let Some(bar) = bar {
+            bar.set_position(records);
+        }
+        match page["Next"].as_u64() {
+            Some(next) => request = json!({ "After": next, "Limit": 1000 }),
+            None => return Ok((records, elided, checkpoints)),
+        }
+    }
+}
+
 fn verify_export(file: &Path, public_key: &[u8]) -> Result<Value> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", file.display())))?;
@@ -1051,7 +1128,12 @@ fn verify_export(file: &Path, public_key: &[u8]) -> Result<Value> {
         let v: Value = serde_json::from_str(line).map_err(|_| bad())?;
         if let Some(r) = v.get("record") {
             let seq = r["seq"].as_u64().unwrap_or(0);
-            records.push(serde_json::from_value::<custody_kms::AuditRecord>(r.clone()).map_err(|_| seq));
+            let record = serde_json::from_value::<custody_kms::AuditRecord>(r.clone());
+            records.push(record.map(|r| custody_kms::TrailRecord::Whole(Box::new(r))).map_err(|_| seq));
+        } else if let Some(r) = v.get("elided") {
+            let seq = r["seq"].as_u64().unwrap_or(0);
+            let record = serde_json::from_value::<custody_kms::ElidedRecord>(r.clone());
+            records.push(record.map(custody_kms::TrailRecord::Elided).map_err(|_| seq));
         } else if let Some(c) = v.get("checkpoint") {
             let seq = c["seq"].as_u64().unwrap_or(0);
             checkpoints.push(serde_json::from_value::<custody_kms::AuditCheckpoint>(c.clone()).map_err(|_| seq));

@@ -179,6 +179,27 @@ async fn verify_export_and_hash_through_the_cli() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["checkpoints"].as_u64().unwrap() >= 2, "{v}");
 
+    // --since: from the checkpoint before that time (anchor first), to stdout; verifies alone.
+    let (code, out, _) = run(&["--json", "audit", "export", "--since", "1h"]);
+    assert_eq!(code, Some(0));
+    assert!(out.lines().nth(1).unwrap().contains("\"record\""), "every checkpoint is newer: from the start");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let since = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap();
+    for _ in 0..3 {
+        c.call("TrentService.Encrypt", json!({ "KeyId": k, "Plaintext": B64.encode("y") })).await.unwrap();
+    }
+    let (code, out, err) = run(&["audit", "export", "--since", &since]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.lines().nth(1).unwrap().starts_with("{\"checkpoint\""), "the anchor comes first: {out}");
+    let recent = dir.path().join("recent.jsonl");
+    std::fs::write(&recent, &out).unwrap();
+    let (code, out, _) = run(&["--json", "audit", "verify", "--from-export", recent.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["first_seq"].as_u64().unwrap() > 1 && v["records"].as_u64().unwrap() >= 1, "{v}");
+    let (code, _, err) = run(&["audit", "export", "--since", "yesterday"]);
+    assert!(code != Some(0) && err.contains("--since"), "{err}");
+
     // An edited export is caught and the place is named.
     std::fs::write(&export, text.replacen("TrentService.Encrypt", "TrentService.ListKeys", 1)).unwrap();
     let (code, out, _) = run(&["audit", "verify", "--from-export", export.to_str().unwrap()]);
@@ -195,13 +216,13 @@ async fn verify_export_and_hash_through_the_cli() {
     assert_eq!(hits, 1);
     let (_, out, _) = run(&["--json", "audit", "query", "--action", "Encrypt", "--since", "1h"]);
     let q: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(q["Records"].as_array().unwrap().len(), 12);
+    assert_eq!(q["Records"].as_array().unwrap().len(), 15);
     // Records carry the key's ARN; an alias finds the records of the key it names now.
     c.call("TrentService.CreateAlias", json!({ "AliasName": "alias/audited", "TargetKeyId": k })).await.unwrap();
     for key in ["alias/audited", k.as_str()] {
         let (_, out, _) = run(&["--json", "audit", "query", "--key", key, "--action", "Encrypt"]);
         let q: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(q["Records"].as_array().unwrap().len(), 12, "--key {key}: {q}");
+        assert_eq!(q["Records"].as_array().unwrap().len(), 15, "--key {key}: {q}");
     }
     let (code, out, _) = run(&["--json", "audit", "query", "--key", "alias/never-created"]);
     let q: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -151,6 +151,16 @@ async fn aws_shapes_and_errors() {
         Err(ClientError::Api { code, .. }) => assert_eq!(code, "SerializationException"),
         other => panic!("{other:?}"),
     }
+    // An export page starts at one place and is bounded.
+    let (_, code, msg) = error(&mut c, "Custody.ExportAudit", json!({ "After": 3, "Since": 1 })).await;
+    assert_eq!(code, "ValidationException");
+    assert!(msg.contains("not both"), "{msg}");
+    let (_, code, _) = error(&mut c, "Custody.ExportAudit", json!({ "After": "3" })).await;
+    assert_eq!(code, "SerializationException");
+    let (_, code, _) = error(&mut c, "Custody.ExportAudit", json!({ "Since": -5 })).await;
+    assert_eq!(code, "ValidationException");
+    let (_, code, _) = error(&mut c, "Custody.ExportAudit", json!({ "Limit": 10_001 })).await;
+    assert_eq!(code, "ValidationException");
     let (_, code, msg) = error(&mut c, "TrentService.Sign", json!({})).await;
     assert_eq!(code, "UnsupportedOperationException");
     assert!(msg.contains("Sign"), "{msg}");

@@ -111,6 +111,63 @@ pub struct AuditCheckpoint {
     pub signature: String,
 }
 
+/// A record of another account, as an export shows it: only what links the chain.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ElidedRecord {
+    /// Position in the trail.
+    pub seq: u64,
+    /// Hash of the previous record (hex).
+    pub prev_hash: String,
+    /// This record's hash (hex): what the next record links to.
+    pub hash: String,
+}
+
+/// A record as a verifier sees it: whole, or (in an export, for a record of another account)
+/// only the hashes that link it, which a verifier checks for linkage but cannot recompute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrailRecord {
+    /// Every field: its hash is recomputed.
+    Whole(Box<AuditRecord>),
+    /// Another account's record.
+    Elided(ElidedRecord),
+}
+
+/// One line of `custody audit export` (JSON lines: `{"record": ...}`, `{"elided": ...}` or
+/// `{"checkpoint": ...}`), in trail order, each checkpoint after the record it covers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportLine {
+    /// A record of the caller's account (every account's, for a security officer).
+    Record(Box<AuditRecord>),
+    /// A record of another account.
+    Elided(ElidedRecord),
+    /// A signed checkpoint.
+    Checkpoint(AuditCheckpoint),
+}
+
+/// Where an export page starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFrom {
+    /// The oldest record still stored.
+    Start,
+    /// Far enough back to hold every record of requests at or after this time, and verifiable:
+    /// right after the newest signed checkpoint made before it (so a few older records come too).
+    Since(Millis),
+    /// Right after this record (the `next` of the previous page).
+    After(u64),
+}
+
+/// One page of an export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportPage {
+    /// The audit signing key (hex), to verify the checkpoints.
+    pub public_key: String,
+    /// Records and checkpoints, in order.
+    pub lines: Vec<ExportLine>,
+    /// Ask for the page after this record next; `None`: this was the end of the trail.
+    pub next: Option<u64>,
+}
+
 /// The first problem found in a trail.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct AuditProblem {
@@ -125,6 +182,9 @@ pub struct AuditProblem {
 pub struct AuditVerification {
     /// Records checked.
     pub records: u64,
+    /// Of those, records of other accounts that an export showed only as links (their content
+    /// is not recomputed: only the trail's owner can).
+    pub elided: u64,
     /// Checkpoints checked.
     pub checkpoints: u64,
     /// First sequence number present (above 1 when retention pruned older records).
@@ -500,6 +560,50 @@ fn open_records(u: &Unsealed, row: &custody_store::Row) -> Result<Vec<AuditRecor
 fn first_record(u: &Unsealed) -> Result<Option<u64>, KmsError> {
     let Some(row) = u.barrier.backend().scan(Table::Audit, "", None, 1)?.pop() else { return Ok(None) };
     Ok(open_records(u, &row)?.first().map(|r| r.seq))
+}
+
+/// Whether a record is of a request from `tenant`: its principal, or else its client
+/// certificate, is of that account. Unauthenticated requests belong to no account: their records
+/// are shown whole only to a security officer (and kept whole in the store and the audit file).
+fn of_account(e: &AuditEvent, tenant: &crate::ids::TenantId) -> bool {
+    let of = |text: &Option<String>, prefix: &str, suffix: char| {
+        text.as_deref()
+            .and_then(|t| t.strip_prefix(prefix))
+            .and_then(|t| t.strip_prefix(tenant.as_str()))
+            .is_some_and(|t| t.starts_with(suffix))
+    };
+    of(&e.principal, "arn:aws:iam::", ':') || of(&e.tls_identity, "spiffe://custody/", '/')
+}
+
+/// The sequence number of the newest signed checkpoint made before `since`, if any. Checkpoints
+/// are made in order, so their times grow with their sequence numbers: a bisection over sequence
+/// numbers, one one-row read each, finds it in a trail of any length.
+fn checkpoint_before(u: &Unsealed, since: Millis) -> Result<Option<u64>, KmsError> {
+    let backend = u.barrier.backend();
+    // The first checkpoint after record `seq`, if it was made before `since`.
+    let early_after = |seq: u64| -> Result<Option<u64>, KmsError> {
+        let from = (seq > 0).then(|| row_key(seq));
+        Ok(match u.barrier.scan::<AuditCheckpoint>(Table::AuditCheckpoints, "", from.as_deref(), 1)?.pop() {
+            Some(cp) if cp.value.time < since => Some(cp.value.seq),
+            _ => None,
+        })
+    };
+    if early_after(0)?.is_none() {
+        return Ok(None);
+    }
+    let Some(last) = backend.last(Table::AuditCheckpoints)? else { return Ok(None) };
+    let last: u64 = last.key.parse().map_err(|_| KmsError::Integrity(format!("audit-checkpoints/{}", last.key)))?;
+    // early_after(lo) holds and early_after(hi) does not (nothing comes after the last).
+    let (mut lo, mut hi) = (0, last);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if early_after(mid)?.is_some() {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    early_after(lo)
 }
 
 fn record_hash(prev: &[u8; 32], seq: u64, written_at: Millis, event: &AuditEvent) -> [u8; 32] {
@@ -916,8 +1020,6 @@ impl Kms {
         if !(1..=10_000).contains(&q.limit) {
             return Err(KmsError::validation("limit", "Member must have value between 1 and 10000"));
         }
-        let arn_prefix = format!("arn:aws:iam::{}:", caller.tenant());
-        let identity_prefix = format!("spiffe://custody/{}/", caller.tenant());
         let contains = |field: &Option<String>, needle: &Option<String>| match needle {
             None => true,
             Some(n) => field.as_deref().is_some_and(|f| f.contains(n.as_str())),
@@ -942,11 +1044,7 @@ impl Kms {
             for r in chunk {
                 after = r.seq;
                 let e = &r.event;
-                // Records of requests from this account; unauthenticated ones belong to no account
-                // and are visible only through `verify` and the server's own tooling for now.
-                let mine = e.principal.as_deref().is_some_and(|p| p.starts_with(&arn_prefix))
-                    || e.tls_identity.as_deref().is_some_and(|t| t.starts_with(&identity_prefix));
-                let matches = mine
+                let matches = of_account(e, caller.tenant())
                     && key_matches(&e.key_id)
                     && (contains(&e.principal, &q.principal) || contains(&e.tls_identity, &q.principal))
                     && q.action.as_deref().is_none_or(|a| e.action.ends_with(a))
@@ -1042,22 +1140,64 @@ impl Kms {
         Ok(out)
     }
 
-    /// Everything needed to verify the trail elsewhere: the public key, every record and every
-    /// checkpoint. Requires the caller to be allowed to read the audit trail.
-    pub fn export_audit(&self, caller: &Caller) -> Result<(String, Vec<AuditRecord>, Vec<AuditCheckpoint>), KmsError> {
+    /// One page of the trail for export: up to `limit` records after `from`, each checkpoint
+    /// after the record it covers (and first, on a page that starts after a checkpoint, that
+    /// checkpoint: the anchor a verifier starts from). Records of the caller's account are whole;
+    /// those of other accounts are [`ElidedRecord`]s, unless the caller is also a security
+    /// officer (the operator's view: every record whole). Requires the right to read the trail.
+    pub fn export_audit(&self, caller: &Caller, from: ExportFrom, limit: usize) -> Result<ExportPage, KmsError> {
         let u = self.unsealed()?;
         let _proof = authorize::<act::ReadAudit>(caller)?;
-        let mut records = Vec::new();
-        for row in u.barrier.backend().scan(Table::Audit, "", None, usize::MAX)? {
-            records.extend(open_records(&u, &row)?);
+        if !(1..=10_000).contains(&limit) {
+            return Err(KmsError::validation("limit", "Member must have value between 1 and 10000"));
         }
-        let checkpoints = u
+        let everyone = caller.roles().contains(&crate::model::Role::SecurityOfficer);
+        let after = match from {
+            ExportFrom::Start => first_record(&u)?.map_or(0, |first| first - 1),
+            ExportFrom::Since(since) => match checkpoint_before(&u, since)? {
+                Some(anchor) => anchor,
+                None => first_record(&u)?.map_or(0, |first| first - 1),
+            },
+            ExportFrom::After(after) => after,
+        };
+        let mut records = Vec::new();
+        for row in u.barrier.backend().scan(Table::Audit, "", (after > 0).then(|| row_key(after)).as_deref(), limit)? {
+            records.extend(open_records(&u, &row)?.into_iter().filter(|r| r.seq > after));
+            if records.len() >= limit {
+                break;
+            }
+        }
+        records.truncate(limit);
+        let last = records.last().map_or(after, |r| r.seq);
+        // The anchor (a checkpoint at `after`) opens the first page; later pages start after it.
+        let cp_from = match from {
+            ExportFrom::After(_) => Some(row_key(after)),
+            _ => after.checked_sub(1).filter(|&s| s > 0).map(row_key),
+        };
+        let mut checkpoints = u
             .barrier
-            .scan::<AuditCheckpoint>(Table::AuditCheckpoints, "", None, usize::MAX)?
+            .scan::<AuditCheckpoint>(Table::AuditCheckpoints, "", cp_from.as_deref(), usize::MAX)?
             .into_iter()
             .map(|v| v.value)
-            .collect();
-        Ok((hex::encode(self.audit_signing_key(&u)?.public_key()), records, checkpoints))
+            .take_while(|cp| cp.seq <= last)
+            .peekable();
+        let mut lines = Vec::with_capacity(records.len() + 1);
+        while let Some(cp) = checkpoints.next_if(|cp| cp.seq <= after) {
+            lines.push(ExportLine::Checkpoint(cp));
+        }
+        let next = (records.len() == limit).then_some(last);
+        for r in records {
+            let seq = r.seq;
+            lines.push(if everyone || of_account(&r.event, caller.tenant()) {
+                ExportLine::Record(Box::new(r))
+            } else {
+                ExportLine::Elided(ElidedRecord { seq: r.seq, prev_hash: r.prev_hash, hash: r.hash })
+            });
+            while let Some(cp) = checkpoints.next_if(|cp| cp.seq <= seq) {
+                lines.push(ExportLine::Checkpoint(cp));
+            }
+        }
+        Ok(ExportPage { public_key: hex::encode(self.audit_signing_key(&u)?.public_key()), lines, next })
     }
 
     /// Verifies the stored trail end to end (authorized like reading it).
@@ -1078,7 +1218,7 @@ impl Kms {
         for row in rows {
             let last = row.key.parse::<u64>().unwrap_or(0);
             match open_records(u, &row) {
-                Ok(group) => records.extend(group.into_iter().map(Ok)),
+                Ok(group) => records.extend(group.into_iter().map(|r| Ok(TrailRecord::Whole(Box::new(r))))),
                 Err(_) => records.push(Err(previous_last.map_or(last, |p: u64| p + 1))),
             }
             previous_last = Some(last);
@@ -1099,7 +1239,7 @@ impl Kms {
 /// opened) and checkpoints. Used for the store and for exports alike.
 pub fn verify_trail(
     public_key: &[u8],
-    records: impl IntoIterator<Item = Result<AuditRecord, u64>>,
+    records: impl IntoIterator<Item = Result<TrailRecord, u64>>,
     checkpoints: Vec<Result<AuditCheckpoint, u64>>,
 ) -> AuditVerification {
     let mut problems: Vec<AuditProblem> = Vec::new();
@@ -1124,7 +1264,7 @@ pub fn verify_trail(
             }
         }
     }
-    let (mut count, mut last_seq, mut first_seq) = (0u64, 0u64, 0u64);
+    let (mut count, mut elided, mut last_seq, mut first_seq) = (0u64, 0u64, 0u64, 0u64);
     let mut prev: Option<[u8; 32]> = None;
     for item in records {
         let rec = match item {
@@ -1137,7 +1277,10 @@ pub fn verify_trail(
             }
         };
         count += 1;
-        let seq = rec.seq;
+        let (seq, prev_hash, hash, content) = match &rec {
+            TrailRecord::Whole(r) => (r.seq, &r.prev_hash, &r.hash, Some((r.written_at, &r.event))),
+            TrailRecord::Elided(e) => (e.seq, &e.prev_hash, &e.hash, None),
+        };
         if last_seq != 0 && seq != last_seq + 1 {
             if seq > last_seq + 1 {
                 problem(last_seq + 1, format!("records {} to {} are missing", last_seq + 1, seq - 1));
@@ -1158,23 +1301,40 @@ pub fn verify_trail(
             }
         }
         match prev {
-            Some(p) if hex::encode(p) != rec.prev_hash => {
+            Some(p) if hex::encode(p) != *prev_hash => {
                 problem(seq, format!("record {seq} does not link to record {}: the chain is broken here", seq - 1))
             }
             _ => {}
         }
-        let Some(rec_prev) = parse_hash(&rec.prev_hash) else {
+        let Some(rec_prev) = parse_hash(prev_hash) else {
             problem(seq, format!("record {seq} has a malformed previous hash"));
             last_seq = seq;
             prev = None;
             continue;
         };
-        let computed = record_hash(&rec_prev, seq, rec.written_at, &rec.event);
-        if hex::encode(computed) != rec.hash {
-            problem(seq, format!("record {seq} was altered: its content does not match its hash"));
-        }
+        let computed = match content {
+            Some((written_at, event)) => {
+                let computed = record_hash(&rec_prev, seq, written_at, event);
+                if hex::encode(computed) != *hash {
+                    problem(seq, format!("record {seq} was altered: its content does not match its hash"));
+                }
+                computed
+            }
+            // Another account's record: its hash is taken as given, so what it links to and
+            // what the next record and the checkpoints say of it are still checked.
+            None => {
+                elided += 1;
+                let Some(given) = parse_hash(hash) else {
+                    problem(seq, format!("record {seq} has a malformed hash"));
+                    last_seq = seq;
+                    prev = None;
+                    continue;
+                };
+                given
+            }
+        };
         if let Some(h) = checkpoint_hashes.get(&seq) {
-            if *h != rec.hash {
+            if h != hash {
                 problem(seq, format!("record {seq} differs from what checkpoint {seq} signed"));
             }
         }
@@ -1187,7 +1347,7 @@ pub fn verify_trail(
         }
     }
     let first = problems.into_iter().min_by_key(|p| p.seq);
-    AuditVerification { records: count, checkpoints: checked_cps, first_seq, last_seq, problem: first }
+    AuditVerification { records: count, elided, checkpoints: checked_cps, first_seq, last_seq, problem: first }
 }
 
 #[cfg(test)]

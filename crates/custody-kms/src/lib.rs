@@ -34,7 +34,7 @@ pub use access::{default_policy, parse_action, AccessEntry, DefaultKeyPolicy, Ex
 pub use access_keys::{AccessKeyInfo, NewAccessKey};
 pub use audit::{
     AuditArrival, AuditCheckpoint, AuditEvent, AuditHealth, AuditQuery, AuditRecord, AuditScope, AuditSink,
-    AuditVerification, Outcome,
+    AuditVerification, ElidedRecord, ExportFrom, ExportLine, ExportPage, Outcome, TrailRecord,
 };
 pub use authz::{Action, Caller};
 pub use backup::{Backup, BackupHeader, Destroyed};

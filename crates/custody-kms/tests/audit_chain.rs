@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use common::event;
 use custody_crypto::RootKey;
-use custody_kms::{Kms, KmsConfig, Outcome};
+use custody_kms::{ExportFrom, ExportLine, Kms, KmsConfig, Outcome, TrailRecord};
 use custody_store::SqliteBackend;
 
 mod common;
@@ -95,6 +95,36 @@ fn tampering_is_found_and_located() {
     assert_eq!(forged_checkpoint.problem.unwrap().seq, 200);
 }
 
+/// Every page of an export from `from`, `limit` records at a time, concatenated; and the key.
+fn export(kms: &Kms, caller: &custody_kms::Caller, from: ExportFrom, limit: usize) -> (Vec<u8>, Vec<ExportLine>) {
+    let mut page = kms.export_audit(caller, from, limit).unwrap();
+    let public_key = hex::decode(&page.public_key).unwrap();
+    let mut lines = std::mem::take(&mut page.lines);
+    while let Some(next) = page.next {
+        page = kms.export_audit(caller, ExportFrom::After(next), limit).unwrap();
+        lines.append(&mut page.lines);
+    }
+    (public_key, lines)
+}
+
+/// Verifies export lines as `custody audit verify --from-export` does.
+fn verify_lines(public_key: &[u8], lines: &[ExportLine]) -> custody_kms::AuditVerification {
+    let mut records = Vec::new();
+    let mut checkpoints = Vec::new();
+    for line in lines.iter().cloned() {
+        match line {
+            ExportLine::Record(r) => records.push(Ok(TrailRecord::Whole(r))),
+            ExportLine::Elided(e) => records.push(Ok(TrailRecord::Elided(e))),
+            ExportLine::Checkpoint(c) => checkpoints.push(Ok(c)),
+        }
+    }
+    custody_kms::audit::verify_trail(public_key, records, checkpoints)
+}
+
+fn whole(lines: &[ExportLine]) -> Vec<custody_kms::AuditRecord> {
+    lines.iter().filter_map(|l| if let ExportLine::Record(r) = l { Some((**r).clone()) } else { None }).collect()
+}
+
 #[test]
 fn exports_verify_and_expose_edits() {
     let t = trail();
@@ -103,11 +133,24 @@ fn exports_verify_and_expose_edits() {
             .unwrap();
     kms.unseal_with_root(RootKey::from_bytes(&t.root).unwrap()).unwrap();
     let caller = kms.authenticate_certificate(&t.identity).unwrap();
-    let (public_key, records, checkpoints) = kms.export_audit(&caller).unwrap();
-    let pk = hex::decode(&public_key).unwrap();
-    let cps = || checkpoints.iter().cloned().map(Ok).collect::<Vec<_>>();
+    // Pages of any size make the same export: records in order, each checkpoint after its record.
+    let (pk, lines) = export(&kms, &caller, ExportFrom::Start, 1000);
+    assert_eq!(lines.len(), 1010);
+    assert_eq!(export(&kms, &caller, ExportFrom::Start, 37).1, lines);
+    assert!(matches!(&lines[100], ExportLine::Checkpoint(c) if c.seq == 100), "{:?}", lines[100]);
+    assert!(kms.export_audit(&caller, ExportFrom::Start, 10_001).is_err(), "pages are bounded");
+    let v = verify_lines(&pk, &lines);
+    assert_eq!((v.records, v.elided, v.checkpoints, v.problem), (1000, 0, 10, None));
+
+    let records = whole(&lines);
+    let cps =
+        || lines.iter().filter_map(|l| if let ExportLine::Checkpoint(c) = l { Some(Ok(c.clone())) } else { None });
     let check = |recs: Vec<custody_kms::AuditRecord>, key: &[u8]| {
-        custody_kms::audit::verify_trail(key, recs.into_iter().map(Ok), cps())
+        custody_kms::audit::verify_trail(
+            key,
+            recs.into_iter().map(|r| Ok(TrailRecord::Whole(Box::new(r)))),
+            cps().collect(),
+        )
     };
     assert_eq!(check(records.clone(), &pk).problem, None);
 
@@ -131,6 +174,93 @@ fn exports_verify_and_expose_edits() {
     assert!(!text.contains("acme-corp"));
     let token = kms.audit_hash(&caller, "acme-corp").unwrap();
     assert_eq!(records[2].event.encryption_context.as_ref().unwrap()["tenant"], token);
+}
+
+/// `--since`: the export starts right after the newest checkpoint signed before that time, with
+/// that checkpoint first as its anchor, so it verifies on its own.
+#[test]
+fn an_export_since_a_time_starts_at_the_checkpoint_before_it_and_verifies_alone() {
+    let store = common::keyfile_store();
+    let (kms, caller) = store.open(KmsConfig { audit_checkpoint_every: 100, ..KmsConfig::development() });
+    for i in 1..=1000 {
+        kms.record_audit(event(i), None).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let since = custody_kms::model::now_ms();
+    for i in 1001..=1250 {
+        kms.record_audit(event(i), None).unwrap();
+    }
+    for limit in [1000, 64] {
+        let (pk, lines) = export(&kms, &caller, ExportFrom::Since(since), limit);
+        assert!(matches!(&lines[0], ExportLine::Checkpoint(c) if c.seq == 1000), "{:?}", lines[0]);
+        let v = verify_lines(&pk, &lines);
+        assert_eq!((v.first_seq, v.last_seq, v.records, v.problem.clone()), (1001, 1250, 250, None), "{v:?}");
+        // Without its anchor the same lines do not verify: nothing vouches for their start.
+        let p = verify_lines(&pk, &lines[1..]).problem.unwrap();
+        assert!(p.seq == 1001 && p.what.contains("without a signed checkpoint"), "{p:?}");
+    }
+    // Before every checkpoint: from the first record; after the last one: from that checkpoint.
+    let (_, from_start) = export(&kms, &caller, ExportFrom::Since(0), 1000);
+    assert_eq!(from_start, export(&kms, &caller, ExportFrom::Start, 1000).1);
+    let (_, latest) = export(&kms, &caller, ExportFrom::Since(i64::MAX), 1000);
+    assert!(matches!(&latest[0], ExportLine::Checkpoint(c) if c.seq == 1200), "{:?}", latest[0]);
+    assert_eq!(whole(&latest).len(), 50);
+}
+
+/// A tenant's auditor sees its own account's records whole and everyone else's as links only
+/// (sequence number and hashes): the export still verifies end to end, tampering with either
+/// kind is found, and nothing of another account's requests is in it. A security officer sees
+/// every record.
+#[test]
+fn an_auditor_exports_other_accounts_records_as_links_only() {
+    let store = common::keyfile_store();
+    let (kms, admin) = store.open(KmsConfig { audit_checkpoint_every: 50, ..KmsConfig::development() });
+    let tenant = admin.tenant().clone();
+    let reader = custody_kms::PrincipalName::parse("reader").unwrap();
+    kms.create_principal(&admin, &reader, vec![custody_kms::Role::Auditor]).unwrap();
+    let auditor = kms.authenticate_certificate(&store.identity.replace("/admin", "/reader")).unwrap();
+    // Odd records: a request of this account; even ones: of another account (event's default).
+    for i in 1..=200 {
+        let mine = custody_kms::AuditEvent {
+            principal: Some(format!("arn:aws:iam::{tenant}:user/app")),
+            request_id: format!("mine-{i}"),
+            ..event(i)
+        };
+        kms.record_audit(if i % 2 == 1 { mine } else { event(i) }, None).unwrap();
+    }
+    let (pk, lines) = export(&kms, &auditor, ExportFrom::Start, 1000);
+    let v = verify_lines(&pk, &lines);
+    assert_eq!(v.problem, None, "{v:?}");
+    let shown = whole(&lines);
+    assert!(shown.iter().all(|r| r.event.principal.as_deref().is_some_and(|p| p.contains(tenant.as_str()))));
+    assert_eq!(v.records - v.elided, shown.len() as u64);
+    assert!(v.elided >= 100, "{v:?}");
+    let text = serde_json::to_string(&lines).unwrap();
+    assert!(!text.contains("111122223333") && !text.contains("req-"), "another account's requests leak");
+
+    // Tampering with an elided record is found by its links.
+    let at = lines.iter().position(|l| matches!(l, ExportLine::Elided(e) if e.seq == 120)).unwrap();
+    let mut forged = lines.clone();
+    if let ExportLine::Elided(e) = &mut forged[at] {
+        e.hash = "00".repeat(32);
+    }
+    let p = verify_lines(&pk, &forged).problem.unwrap();
+    assert_eq!(p.seq, 121, "{p:?}");
+    let mut dropped = lines.clone();
+    dropped.remove(at);
+    assert_eq!(verify_lines(&pk, &dropped).problem.unwrap().seq, 120);
+    // ...and with a whole one by its content.
+    let at = lines.iter().position(|l| matches!(l, ExportLine::Record(r) if r.seq == 121)).unwrap();
+    let mut edited = lines.clone();
+    if let ExportLine::Record(r) = &mut edited[at] {
+        r.event.outcome = Outcome::Success;
+    }
+    assert_eq!(verify_lines(&pk, &edited).problem.unwrap().seq, 121);
+
+    // The security officer (the administrator here) sees every record whole.
+    let (_, all) = export(&kms, &admin, ExportFrom::Start, 1000);
+    assert_eq!(verify_lines(&pk, &all).elided, 0);
+    assert!(whole(&all).len() > shown.len());
 }
 
 #[test]

@@ -14,7 +14,7 @@ use custody_kms::{
     AliasName, AuditQuery, Caller, CreateGrantRequest, CreateKeyRequest, KeyRef, Kms, KmsError, Outcome, Page,
     PrincipalName,
 };
-use custody_kms::{AuditEvent, AuditScope};
+use custody_kms::{AuditEvent, AuditScope, ExportFrom};
 
 use crate::sigv4::{self, RequestParts};
 use serde_json::{json, Map, Value};
@@ -368,8 +368,20 @@ fn custody_action(
         }
         "ExportAudit" => {
             let caller = authenticate(kms, identity, req, auth)?;
-            let (public_key, records, checkpoints) = kms.export_audit(&caller)?;
-            Ok(json!({ "PublicKey": public_key, "Records": records, "Checkpoints": checkpoints }))
+            // One page: `After` (the previous page's `Next`), else `Since` (milliseconds since
+            // the epoch), else the oldest record.
+            let from = match (f.optional_u64("After")?, f.optional_u64("Since")?) {
+                (Some(_), Some(_)) => {
+                    return Err(
+                        KmsError::validation("after", "give After (to continue) or Since (to start), not both").into()
+                    )
+                }
+                (Some(after), None) => ExportFrom::After(after),
+                (None, Some(since)) => ExportFrom::Since(i64::try_from(since).unwrap_or(i64::MAX)),
+                (None, None) => ExportFrom::Start,
+            };
+            let page = kms.export_audit(&caller, from, f.limit()?.unwrap_or(1000))?;
+            Ok(json!({ "PublicKey": page.public_key, "Lines": page.lines, "Next": page.next }))
         }
         "GetAuditPublicKey" => Ok(json!({ "PublicKey": kms.audit_public_key()? })),
         "CreateBackup" => {
@@ -914,6 +926,16 @@ impl Fields {
         match self.get(name) {
             None => Ok(None),
             Some(Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).map(Some).ok_or_else(|| {
+                KmsError::validation(&lower_first(name), "Member must be a non-negative integer").into()
+            }),
+            Some(_) => Err(ApiError::serialization(format!("{name} must be a number"))),
+        }
+    }
+
+    fn optional_u64(&self, name: &str) -> Result<Option<u64>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
                 KmsError::validation(&lower_first(name), "Member must be a non-negative integer").into()
             }),
             Some(_) => Err(ApiError::serialization(format!("{name} must be a number"))),
