@@ -1113,34 +1113,57 @@ async fn export_trail(
     }
 }
 
+/// Verifies an export file in two passes over its lines (checkpoints first, then the records
+/// streamed through the verification), so memory does not grow with the file.
 fn verify_export(file: &Path, public_key: &[u8]) -> Result<Value> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", file.display())))?;
-    let mut records = Vec::new();
+    use std::io::BufRead;
+    let lines = || -> Result<_> {
+        let f = std::fs::File::open(file)
+            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", file.display())))?;
+        Ok(std::io::BufReader::new(f).lines().enumerate().map(move |(n, line)| {
+            let line =
+                line.map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", file.display())))?;
+            if line.trim().is_empty() {
+                return Ok(None);
+            }
+            let v: Value = serde_json::from_str(&line).map_err(|_| {
+                CliError::new(
+                    exit::INVALID_REQUEST,
+                    format!("{} line {}: not a custody audit export line", file.display(), n + 1),
+                )
+            })?;
+            let known = ["record", "elided", "checkpoint", "custody_audit_export"];
+            if !known.iter().any(|k| v.get(k).is_some()) {
+                return Err(CliError::new(
+                    exit::INVALID_REQUEST,
+                    format!("{} line {}: not a custody audit export line", file.display(), n + 1),
+                ));
+            }
+            Ok(Some(v))
+        }))
+    };
     let mut checkpoints = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let bad = || {
-            CliError::new(
-                exit::INVALID_REQUEST,
-                format!("{} line {}: not a custody audit export line", file.display(), n + 1),
-            )
-        };
-        let v: Value = serde_json::from_str(line).map_err(|_| bad())?;
+    for v in lines()? {
+        if let Some(c) = v?.as_ref().and_then(|v| v.get("checkpoint")) {
+            let seq = c["seq"].as_u64().unwrap_or(0);
+            checkpoints.push(serde_json::from_value::<custody_kms::AuditCheckpoint>(c.clone()).map_err(|_| seq));
+        }
+    }
+    // The first pass found every unreadable line; the second only converts.
+    let records = lines()?.filter_map(|v| {
+        let v = v.ok()??;
         if let Some(r) = v.get("record") {
             let seq = r["seq"].as_u64().unwrap_or(0);
             let record = serde_json::from_value::<custody_kms::AuditRecord>(r.clone());
-            records.push(record.map(|r| custody_kms::TrailRecord::Whole(Box::new(r))).map_err(|_| seq));
+            Some(record.map(|r| custody_kms::TrailRecord::Whole(Box::new(r))).map_err(|_| seq))
         } else if let Some(r) = v.get("elided") {
             let seq = r["seq"].as_u64().unwrap_or(0);
             let record = serde_json::from_value::<custody_kms::ElidedRecord>(r.clone());
-            records.push(record.map(custody_kms::TrailRecord::Elided).map_err(|_| seq));
-        } else if let Some(c) = v.get("checkpoint") {
-            let seq = c["seq"].as_u64().unwrap_or(0);
-            checkpoints.push(serde_json::from_value::<custody_kms::AuditCheckpoint>(c.clone()).map_err(|_| seq));
-        } else if v.get("custody_audit_export").is_none() {
-            return Err(bad());
+            Some(record.map(custody_kms::TrailRecord::Elided).map_err(|_| seq))
+        } else {
+            None
         }
-    }
+    });
     let result = custody_kms::audit::verify_trail(public_key, records, checkpoints);
     Ok(serde_json::to_value(result).expect("serializable"))
 }

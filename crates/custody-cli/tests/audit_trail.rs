@@ -188,17 +188,22 @@ async fn verify_export_and_hash_through_the_cli() {
     for _ in 0..3 {
         c.call("TrentService.Encrypt", json!({ "KeyId": k, "Plaintext": B64.encode("y") })).await.unwrap();
     }
-    let (code, out, err) = run(&["audit", "export", "--since", &since]);
+    let (code, exported, err) = run(&["audit", "export", "--since", &since]);
     assert_eq!(code, Some(0), "{err}");
-    assert!(out.lines().nth(1).unwrap().starts_with("{\"checkpoint\""), "the anchor comes first: {out}");
+    assert!(exported.lines().nth(1).unwrap().starts_with("{\"checkpoint\""), "the anchor comes first: {exported}");
     let recent = dir.path().join("recent.jsonl");
-    std::fs::write(&recent, &out).unwrap();
+    std::fs::write(&recent, &exported).unwrap();
     let (code, out, _) = run(&["--json", "audit", "verify", "--from-export", recent.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["first_seq"].as_u64().unwrap() > 1 && v["records"].as_u64().unwrap() >= 1, "{v}");
     let (code, _, err) = run(&["audit", "export", "--since", "yesterday"]);
     assert!(code != Some(0) && err.contains("--since"), "{err}");
+
+    // A line that is not part of an export is refused, naming the line.
+    std::fs::write(&recent, format!("{exported}{{\"recrod\": 1}}\n")).unwrap();
+    let (code, _, err) = run(&["audit", "verify", "--from-export", recent.to_str().unwrap()]);
+    assert!(code != Some(0) && err.contains("not a custody audit export line"), "{err}");
 
     // An edited export is caught and the place is named.
     std::fs::write(&export, text.replacen("TrentService.Encrypt", "TrentService.ListKeys", 1)).unwrap();

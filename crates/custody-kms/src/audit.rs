@@ -363,6 +363,9 @@ pub(crate) struct Sequencer {
     target: std::sync::atomic::AtomicUsize,
     /// Records in the last group commit.
     last_group: std::sync::atomic::AtomicUsize,
+    /// Held shared while this node verifies the stored trail page by page, exclusively while it
+    /// prunes: a verification does not see records vanish under it and report them missing.
+    walking: std::sync::RwLock<()>,
 }
 
 impl Sequencer {
@@ -575,23 +578,29 @@ fn of_account(e: &AuditEvent, tenant: &crate::ids::TenantId) -> bool {
     of(&e.principal, "arn:aws:iam::", ':') || of(&e.tls_identity, "spiffe://custody/", '/')
 }
 
-/// The sequence number of the newest signed checkpoint made before `since`, if any. Checkpoints
-/// are made in order, so their times grow with their sequence numbers: a bisection over sequence
-/// numbers, one one-row read each, finds it in a trail of any length.
+/// The sequence number of the newest signed checkpoint made before `since`, if any: every record
+/// up to it was written before `since` (a checkpoint is signed after the records it covers).
 fn checkpoint_before(u: &Unsealed, since: Millis) -> Result<Option<u64>, KmsError> {
-    let backend = u.barrier.backend();
-    // The first checkpoint after record `seq`, if it was made before `since`.
+    newest_checkpoint(u, |cp| cp.time < since)
+}
+
+/// The newest signed checkpoint for which `early` holds, where `early` holds for every checkpoint
+/// older than one for which it holds (checkpoints are made in order: sequence numbers and times
+/// grow together). A bisection over sequence numbers, one one-row read each, so it costs the same
+/// in a trail of any length.
+fn newest_checkpoint(u: &Unsealed, early: impl Fn(&AuditCheckpoint) -> bool) -> Result<Option<u64>, KmsError> {
+    // The first checkpoint after record `seq`, if `early` holds for it.
     let early_after = |seq: u64| -> Result<Option<u64>, KmsError> {
         let from = (seq > 0).then(|| row_key(seq));
         Ok(match u.barrier.scan::<AuditCheckpoint>(Table::AuditCheckpoints, "", from.as_deref(), 1)?.pop() {
-            Some(cp) if cp.value.time < since => Some(cp.value.seq),
+            Some(cp) if early(&cp.value) => Some(cp.value.seq),
             _ => None,
         })
     };
     if early_after(0)?.is_none() {
         return Ok(None);
     }
-    let Some(last) = backend.last(Table::AuditCheckpoints)? else { return Ok(None) };
+    let Some(last) = u.barrier.backend().last(Table::AuditCheckpoints)? else { return Ok(None) };
     let last: u64 = last.key.parse().map_err(|_| KmsError::Integrity(format!("audit-checkpoints/{}", last.key)))?;
     // early_after(lo) holds and early_after(hi) does not (nothing comes after the last).
     let (mut lo, mut hi) = (0, last);
@@ -1073,54 +1082,82 @@ impl Kms {
             return Ok(0);
         }
         let u = self.unsealed()?;
-        let _state = self.audit_seq.state.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(last) = u.barrier.backend().last(Table::Audit)? else { return Ok(0) };
+        let backend = u.barrier.backend();
+        let Some(last) = backend.last(Table::Audit)? else { return Ok(0) };
         let last_seq: u64 = last.key.parse().map_err(|_| KmsError::Integrity(format!("audit/{}", last.key)))?;
-        // The newest record each limit allows deleting.
+        // The newest record each limit allows deleting; by age, the newest checkpoint signed before
+        // the cutoff (every record it covers is older), found without reading the records.
         let by_count = if count == 0 { u64::MAX } else { last_seq.saturating_sub(count) };
         let by_age = if days == 0 {
             u64::MAX
         } else {
-            let cutoff = now_ms() - days as i64 * self.config.day_ms;
-            let mut newest_old = 0;
-            'rows: for row in u.barrier.backend().scan(Table::Audit, "", None, usize::MAX)? {
-                for r in open_records(&u, &row)? {
-                    if r.event.time >= cutoff {
-                        break 'rows;
-                    }
-                    newest_old = r.seq;
+            checkpoint_before(&u, now_ms() - days as i64 * self.config.day_ms)?.unwrap_or(0)
+        };
+        let limit = by_count.min(by_age).min(last_seq - 1);
+        // Prune up to the newest checkpoint within the limit; keep that checkpoint as the anchor.
+        let Some(anchor) = newest_checkpoint(&u, |cp| cp.seq <= limit)? else { return Ok(0) };
+        let _walking = self.audit_seq.walking.write().unwrap_or_else(|p| p.into_inner());
+        let Some(first) = first_record(&u)? else { return Ok(0) };
+        if first > anchor {
+            return Ok(0);
+        }
+        // Rows are read a page at a time and deleted in transactions of about PRUNE_ROWS rows,
+        // each ending at a checkpoint (rows never straddle one): however much is due, memory
+        // stays bounded, and after every transaction the trail again starts at an anchor.
+        const PAGE: usize = 256;
+        const PRUNE_ROWS: usize = 1024;
+        let (mut writes, mut end, mut pruned_to) = (Vec::new(), first - 1, first - 1);
+        'pages: loop {
+            let rows = backend.scan(Table::Audit, "", (end > 0).then(|| row_key(end)).as_deref(), PAGE)?;
+            let full = rows.len() == PAGE;
+            for row in rows {
+                let seq: u64 = row.key.parse().map_err(|_| KmsError::Integrity(format!("audit/{}", row.key)))?;
+                if seq > anchor {
+                    break 'pages;
+                }
+                writes.push(u.barrier.delete(Table::Audit, &row.key, Expect::Rev(row.rev)));
+                end = seq;
+                let at_checkpoint = || backend.get(Table::AuditCheckpoints, &row_key(seq)).map(|r| r.is_some());
+                if seq == anchor || (writes.len() >= PRUNE_ROWS && at_checkpoint()?) {
+                    self.prune_to(&u, seq, std::mem::take(&mut writes))?;
+                    pruned_to = seq;
+                }
+                if seq == anchor {
+                    break 'pages;
                 }
             }
-            newest_old
-        };
-        let limit = by_count.min(by_age);
-        // Prune up to the newest checkpoint within the limit; keep that checkpoint as the anchor.
-        let anchor = u
-            .barrier
-            .scan::<AuditCheckpoint>(Table::AuditCheckpoints, "", None, usize::MAX)?
-            .into_iter()
-            .map(|c| c.value.seq)
-            .filter(|&s| s <= limit && s < last_seq)
-            .max();
-        let Some(anchor) = anchor else { return Ok(0) };
-        let backend = u.barrier.backend();
-        let doomed =
-            backend.scan(Table::Audit, "", None, usize::MAX)?.into_iter().take_while(|r| r.key <= row_key(anchor));
-        let mut writes: Vec<Write> =
-            doomed.map(|r| u.barrier.delete(Table::Audit, &r.key, Expect::Rev(r.rev))).collect();
-        // Rows never straddle a checkpoint: the deleted rows hold exactly the records up to it.
-        let pruned = match writes.len() {
-            0 => 0,
-            _ => anchor + 1 - first_record(&u)?.unwrap_or(anchor + 1),
-        };
-        for cp in backend.scan(Table::AuditCheckpoints, "", None, usize::MAX)? {
-            if cp.key < row_key(anchor) {
-                writes.push(u.barrier.delete(Table::AuditCheckpoints, &cp.key, Expect::Rev(cp.rev)));
+            if !full {
+                break;
             }
         }
-        u.barrier.apply(&writes)?;
-        tracing::info!(pruned, anchor, "audit records pruned by retention");
+        let pruned = pruned_to + 1 - first;
+        if pruned > 0 {
+            tracing::info!(pruned, anchor = pruned_to, "audit records pruned by retention");
+        }
         Ok(pruned)
+    }
+
+    /// One pruning transaction: `writes` delete the rows up to checkpoint `anchor`; the
+    /// checkpoints before it go too, and it stays as the anchor of what remains.
+    fn prune_to(&self, u: &Unsealed, anchor: u64, mut writes: Vec<Write>) -> Result<(), KmsError> {
+        let backend = u.barrier.backend();
+        let mut after: Option<String> = None;
+        'pages: loop {
+            let cps = backend.scan(Table::AuditCheckpoints, "", after.as_deref(), 256)?;
+            let full = cps.len() == 256;
+            for cp in cps {
+                if cp.key >= row_key(anchor) {
+                    break 'pages;
+                }
+                writes.push(u.barrier.delete(Table::AuditCheckpoints, &cp.key, Expect::Rev(cp.rev)));
+                after = Some(cp.key);
+            }
+            if !full {
+                break;
+            }
+        }
+        let _state = self.audit_seq.state.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(u.barrier.apply(&writes)?)
     }
 
     /// Audit records after sequence number `after`, oldest first, at most `limit`.
@@ -1210,19 +1247,39 @@ impl Kms {
     /// Verifies the stored trail; the caller has been authorized.
     pub(crate) fn verify_trail_unchecked(&self, u: &Unsealed) -> Result<AuditVerification, KmsError> {
         let key = self.audit_signing_key(u)?;
-        // Rows are opened one by one so that a row that fails its seal is reported (as its first
-        // record: one after the previous row's last), not fatal.
-        let rows = u.barrier.backend().scan(Table::Audit, "", None, usize::MAX)?;
-        let mut records = Vec::new();
-        let mut previous_last = None;
-        for row in rows {
-            let last = row.key.parse::<u64>().unwrap_or(0);
-            match open_records(u, &row) {
-                Ok(group) => records.extend(group.into_iter().map(|r| Ok(TrailRecord::Whole(Box::new(r))))),
-                Err(_) => records.push(Err(previous_last.map_or(last, |p: u64| p + 1))),
+        let _walking = self.audit_seq.walking.read().unwrap_or_else(|p| p.into_inner());
+        // Rows are read a page at a time as the verification walks them (memory stays bounded
+        // however long the trail), and opened one by one so that a row that fails its seal is
+        // reported (as its first record: one after the previous row's last), not fatal.
+        const PAGE: usize = 256;
+        let failed = std::cell::RefCell::new(None);
+        let (mut buffer, mut after, mut previous_last, mut exhausted) =
+            (std::collections::VecDeque::new(), None::<String>, None, false);
+        let records = std::iter::from_fn(|| loop {
+            if let Some(record) = buffer.pop_front() {
+                return Some(record);
             }
-            previous_last = Some(last);
-        }
+            if exhausted {
+                return None;
+            }
+            let rows = match u.barrier.backend().scan(Table::Audit, "", after.as_deref(), PAGE) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    *failed.borrow_mut() = Some(e);
+                    return None;
+                }
+            };
+            exhausted = rows.len() < PAGE;
+            for row in rows {
+                let last = row.key.parse::<u64>().unwrap_or(0);
+                match open_records(u, &row) {
+                    Ok(group) => buffer.extend(group.into_iter().map(|r| Ok(TrailRecord::Whole(Box::new(r))))),
+                    Err(_) => buffer.push_back(Err(previous_last.map_or(last, |p: u64| p + 1))),
+                }
+                previous_last = Some(last);
+                after = Some(row.key);
+            }
+        });
         let cps = u.barrier.backend().scan(Table::AuditCheckpoints, "", None, usize::MAX)?;
         let checkpoints = cps
             .into_iter()
@@ -1231,7 +1288,11 @@ impl Kms {
                 u.barrier.open_row::<AuditCheckpoint>(Table::AuditCheckpoints, row).map(|v| v.value).map_err(|_| seq)
             })
             .collect::<Vec<_>>();
-        Ok(verify_trail(key.public_key(), records, checkpoints))
+        let verification = verify_trail(key.public_key(), records, checkpoints);
+        match failed.into_inner() {
+            Some(e) => Err(e.into()),
+            None => Ok(verification),
+        }
     }
 }
 

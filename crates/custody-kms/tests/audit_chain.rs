@@ -289,6 +289,61 @@ fn retention_prunes_at_a_checkpoint_and_the_rest_still_verifies() {
     assert_eq!(p.seq, 611, "{p:?}");
 }
 
+/// Retention by age: records go up to the newest checkpoint signed before the cutoff, which
+/// stays as the anchor; the rest verifies, and later pruning moves on from there.
+#[test]
+fn retention_by_age_prunes_up_to_the_checkpoint_signed_before_the_cutoff() {
+    let store = common::keyfile_store();
+    // A "day" of 1.5 s, so that one day of retention can pass within the test (and writing 300
+    // records takes far less).
+    let config = KmsConfig { audit_retain_days: 1, day_ms: 1_500, ..KmsConfig::development() };
+    let (kms, caller) = store.open(config);
+    for i in 1..=300 {
+        kms.record_audit(event(i), None).unwrap();
+    }
+    assert_eq!(kms.prune_audit().unwrap(), 0, "nothing is a day old yet");
+    std::thread::sleep(std::time::Duration::from_millis(1_600));
+    for i in 301..=550 {
+        kms.record_audit(event(i), None).unwrap();
+    }
+    // Checkpoints 100..300 are older than a day, 400 and 500 (and the records after 300) are not.
+    assert_eq!(kms.prune_audit().unwrap(), 300);
+    let v = kms.verify_audit(&caller).unwrap();
+    assert_eq!((v.first_seq, v.last_seq, v.problem.clone()), (301, 550, None), "{v:?}");
+    assert_eq!(kms.prune_audit().unwrap(), 0);
+    std::thread::sleep(std::time::Duration::from_millis(1_600));
+    // Now everything is old; the last record's checkpoint cannot go (the newest records stay
+    // anchored), so pruning stops at 500.
+    assert_eq!(kms.prune_audit().unwrap(), 200);
+    let v = kms.verify_audit(&caller).unwrap();
+    assert_eq!((v.first_seq, v.last_seq, v.records, v.problem.clone()), (501, 550, 50, None), "{v:?}");
+}
+
+/// A large backlog is pruned in several transactions, each ending at a checkpoint, and what
+/// remains verifies.
+#[test]
+fn retention_prunes_a_large_backlog_in_checkpoint_sized_steps() {
+    let store = common::keyfile_store();
+    let (kms, caller) = store.open(KmsConfig::development());
+    for i in 1..=2_550 {
+        kms.record_audit(event(i), None).unwrap();
+    }
+    let rows = store.backend.scan(custody_store::Table::Audit, "", None, usize::MAX).unwrap().len();
+    assert!(rows > 2_048, "one row per record here ({rows}), so more than two transactions' worth");
+    let (kms, caller) = (
+        Kms::open(store.backend.clone(), KmsConfig { audit_retain_records: 100, ..KmsConfig::development() }).unwrap(),
+        caller,
+    );
+    kms.unseal_with_root(RootKey::from_bytes(&store.root).unwrap()).unwrap();
+    assert_eq!(kms.prune_audit().unwrap(), 2_400);
+    let v = kms.verify_audit(&caller).unwrap();
+    assert_eq!(
+        (v.first_seq, v.last_seq, v.records, v.checkpoints, v.problem.clone()),
+        (2_401, 2_550, 150, 2, None),
+        "{v:?}"
+    );
+}
+
 /// Records committed together share one sealed row (keyed by the group's last record, split at
 /// every checkpoint). A changed or deleted group is located at its first record; rows written
 /// before grouping (one record each, a JSON object) still read and verify beside grouped ones.
