@@ -1046,7 +1046,13 @@ impl Kms {
             contains(field, &q.key) || aliased.as_ref().is_some_and(|arn| field.as_deref() == Some(arn.as_str()))
         };
         let mut out = Vec::new();
-        let mut after = q.after;
+        // Every record up to the newest checkpoint signed before `since` is older than it: start
+        // there instead of reading the whole trail.
+        let skip = match q.since {
+            Some(since) => checkpoint_before(&*self.unsealed()?, since)?.unwrap_or(0),
+            None => 0,
+        };
+        let mut after = q.after.max(skip);
         loop {
             let chunk = self.audit_records(after, 1000)?;
             let done = chunk.len() < 1000;

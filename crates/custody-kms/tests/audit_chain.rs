@@ -182,14 +182,26 @@ fn exports_verify_and_expose_edits() {
 fn an_export_since_a_time_starts_at_the_checkpoint_before_it_and_verifies_alone() {
     let store = common::keyfile_store();
     let (kms, caller) = store.open(KmsConfig { audit_checkpoint_every: 100, ..KmsConfig::development() });
+    // Requests of the caller's account, at the time they are recorded.
+    let principal = format!("arn:aws:iam::{}:user/app", caller.tenant());
+    let now = |i| custody_kms::AuditEvent {
+        time: custody_kms::model::now_ms(),
+        principal: Some(principal.clone()),
+        ..event(i)
+    };
     for i in 1..=1000 {
-        kms.record_audit(event(i), None).unwrap();
+        kms.record_audit(now(i), None).unwrap();
     }
     std::thread::sleep(std::time::Duration::from_millis(20));
     let since = custody_kms::model::now_ms();
     for i in 1001..=1250 {
-        kms.record_audit(event(i), None).unwrap();
+        kms.record_audit(now(i), None).unwrap();
     }
+    // A query since that time finds exactly the newer records (it starts reading at checkpoint
+    // 1000: everything before is older).
+    let q = custody_kms::AuditQuery { since: Some(since), limit: 10_000, ..Default::default() };
+    let found: Vec<u64> = kms.query_audit(&caller, &q).unwrap().iter().map(|r| r.seq).collect();
+    assert_eq!(found, (1001..=1250).collect::<Vec<_>>());
     for limit in [1000, 64] {
         let (pk, lines) = export(&kms, &caller, ExportFrom::Since(since), limit);
         assert!(matches!(&lines[0], ExportLine::Checkpoint(c) if c.seq == 1000), "{:?}", lines[0]);
