@@ -1217,13 +1217,20 @@ impl Kms {
             ExportFrom::After(_) => Some(row_key(after)),
             _ => after.checked_sub(1).filter(|&s| s > 0).map(row_key),
         };
-        let mut checkpoints = u
-            .barrier
-            .scan::<AuditCheckpoint>(Table::AuditCheckpoints, "", cp_from.as_deref(), usize::MAX)?
-            .into_iter()
-            .map(|v| v.value)
-            .take_while(|cp| cp.seq <= last)
-            .peekable();
+        // Read a page of checkpoints at a time: only those up to this page's last record.
+        let mut covered = Vec::new();
+        let mut cp_after = cp_from;
+        loop {
+            let page = u.barrier.scan::<AuditCheckpoint>(Table::AuditCheckpoints, "", cp_after.as_deref(), 64)?;
+            let full = page.len() == 64;
+            cp_after = page.last().map(|v| row_key(v.value.seq));
+            let before = covered.len();
+            covered.extend(page.into_iter().map(|v| v.value).take_while(|cp| cp.seq <= last));
+            if !full || covered.len() - before < 64 {
+                break;
+            }
+        }
+        let mut checkpoints = covered.into_iter().peekable();
         let mut lines = Vec::with_capacity(records.len() + 1);
         while let Some(cp) = checkpoints.next_if(|cp| cp.seq <= after) {
             lines.push(ExportLine::Checkpoint(cp));

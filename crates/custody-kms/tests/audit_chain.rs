@@ -176,6 +176,21 @@ fn exports_verify_and_expose_edits() {
     assert_eq!(records[2].event.encryption_context.as_ref().unwrap()["tenant"], token);
 }
 
+/// A page covering more checkpoints than are read at a time still carries every one of them.
+#[test]
+fn an_export_page_carries_every_checkpoint_it_covers() {
+    let store = common::keyfile_store();
+    let (kms, caller) = store.open(KmsConfig { audit_checkpoint_every: 3, ..KmsConfig::development() });
+    for i in 1..=400 {
+        kms.record_audit(event(i), None).unwrap();
+    }
+    for limit in [1000, 150] {
+        let (pk, lines) = export(&kms, &caller, ExportFrom::Start, limit);
+        let v = verify_lines(&pk, &lines);
+        assert_eq!((v.records, v.checkpoints, v.problem.clone()), (400, 133, None), "{v:?}");
+    }
+}
+
 /// `--since`: the export starts right after the newest checkpoint signed before that time, with
 /// that checkpoint first as its anchor, so it verifies on its own.
 #[test]
