@@ -939,8 +939,19 @@ async fn audit(conn: &ConnArgs, cmd: AuditCommand, json: bool) -> Result<()> {
                                "Outcome": outcome, "Since": since });
             let r = c.call("Custody.ListAuditRecords", body).await?;
             output(json, &r, || {
-                for rec in r["Records"].as_array().into_iter().flatten() {
+                let records = r["Records"].as_array().map(Vec::as_slice).unwrap_or_default();
+                for rec in records {
                     print_audit_line(rec);
+                }
+                // Say on stderr when the page is full (there may be more) or empty, so that a
+                // table on stdout stays clean for other tools.
+                match records.last() {
+                    None => eprintln!("no records match"),
+                    Some(last) if records.len() == limit as usize => eprintln!(
+                        "{limit} records shown (--limit); more may match: add --after {}",
+                        last["seq"].as_u64().unwrap_or(0)
+                    ),
+                    Some(_) => {}
                 }
             });
             Ok(())

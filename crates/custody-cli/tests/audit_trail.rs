@@ -229,6 +229,13 @@ async fn verify_export_and_hash_through_the_cli() {
         let q: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(q["Records"].as_array().unwrap().len(), 15, "--key {key}: {q}");
     }
+    // A full page says how to see more; an empty result says so (stderr: stdout stays the table).
+    let (code, out, err) = run(&["audit", "query", "--action", "Encrypt", "--limit", "4"]);
+    assert_eq!((code, out.lines().count()), (Some(0), 4), "{out}");
+    let fourth = out.lines().nth(3).unwrap().split_whitespace().next().unwrap().to_string();
+    assert!(err.contains(&format!("--after {fourth}")), "{err}");
+    let (_, out, err) = run(&["audit", "query", "--action", "Frobnicate"]);
+    assert!(out.is_empty() && err.contains("no records match"), "{out}{err}");
     let (code, out, _) = run(&["--json", "audit", "query", "--key", "alias/never-created"]);
     let q: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!((code, q["Records"].as_array().unwrap().len()), (Some(0), 0), "{q}");
