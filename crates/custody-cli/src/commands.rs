@@ -1040,23 +1040,78 @@ async fn audit(conn: &ConnArgs, cmd: AuditCommand, json: bool) -> Result<()> {
         }
         AuditCommand::Tail { follow, lines } => {
             let mut c = connect(conn).await?;
-            let last = c.call("Custody.ListAuditRecords", json!({ "Limit": 1, "After": u64::MAX - 1 })).await?;
-            // That call is itself recorded (as LastSeq + 1), so the window starts one later.
-            let mut after = (last["LastSeq"].as_u64().unwrap_or(0) + 1).saturating_sub(lines);
-            loop {
-                let r = c.call("Custody.ListAuditRecords", json!({ "After": after, "Limit": 1000 })).await?;
-                for rec in r["Records"].as_array().into_iter().flatten() {
-                    if json {
-                        println!("{}", serde_json::to_string(rec).expect("json"));
-                    } else {
-                        print_audit_line(rec);
+            // This command's own requests are records too: they are not shown (with -f they
+            // would be one line a second).
+            let mut own = std::collections::VecDeque::new();
+            let call = async |c: &mut Client, own: &mut std::collections::VecDeque<String>, body| {
+                let r = c.call("Custody.ListAuditRecords", body).await?;
+                own.extend(c.last_request_id().map(str::to_string));
+                if own.len() > 64 {
+                    own.pop_front();
+                }
+                Ok::<_, CliError>(r)
+            };
+            let last = call(&mut c, &mut own, json!({ "Limit": 1, "After": u64::MAX - 1 })).await?;
+            let last_seq = last["LastSeq"].as_u64().unwrap_or(0);
+            // The newest `lines` records of this account: other accounts' records are not
+            // listed, so look further back until there are enough or the trail begins.
+            let wanted = usize::try_from(lines).unwrap_or(usize::MAX);
+            let mut window = lines.max(1);
+            let newest = loop {
+                let from = last_seq.saturating_sub(window);
+                let mut newest = std::collections::VecDeque::new();
+                let mut after = from;
+                loop {
+                    let r = call(&mut c, &mut own, json!({ "After": after, "Limit": 10_000 })).await?;
+                    let page = r["Records"].as_array().cloned().unwrap_or_default();
+                    for rec in &page {
+                        after = rec["seq"].as_u64().unwrap_or(after);
+                        if rec["seq"].as_u64().unwrap_or(0) <= last_seq {
+                            newest.push_back(rec.clone());
+                            if newest.len() > wanted {
+                                newest.pop_front();
+                            }
+                        }
+                    }
+                    if page.len() < 10_000 || after >= last_seq {
+                        break;
                     }
                 }
-                after = r["LastSeq"].as_u64().unwrap_or(after).max(after);
-                if !follow {
-                    return Ok(());
+                if newest.len() >= wanted || from == 0 {
+                    break newest;
                 }
+                window = window.saturating_mul(4);
+            };
+            let show = |rec: &Value| {
+                if json {
+                    println!("{}", serde_json::to_string(rec).expect("json"));
+                } else {
+                    print_audit_line(rec);
+                }
+            };
+            newest.iter().for_each(show);
+            if !follow {
+                return Ok(());
+            }
+            let mut after = last_seq;
+            loop {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let r = call(&mut c, &mut own, json!({ "After": after, "Limit": 1000 })).await?;
+                let records = r["Records"].as_array().map(Vec::as_slice).unwrap_or_default();
+                // A full page: continue after its last record; else after the end of the trail
+                // as it was when the query began (every record up to it was looked at), or
+                // after the last record shown if that came later.
+                let shown = records.last().and_then(|rec| rec["seq"].as_u64()).unwrap_or(after);
+                after = match records.len() {
+                    1000 => shown,
+                    _ => shown.max(r["LastSeq"].as_u64().unwrap_or(after)),
+                }
+                .max(after);
+                for rec in records {
+                    if !own.iter().any(|id| rec["request_id"].as_str() == Some(id.as_str())) {
+                        show(rec);
+                    }
+                }
             }
         }
         AuditCommand::Hash { value } => {

@@ -241,6 +241,40 @@ async fn verify_export_and_hash_through_the_cli() {
     assert_eq!((code, q["Records"].as_array().unwrap().len()), (Some(0), 0), "{q}");
     let (code, out, _) = run(&["audit", "tail", "-n", "5"]);
     assert_eq!((code, out.lines().count()), (Some(0), 5), "{out}");
+    // The newest records of this account, however many of others' (here: unauthenticated
+    // requests, which belong to no account) came after them.
+    let mut anonymous =
+        custody_client::Client::connect(&Profile { cert_file: None, key_file: None, ..profile.clone() }).await.unwrap();
+    for _ in 0..12 {
+        assert!(anonymous.call("TrentService.ListKeys", json!({})).await.is_err());
+    }
+    let (code, out, _) = run(&["audit", "tail", "-n", "3"]);
+    assert_eq!((code, out.lines().count()), (Some(0), 3), "{out}");
+    assert!(!out.contains("TrentService.ListKeys"), "{out}");
+    // Following shows new records as they come, and not the command's own polling.
+    let before = server.kms().audit_last_seq().unwrap();
+    let follower = common::custody()
+        .arg("--profile")
+        .arg(layout.admin_profile())
+        .args(["audit", "tail", "-f", "-n", "0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once its first two reads are recorded, it knows where the trail ended when it started.
+    for _ in 0..300 {
+        let reads = server.kms().audit_records(before, 100).unwrap();
+        if reads.iter().filter(|r| r.event.action == "Custody.ListAuditRecords").count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    c.call("TrentService.Encrypt", json!({ "KeyId": k, "Plaintext": B64.encode("z") })).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let mut follower = follower;
+    follower.kill().unwrap();
+    let out = String::from_utf8(follower.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("TrentService.Encrypt"), "{out}");
 
     // The file sink has every record the database has, in order, as JSON lines.
     let in_db: Vec<u64> = server.kms().audit_records(0, 1000).unwrap().iter().map(|r| r.seq).collect();

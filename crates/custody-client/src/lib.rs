@@ -75,6 +75,8 @@ pub struct Client {
     server_cert: Option<Vec<u8>>,
     /// Why the current connection ended, once it has (filled by its task).
     failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// The request id the server gave the last answer (`x-amzn-requestid`).
+    last_request_id: Option<String>,
 }
 
 impl std::fmt::Debug for Client {
@@ -98,9 +100,15 @@ impl Client {
             kx_group: None,
             server_cert: None,
             failure: Default::default(),
+            last_request_id: None,
         };
         client.reconnect().await?;
         Ok(client)
+    }
+
+    /// The request id of the last answer (`x-amzn-requestid`): what its audit record carries.
+    pub fn last_request_id(&self) -> Option<&str> {
+        self.last_request_id.as_deref()
     }
 
     /// The certificate the server presented on the current connection (DER).
@@ -213,6 +221,7 @@ impl Client {
             }
         };
         let status = resp.status().as_u16();
+        self.last_request_id = resp.headers().get("x-amzn-requestid").and_then(|v| v.to_str().ok()).map(str::to_string);
         let body = resp.into_body().collect().await.map_err(|e| ClientError::Protocol(e.to_string()))?.to_bytes();
         let value: Value = serde_json::from_slice(&body)
             .map_err(|_| ClientError::Protocol(format!("HTTP {status} with a body that is not JSON")))?;

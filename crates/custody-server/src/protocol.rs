@@ -360,7 +360,10 @@ fn custody_action(
                 outcome,
                 since: f.get("Since").and_then(Value::as_i64),
             };
-            Ok(json!({ "Records": kms.query_audit(&caller, &q)?, "LastSeq": kms.audit_last_seq()? }))
+            // The end of the trail first: every record up to it has been looked at, so a reader
+            // may continue after it (one committed during the query would otherwise be skipped).
+            let last_seq = kms.audit_last_seq()?;
+            Ok(json!({ "Records": kms.query_audit(&caller, &q)?, "LastSeq": last_seq }))
         }
         "VerifyAudit" => {
             let caller = authenticate(kms, identity, req, auth)?;
