@@ -926,13 +926,13 @@ impl Fields {
     }
 
     fn optional_u32(&self, name: &str) -> Result<Option<u32>, ApiError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).map(Some).ok_or_else(|| {
-                KmsError::validation(&lower_first(name), "Member must be a non-negative integer").into()
-            }),
-            Some(_) => Err(ApiError::serialization(format!("{name} must be a number"))),
-        }
+        self.optional_u64(name)?
+            .map(|n| {
+                u32::try_from(n).map_err(|_| {
+                    KmsError::validation(&lower_first(name), "Member must be a non-negative integer").into()
+                })
+            })
+            .transpose()
     }
 
     fn optional_u64(&self, name: &str) -> Result<Option<u64>, ApiError> {
