@@ -1125,8 +1125,10 @@ async fn audit(conn: &ConnArgs, cmd: AuditCommand, json: bool) -> Result<()> {
 fn print_audit_line(rec: &Value) {
     let who =
         rec["principal"].as_str().or(rec["tls_identity"].as_str()).or(rec["access_key_id"].as_str()).unwrap_or("-");
+    // Why a request was refused or failed, last (absent for successes).
+    let why = rec["error_code"].as_str().map(|c| format!("  {c}")).unwrap_or_default();
     println!(
-        "{:>8}  {}  {:<15}{}  {:<36}  {}  {}",
+        "{:>8}  {}  {:<15}{}  {:<36}  {}  {}{why}",
         rec["seq"],
         fmt_time(&json!(rec["time"].as_f64().map(|t| t / 1000.0))),
         rec["outcome"].as_str().unwrap_or("-"),
@@ -1137,7 +1139,6 @@ fn print_audit_line(rec: &Value) {
     );
 }
 
-/// Verifies an export file with the same verifier the server uses.
 /// Writes the trail to `w` page by page (the server sends at most 1,000 records at a time): a
 /// header line, then every record, elided record and checkpoint as a JSON line, in order.
 /// Returns how many records, of them elided, and checkpoints were written.
@@ -1179,8 +1180,9 @@ async fn export_trail(
     }
 }
 
-/// Verifies an export file in two passes over its lines (checkpoints first, then the records
-/// streamed through the verification), so memory does not grow with the file.
+/// Verifies an export file with the same verifier the server uses, in two passes over its lines
+/// (checkpoints first, then the records streamed through the verification), so memory does not
+/// grow with the file.
 fn verify_export(file: &Path, public_key: &[u8]) -> Result<Value> {
     use std::io::BufRead;
     let lines = || -> Result<_> {

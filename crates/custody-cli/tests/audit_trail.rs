@@ -236,6 +236,23 @@ async fn verify_export_and_hash_through_the_cli() {
     assert!(err.contains(&format!("--after {fourth}")), "{err}");
     let (_, out, err) = run(&["audit", "query", "--action", "Frobnicate"]);
     assert!(out.is_empty() && err.contains("no records match"), "{out}{err}");
+    // A Decrypt that failed names the key by the id in its blob: the alias finds it too, and the
+    // table says why it failed.
+    let blob = c
+        .call(
+            "TrentService.Encrypt",
+            json!({ "KeyId": k, "Plaintext": B64.encode("w"), "EncryptionContext": { "a": "b" } }),
+        )
+        .await
+        .unwrap()["CiphertextBlob"]
+        .clone();
+    assert!(c.call("TrentService.Decrypt", json!({ "CiphertextBlob": blob })).await.is_err());
+    let (code, out, _) = run(&["audit", "query", "--key", "alias/audited", "--outcome", "failed"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.lines().count() == 1 && out.contains("TrentService.Decrypt") && out.contains("InvalidCiphertextException"),
+        "{out}"
+    );
     let (code, out, _) = run(&["--json", "audit", "query", "--key", "alias/never-created"]);
     let q: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!((code, q["Records"].as_array().unwrap().len()), (Some(0), 0), "{q}");

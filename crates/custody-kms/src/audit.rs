@@ -1033,17 +1033,20 @@ impl Kms {
             None => true,
             Some(n) => field.as_deref().is_some_and(|f| f.contains(n.as_str())),
         };
-        // Records name the key a request resolved to (its ARN), not the alias the caller typed;
-        // only a request that failed before resolving names the alias itself. So an alias
-        // matches both: its own text, and the ARN of the key it names now (if it still exists).
+        // Records name the key a request resolved to (its ARN; a Decrypt that failed, the key id
+        // in the blob), not the alias the caller typed; only a request that failed before
+        // resolving names the alias itself. So an alias matches its own text, and the ARN or id
+        // of the key it names now (if it still exists).
         let aliased = match q.key.as_deref().map(|k| KeyRef::parse(k, "keyId")) {
-            Some(Ok(r @ (KeyRef::Alias(_) | KeyRef::AliasArn { .. }))) => {
-                self.resolve(&*self.unsealed()?, caller, &r).ok().map(|k| self.key_arn(&k.value))
-            }
+            Some(Ok(r @ (KeyRef::Alias(_) | KeyRef::AliasArn { .. }))) => self
+                .resolve(&*self.unsealed()?, caller, &r)
+                .ok()
+                .map(|k| (self.key_arn(&k.value), k.value.id.to_string())),
             _ => None,
         };
         let key_matches = |field: &Option<String>| {
-            contains(field, &q.key) || aliased.as_ref().is_some_and(|arn| field.as_deref() == Some(arn.as_str()))
+            contains(field, &q.key)
+                || aliased.as_ref().is_some_and(|(arn, id)| field.as_deref().is_some_and(|f| f == arn || f == id))
         };
         let mut out = Vec::new();
         // Every record up to the newest checkpoint signed before `since` is older than it: start
