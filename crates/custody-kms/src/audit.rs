@@ -559,6 +559,28 @@ fn open_records(u: &Unsealed, row: &custody_store::Row) -> Result<Vec<AuditRecor
     }
 }
 
+/// Records after sequence number `after`, oldest first, at most `limit`. Rows (each a group of
+/// records, keyed by its last) are read a few at a time, so a page reads about the rows it returns.
+fn records_after(u: &Unsealed, after: u64, limit: usize) -> Result<Vec<AuditRecord>, KmsError> {
+    let mut out = Vec::new();
+    let mut from = (after > 0).then(|| row_key(after));
+    loop {
+        let rows = u.barrier.backend().scan(Table::Audit, "", from.as_deref(), limit.min(64))?;
+        let done = rows.len() < limit.min(64);
+        for row in rows {
+            out.extend(open_records(u, &row)?.into_iter().filter(|r| r.seq > after));
+            if out.len() >= limit {
+                out.truncate(limit);
+                return Ok(out);
+            }
+            from = Some(row.key);
+        }
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
 /// The sequence number of the first record still stored.
 fn first_record(u: &Unsealed) -> Result<Option<u64>, KmsError> {
     let Some(row) = u.barrier.backend().scan(Table::Audit, "", None, 1)?.pop() else { return Ok(None) };
@@ -1171,19 +1193,7 @@ impl Kms {
 
     /// Audit records after sequence number `after`, oldest first, at most `limit`.
     pub fn audit_records(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, KmsError> {
-        let u = self.unsealed()?;
-        let from = (after > 0).then(|| row_key(after));
-        // Rows are keyed by their last record: each row after `after` holds at least one record
-        // after it, so `limit` rows hold at least `limit` records (if there are that many).
-        let mut out = Vec::new();
-        for row in u.barrier.backend().scan(Table::Audit, "", from.as_deref(), limit)? {
-            out.extend(open_records(&u, &row)?.into_iter().filter(|r| r.seq > after));
-            if out.len() >= limit {
-                break;
-            }
-        }
-        out.truncate(limit);
-        Ok(out)
+        records_after(&*self.unsealed()?, after, limit)
     }
 
     /// One page of the trail for export: up to `limit` records after `from`, each checkpoint
@@ -1206,14 +1216,7 @@ impl Kms {
             },
             ExportFrom::After(after) => after,
         };
-        let mut records = Vec::new();
-        for row in u.barrier.backend().scan(Table::Audit, "", (after > 0).then(|| row_key(after)).as_deref(), limit)? {
-            records.extend(open_records(&u, &row)?.into_iter().filter(|r| r.seq > after));
-            if records.len() >= limit {
-                break;
-            }
-        }
-        records.truncate(limit);
+        let records = records_after(&u, after, limit)?;
         let last = records.last().map_or(after, |r| r.seq);
         // The anchor (a checkpoint at `after`) opens the first page; later pages start after it.
         let cp_from = match from {
