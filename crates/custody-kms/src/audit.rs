@@ -559,26 +559,50 @@ fn open_records(u: &Unsealed, row: &custody_store::Row) -> Result<Vec<AuditRecor
     }
 }
 
+/// The rows of `table` after record `after` (0: from the first), in key order, read a page at a
+/// time as the iteration advances: every walk over the trail or its checkpoints (reading,
+/// exporting, verifying, pruning) holds one page, however long the trail. A read error ends it.
+fn rows_after(
+    u: &Unsealed,
+    table: Table,
+    after: u64,
+) -> impl Iterator<Item = Result<custody_store::Row, StoreError>> + '_ {
+    const PAGE: usize = 128;
+    let (mut buffer, mut from, mut exhausted) =
+        (std::collections::VecDeque::new(), (after > 0).then(|| row_key(after)), false);
+    std::iter::from_fn(move || loop {
+        if let Some(row) = buffer.pop_front() {
+            return Some(Ok(row));
+        }
+        if exhausted {
+            return None;
+        }
+        match u.barrier.backend().scan(table, "", from.as_deref(), PAGE) {
+            Ok(rows) => {
+                exhausted = rows.len() < PAGE;
+                from = rows.last().map(|r| r.key.clone());
+                buffer.extend(rows);
+            }
+            Err(e) => {
+                exhausted = true;
+                return Some(Err(e));
+            }
+        }
+    })
+}
+
 /// Records after sequence number `after`, oldest first, at most `limit`. Rows (each a group of
-/// records, keyed by its last) are read a few at a time, so a page reads about the rows it returns.
+/// records, keyed by its last) are read a page at a time, so a call reads about the rows it returns.
 fn records_after(u: &Unsealed, after: u64, limit: usize) -> Result<Vec<AuditRecord>, KmsError> {
     let mut out = Vec::new();
-    let mut from = (after > 0).then(|| row_key(after));
-    loop {
-        let rows = u.barrier.backend().scan(Table::Audit, "", from.as_deref(), limit.min(64))?;
-        let done = rows.len() < limit.min(64);
-        for row in rows {
-            out.extend(open_records(u, &row)?.into_iter().filter(|r| r.seq > after));
-            if out.len() >= limit {
-                out.truncate(limit);
-                return Ok(out);
-            }
-            from = Some(row.key);
-        }
-        if done {
-            return Ok(out);
+    for row in rows_after(u, Table::Audit, after) {
+        out.extend(open_records(u, &row?)?.into_iter().filter(|r| r.seq > after));
+        if out.len() >= limit {
+            out.truncate(limit);
+            break;
         }
     }
+    Ok(out)
 }
 
 /// The sequence number of the first record still stored.
@@ -1051,6 +1075,7 @@ impl Kms {
         if !(1..=10_000).contains(&q.limit) {
             return Err(KmsError::validation("limit", "Member must have value between 1 and 10000"));
         }
+        let u = self.unsealed()?;
         let contains = |field: &Option<String>, needle: &Option<String>| match needle {
             None => true,
             Some(n) => field.as_deref().is_some_and(|f| f.contains(n.as_str())),
@@ -1060,10 +1085,9 @@ impl Kms {
         // resolving names the alias itself. So an alias matches its own text, and the ARN or id
         // of the key it names now (if it still exists).
         let aliased = match q.key.as_deref().map(|k| KeyRef::parse(k, "keyId")) {
-            Some(Ok(r @ (KeyRef::Alias(_) | KeyRef::AliasArn { .. }))) => self
-                .resolve(&*self.unsealed()?, caller, &r)
-                .ok()
-                .map(|k| (self.key_arn(&k.value), k.value.id.to_string())),
+            Some(Ok(r @ (KeyRef::Alias(_) | KeyRef::AliasArn { .. }))) => {
+                self.resolve(&u, caller, &r).ok().map(|k| (self.key_arn(&k.value), k.value.id.to_string()))
+            }
             _ => None,
         };
         let key_matches = |field: &Option<String>| {
@@ -1074,12 +1098,12 @@ impl Kms {
         // Every record up to the newest checkpoint signed before `since` is older than it: start
         // there instead of reading the whole trail.
         let skip = match q.since {
-            Some(since) => checkpoint_before(&*self.unsealed()?, since)?.unwrap_or(0),
+            Some(since) => checkpoint_before(&u, since)?.unwrap_or(0),
             None => 0,
         };
         let mut after = q.after.max(skip);
         loop {
-            let chunk = self.audit_records(after, 1000)?;
+            let chunk = records_after(&u, after, 1000)?;
             let done = chunk.len() < 1000;
             for r in chunk {
                 after = r.seq;
@@ -1135,29 +1159,21 @@ impl Kms {
         // Rows are read a page at a time and deleted in transactions of about PRUNE_ROWS rows,
         // each ending at a checkpoint (rows never straddle one): however much is due, memory
         // stays bounded, and after every transaction the trail again starts at an anchor.
-        const PAGE: usize = 256;
         const PRUNE_ROWS: usize = 1024;
-        let (mut writes, mut end, mut pruned_to) = (Vec::new(), first - 1, first - 1);
-        'pages: loop {
-            let rows = backend.scan(Table::Audit, "", (end > 0).then(|| row_key(end)).as_deref(), PAGE)?;
-            let full = rows.len() == PAGE;
-            for row in rows {
-                let seq: u64 = row.key.parse().map_err(|_| KmsError::Integrity(format!("audit/{}", row.key)))?;
-                if seq > anchor {
-                    break 'pages;
-                }
-                writes.push(u.barrier.delete(Table::Audit, &row.key, Expect::Rev(row.rev)));
-                end = seq;
-                let at_checkpoint = || backend.get(Table::AuditCheckpoints, &row_key(seq)).map(|r| r.is_some());
-                if seq == anchor || (writes.len() >= PRUNE_ROWS && at_checkpoint()?) {
-                    self.prune_to(&u, seq, std::mem::take(&mut writes))?;
-                    pruned_to = seq;
-                }
-                if seq == anchor {
-                    break 'pages;
-                }
+        let (mut writes, mut pruned_to) = (Vec::new(), first - 1);
+        for row in rows_after(&u, Table::Audit, first - 1) {
+            let row = row?;
+            let seq: u64 = row.key.parse().map_err(|_| KmsError::Integrity(format!("audit/{}", row.key)))?;
+            if seq > anchor {
+                break;
             }
-            if !full {
+            writes.push(u.barrier.delete(Table::Audit, &row.key, Expect::Rev(row.rev)));
+            let at_checkpoint = || backend.get(Table::AuditCheckpoints, &row_key(seq)).map(|r| r.is_some());
+            if seq == anchor || (writes.len() >= PRUNE_ROWS && at_checkpoint()?) {
+                self.prune_to(&u, seq, std::mem::take(&mut writes))?;
+                pruned_to = seq;
+            }
+            if seq == anchor {
                 break;
             }
         }
@@ -1171,21 +1187,12 @@ impl Kms {
     /// One pruning transaction: `writes` delete the rows up to checkpoint `anchor`; the
     /// checkpoints before it go too, and it stays as the anchor of what remains.
     fn prune_to(&self, u: &Unsealed, anchor: u64, mut writes: Vec<Write>) -> Result<(), KmsError> {
-        let backend = u.barrier.backend();
-        let mut after: Option<String> = None;
-        'pages: loop {
-            let cps = backend.scan(Table::AuditCheckpoints, "", after.as_deref(), 256)?;
-            let full = cps.len() == 256;
-            for cp in cps {
-                if cp.key >= row_key(anchor) {
-                    break 'pages;
-                }
-                writes.push(u.barrier.delete(Table::AuditCheckpoints, &cp.key, Expect::Rev(cp.rev)));
-                after = Some(cp.key);
-            }
-            if !full {
+        for cp in rows_after(u, Table::AuditCheckpoints, 0) {
+            let cp = cp?;
+            if cp.key >= row_key(anchor) {
                 break;
             }
+            writes.push(u.barrier.delete(Table::AuditCheckpoints, &cp.key, Expect::Rev(cp.rev)));
         }
         let _state = self.audit_seq.state.lock().unwrap_or_else(|p| p.into_inner());
         Ok(u.barrier.apply(&writes)?)
@@ -1209,32 +1216,24 @@ impl Kms {
         }
         let everyone = caller.roles().contains(&crate::model::Role::SecurityOfficer);
         let after = match from {
-            ExportFrom::Start => first_record(&u)?.map_or(0, |first| first - 1),
-            ExportFrom::Since(since) => match checkpoint_before(&u, since)? {
-                Some(anchor) => anchor,
-                None => first_record(&u)?.map_or(0, |first| first - 1),
-            },
             ExportFrom::After(after) => after,
+            ExportFrom::Since(since) if let Some(anchor) = checkpoint_before(&u, since)? => anchor,
+            ExportFrom::Start | ExportFrom::Since(_) => first_record(&u)?.map_or(0, |first| first - 1),
         };
         let records = records_after(&u, after, limit)?;
         let last = records.last().map_or(after, |r| r.seq);
         // The anchor (a checkpoint at `after`) opens the first page; later pages start after it.
-        let cp_from = match from {
-            ExportFrom::After(_) => Some(row_key(after)),
-            _ => after.checked_sub(1).filter(|&s| s > 0).map(row_key),
+        let cp_after = match from {
+            ExportFrom::After(_) => after,
+            _ => after.saturating_sub(1),
         };
-        // Read a page of checkpoints at a time: only those up to this page's last record.
         let mut covered = Vec::new();
-        let mut cp_after = cp_from;
-        loop {
-            let page = u.barrier.scan::<AuditCheckpoint>(Table::AuditCheckpoints, "", cp_after.as_deref(), 64)?;
-            let full = page.len() == 64;
-            cp_after = page.last().map(|v| row_key(v.value.seq));
-            let before = covered.len();
-            covered.extend(page.into_iter().map(|v| v.value).take_while(|cp| cp.seq <= last));
-            if !full || covered.len() - before < 64 {
+        for row in rows_after(&u, Table::AuditCheckpoints, cp_after) {
+            let cp = u.barrier.open_row::<AuditCheckpoint>(Table::AuditCheckpoints, row?)?.value;
+            if cp.seq > last {
                 break;
             }
+            covered.push(cp);
         }
         let mut checkpoints = covered.into_iter().peekable();
         let mut lines = Vec::with_capacity(records.len() + 1);
@@ -1270,35 +1269,19 @@ impl Kms {
         // Rows are read a page at a time as the verification walks them (memory stays bounded
         // however long the trail), and opened one by one so that a row that fails its seal is
         // reported (as its first record: one after the previous row's last), not fatal.
-        const PAGE: usize = 256;
         let failed = std::cell::RefCell::new(None);
-        let (mut buffer, mut after, mut previous_last, mut exhausted) =
-            (std::collections::VecDeque::new(), None::<String>, None, false);
-        let records = std::iter::from_fn(|| loop {
-            if let Some(record) = buffer.pop_front() {
-                return Some(record);
-            }
-            if exhausted {
-                return None;
-            }
-            let rows = match u.barrier.backend().scan(Table::Audit, "", after.as_deref(), PAGE) {
-                Ok(rows) => rows,
-                Err(e) => {
-                    *failed.borrow_mut() = Some(e);
-                    return None;
-                }
-            };
-            exhausted = rows.len() < PAGE;
-            for row in rows {
+        let mut previous_last = None;
+        let records = rows_after(u, Table::Audit, 0)
+            .map_while(|row| row.map_err(|e| *failed.borrow_mut() = Some(e)).ok())
+            .flat_map(|row| {
                 let last = row.key.parse::<u64>().unwrap_or(0);
-                match open_records(u, &row) {
-                    Ok(group) => buffer.extend(group.into_iter().map(|r| Ok(TrailRecord::Whole(Box::new(r))))),
-                    Err(_) => buffer.push_back(Err(previous_last.map_or(last, |p: u64| p + 1))),
-                }
+                let group = match open_records(u, &row) {
+                    Ok(group) => group.into_iter().map(|r| Ok(TrailRecord::Whole(Box::new(r)))).collect(),
+                    Err(_) => vec![Err(previous_last.map_or(last, |p: u64| p + 1))],
+                };
                 previous_last = Some(last);
-                after = Some(row.key);
-            }
-        });
+                group
+            });
         let cps = u.barrier.backend().scan(Table::AuditCheckpoints, "", None, usize::MAX)?;
         let checkpoints = cps
             .into_iter()
