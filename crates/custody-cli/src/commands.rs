@@ -1000,7 +1000,7 @@ async fn audit(conn: &ConnArgs, cmd: AuditCommand, json: bool) -> Result<()> {
         AuditCommand::Export { out, since } => {
             let since = since.as_deref().map(parse_since).transpose()?;
             let mut c = connect(conn).await?;
-            let io = |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot write the export: {e}"));
+            let io = export_write_error;
             let Some(path) = out else {
                 let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
                 export_trail(&mut c, since, &mut stdout, None).await?;
@@ -1139,6 +1139,10 @@ fn print_audit_line(rec: &Value) {
     );
 }
 
+fn export_write_error(e: std::io::Error) -> CliError {
+    CliError::new(exit::FAILURE, format!("cannot write the export: {e}"))
+}
+
 /// Writes the trail to `w` page by page (the server sends at most 1,000 records at a time): a
 /// header line, then every record, elided record and checkpoint as a JSON line, in order.
 /// Returns how many records, of them elided, and checkpoints were written.
@@ -1148,7 +1152,7 @@ async fn export_trail(
     w: &mut dyn Write,
     bar: Option<&indicatif::ProgressBar>,
 ) -> Result<(u64, u64, u64)> {
-    let io = |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot write the export: {e}"));
+    let io = export_write_error;
     let mut request = match since {
         Some(ms) => json!({ "Since": ms, "Limit": 1000 }),
         None => json!({ "Limit": 1000 }),
@@ -1185,29 +1189,23 @@ async fn export_trail(
 /// grow with the file.
 fn verify_export(file: &Path, public_key: &[u8]) -> Result<Value> {
     use std::io::BufRead;
+    let unreadable =
+        move |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", file.display()));
     let lines = || -> Result<_> {
-        let f = std::fs::File::open(file)
-            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", file.display())))?;
+        let f = std::fs::File::open(file).map_err(unreadable)?;
         Ok(std::io::BufReader::new(f).lines().enumerate().map(move |(n, line)| {
-            let line =
-                line.map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", file.display())))?;
+            let line = line.map_err(unreadable)?;
             if line.trim().is_empty() {
                 return Ok(None);
             }
-            let v: Value = serde_json::from_str(&line).map_err(|_| {
-                CliError::new(
-                    exit::INVALID_REQUEST,
-                    format!("{} line {}: not a custody audit export line", file.display(), n + 1),
-                )
-            })?;
             let known = ["record", "elided", "checkpoint", "custody_audit_export"];
-            if !known.iter().any(|k| v.get(k).is_some()) {
-                return Err(CliError::new(
+            match serde_json::from_str::<Value>(&line) {
+                Ok(v) if known.iter().any(|k| v.get(k).is_some()) => Ok(Some(v)),
+                _ => Err(CliError::new(
                     exit::INVALID_REQUEST,
                     format!("{} line {}: not a custody audit export line", file.display(), n + 1),
-                ));
+                )),
             }
-            Ok(Some(v))
         }))
     };
     let mut checkpoints = Vec::new();
