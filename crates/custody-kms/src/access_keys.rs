@@ -202,7 +202,7 @@ impl Kms {
         }
         let principal = u
             .barrier
-            .get::<PrincipalRecord>(Table::Principals, &format!("{}/{}", key.tenant, key.principal))?
+            .get_decoded::<PrincipalRecord>(Table::Principals, &format!("{}/{}", key.tenant, key.principal))?
             .ok_or_else(unrecognized)?
             .value;
         if !principal.enabled {

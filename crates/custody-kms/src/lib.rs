@@ -84,6 +84,10 @@ pub struct KmsConfig {
     pub key_usage_limit: u64,
 }
 
+/// How long a row opened by the storage barrier (and key material unwrapped from it) stays in
+/// memory without being read; the scheduler's passes forget older ones.
+pub(crate) const REMEMBERED_ROWS_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Default of `audit_group_wait_us`: how long, at most, the audit thread waits for the records of
 /// requests being served before a group commit. Zero: it pays where custody has its cores to
 /// itself and costs where its clients share them (docs/BENCHMARKS.md "Session 8").
@@ -242,12 +246,12 @@ impl Kms {
     }
 
     fn key_by_id(&self, u: &Unsealed, id: KeyId) -> Result<Option<Versioned<KeyRecord>>, KmsError> {
-        Ok(u.barrier.get::<KeyRecord>(Table::Keys, &id.to_string())?)
+        Ok(u.barrier.get_decoded::<KeyRecord>(Table::Keys, &id.to_string())?)
     }
 
     fn alias_target(&self, u: &Unsealed, caller: &Caller, alias: &AliasName) -> Result<KeyId, KmsError> {
         let row = format!("{}/{}", caller.tenant, alias);
-        u.barrier.get::<model::AliasRecord>(Table::Aliases, &row)?.map(|a| a.value.key_id).ok_or_else(|| {
+        u.barrier.get_decoded::<model::AliasRecord>(Table::Aliases, &row)?.map(|a| a.value.key_id).ok_or_else(|| {
             KmsError::NotFound(format!(
                 "Alias {} is not found.",
                 ids::alias_arn(&self.config.region, &caller.tenant, alias)
@@ -255,23 +259,28 @@ impl Kms {
         })
     }
 
-    /// Unwraps one version's material. Requires proof of an action that may use it.
+    /// Unwraps one version's material. Requires proof of an action that may use it. The
+    /// material is remembered with the version row's sealed bytes (ARCHITECTURE "Opened rows"):
+    /// unwrapped once, not on every request, and dropped (wiped) with the memo entry.
     fn material<A: UsesMaterial>(
         &self,
         u: &Unsealed,
         key: &KeyRecord,
         version: u32,
         _proof: &Authorized<A>,
-    ) -> Result<KeyMaterial, KmsError> {
-        let row = u
+    ) -> Result<Arc<KeyMaterial>, KmsError> {
+        let unwrap = |row: &VersionRecord| {
+            let aad = WrapAad { tenant: key.tenant.as_str(), key_id: &key.id.to_string(), version };
+            u.roots.unwrap_version(row, &aad).map_err(|_| {
+                tracing::error!(key_id = %key.id, version, "wrapped key version failed its integrity check");
+                KmsError::Integrity(format!("versions/{}", version_row(key.id, version)))
+            })
+        };
+        let (_, material) = u
             .barrier
-            .get::<VersionRecord>(Table::Versions, &version_row(key.id, version))?
+            .get_derived::<VersionRecord, _, KmsError>(Table::Versions, &version_row(key.id, version), unwrap)?
             .ok_or(KmsError::InvalidCiphertext)?;
-        let aad = WrapAad { tenant: key.tenant.as_str(), key_id: &key.id.to_string(), version };
-        u.roots.unwrap_version(&row.value, &aad).map_err(|_| {
-            tracing::error!(key_id = %key.id, version, "wrapped key version failed its integrity check");
-            KmsError::Integrity(format!("versions/{}", version_row(key.id, version)))
-        })
+        Ok(material)
     }
 
     /// Creates version `version` of `key`: fresh material, wrapped under the root key.

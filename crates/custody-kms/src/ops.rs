@@ -807,6 +807,10 @@ impl Kms {
     /// conditional write, and a key changed meanwhile is left for the next pass.
     pub fn run_due_work(&self) -> Result<WorkReport, KmsError> {
         let u = self.unsealed()?;
+        // Rows nobody read lately leave memory, with the key material unwrapped from them: on
+        // this node a destroyed key's material went when its rows were deleted; on another node
+        // it goes here, or as soon as a request finds the rows gone.
+        u.barrier.forget_idle(crate::REMEMBERED_ROWS_IDLE);
         let now = now_ms();
         let mut report = WorkReport::default();
         u.barrier.for_each::<KeyRecord, KmsError>(Table::Keys, "", None, |key| {

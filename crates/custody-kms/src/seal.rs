@@ -574,8 +574,11 @@ impl Kms {
         let u = self.unsealed()?;
         let denied = || KmsError::Unauthenticated("The security token included in the request is invalid.".into());
         let (tenant, name) = parse_identity(uri).ok_or_else(denied)?;
-        let record =
-            u.barrier.get::<PrincipalRecord>(Table::Principals, &format!("{tenant}/{name}"))?.ok_or_else(denied)?.value;
+        let record = u
+            .barrier
+            .get_decoded::<PrincipalRecord>(Table::Principals, &format!("{tenant}/{name}"))?
+            .ok_or_else(denied)?
+            .value;
         if !record.enabled || record.tenant != tenant {
             return Err(denied());
         }

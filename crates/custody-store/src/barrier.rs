@@ -1,7 +1,9 @@
 //! The storage barrier: typed rows, sealed under a root-derived key.
 
+use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use custody_crypto::{BarrierKey, SecretBytes};
 use serde::de::DeserializeOwned;
@@ -40,11 +42,20 @@ pub struct Barrier {
     opened: std::sync::Mutex<std::collections::HashMap<Table, std::collections::HashMap<String, Opened>>>,
 }
 
-/// A row as sealed, and its plaintext.
+/// A row as sealed, its plaintext, and what readers made of it.
 struct Opened {
     sealed: Vec<u8>,
     plain: Arc<SecretBytes>,
+    /// The row decoded, for a reader that asked for it as a type ([`Barrier::get_decoded`]).
+    decoded: Option<Arc<dyn Any + Send + Sync>>,
+    /// A value derived from the decoded row ([`Barrier::get_derived`]: unwrapped key material).
+    derived: Option<Arc<dyn Any + Send + Sync>>,
+    /// When a read last found these bytes.
+    used: Instant,
 }
+
+/// What one memo entry holds for a caller: (decoded, derived).
+type Remembered = (Option<Arc<dyn Any + Send + Sync>>, Option<Arc<dyn Any + Send + Sync>>);
 
 /// Opened rows kept, at most; past it the memo starts again empty.
 const OPENED_ROWS: usize = 4096;
@@ -106,7 +117,113 @@ impl Barrier {
 
     /// Reads and opens one row.
     pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<Versioned<T>>, StoreError> {
-        self.backend.get(table, key)?.map(|row| self.open(table, row.key, row.rev, &row.value)).transpose()
+        self.read(table, key)?.map(|row| self.open(table, row.key, row.rev, &row.value)).transpose()
+    }
+
+    /// Reads one row like [`Barrier::get`], and remembers it decoded beside its sealed bytes, so
+    /// that reading the same bytes again costs a comparison and a clone instead of a JSON decode.
+    /// For the rows every request reads (keys, versions, principals). `T` must hold no secret: a
+    /// decoded value is not wiped when forgotten (secret-bearing records are not `Clone`).
+    pub fn get_decoded<T>(&self, table: Table, key: &str) -> Result<Option<Versioned<T>>, StoreError>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let Some(row) = self.read(table, key)? else { return Ok(None) };
+        let value = self.decoded::<T>(table, &row)?;
+        Ok(Some(Versioned { key: row.key, rev: row.rev, value: T::clone(&value) }))
+    }
+
+    /// Reads one row like [`Barrier::get_decoded`], with a value `derive` makes of it, computed
+    /// once per sealed bytes and remembered with them: a changed row (a write, another node's
+    /// write, tampering) is opened, checked and derived afresh. For key material unwrapped from a
+    /// version row, which is a function of the row's bytes alone. The derived value is dropped
+    /// (and a `KeyMaterial` wiped) when the row is written or deleted through this barrier, found
+    /// deleted, unused for [`Barrier::forget_idle`]'s limit, or the memo is emptied (when full,
+    /// and with the barrier at seal or root rotation).
+    pub fn get_derived<T, D, E>(
+        &self,
+        table: Table,
+        key: &str,
+        derive: impl FnOnce(&T) -> Result<D, E>,
+    ) -> Result<Option<(Versioned<T>, Arc<D>)>, E>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+        D: Send + Sync + 'static,
+        E: From<StoreError>,
+    {
+        let Some(row) = self.read(table, key)? else { return Ok(None) };
+        let value = self.decoded::<T>(table, &row)?;
+        let remembered = self.remembered(table, &row).and_then(|(_, d)| d).and_then(|d| d.downcast::<D>().ok());
+        let derived = match remembered {
+            Some(d) => d,
+            None => {
+                let d = Arc::new(derive(&value)?);
+                self.remember(table, &row, |o| o.derived = Some(d.clone()));
+                d
+            }
+        };
+        Ok(Some((Versioned { key: row.key, rev: row.rev, value: T::clone(&value) }, derived)))
+    }
+
+    /// Forgets remembered rows that no read has found for `max_idle`: what a deleted row left
+    /// (on another node, a key destroyed there) does not stay in memory for long.
+    pub fn forget_idle(&self, max_idle: Duration) {
+        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        for rows in opened.values_mut() {
+            rows.retain(|_, o| o.used.elapsed() < max_idle);
+        }
+    }
+
+    /// Reads one raw row; a row found deleted is forgotten at once, with anything derived from it.
+    fn read(&self, table: Table, key: &str) -> Result<Option<crate::Row>, StoreError> {
+        let row = self.backend.get(table, key)?;
+        if row.is_none() {
+            self.forget(table, key);
+        }
+        Ok(row)
+    }
+
+    fn forget(&self, table: Table, key: &str) {
+        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rows) = opened.get_mut(&table) {
+            rows.remove(key);
+        }
+    }
+
+    /// The row decoded as `T`: remembered, or opened, decoded and remembered.
+    fn decoded<T>(&self, table: Table, row: &crate::Row) -> Result<Arc<T>, StoreError>
+    where
+        T: DeserializeOwned + Send + Sync + 'static,
+    {
+        if let Some(v) = self.remembered(table, row).and_then(|(d, _)| d).and_then(|d| d.downcast::<T>().ok()) {
+            return Ok(v);
+        }
+        let plain = self.open_bytes(table, &row.key, &row.value)?;
+        let value = Arc::new(decode::<T>(table, &row.key, plain.expose_secret())?);
+        let erased: Arc<dyn Any + Send + Sync> = value.clone();
+        self.remember(table, row, |o| o.decoded = Some(erased));
+        Ok(value)
+    }
+
+    /// What the memo holds for `row`'s bytes, if it holds them (and marks them used).
+    fn remembered(&self, table: Table, row: &crate::Row) -> Option<Remembered> {
+        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = opened.get_mut(&table)?.get_mut(&row.key)?;
+        if hit.sealed != row.value {
+            return None;
+        }
+        hit.used = Instant::now();
+        Some((hit.decoded.clone(), hit.derived.clone()))
+    }
+
+    /// Adds to the memo entry of `row`'s bytes (none: they were forgotten meanwhile, and stay so).
+    fn remember(&self, table: Table, row: &crate::Row, add: impl FnOnce(&mut Opened)) {
+        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = opened.get_mut(&table).and_then(|t| t.get_mut(&row.key)) {
+            if hit.sealed == row.value {
+                add(hit);
+            }
+        }
     }
 
     /// Reads and opens rows by prefix (see [`Backend::scan`]).
@@ -180,8 +297,13 @@ impl Barrier {
         Write::Delete { table, key: key.to_string(), expect }
     }
 
-    /// Applies a batch atomically.
+    /// Applies a batch atomically. The rows it writes are forgotten by the memo first (what was
+    /// derived from their old bytes, key material included, is dropped now, not when next read).
     pub fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
+        for w in writes {
+            let (Write::Put { table, key, .. } | Write::Delete { table, key, .. }) = w;
+            self.forget(*table, key);
+        }
         self.backend.apply(writes)
     }
 
@@ -199,24 +321,23 @@ impl Barrier {
         sealed: &[u8],
     ) -> Result<Versioned<T>, StoreError> {
         let plain = self.open_bytes(table, &key, sealed)?;
-        let value = serde_json::from_slice(plain.expose_secret()).map_err(|e| StoreError::Decode {
-            table: table.name(),
-            key: key.clone(),
-            reason: e.to_string(),
-        })?;
+        let value = decode(table, &key, plain.expose_secret())?;
         Ok(Versioned { key, rev, value })
     }
 
     fn open_bytes(&self, table: Table, key: &str, sealed: &[u8]) -> Result<Arc<SecretBytes>, StoreError> {
-        let memo = |opened: &std::collections::HashMap<Table, std::collections::HashMap<String, Opened>>| {
-            let hit = opened.get(&table)?.get(key)?;
-            (hit.sealed == sealed).then(|| hit.plain.clone())
+        let memo = |opened: &mut std::collections::HashMap<Table, std::collections::HashMap<String, Opened>>| {
+            let hit = opened.get_mut(&table)?.get_mut(key)?;
+            (hit.sealed == sealed).then(|| {
+                hit.used = Instant::now();
+                hit.plain.clone()
+            })
         };
         // The audit trail is read by scans of thousands of records, each once: not worth keeping.
         if matches!(table, Table::Audit | Table::AuditCheckpoints) {
             return self.open_sealed(table, key, sealed).map(Arc::new);
         }
-        if let Some(plain) = memo(&self.opened.lock().unwrap_or_else(|p| p.into_inner())) {
+        if let Some(plain) = memo(&mut self.opened.lock().unwrap_or_else(|p| p.into_inner())) {
             return Ok(plain);
         }
         let plain = Arc::new(self.open_sealed(table, key, sealed)?);
@@ -224,10 +345,7 @@ impl Barrier {
         if opened.values().map(|t| t.len()).sum::<usize>() >= OPENED_ROWS {
             opened.clear();
         }
-        opened
-            .entry(table)
-            .or_default()
-            .insert(key.to_string(), Opened { sealed: sealed.to_vec(), plain: plain.clone() });
+        opened.entry(table).or_default().insert(key.to_string(), Opened::new(sealed.to_vec(), plain.clone()));
         Ok(plain)
     }
 
@@ -242,6 +360,20 @@ impl Barrier {
             StoreError::Integrity { table: table.name(), key: key.to_string() }
         })
     }
+}
+
+impl Opened {
+    fn new(sealed: Vec<u8>, plain: Arc<SecretBytes>) -> Self {
+        Self { sealed, plain, decoded: None, derived: None, used: Instant::now() }
+    }
+}
+
+fn decode<T: DeserializeOwned>(table: Table, key: &str, plain: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(plain).map_err(|e| StoreError::Decode {
+        table: table.name(),
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -282,6 +414,90 @@ mod tests {
         // Another root key opens nothing.
         let other = Barrier::new(backend, RootKey::generate().barrier_key());
         assert!(matches!(other.get::<String>(Table::Keys, "b"), Err(StoreError::Integrity { .. })));
+    }
+
+    #[test]
+    fn decoded_and_derived_values_follow_the_sealed_bytes() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&dir.path().join("s.db")).unwrap());
+        let barrier = Barrier::new(backend.clone(), RootKey::generate().barrier_key());
+        barrier
+            .apply(&[
+                barrier.put(Table::Versions, "k/1", &"one", Expect::Absent),
+                barrier.put(Table::Versions, "k/2", &"two", Expect::Absent),
+            ])
+            .unwrap();
+        let derivations = AtomicUsize::new(0);
+        let derive = |v: &String| {
+            derivations.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, StoreError>(format!("derived from {v}"))
+        };
+        let read = || barrier.get_derived::<String, String, StoreError>(Table::Versions, "k/1", derive).unwrap();
+
+        // Derived once for the same bytes; the decoded row is the stored one.
+        let (row, first) = read().unwrap();
+        assert_eq!((row.value.as_str(), row.rev, first.as_str()), ("one", 1, "derived from one"));
+        let (_, again) = read().unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(derivations.load(Ordering::Relaxed), 1);
+        assert_eq!(barrier.get_decoded::<String>(Table::Versions, "k/1").unwrap().unwrap().value, "one");
+        let held = Arc::downgrade(&first);
+        drop((first, again));
+        assert!(held.upgrade().is_some(), "remembered while the row is unchanged");
+
+        // A write through the barrier drops what was derived at once, and the next read derives
+        // from the new bytes.
+        barrier.apply(&[barrier.put(Table::Versions, "k/1", &"uno", Expect::Rev(1))]).unwrap();
+        assert!(held.upgrade().is_none(), "dropped when the row was written");
+        let (row, now) = read().unwrap();
+        assert_eq!((row.value.as_str(), row.rev, now.as_str()), ("uno", 2, "derived from uno"));
+        assert_eq!(derivations.load(Ordering::Relaxed), 2);
+
+        // Bytes changed behind the barrier (another node, or tampering): opened and checked
+        // afresh, never answered from the memo.
+        let two = backend.get(Table::Versions, "k/2").unwrap().unwrap().value;
+        backend
+            .apply(&[Write::Put { table: Table::Versions, key: "k/1".into(), value: two, expect: Expect::Any }])
+            .unwrap();
+        assert!(matches!(
+            barrier.get_derived::<String, String, StoreError>(Table::Versions, "k/1", derive),
+            Err(StoreError::Integrity { .. })
+        ));
+        assert!(matches!(barrier.get_decoded::<String>(Table::Versions, "k/1"), Err(StoreError::Integrity { .. })));
+        assert_eq!(derivations.load(Ordering::Relaxed), 2);
+
+        // A row deleted behind the barrier: not found, and what was derived from it is dropped
+        // as soon as a read finds it gone.
+        barrier.apply(&[barrier.put(Table::Versions, "k/1", &"again", Expect::Any)]).unwrap();
+        let held = Arc::downgrade(&read().unwrap().1);
+        backend.apply(&[Write::Delete { table: Table::Versions, key: "k/1".into(), expect: Expect::Any }]).unwrap();
+        assert!(held.upgrade().is_some());
+        assert!(read().is_none());
+        assert!(held.upgrade().is_none(), "dropped when a read found the row deleted");
+
+        // Unused rows are forgotten by age.
+        let (_, derived) = barrier
+            .get_derived::<String, String, StoreError>(Table::Versions, "k/2", |v| Ok(v.clone()))
+            .unwrap()
+            .unwrap();
+        let held = Arc::downgrade(&derived);
+        drop(derived);
+        barrier.forget_idle(Duration::from_secs(60));
+        assert!(held.upgrade().is_some(), "read just now");
+        barrier.forget_idle(Duration::ZERO);
+        assert!(held.upgrade().is_none(), "forgotten when idle");
+
+        // A failed derivation is an error, and nothing is remembered for it.
+        let failed = barrier.get_derived::<String, String, StoreError>(Table::Versions, "k/2", |_| {
+            Err(StoreError::Integrity { table: "versions", key: "k/2".into() })
+        });
+        assert!(matches!(failed, Err(StoreError::Integrity { .. })));
+        let (_, ok) = barrier
+            .get_derived::<String, String, StoreError>(Table::Versions, "k/2", |v| Ok(v.clone()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(ok.as_str(), "two");
     }
 
     #[test]
