@@ -42,6 +42,9 @@ pub struct Barrier {
     opened: std::sync::Mutex<std::collections::HashMap<Table, std::collections::HashMap<String, Opened>>>,
 }
 
+/// A decoded row and the value derived from it ([`Barrier::get_derived`]).
+pub type Derived<T, D> = (Versioned<T>, Arc<D>);
+
 /// A row as sealed, its plaintext, and what readers made of it.
 struct Opened {
     sealed: Vec<u8>,
@@ -145,7 +148,7 @@ impl Barrier {
         table: Table,
         key: &str,
         derive: impl FnOnce(&T) -> Result<D, E>,
-    ) -> Result<Option<(Versioned<T>, Arc<D>)>, E>
+    ) -> Result<Option<Derived<T, D>>, E>
     where
         T: DeserializeOwned + Clone + Send + Sync + 'static,
         D: Send + Sync + 'static,
