@@ -56,6 +56,40 @@ fn rotation_keeps_old_ciphertexts_decryptable() {
 }
 
 #[test]
+fn remembered_key_material_never_outlives_a_changed_version_row() {
+    use custody_store::{Expect, Table, Write};
+    let store = common::keyfile_store();
+    let (kms, caller) = store.open(KmsConfig::development());
+    let key = kms.create_key(&caller, CreateKeyRequest::default()).unwrap();
+    let k = id(&key.key_id);
+    let c = ctx(&[("purpose", "memo")]);
+    let secret = SecretBytes::copy_from(b"remembered");
+    let first = kms.encrypt(&caller, &k, &secret, &c).unwrap().ciphertext_blob;
+    kms.rotate_key_on_demand(&caller, &k).unwrap();
+    let second = kms.encrypt(&caller, &k, &secret, &c).unwrap().ciphertext_blob;
+    // Both versions' material is in use (and remembered) on this node.
+    for blob in [&first, &second] {
+        assert_eq!(kms.decrypt(&caller, blob, &c, None).unwrap().plaintext.expose_secret(), b"remembered");
+    }
+    // Version 1's row replaced, behind the service, by version 2's (as another node or an
+    // attacker with the database could): the node opens the row afresh and refuses it, instead
+    // of answering from the material it remembers for the old bytes.
+    let row = |v: u32| format!("{}/{v:010}", key.key_id);
+    let v2 = store.backend.get(Table::Versions, &row(2)).unwrap().unwrap().value;
+    let v1 = store.backend.get(Table::Versions, &row(1)).unwrap().unwrap().value;
+    let put = |value: Vec<u8>| Write::Put { table: Table::Versions, key: row(1), value, expect: Expect::Any };
+    store.backend.apply(&[put(v2)]).unwrap();
+    assert!(matches!(kms.decrypt(&caller, &first, &c, None), Err(KmsError::Integrity(_))));
+    assert_eq!(kms.decrypt(&caller, &second, &c, None).unwrap().plaintext.expose_secret(), b"remembered");
+    // The row restored: its bytes are checked and unwrapped again, and decrypt again.
+    store.backend.apply(&[put(v1)]).unwrap();
+    assert_eq!(kms.decrypt(&caller, &first, &c, None).unwrap().plaintext.expose_secret(), b"remembered");
+    // Deleted behind the service: the ciphertext no longer opens, whatever was remembered.
+    store.backend.apply(&[Write::Delete { table: Table::Versions, key: row(1), expect: Expect::Any }]).unwrap();
+    assert!(matches!(kms.decrypt(&caller, &first, &c, None), Err(KmsError::InvalidCiphertext)));
+}
+
+#[test]
 fn a_key_version_rotates_itself_at_its_usage_limit_and_counts_survive() {
     let store = common::keyfile_store();
     let (kms, caller) = store.open(KmsConfig { key_usage_limit: 10, ..KmsConfig::development() });

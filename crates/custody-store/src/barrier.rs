@@ -187,6 +187,9 @@ impl Barrier {
     }
 
     fn forget(&self, table: Table, key: &str) {
+        if !remembers(table) {
+            return;
+        }
         let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(rows) = opened.get_mut(&table) {
             rows.remove(key);
@@ -300,14 +303,17 @@ impl Barrier {
         Write::Delete { table, key: key.to_string(), expect }
     }
 
-    /// Applies a batch atomically. The rows it writes are forgotten by the memo first (what was
-    /// derived from their old bytes, key material included, is dropped now, not when next read).
+    /// Applies a batch atomically. Then the memo forgets the rows it wrote (what was derived
+    /// from their old bytes, key material included, is dropped now, not when next read; a read
+    /// racing the write may remember the old bytes again, until a read finds other bytes or none,
+    /// or [`Barrier::forget_idle`]).
     pub fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
+        let applied = self.backend.apply(writes);
         for w in writes {
             let (Write::Put { table, key, .. } | Write::Delete { table, key, .. }) = w;
             self.forget(*table, key);
         }
-        self.backend.apply(writes)
+        applied
     }
 
     /// Opens one raw row (from [`Backend::scan`]), so a caller can handle a row that fails its
@@ -336,8 +342,7 @@ impl Barrier {
                 hit.plain.clone()
             })
         };
-        // The audit trail is read by scans of thousands of records, each once: not worth keeping.
-        if matches!(table, Table::Audit | Table::AuditCheckpoints) {
+        if !remembers(table) {
             return self.open_sealed(table, key, sealed).map(Arc::new);
         }
         if let Some(plain) = memo(&mut self.opened.lock().unwrap_or_else(|p| p.into_inner())) {
@@ -369,6 +374,12 @@ impl Opened {
     fn new(sealed: Vec<u8>, plain: Arc<SecretBytes>) -> Self {
         Self { sealed, plain, decoded: None, derived: None, used: Instant::now() }
     }
+}
+
+/// Whether the memo keeps `table`'s rows. The audit trail is read by scans of thousands of
+/// records, each once, and appended to on every request: not worth keeping.
+fn remembers(table: Table) -> bool {
+    !matches!(table, Table::Audit | Table::AuditCheckpoints)
 }
 
 fn decode<T: DeserializeOwned>(table: Table, key: &str, plain: &[u8]) -> Result<T, StoreError> {
