@@ -132,7 +132,8 @@ impl Barrier {
         T: DeserializeOwned + Clone + Send + Sync + 'static,
     {
         let Some(row) = self.read(table, key)? else { return Ok(None) };
-        let value = self.decoded::<T>(table, &row)?;
+        let (decoded, _) = self.remembered(table, &row).unwrap_or_default();
+        let value = self.decoded::<T>(table, &row, decoded)?;
         Ok(Some(Versioned { key: row.key, rev: row.rev, value: T::clone(&value) }))
     }
 
@@ -155,9 +156,9 @@ impl Barrier {
         E: From<StoreError>,
     {
         let Some(row) = self.read(table, key)? else { return Ok(None) };
-        let value = self.decoded::<T>(table, &row)?;
-        let remembered = self.remembered(table, &row).and_then(|(_, d)| d).and_then(|d| d.downcast::<D>().ok());
-        let derived = match remembered {
+        let (decoded, derived) = self.remembered(table, &row).unwrap_or_default();
+        let value = self.decoded::<T>(table, &row, decoded)?;
+        let derived = match derived.and_then(|d| d.downcast::<D>().ok()) {
             Some(d) => d,
             None => {
                 let d = Arc::new(derive(&value)?);
@@ -196,12 +197,17 @@ impl Barrier {
         }
     }
 
-    /// The row decoded as `T`: remembered, or opened, decoded and remembered.
-    fn decoded<T>(&self, table: Table, row: &crate::Row) -> Result<Arc<T>, StoreError>
+    /// The row decoded as `T`: the `remembered` one, or opened, decoded and remembered.
+    fn decoded<T>(
+        &self,
+        table: Table,
+        row: &crate::Row,
+        remembered: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Result<Arc<T>, StoreError>
     where
         T: DeserializeOwned + Send + Sync + 'static,
     {
-        if let Some(v) = self.remembered(table, row).and_then(|(d, _)| d).and_then(|d| d.downcast::<T>().ok()) {
+        if let Some(v) = remembered.and_then(|d| d.downcast::<T>().ok()) {
             return Ok(v);
         }
         let plain = self.open_bytes(table, &row.key, &row.value)?;
