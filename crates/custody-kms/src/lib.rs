@@ -276,11 +276,9 @@ impl Kms {
                 KmsError::Integrity(format!("versions/{}", version_row(key.id, version)))
             })
         };
-        let (_, material) = u
-            .barrier
+        u.barrier
             .get_derived::<VersionRecord, _, KmsError>(Table::Versions, &version_row(key.id, version), unwrap)?
-            .ok_or(KmsError::InvalidCiphertext)?;
-        Ok(material)
+            .ok_or(KmsError::InvalidCiphertext)
     }
 
     /// Creates version `version` of `key`: fresh material, wrapped under the root key.

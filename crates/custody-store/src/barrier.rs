@@ -42,23 +42,20 @@ pub struct Barrier {
     opened: std::sync::Mutex<std::collections::HashMap<Table, std::collections::HashMap<String, Opened>>>,
 }
 
-/// A decoded row and the value derived from it ([`Barrier::get_derived`]).
-pub type Derived<T, D> = (Versioned<T>, Arc<D>);
+/// A value kept in a memo entry, of the type its reader asked for.
+type Kept = Option<Arc<dyn Any + Send + Sync>>;
 
 /// A row as sealed, its plaintext, and what readers made of it.
 struct Opened {
     sealed: Vec<u8>,
     plain: Arc<SecretBytes>,
     /// The row decoded, for a reader that asked for it as a type ([`Barrier::get_decoded`]).
-    decoded: Option<Arc<dyn Any + Send + Sync>>,
+    decoded: Kept,
     /// A value derived from the decoded row ([`Barrier::get_derived`]: unwrapped key material).
-    derived: Option<Arc<dyn Any + Send + Sync>>,
+    derived: Kept,
     /// When a read last found these bytes.
     used: Instant,
 }
-
-/// What one memo entry holds for a caller: (decoded, derived).
-type Remembered = (Option<Arc<dyn Any + Send + Sync>>, Option<Arc<dyn Any + Send + Sync>>);
 
 /// Opened rows kept, at most; past it the memo starts again empty.
 const OPENED_ROWS: usize = 4096;
@@ -132,13 +129,13 @@ impl Barrier {
         T: DeserializeOwned + Clone + Send + Sync + 'static,
     {
         let Some(row) = self.read(table, key)? else { return Ok(None) };
-        let (decoded, _) = self.remembered(table, &row).unwrap_or_default();
+        let (decoded, _) = self.remembered(table, &row);
         let value = self.decoded::<T>(table, &row, decoded)?;
         Ok(Some(Versioned { key: row.key, rev: row.rev, value: T::clone(&value) }))
     }
 
-    /// Reads one row like [`Barrier::get_decoded`], with a value `derive` makes of it, computed
-    /// once per sealed bytes and remembered with them: a changed row (a write, another node's
+    /// Reads one row and answers a value `derive` makes of it (decoded as by
+    /// [`Barrier::get_decoded`]), computed once per sealed bytes and remembered with them: a changed row (a write, another node's
     /// write, tampering) is opened, checked and derived afresh. For key material unwrapped from a
     /// version row, which is a function of the row's bytes alone. The derived value is dropped
     /// (and a `KeyMaterial` wiped) when the row is written or deleted through this barrier, found
@@ -149,24 +146,21 @@ impl Barrier {
         table: Table,
         key: &str,
         derive: impl FnOnce(&T) -> Result<D, E>,
-    ) -> Result<Option<Derived<T, D>>, E>
+    ) -> Result<Option<Arc<D>>, E>
     where
-        T: DeserializeOwned + Clone + Send + Sync + 'static,
+        T: DeserializeOwned + Send + Sync + 'static,
         D: Send + Sync + 'static,
         E: From<StoreError>,
     {
         let Some(row) = self.read(table, key)? else { return Ok(None) };
-        let (decoded, derived) = self.remembered(table, &row).unwrap_or_default();
+        let (decoded, derived) = self.remembered(table, &row);
+        if let Some(d) = derived.and_then(|d| d.downcast::<D>().ok()) {
+            return Ok(Some(d));
+        }
         let value = self.decoded::<T>(table, &row, decoded)?;
-        let derived = match derived.and_then(|d| d.downcast::<D>().ok()) {
-            Some(d) => d,
-            None => {
-                let d = Arc::new(derive(&value)?);
-                self.remember(table, &row, |o| o.derived = Some(d.clone()));
-                d
-            }
-        };
-        Ok(Some((Versioned { key: row.key, rev: row.rev, value: T::clone(&value) }, derived)))
+        let d = Arc::new(derive(&value)?);
+        self.entry(table, &row.key, &row.value, |o| o.derived = Some(d.clone()));
+        Ok(Some(d))
     }
 
     /// Forgets remembered rows that no read has found for `max_idle`: what a deleted row left
@@ -198,12 +192,7 @@ impl Barrier {
     }
 
     /// The row decoded as `T`: the `remembered` one, or opened, decoded and remembered.
-    fn decoded<T>(
-        &self,
-        table: Table,
-        row: &crate::Row,
-        remembered: Option<Arc<dyn Any + Send + Sync>>,
-    ) -> Result<Arc<T>, StoreError>
+    fn decoded<T>(&self, table: Table, row: &crate::Row, remembered: Kept) -> Result<Arc<T>, StoreError>
     where
         T: DeserializeOwned + Send + Sync + 'static,
     {
@@ -213,29 +202,26 @@ impl Barrier {
         let plain = self.open_bytes(table, &row.key, &row.value)?;
         let value = Arc::new(decode::<T>(table, &row.key, plain.expose_secret())?);
         let erased: Arc<dyn Any + Send + Sync> = value.clone();
-        self.remember(table, row, |o| o.decoded = Some(erased));
+        self.entry(table, &row.key, &row.value, |o| o.decoded = Some(erased));
         Ok(value)
     }
 
-    /// What the memo holds for `row`'s bytes, if it holds them (and marks them used).
-    fn remembered(&self, table: Table, row: &crate::Row) -> Option<Remembered> {
+    /// The memo's entry for row `key` if it holds these `sealed` bytes (marked used), given to
+    /// `f`; `None`: not remembered, or remembered with other bytes (or forgotten meanwhile: then
+    /// nothing is added to it). Every use of the memo goes through here.
+    fn entry<R>(&self, table: Table, key: &str, sealed: &[u8], f: impl FnOnce(&mut Opened) -> R) -> Option<R> {
         let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
-        let hit = opened.get_mut(&table)?.get_mut(&row.key)?;
-        if hit.sealed != row.value {
+        let hit = opened.get_mut(&table)?.get_mut(key)?;
+        if hit.sealed != sealed {
             return None;
         }
         hit.used = Instant::now();
-        Some((hit.decoded.clone(), hit.derived.clone()))
+        Some(f(hit))
     }
 
-    /// Adds to the memo entry of `row`'s bytes (none: they were forgotten meanwhile, and stay so).
-    fn remember(&self, table: Table, row: &crate::Row, add: impl FnOnce(&mut Opened)) {
-        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(hit) = opened.get_mut(&table).and_then(|t| t.get_mut(&row.key)) {
-            if hit.sealed == row.value {
-                add(hit);
-            }
-        }
+    /// What the memo holds for `row`'s bytes: (decoded, derived).
+    fn remembered(&self, table: Table, row: &crate::Row) -> (Kept, Kept) {
+        self.entry(table, &row.key, &row.value, |o| (o.decoded.clone(), o.derived.clone())).unwrap_or_default()
     }
 
     /// Reads and opens rows by prefix (see [`Backend::scan`]).
@@ -341,17 +327,10 @@ impl Barrier {
     }
 
     fn open_bytes(&self, table: Table, key: &str, sealed: &[u8]) -> Result<Arc<SecretBytes>, StoreError> {
-        let memo = |opened: &mut std::collections::HashMap<Table, std::collections::HashMap<String, Opened>>| {
-            let hit = opened.get_mut(&table)?.get_mut(key)?;
-            (hit.sealed == sealed).then(|| {
-                hit.used = Instant::now();
-                hit.plain.clone()
-            })
-        };
         if !remembers(table) {
             return self.open_sealed(table, key, sealed).map(Arc::new);
         }
-        if let Some(plain) = memo(&mut self.opened.lock().unwrap_or_else(|p| p.into_inner())) {
+        if let Some(plain) = self.entry(table, key, sealed, |o| o.plain.clone()) {
             return Ok(plain);
         }
         let plain = Arc::new(self.open_sealed(table, key, sealed)?);
@@ -403,17 +382,23 @@ mod tests {
     use super::*;
     use crate::SqliteBackend;
 
-    #[test]
-    fn rows_are_sealed_and_tampering_is_detected() {
+    /// A SQLite store with two rows of `table` written through a barrier of a fresh root key.
+    fn store_with(table: Table, rows: [(&str, &str); 2]) -> (tempfile::TempDir, Arc<dyn Backend>, Barrier) {
         let dir = tempfile::tempdir().unwrap();
         let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&dir.path().join("s.db")).unwrap());
         let barrier = Barrier::new(backend.clone(), RootKey::generate().barrier_key());
-        barrier
-            .apply(&[
-                barrier.put(Table::Keys, "a", &"Enabled", Expect::Absent),
-                barrier.put(Table::Keys, "b", &"Disabled", Expect::Absent),
-            ])
-            .unwrap();
+        barrier.apply(&rows.map(|(key, value)| barrier.put(table, key, &value, Expect::Absent))).unwrap();
+        (dir, backend, barrier)
+    }
+
+    /// Writes `value` as row `key`'s stored bytes, behind any barrier's back.
+    fn write_raw(backend: &Arc<dyn Backend>, table: Table, key: &str, value: Vec<u8>) {
+        backend.apply(&[Write::Put { table, key: key.into(), value, expect: Expect::Any }]).unwrap();
+    }
+
+    #[test]
+    fn rows_are_sealed_and_tampering_is_detected() {
+        let (_dir, backend, barrier) = store_with(Table::Keys, [("a", "Enabled"), ("b", "Disabled")]);
         let a: Versioned<String> = barrier.get(Table::Keys, "a").unwrap().unwrap();
         assert_eq!((a.value.as_str(), a.rev), ("Enabled", 1));
         let raw = backend.get(Table::Keys, "a").unwrap().unwrap().value;
@@ -425,10 +410,7 @@ mod tests {
 
         // Copy b's sealed value over a: the row no longer opens (the memo holds a's old bytes,
         // so the new ones are opened and checked, not answered from it).
-        let b_raw = backend.get(Table::Keys, "b").unwrap().unwrap().value;
-        backend
-            .apply(&[Write::Put { table: Table::Keys, key: "a".into(), value: b_raw, expect: Expect::Any }])
-            .unwrap();
+        write_raw(&backend, Table::Keys, "a", backend.get(Table::Keys, "b").unwrap().unwrap().value);
         assert!(matches!(barrier.get::<String>(Table::Keys, "a"), Err(StoreError::Integrity { .. })));
 
         // Another root key opens nothing.
@@ -439,21 +421,17 @@ mod tests {
     #[test]
     fn decoded_and_derived_values_follow_the_sealed_bytes() {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        let dir = tempfile::tempdir().unwrap();
-        let backend: Arc<dyn Backend> = Arc::new(SqliteBackend::open(&dir.path().join("s.db")).unwrap());
-        let barrier = Barrier::new(backend.clone(), RootKey::generate().barrier_key());
-        barrier
-            .apply(&[
-                barrier.put(Table::Versions, "k/1", &"one", Expect::Absent),
-                barrier.put(Table::Versions, "k/2", &"two", Expect::Absent),
-            ])
-            .unwrap();
+        let (_dir, backend, barrier) = store_with(Table::Versions, [("k/1", "one"), ("k/2", "two")]);
         let derivations = AtomicUsize::new(0);
         let derive = |v: &String| {
             derivations.fetch_add(1, Ordering::Relaxed);
             Ok::<_, StoreError>(format!("derived from {v}"))
         };
-        let read = || barrier.get_derived::<String, String, StoreError>(Table::Versions, "k/1", derive).unwrap();
+        let read = || {
+            let derived = barrier.get_derived::<String, String, StoreError>(Table::Versions, "k/1", derive).unwrap();
+            let row = barrier.get_decoded::<String>(Table::Versions, "k/1").unwrap();
+            row.zip(derived)
+        };
 
         // Derived once for the same bytes; the decoded row is the stored one.
         let (row, first) = read().unwrap();
@@ -476,10 +454,7 @@ mod tests {
 
         // Bytes changed behind the barrier (another node, or tampering): opened and checked
         // afresh, never answered from the memo.
-        let two = backend.get(Table::Versions, "k/2").unwrap().unwrap().value;
-        backend
-            .apply(&[Write::Put { table: Table::Versions, key: "k/1".into(), value: two, expect: Expect::Any }])
-            .unwrap();
+        write_raw(&backend, Table::Versions, "k/1", backend.get(Table::Versions, "k/2").unwrap().unwrap().value);
         assert!(matches!(
             barrier.get_derived::<String, String, StoreError>(Table::Versions, "k/1", derive),
             Err(StoreError::Integrity { .. })
@@ -497,7 +472,7 @@ mod tests {
         assert!(held.upgrade().is_none(), "dropped when a read found the row deleted");
 
         // Unused rows are forgotten by age.
-        let (_, derived) = barrier
+        let derived = barrier
             .get_derived::<String, String, StoreError>(Table::Versions, "k/2", |v| Ok(v.clone()))
             .unwrap()
             .unwrap();
@@ -513,7 +488,7 @@ mod tests {
             Err(StoreError::Integrity { table: "versions", key: "k/2".into() })
         });
         assert!(matches!(failed, Err(StoreError::Integrity { .. })));
-        let (_, ok) = barrier
+        let ok = barrier
             .get_derived::<String, String, StoreError>(Table::Versions, "k/2", |v| Ok(v.clone()))
             .unwrap()
             .unwrap();
@@ -527,9 +502,7 @@ mod tests {
         let (one, two) = (RootKey::generate(), RootKey::generate());
         // A row from before generations: sealed without a tag.
         let legacy = one.barrier_key().seal_row("keys", "old", b"\"legacy\"");
-        backend
-            .apply(&[Write::Put { table: Table::Keys, key: "old".into(), value: legacy, expect: Expect::Any }])
-            .unwrap();
+        write_raw(&backend, Table::Keys, "old", legacy);
         let first = Barrier::new(backend.clone(), one.barrier_key());
         first.apply(&[first.put(Table::Keys, "a", &"one", Expect::Absent)]).unwrap();
         let raw = |k: &str| backend.get(Table::Keys, k).unwrap().unwrap().value;
@@ -554,9 +527,7 @@ mod tests {
         }
         let mut forged = raw("a");
         forged[4..8].copy_from_slice(&2u32.to_be_bytes());
-        backend
-            .apply(&[Write::Put { table: Table::Keys, key: "a".into(), value: forged, expect: Expect::Any }])
-            .unwrap();
+        write_raw(&backend, Table::Keys, "a", forged);
         assert!(matches!(only_two.get::<String>(Table::Keys, "a"), Err(StoreError::Integrity { .. })));
     }
 }
