@@ -15,10 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use custody_crypto::sigv4;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use serde::Serialize;
@@ -110,14 +111,26 @@ pub struct Plan {
 pub struct Target {
     /// Host (checked against the certificate) and port.
     pub endpoint: custody_client::Endpoint,
-    /// TLS 1.3 client configuration (with the client certificate).
+    /// TLS 1.3 client configuration (with the client certificate, unless requests are signed).
     pub tls: Arc<rustls::ClientConfig>,
+    /// Signs every request (`None`: the TLS client certificate is the identity).
+    pub sigv4: Option<Arc<SigV4Credentials>>,
 }
 
 impl Target {
-    /// The profile's endpoint and TLS configuration.
+    /// The profile's endpoint and TLS configuration: its client certificate is the identity.
     pub fn from_profile(profile: &custody_client::Profile) -> Result<Self, custody_client::ClientError> {
-        Ok(Self { endpoint: profile.endpoint()?, tls: profile.tls_config()? })
+        Ok(Self { endpoint: profile.endpoint()?, tls: profile.tls_config()?, sigv4: None })
+    }
+
+    /// The profile's endpoint and CA, without its client certificate: every request is signed
+    /// with AWS Signature Version 4 instead, as the AWS SDKs and CLI send them.
+    pub fn signed(
+        profile: &custody_client::Profile,
+        credentials: SigV4Credentials,
+    ) -> Result<Self, custody_client::ClientError> {
+        let anonymous = custody_client::Profile { cert_file: None, key_file: None, ..profile.clone() };
+        Ok(Self { endpoint: profile.endpoint()?, tls: anonymous.tls_config()?, sigv4: Some(Arc::new(credentials)) })
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
@@ -132,6 +145,110 @@ impl Target {
         Ok(sender)
     }
 }
+
+/// An AWS access key and the region requests are scoped to.
+pub struct SigV4Credentials {
+    /// Access key id (`AKIA...`).
+    pub access_key_id: String,
+    /// The secret access key.
+    pub secret: custody_crypto::secret::SecretBytes,
+    /// Region of the credential scope (custody checks it against its own).
+    pub region: String,
+}
+
+impl std::fmt::Debug for SigV4Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigV4Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigV4Credentials {
+    /// From the variables the AWS SDKs read: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
+    /// `AWS_REGION` or `AWS_DEFAULT_REGION` (default `us-east-1`), looked up with `var`.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let need = |name: &str| {
+            var(name).filter(|v| !v.is_empty()).ok_or_else(|| {
+                format!("{name} is not set: SigV4 needs an access key (`custody dev` writes one to its env file)")
+            })
+        };
+        Ok(Self {
+            access_key_id: need("AWS_ACCESS_KEY_ID")?,
+            secret: custody_crypto::secret::SecretBytes::new(need("AWS_SECRET_ACCESS_KEY")?.into_bytes()),
+            region: var("AWS_REGION")
+                .or_else(|| var("AWS_DEFAULT_REGION"))
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| "us-east-1".into()),
+        })
+    }
+
+    /// From a shell file of `export NAME=VALUE` lines (what `custody dev` writes as `EnvFile`).
+    pub fn from_env_file(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let vars: BTreeMap<&str, &str> = text
+            .lines()
+            .filter_map(|l| l.trim().trim_start_matches("export ").split_once('='))
+            .map(|(k, v)| (k.trim(), v.trim().trim_matches(['"', '\''])))
+            .collect();
+        Self::from_vars(|name| vars.get(name).map(|v| v.to_string())).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The `Authorization` header of a KMS request (`POST /`, JSON 1.1) signed at `amz_date`
+    /// (`YYYYMMDDTHHMMSSZ`) with `key` (the signing key of that date), covering `content-type`,
+    /// `host`, `x-amz-date` and `x-amz-target`, as the AWS SDKs sign them.
+    fn authorization(&self, key: &sigv4::SigningKey, amz_date: &str, host: &str, target: &str, body: &[u8]) -> String {
+        const SIGNED: &str = "content-type;host;x-amz-date;x-amz-target";
+        let canonical = format!(
+            "POST\n/\n\ncontent-type:{JSON_1_1}\nhost:{host}\nx-amz-date:{amz_date}\nx-amz-target:{target}\n\n{SIGNED}\n{}",
+            sigv4::sha256_hex(body)
+        );
+        let scope = format!("{}/{}/kms/aws4_request", &amz_date[..8], self.region);
+        let to_sign = format!("AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}", sigv4::sha256_hex(canonical.as_bytes()));
+        let signature = hex::encode(sigv4::sign(key, to_sign.as_bytes()));
+        format!(
+            "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={SIGNED}, Signature={signature}",
+            self.access_key_id
+        )
+    }
+
+    fn signing_key(&self, date: &str) -> sigv4::SigningKey {
+        sigv4::signing_key(&self.secret, date, &self.region, "kms")
+    }
+}
+
+/// What a connection's signer keeps between requests: the `X-Amz-Date` of the current second,
+/// and the signing key of the current day (AWS SDKs cache it the same way).
+#[derive(Default)]
+struct SignerState {
+    second: u64,
+    amz_date: String,
+    key: Option<(String, sigv4::SigningKey)>,
+}
+
+impl SignerState {
+    /// The `X-Amz-Date` and `Authorization` headers for one request, signed now.
+    fn headers(&mut self, creds: &SigV4Credentials, host: &str, target: &str, body: &[u8]) -> (String, String) {
+        let now = std::time::SystemTime::now();
+        let second = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if second != self.second || self.amz_date.is_empty() {
+            let format = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+            self.amz_date = time::OffsetDateTime::from(now).format(&format).expect("a UTC time formats");
+            self.second = second;
+        }
+        let date = &self.amz_date[..8];
+        if self.key.as_ref().is_none_or(|(d, _)| d != date) {
+            self.key = Some((date.to_string(), creds.signing_key(date)));
+        }
+        let (_, key) = self.key.as_ref().expect("just set");
+        let authorization = creds.authorization(key, &self.amz_date, host, target, body);
+        (self.amz_date.clone(), authorization)
+    }
+}
+
+/// The content type of KMS's JSON protocol.
+const JSON_1_1: &str = "application/x-amz-json-1.1";
 
 /// Latency and counts of one action.
 #[derive(Debug, Clone)]
@@ -336,7 +453,9 @@ async fn worker(
     shared: &Shared,
 ) -> BTreeMap<Op, OpStats> {
     let mut stats: BTreeMap<Op, OpStats> = BTreeMap::new();
-    let content_type = HeaderValue::from_static("application/x-amz-json-1.1");
+    let content_type = HeaderValue::from_static(JSON_1_1);
+    let host = target.endpoint.authority();
+    let mut signer = SignerState::default();
     let targets: BTreeMap<Op, HeaderValue> =
         Op::ALL.iter().map(|op| (*op, HeaderValue::from_static(op.target()))).collect();
     let offset = shared.interval.map(|i| i.mul_f64(index as f64 / plan.connections as f64));
@@ -378,6 +497,11 @@ async fn worker(
         headers.insert(HOST, shared.authority.clone());
         headers.insert(CONTENT_TYPE, content_type.clone());
         headers.insert("x-amz-target", targets[&prepared.op].clone());
+        if let Some(creds) = &target.sigv4 {
+            let (date, authorization) = signer.headers(creds, &host, prepared.op.target(), &prepared.body);
+            headers.insert("x-amz-date", HeaderValue::from_str(&date).expect("digits and letters"));
+            headers.insert(AUTHORIZATION, HeaderValue::from_str(&authorization).expect("ASCII without controls"));
+        }
         let result = send(&mut sender, req).await;
         let entry = stats.entry(prepared.op).or_insert_with(OpStats::new);
         match result {
@@ -460,6 +584,75 @@ pub fn parse_mix(spec: &str) -> Result<Vec<Op>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn credentials() -> SigV4Credentials {
+        SigV4Credentials {
+            access_key_id: "AKIAEXAMPLE".into(),
+            secret: custody_crypto::secret::SecretBytes::new(b"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY".to_vec()),
+            region: "eu-west-3".into(),
+        }
+    }
+
+    /// What the generator signs, custody's own verifier (the server's canonical request, the
+    /// crypto crate's check) accepts; and it fails for another secret or a changed body.
+    #[test]
+    fn signed_requests_verify_as_custody_checks_them() {
+        let creds = credentials();
+        let body = br#"{"KeyId":"alias/x","Plaintext":"AAAA"}"#;
+        let (date, authorization) =
+            SignerState::default().headers(&creds, "127.0.0.1:8443", "TrentService.Encrypt", body);
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert(HOST, HeaderValue::from_static("127.0.0.1:8443"));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(JSON_1_1));
+        headers.insert("x-amz-target", HeaderValue::from_static("TrentService.Encrypt"));
+        headers.insert("x-amz-date", HeaderValue::from_str(&date).unwrap());
+        let auth = custody_server::sigv4::parse_authorization(&authorization).unwrap();
+        assert_eq!(
+            (auth.access_key_id.as_str(), auth.region.as_str(), auth.service.as_str()),
+            ("AKIAEXAMPLE", "eu-west-3", "kms")
+        );
+        assert_eq!(auth.date, date[..8]);
+        let verifies = |secret: &[u8], body: &[u8]| {
+            let parts =
+                custody_server::sigv4::RequestParts { method: "POST", path: "/", query: "", headers: &headers, body };
+            let canonical = custody_server::sigv4::canonical_request(&parts, &auth.signed_headers).unwrap();
+            let scope = format!("{}/eu-west-3/kms/aws4_request", auth.date);
+            let to_sign = format!("AWS4-HMAC-SHA256\n{date}\n{scope}\n{}", sigv4::sha256_hex(canonical.as_bytes()));
+            let key = sigv4::signing_key(
+                &custody_crypto::secret::SecretBytes::new(secret.to_vec()),
+                &auth.date,
+                "eu-west-3",
+                "kms",
+            );
+            sigv4::verify(&key, to_sign.as_bytes(), &auth.signature)
+        };
+        assert!(verifies(b"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", body));
+        assert!(!verifies(b"another secret", body));
+        assert!(!verifies(b"wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", b"{}"));
+    }
+
+    #[test]
+    fn credentials_from_an_env_file_and_never_in_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("env");
+        std::fs::write(&file, "export CUSTODY_ENDPOINT=https://127.0.0.1:1\nexport AWS_ACCESS_KEY_ID=AKIA1\nexport AWS_SECRET_ACCESS_KEY=s3cr3t/+=\nexport AWS_DEFAULT_REGION=ap-south-1\n").unwrap();
+        let c = SigV4Credentials::from_env_file(&file).unwrap();
+        assert_eq!(
+            (c.access_key_id.as_str(), c.secret.expose_secret(), c.region.as_str()),
+            ("AKIA1", &b"s3cr3t/+="[..], "ap-south-1")
+        );
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+        std::fs::write(&file, "export AWS_ACCESS_KEY_ID=AKIA1\n").unwrap();
+        let e = SigV4Credentials::from_env_file(&file).unwrap_err();
+        assert!(e.contains("AWS_SECRET_ACCESS_KEY is not set"), "{e}");
+        let defaulted = SigV4Credentials::from_vars(|n| match n {
+            "AWS_ACCESS_KEY_ID" => Some("A".into()),
+            "AWS_SECRET_ACCESS_KEY" => Some("S".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(defaulted.region, "us-east-1");
+    }
 
     #[test]
     fn mixes_interleave_by_weight() {

@@ -24,7 +24,8 @@ Examples:
   target/release/custody-bench suite --soak 1000000       and a million mixed requests, memory sampled
   target/release/custody-bench run --profile .custody-dev/admin/profile.toml \\
       --mix encrypt=2,decrypt=1 --connections 16 --seconds 10
-  target/release/custody-bench run --rate 5000 --seconds 30 --json"
+  target/release/custody-bench run --rate 5000 --seconds 30 --json
+  source .custody-dev/env && target/release/custody-bench run --sigv4 --seconds 10"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -85,6 +86,12 @@ enum Cmd {
         /// Total requests per second (open loop; latency counted from when each was due).
         #[arg(long, value_name = "PER_SECOND")]
         rate: Option<f64>,
+        /// Sign every request with AWS Signature Version 4 (the access key in AWS_ACCESS_KEY_ID
+        /// and AWS_SECRET_ACCESS_KEY, the region in AWS_REGION or AWS_DEFAULT_REGION) over TLS
+        /// without the client certificate, as the AWS SDKs do. The profile still gives the
+        /// endpoint and CA, and creates the key and the ciphertexts before the run.
+        #[arg(long)]
+        sigv4: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -139,7 +146,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode, String> {
             // Exit 2 when a target is not met, so a script can tell.
             Ok(if report.checks.iter().all(|c| c.met) { ExitCode::SUCCESS } else { ExitCode::from(2) })
         }
-        Cmd::Run { profile, key, destination_key, mix, connections, seconds, requests, rate, json } => {
+        Cmd::Run { profile, key, destination_key, mix, connections, seconds, requests, rate, sigv4, json } => {
             let order = load::parse_mix(&mix)?;
             if connections == 0 {
                 return Err("--connections must be at least 1".into());
@@ -163,7 +170,13 @@ async fn run(cmd: Cmd) -> Result<ExitCode, String> {
                 Some(n) => load::Stop::Requests(n),
                 None => load::Stop::After(Duration::from_secs(seconds)),
             };
-            let target = load::Target::from_profile(&profile).map_err(|e| e.to_string())?;
+            let target = if sigv4 {
+                let credentials = load::SigV4Credentials::from_vars(|name| std::env::var(name).ok())?;
+                load::Target::signed(&profile, credentials)
+            } else {
+                load::Target::from_profile(&profile)
+            }
+            .map_err(|e| e.to_string())?;
             let outcome = load::run(&target, &load::Plan { connections, stop, rate, mix }).await?;
             let mut lines: Vec<load::Summary> = load::Op::ALL
                 .iter()
@@ -173,13 +186,14 @@ async fn run(cmd: Cmd) -> Result<ExitCode, String> {
             let all = outcome.summary(None);
             if json {
                 let v = serde_json::json!({
-                    "connections": connections, "rate": rate, "seconds": outcome.elapsed.as_secs_f64(),
+                    "connections": connections, "rate": rate, "sigv4": sigv4, "seconds": outcome.elapsed.as_secs_f64(),
                     "all": all, "actions": lines,
                 });
                 println!("{}", serde_json::to_string_pretty(&v).expect("JSON serializes"));
             } else {
                 println!(
-                    "{connections} connections, {:.1} s{}",
+                    "{connections} connections ({}), {:.1} s{}",
+                    if sigv4 { "SigV4" } else { "client certificate" },
                     outcome.elapsed.as_secs_f64(),
                     rate.map(|r| format!(", at {r:.0} requests/s (latency from when each was due)"))
                         .unwrap_or_default()

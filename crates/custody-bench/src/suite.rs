@@ -150,6 +150,9 @@ pub struct Report {
     /// Encrypt against the same custody with `danger_disable_audit` (its own process), each
     /// round right after the audited Encrypt.
     pub unaudited_encrypt: Phase,
+    /// Encrypt with every request signed with AWS Signature Version 4 (no client certificate),
+    /// the same custody and principal, each round right after the unaudited Encrypt.
+    pub sigv4_encrypt: Phase,
     /// What the audit costs: 1 - the median over rounds of audited / unaudited Encrypt rates.
     pub audit_cost: f64,
     /// Encrypt at half its peak rate (open loop).
@@ -232,9 +235,18 @@ pub async fn create_key(client: &mut custody_client::Client) -> Result<String, S
         .ok_or_else(|| "CreateKey answered without a KeyId".into())
 }
 
+/// A `custody dev` the suite started.
+struct Started {
+    proc: Proc,
+    /// Its admin profile (client certificate).
+    profile: PathBuf,
+    /// Its shell file of variables, with the admin's AWS access key.
+    env_file: PathBuf,
+}
+
 /// Starts `custody dev` on a free port with its data in `dir/name` (log: `dir/name.log`), with
-/// `env` set; returns the process and its admin profile's path.
-fn start_custody(settings: &Settings, dir: &Path, name: &str, env: &[(&str, &str)]) -> Result<(Proc, PathBuf), String> {
+/// `env` set.
+fn start_custody(settings: &Settings, dir: &Path, name: &str, env: &[(&str, &str)]) -> Result<Started, String> {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
     let mut child = Command::new(&settings.custody)
         .args(["dev", "--json", "--listen", "127.0.0.1:0", "--data"])
@@ -248,8 +260,10 @@ fn start_custody(settings: &Settings, dir: &Path, name: &str, env: &[(&str, &str
     let started = first_json_line(&mut child, "custody dev");
     let custody = Proc(child);
     let started = started?;
-    let profile = started["Profile"].as_str().ok_or("custody dev did not name its profile")?;
-    Ok((custody, PathBuf::from(profile)))
+    let path = |field: &str| {
+        started[field].as_str().map(PathBuf::from).ok_or_else(|| format!("custody dev did not print its {field}"))
+    };
+    Ok(Started { proc: custody, profile: path("Profile")?, env_file: path("EnvFile")? })
 }
 
 /// Runs the suite.
@@ -263,7 +277,7 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     // custody as `custody dev` runs it: TLS 1.3 with client certificates, every request
     // authorized against the key's policy and durably audited before it is answered.
-    let (custody, profile_path) = start_custody(settings, dir.path(), "data", &[])?;
+    let Started { proc: custody, profile: profile_path, env_file } = start_custody(settings, dir.path(), "data", &[])?;
     let pid = custody.0.id();
     let profile = custody_client::Profile::load(&profile_path).map_err(|e| e.to_string())?;
     let mut client = custody_client::Client::connect(&profile).await.map_err(|e| e.to_string())?;
@@ -273,7 +287,7 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     let (prepared, answer) = prepare(&mut client, &key, &other).await?;
     // The same custody writing no audit records, for what the audit costs (its own process and
     // store; idle except for its Encrypt phases).
-    let (_unaudited_proc, unaudited_profile_path) =
+    let Started { proc: _unaudited_proc, profile: unaudited_profile_path, .. } =
         start_custody(settings, dir.path(), "data-unaudited", &[("CUSTODY_DANGER_DISABLE_AUDIT", "true")])?;
     let unaudited_profile = custody_client::Profile::load(&unaudited_profile_path).map_err(|e| e.to_string())?;
     let mut unaudited_client = custody_client::Client::connect(&unaudited_profile).await.map_err(|e| e.to_string())?;
@@ -307,6 +321,10 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     };
     let baseline = Target::from_profile(&baseline_profile).map_err(|e| e.to_string())?;
     let target = Target::from_profile(&profile).map_err(|e| e.to_string())?;
+    // The same custody, the same principal, each request signed with its AWS access key (what
+    // the AWS SDKs send) instead of a client certificate.
+    let signed =
+        Target::signed(&profile, load::SigV4Credentials::from_env_file(&env_file)?).map_err(|e| e.to_string())?;
     let unaudited = Target::from_profile(&unaudited_profile).map_err(|e| e.to_string())?;
 
     // `op` as fast as answers come, with the requests prepared for one server.
@@ -332,6 +350,7 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         .map(|op| Rounds { op: *op, rates: Vec::new(), ratios: Vec::new(), total: Default::default() })
         .collect();
     let (mut unaudited_rates, mut unaudited_total) = (Vec::new(), load::Outcome::default());
+    let (mut signed_rates, mut signed_ratios, mut signed_total) = (Vec::new(), Vec::new(), load::Outcome::default());
     // Each round's audited Encrypt rate divided by the unaudited one measured right after it.
     let mut audit_ratios = Vec::new();
     for round in 1..=settings.rounds {
@@ -375,6 +394,22 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
                 unaudited_rates.push(u_rate);
                 audit_ratios.push(rate / u_rate);
                 unaudited_total.absorb(u);
+                let s = load::run(&signed, &closed(&prepared, Op::Encrypt, Stop::After(phase))).await?;
+                let s_rate = s.ok_per_second();
+                served += s.answered() + s.failed();
+                say(
+                    settings,
+                    &format!(
+                        "round {round}/{}: {:<18} {s_rate:.0} ops/s ({:.2}x; {:.2}x with a client certificate)",
+                        settings.rounds,
+                        "encrypt, SigV4",
+                        s_rate / b_rate,
+                        s_rate / rate
+                    ),
+                );
+                signed_rates.push(s_rate);
+                signed_ratios.push(s_rate / b_rate);
+                signed_total.absorb(s);
             }
         }
     }
@@ -407,6 +442,11 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         p
     };
     let audit_cost = 1.0 - median(&audit_ratios);
+    let signed_phase = {
+        let mut p = phase_of(Some(Op::Encrypt), &signed_rates, &signed_ratios, &signed_total);
+        p.summary.action = "encrypt, SigV4".into();
+        p
+    };
 
     let half = encrypt_rate / 2.0;
     say(settings, &format!("encrypt at half its peak: {half:.0} ops/s for {} s", 2 * settings.seconds));
@@ -491,6 +531,7 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         baseline: baseline_phase,
         actions,
         unaudited_encrypt: unaudited_phase,
+        sigv4_encrypt: signed_phase,
         audit_cost,
         half_rate,
         half_rate_target_per_second: half,
@@ -598,6 +639,8 @@ pub fn print(report: &Report) {
         u.ratio_to_baseline,
         100.0 * report.audit_cost
     );
+    let s = &report.sigv4_encrypt;
+    println!("{}  {:.2}x baseline  {:.2}x encrypt", s.summary.line(), s.ratio_to_baseline, s.ratio_to_encrypt);
     println!();
     println!(
         "encrypt at {:.0} ops/s (half the peak), latency from when each request was due:",
