@@ -45,7 +45,7 @@ pub fn verify(key: &SigningKey, string_to_sign: &[u8], signature: &[u8]) -> bool
 
 /// Lowercase hex SHA-256 (payload hash, canonical request hash).
 pub fn sha256_hex(data: &[u8]) -> String {
-    digest::digest(&digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(digest::digest(&digest::SHA256, data))
 }
 
 #[cfg(test)]

@@ -4,12 +4,14 @@
 //! secret itself to recompute signatures, so it cannot be stored as a hash).
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use custody_crypto::{random, SecretBytes};
+use custody_crypto::{random, sigv4, SecretBytes};
 use custody_store::{Expect, Table};
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::authz::{act, authorize, Caller};
 use crate::error::KmsError;
@@ -25,10 +27,59 @@ struct AccessKeyRecord {
     id: String,
     tenant: crate::TenantId,
     principal: PrincipalName,
-    /// Only ever stored inside a sealed row.
-    secret: String,
+    /// Only ever stored inside a sealed row; wiped from memory when the record is dropped.
+    secret: Zeroizing<String>,
     active: bool,
     created_at: Millis,
+}
+
+/// Which credential scope a SigV4 signature claims: `date/region/service/aws4_request`.
+#[derive(Debug, Clone, Copy)]
+pub struct SigV4Scope<'a> {
+    /// `YYYYMMDD`.
+    pub date: &'a str,
+    /// Region.
+    pub region: &'a str,
+    /// Service.
+    pub service: &'a str,
+}
+
+/// An access key as SigV4 verification uses it, derived once per sealed row (the barrier's memo
+/// drops it when the row changes: deactivated, deleted): its secret, and the signing key of the
+/// scope it was last used with. A signing key is valid for one day, region and service, and
+/// deriving it costs four HMACs, so AWS's own SDKs keep it for the day too.
+struct AccessKeyVerifier {
+    tenant: crate::TenantId,
+    principal: PrincipalName,
+    active: bool,
+    secret: SecretBytes,
+    signing: Mutex<Option<(String, Arc<sigv4::SigningKey>)>>,
+}
+
+impl AccessKeyVerifier {
+    fn of(record: &AccessKeyRecord) -> Result<Self, KmsError> {
+        Ok(Self {
+            tenant: record.tenant.clone(),
+            principal: record.principal.clone(),
+            active: record.active,
+            secret: SecretBytes::copy_from(record.secret.as_bytes()),
+            signing: Mutex::new(None),
+        })
+    }
+
+    /// The signing key of `scope`: the one kept if it is that scope's, else derived and kept.
+    fn signing_key(&self, scope: SigV4Scope<'_>) -> Arc<sigv4::SigningKey> {
+        let name = format!("{}/{}/{}", scope.date, scope.region, scope.service);
+        let mut kept = self.signing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((n, key)) = kept.as_ref() {
+            if *n == name {
+                return key.clone();
+            }
+        }
+        let key = Arc::new(sigv4::signing_key(&self.secret, scope.date, scope.region, scope.service));
+        *kept = Some((name, key.clone()));
+        key
+    }
 }
 
 /// A new access key: the only time the secret is available.
@@ -91,7 +142,7 @@ impl Kms {
             id: id.clone(),
             tenant: caller.tenant.clone(),
             principal: principal.clone(),
-            secret: String::from_utf8(secret.expose_secret().to_vec()).expect("base64 is ASCII"),
+            secret: Zeroizing::new(String::from_utf8(secret.expose_secret().to_vec()).expect("base64 is ASCII")),
             active: true,
             created_at: now_ms(),
         };
@@ -189,14 +240,25 @@ impl Kms {
         Ok(out)
     }
 
-    /// Looks up an access key for SigV4: the caller it authenticates and the secret to verify the
-    /// signature with. Unknown, inactive, and disabled-principal keys fail the same way.
-    pub fn authenticate_access_key(&self, id: &str) -> Result<(Caller, SecretBytes), KmsError> {
+    /// Verifies a SigV4 signature made with access key `id`: `Ok(Some(caller))` when `signature`
+    /// is the signature of `string_to_sign` under the key's secret for `scope`, `Ok(None)` when
+    /// it is not. Unknown and inactive keys, and keys of a disabled principal, are refused alike.
+    /// The secret never leaves this crate.
+    pub fn verify_access_key_signature(
+        &self,
+        id: &str,
+        scope: SigV4Scope<'_>,
+        string_to_sign: &[u8],
+        signature: &[u8],
+    ) -> Result<Option<Caller>, KmsError> {
         let u = self.unsealed()?;
         if id.is_empty() || id.len() > 128 {
             return Err(unrecognized());
         }
-        let key = u.barrier.get::<AccessKeyRecord>(Table::AccessKeys, id)?.ok_or_else(unrecognized)?.value;
+        let key = u
+            .barrier
+            .get_derived::<AccessKeyRecord, AccessKeyVerifier, KmsError>(Table::AccessKeys, id, AccessKeyVerifier::of)?
+            .ok_or_else(unrecognized)?;
         if !key.active {
             return Err(unrecognized());
         }
@@ -208,8 +270,15 @@ impl Kms {
         if !principal.enabled {
             return Err(unrecognized());
         }
-        let caller =
-            Caller { tenant: key.tenant, name: key.principal, roles: principal.roles, audit: None, source_ip: None };
-        Ok((caller, SecretBytes::new(key.secret.into_bytes())))
+        if !sigv4::verify(&key.signing_key(scope), string_to_sign, signature) {
+            return Ok(None);
+        }
+        Ok(Some(Caller {
+            tenant: key.tenant.clone(),
+            name: key.principal.clone(),
+            roles: principal.roles,
+            audit: None,
+            source_ip: None,
+        }))
     }
 }

@@ -31,7 +31,7 @@ use custody_crypto::KeyMaterial;
 use custody_store::{Backend, Barrier, Expect, Table, Versioned, Write};
 
 pub use access::{default_policy, parse_action, AccessEntry, DefaultKeyPolicy, Explanation};
-pub use access_keys::{AccessKeyInfo, NewAccessKey};
+pub use access_keys::{AccessKeyInfo, NewAccessKey, SigV4Scope};
 pub use audit::{
     AuditArrival, AuditCheckpoint, AuditEvent, AuditHealth, AuditQuery, AuditRecord, AuditScope, AuditSink,
     AuditVerification, ElidedRecord, ExportFrom, ExportLine, ExportPage, Outcome, TrailRecord,

@@ -362,3 +362,53 @@ fn a_row_changed_in_the_database_is_refused() {
         Err(KmsError::Integrity(_))
     ));
 }
+
+/// SigV4 verification keeps the access key's signing key for the scope it was last used with:
+/// a signature of another day is checked with that day's key (never the kept one), and a row
+/// changed by this node or behind it (deactivated elsewhere) is refused on the next request.
+#[test]
+fn sigv4_verification_follows_the_access_key_row_and_the_scope() {
+    use custody_crypto::sigv4;
+    use custody_kms::SigV4Scope;
+    use custody_store::{Expect, Table, Write};
+    let store = common::keyfile_store();
+    let (kms, caller) = store.open(KmsConfig::development());
+    let key = kms.create_access_key(&caller, None).unwrap();
+    let scope = |date| SigV4Scope { date, region: "us-east-1", service: "kms" };
+    let sign = |date: &str, text: &[u8]| sigv4::sign(&sigv4::signing_key(&key.secret, date, "us-east-1", "kms"), text);
+    let verify = |date, signature: &[u8]| kms.verify_access_key_signature(&key.id, scope(date), b"to sign", signature);
+
+    let today = sign("20261129", b"to sign");
+    assert_eq!(verify("20261129", &today).unwrap().unwrap().arn(), caller.arn());
+    // The day's key is kept now; another day's signature needs another day's key, both ways.
+    assert!(verify("20261130", &today).unwrap().is_none(), "a signature checked with another day's key");
+    let tomorrow = sign("20261130", b"to sign");
+    assert!(verify("20261130", &tomorrow).unwrap().is_some());
+    assert!(verify("20261129", &tomorrow).unwrap().is_none());
+    assert!(verify("20261129", &today).unwrap().is_some());
+    assert!(verify("20261129", &sign("20261129", b"something else")).unwrap().is_none());
+    let other_region = SigV4Scope { date: "20261129", region: "eu-west-1", service: "kms" };
+    assert!(kms.verify_access_key_signature(&key.id, other_region, b"to sign", &today).unwrap().is_none());
+
+    // Deactivated through the service: refused at once, whatever was kept.
+    kms.update_access_key(&caller, &key.id, false).unwrap();
+    assert!(matches!(verify("20261129", &today), Err(KmsError::Unauthenticated(_))));
+    kms.update_access_key(&caller, &key.id, true).unwrap();
+    assert!(verify("20261129", &today).unwrap().is_some());
+    // Deactivated behind this node (another node's write: here the row's inactive bytes put
+    // back): the changed bytes are opened afresh and the key is refused.
+    let active = store.backend.get(Table::AccessKeys, &key.id).unwrap().unwrap().value;
+    kms.update_access_key(&caller, &key.id, false).unwrap();
+    let inactive = store.backend.get(Table::AccessKeys, &key.id).unwrap().unwrap().value;
+    let put = |value: Vec<u8>| Write::Put { table: Table::AccessKeys, key: key.id.clone(), value, expect: Expect::Any };
+    store.backend.apply(&[put(active)]).unwrap();
+    assert!(verify("20261129", &today).unwrap().is_some());
+    store.backend.apply(&[put(inactive)]).unwrap();
+    assert!(matches!(verify("20261129", &today), Err(KmsError::Unauthenticated(_))));
+    // Deleted behind it: unknown.
+    store
+        .backend
+        .apply(&[Write::Delete { table: Table::AccessKeys, key: key.id.clone(), expect: Expect::Any }])
+        .unwrap();
+    assert!(matches!(verify("20261129", &today), Err(KmsError::Unauthenticated(_))));
+}

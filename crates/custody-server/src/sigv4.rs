@@ -6,7 +6,7 @@
 //! supported.
 
 use custody_crypto::sigv4;
-use custody_kms::{Caller, Kms};
+use custody_kms::{Caller, Kms, SigV4Scope};
 use hyper::HeaderMap;
 use time::{Duration, OffsetDateTime, PrimitiveDateTime};
 
@@ -149,18 +149,18 @@ pub fn authenticate(
     if auth.region != kms.config().region {
         return Err(invalid(format!("Credential should be scoped to a valid region, not '{}'.", auth.region)));
     }
-    let (caller, secret) = kms.authenticate_access_key(&auth.access_key_id)?;
     let canonical = canonical_request(req, &auth.signed_headers)
         .ok_or_else(|| invalid("a signed header is missing from the request"))?;
     let scope = format!("{}/{}/{}/aws4_request", auth.date, auth.region, auth.service);
     let string_to_sign = format!("{ALGORITHM}\n{amz_date}\n{scope}\n{}", sigv4::sha256_hex(canonical.as_bytes()));
-    let key = sigv4::signing_key(&secret, &auth.date, &auth.region, &auth.service);
-    if !sigv4::verify(&key, string_to_sign.as_bytes(), &auth.signature) {
-        return Err(invalid(
-            "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.",
-        ));
-    }
-    Ok(caller)
+    let scope = SigV4Scope { date: &auth.date, region: &auth.region, service: &auth.service };
+    kms.verify_access_key_signature(&auth.access_key_id, scope, string_to_sign.as_bytes(), &auth.signature)?.ok_or_else(
+        || {
+            invalid(
+                "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.",
+            )
+        },
+    )
 }
 
 /// The canonical request (AWS SigV4 "Create a canonical request"). `None` if a signed header is
@@ -176,7 +176,9 @@ pub fn canonical_request(req: &RequestParts<'_>, signed_headers: &[String]) -> O
     for name in signed_headers {
         out.push_str(name);
         out.push(':');
-        out.push_str(&header_value(req.headers, name)?);
+        if !push_header_value(&mut out, req.headers, name) {
+            return None;
+        }
         out.push('\n');
     }
     out.push('\n');
@@ -188,12 +190,27 @@ pub fn canonical_request(req: &RequestParts<'_>, signed_headers: &[String]) -> O
 
 /// All values of a header, trimmed, inner runs of spaces collapsed, joined with commas.
 fn header_value(headers: &HeaderMap, name: &str) -> Option<String> {
-    let values: Vec<String> = headers
-        .get_all(name)
-        .iter()
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).split_whitespace().collect::<Vec<_>>().join(" "))
-        .collect();
-    (!values.is_empty()).then(|| values.join(","))
+    let mut out = String::new();
+    push_header_value(&mut out, headers, name).then_some(out)
+}
+
+/// Appends [`header_value`] to `out` (no allocation of its own); false if there is no such header.
+fn push_header_value(out: &mut String, headers: &HeaderMap, name: &str) -> bool {
+    let mut found = false;
+    for value in headers.get_all(name) {
+        if found {
+            out.push(',');
+        }
+        found = true;
+        let text = String::from_utf8_lossy(value.as_bytes());
+        for (i, word) in text.split_whitespace().enumerate() {
+            if i > 0 {
+                out.push(' ');
+            }
+            out.push_str(word);
+        }
+    }
+    found
 }
 
 /// Each path segment URI-encoded (non-S3 services encode the already-encoded path once more).
@@ -306,5 +323,13 @@ mod tests {
         assert_eq!(canonical_query("x=a%20b"), "x=a%20b");
         assert_eq!(uri_encode("a b/c~"), "a%20b%2Fc~");
         assert_eq!(canonical_uri("/"), "/");
+        // A header sent twice: each value trimmed, inner runs of spaces collapsed, joined by commas.
+        let mut headers = HeaderMap::new();
+        headers.append("x-multi", HeaderValue::from_static("  a \t  b "));
+        headers.append("x-multi", HeaderValue::from_static("c"));
+        headers.append("x-empty", HeaderValue::from_static(""));
+        assert_eq!(header_value(&headers, "x-multi").as_deref(), Some("a b,c"));
+        assert_eq!(header_value(&headers, "x-empty").as_deref(), Some(""));
+        assert_eq!(header_value(&headers, "x-absent"), None);
     }
 }
