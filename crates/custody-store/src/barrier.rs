@@ -135,12 +135,14 @@ impl Barrier {
     }
 
     /// Reads one row and answers a value `derive` makes of it (decoded as by
-    /// [`Barrier::get_decoded`]), computed once per sealed bytes and remembered with them: a changed row (a write, another node's
-    /// write, tampering) is opened, checked and derived afresh. For key material unwrapped from a
-    /// version row, which is a function of the row's bytes alone. The derived value is dropped
-    /// (and a `KeyMaterial` wiped) when the row is written or deleted through this barrier, found
-    /// deleted, unused for [`Barrier::forget_idle`]'s limit, or the memo is emptied (when full,
-    /// and with the barrier at seal or root rotation).
+    /// [`Barrier::get_decoded`], and kept decoded too), computed once per sealed bytes and
+    /// remembered with them: a changed row (a write, another node's write, tampering) is opened,
+    /// checked and derived afresh. For what is a function of the row's bytes alone: key material
+    /// unwrapped from a version row, an access key's SigV4 verifier. Both values are dropped
+    /// (a `KeyMaterial`, `SecretBytes` or `Zeroizing` in them wiped) when the row is written or
+    /// deleted through this barrier, found deleted, unused for [`Barrier::forget_idle`]'s limit,
+    /// or the memo is emptied (when full, and with the barrier at seal or root rotation); so a
+    /// secret in `T` or `D` must be held in a type that wipes itself on drop.
     pub fn get_derived<T, D, E>(
         &self,
         table: Table,
