@@ -3,8 +3,9 @@
 //!
 //! Output goes to a temporary file beside the destination, renamed into place only once the
 //! message is complete (and, decrypting, authenticated through its last frame and signature), so
-//! no partial output ever lands at the output path. To stdout (`-o -`) the plaintext streams
-//! frame by frame; a caller that must not act on unverified plaintext writes to a file.
+//! no partial output ever lands at the output path. To stdout (`-o -`), and to an output path
+//! that is a device or a pipe (`/dev/null`, a FIFO), the plaintext streams frame by frame; a
+//! caller that must not act on unverified plaintext writes to a file.
 
 use std::io::{BufReader, BufWriter, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -55,7 +56,8 @@ pub struct KeyArgs {
     /// Print a one-line summary per file (bytes, time, throughput) on stderr.
     #[arg(short = 'v', long)]
     pub verbose: bool,
-    /// Write the output here (`-` for stdout). Only with a single input; default: stdout.
+    /// Write the output here (`-` for stdout). Only with a single input; default: stdout. A file
+    /// is written whole or not at all; a device or a pipe (`/dev/null`, a FIFO) is streamed to.
     #[arg(short = 'o', long = "out", value_name = "OUT", conflicts_with = "out_dir")]
     pub out: Option<String>,
     /// Write one output per input into this directory (several inputs, or -r).
@@ -382,6 +384,17 @@ fn run_job(job: &Job, what: &str, buffered: bool, work: &Work<'_>) -> Result<Don
             out.flush().map_err(|e| CliError::new(exit::FAILURE, format!("cannot write stdout: {e}")))?;
             (context, out.n)
         }
+        // A device or a pipe (`/dev/null`, `/dev/stdout`, a FIFO): written in place as a stream,
+        // like stdout (renaming a staged file onto it would replace it).
+        Some(dest) if std::fs::metadata(dest).is_ok_and(|m| !m.is_file() && !m.is_dir()) => {
+            let fail =
+                |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot write {}: {e}", dest.display()));
+            let target = std::fs::OpenOptions::new().write(true).open(dest).map_err(fail)?;
+            let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, target), n: 0 };
+            let context = run(&mut out).map_err(|e| esdk_error(&job.input, e))?;
+            out.flush().map_err(fail)?;
+            (context, out.n)
+        }
         Some(dest) => {
             let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, stage(dest)?), n: 0 };
             let context = run(&mut out).map_err(|e| esdk_error(&job.input, e))?;
@@ -619,6 +632,18 @@ pub async fn rewrap(conn: &ConnArgs, a: RewrapArgs, json: bool) -> Result<()> {
         if p.is_dir() {
             files.extend(walk(p)?);
         } else {
+            // Rewritten in place: a regular file only (a link would be replaced by a file and
+            // its target left as it was; a device or a pipe cannot be).
+            let meta = std::fs::symlink_metadata(p)
+                .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", p.display())))?;
+            if !meta.is_file() {
+                let what = if meta.is_symlink() {
+                    "a symbolic link: give the file it points to"
+                } else {
+                    "not a regular file"
+                };
+                return Err(CliError::new(exit::USAGE, format!("{} is {what}", p.display())));
+            }
             files.push(p.clone());
         }
     }

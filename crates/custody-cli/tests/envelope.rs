@@ -264,6 +264,20 @@ async fn rewrap_moves_files_to_the_current_version_or_another_key() {
     };
     let files_arg = files.to_str().unwrap().to_string();
 
+    // Only regular files are rewritten in place: a link or a pipe given by name is refused,
+    // and left as it is.
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&originals[2].0, &link).unwrap();
+    let fifo = tmp.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    for (special, why) in [(&link, "is a symbolic link"), (&fifo, "is not a regular file")] {
+        let (code, _, o) = rewrap(&["-k", &a, special.to_str().unwrap()]);
+        assert_eq!(code, Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stderr).contains(why), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&std::fs::symlink_metadata(&fifo).unwrap().file_type()));
+
     // Nothing to do yet: every file is under a's current version.
     let (code, r, o) = rewrap(&["-k", &a, &files_arg]);
     assert_eq!(code, Some(0), "{}", String::from_utf8_lossy(&o.stderr));
@@ -332,6 +346,42 @@ async fn rewrap_moves_files_to_the_current_version_or_another_key() {
 }
 
 /// Bytes of a framed body (and nothing after it) for `len` plaintext bytes in frames of `frame`.
+/// An output path that is a device or a pipe is streamed to, never replaced: `/dev/null` stays
+/// the null device, and a FIFO's reader gets the whole message (and, decrypting, the plaintext).
+#[test]
+fn outputs_to_devices_and_pipes_are_streamed_in_place() {
+    use std::os::unix::fs::FileTypeExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("key");
+    std::fs::write(&key, [9u8; 32]).unwrap();
+    let raw = format!("t/k={}", key.display());
+    let plain: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let input = tmp.path().join("plain");
+    std::fs::write(&input, &plain).unwrap();
+    let input = input.to_str().unwrap();
+
+    ok(&run(&["encrypt", "--raw-aes-key", &raw, "-o", "/dev/null", input], None));
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device(), "/dev/null was replaced");
+
+    let fifo = tmp.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let through_fifo = |args: &[&str]| {
+        let path = fifo.clone();
+        let reader = std::thread::spawn(move || std::fs::read(path).unwrap());
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["-o", fifo.to_str().unwrap()]);
+        let o = run(&all, None);
+        // Checked before waiting for the reader: had the FIFO been replaced, it would wait forever.
+        assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO was replaced");
+        ok(&o);
+        reader.join().unwrap()
+    };
+    let message = through_fifo(&["encrypt", "--raw-aes-key", &raw, input]);
+    let enc = tmp.path().join("enc");
+    std::fs::write(&enc, &message).unwrap();
+    assert_eq!(through_fifo(&["decrypt", "--raw-aes-key", &raw, enc.to_str().unwrap()]), plain);
+}
+
 fn body_len(len: usize, frame: usize) -> usize {
     let full = if len > 0 && len.is_multiple_of(frame) { len / frame - 1 } else { len / frame };
     let last = len - full * frame;

@@ -67,9 +67,22 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     /// Starts writing `dest`. With `mode`, the file has those permissions before any byte is
-    /// written; without, the process's default (umask) applies.
+    /// written; without, the process's default (umask) applies. A `dest` that exists and is
+    /// neither a regular file nor a symbolic link (a device such as `/dev/null`, a pipe, a
+    /// directory) is refused: renaming onto it would replace it.
     pub fn create(dest: &std::path::Path, mode: Option<u32>) -> std::io::Result<Self> {
         use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::symlink_metadata(dest) {
+            if !meta.is_file() && !meta.is_symlink() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} is not a regular file (a device, pipe or directory) and is not replaced",
+                        dest.display()
+                    ),
+                ));
+            }
+        }
         let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         let tmp = dest
             .with_file_name(format!(".{name}.custody-{:016x}", u64::from_be_bytes(custody_crypto::random::array())));
@@ -846,5 +859,36 @@ async fn periodic<T: Send + 'static>(
             }
         };
         metrics.task_ran(name, result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::FileTypeExt;
+
+    use super::AtomicFile;
+
+    /// A device, a pipe or a directory at the destination is refused and left as it is; a
+    /// regular file is replaced whole.
+    #[test]
+    fn atomic_files_replace_regular_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        for special in [fifo.as_path(), dir.path(), std::path::Path::new("/dev/null")] {
+            let e = AtomicFile::create(special, None).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{}", special.display());
+            assert!(e.to_string().contains("is not a regular file"), "{e}");
+        }
+        assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+        assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"old").unwrap();
+        let mut staged = AtomicFile::create(&file, None).unwrap();
+        staged.write_all(b"new").unwrap();
+        staged.commit().unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary file left");
     }
 }
