@@ -67,13 +67,13 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     /// Starts writing `dest`. With `mode`, the file has those permissions before any byte is
-    /// written; without, the process's default (umask) applies. A `dest` that exists and is
-    /// neither a regular file nor a symbolic link (a device such as `/dev/null`, a pipe, a
-    /// directory) is refused: renaming onto it would replace it.
+    /// written; without, the process's default (umask) applies. A `dest` that is, or links to,
+    /// something other than a regular file (a device such as `/dev/null`, `/dev/stdout`, a pipe,
+    /// a directory) is refused: renaming onto it would replace it.
     pub fn create(dest: &std::path::Path, mode: Option<u32>) -> std::io::Result<Self> {
         use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::symlink_metadata(dest) {
-            if !meta.is_file() && !meta.is_symlink() {
+        if let Ok(meta) = std::fs::metadata(dest) {
+            if !meta.is_file() {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
                     format!(
@@ -876,7 +876,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("pipe");
         assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-        for special in [fifo.as_path(), dir.path(), std::path::Path::new("/dev/null")] {
+        let link = dir.path().join("link-to-pipe");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        for special in [fifo.as_path(), link.as_path(), dir.path(), std::path::Path::new("/dev/null")] {
             let e = AtomicFile::create(special, None).unwrap_err();
             assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{}", special.display());
             assert!(e.to_string().contains("is not a regular file"), "{e}");
@@ -889,6 +891,7 @@ mod tests {
         staged.write_all(b"new").unwrap();
         staged.commit().unwrap();
         assert_eq!(std::fs::read(&file).unwrap(), b"new");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary file left");
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3, "no temporary file left");
     }
 }
