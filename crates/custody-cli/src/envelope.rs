@@ -25,7 +25,7 @@ use crate::commands::{connect, parse_pair, print_json};
 use crate::exit::{self, CliError};
 use crate::ConnArgs;
 use custody_crypto::BlobHeader;
-use custody_server::AtomicFile;
+use custody_server::{AtomicFile, OutputTarget};
 
 type Result<T> = std::result::Result<T, CliError>;
 
@@ -384,12 +384,17 @@ fn run_job(job: &Job, what: &str, buffered: bool, work: &Work<'_>) -> Result<Don
             out.flush().map_err(|e| CliError::new(exit::FAILURE, format!("cannot write stdout: {e}")))?;
             (context, out.n)
         }
-        // A device or a pipe (`/dev/null`, `/dev/stdout`, a FIFO): written in place as a stream,
-        // like stdout (renaming a staged file onto it would replace it).
-        Some(dest) if std::fs::metadata(dest).is_ok_and(|m| !m.is_file() && !m.is_dir()) => {
+        // A descriptor (`/dev/stdout`), a device or a pipe (`/dev/null`, a FIFO): written to as a
+        // stream, like stdout; renaming a staged file onto it would replace it.
+        Some(dest) if custody_server::output_target(dest) != OutputTarget::File => {
             let fail =
                 |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot write {}: {e}", dest.display()));
-            let target = std::fs::OpenOptions::new().write(true).open(dest).map_err(fail)?;
+            let target: Box<dyn Write> = match custody_server::output_target(dest) {
+                OutputTarget::Descriptor(1) => Box::new(std::io::stdout().lock()),
+                OutputTarget::Descriptor(2) => Box::new(std::io::stderr().lock()),
+                // Another descriptor, a device, a pipe (a directory fails here, saying so).
+                _ => Box::new(std::fs::OpenOptions::new().write(true).open(dest).map_err(fail)?),
+            };
             let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, target), n: 0 };
             let context = run(&mut out).map_err(|e| esdk_error(&job.input, e))?;
             out.flush().map_err(fail)?;

@@ -346,8 +346,9 @@ async fn rewrap_moves_files_to_the_current_version_or_another_key() {
 }
 
 /// Bytes of a framed body (and nothing after it) for `len` plaintext bytes in frames of `frame`.
-/// An output path that is a device or a pipe is streamed to, never replaced: `/dev/null` stays
-/// the null device, and a FIFO's reader gets the whole message (and, decrypting, the plaintext).
+/// An output path that is a device, a pipe or a descriptor is streamed to, never replaced:
+/// `/dev/null` stays the null device, `/dev/stdout` a link whose output reaches the process's
+/// stdout (a pipe or a file), and a FIFO's reader gets the whole message (and the plaintext).
 #[test]
 fn outputs_to_devices_and_pipes_are_streamed_in_place() {
     use std::os::unix::fs::FileTypeExt;
@@ -376,6 +377,25 @@ fn outputs_to_devices_and_pipes_are_streamed_in_place() {
         ok(&o);
         reader.join().unwrap()
     };
+    // `-o /dev/stdout` writes to the descriptor, a pipe or a file, and leaves the link alone.
+    let piped = run(&["encrypt", "--raw-aes-key", &raw, "-o", "/dev/stdout", input], None);
+    ok(&piped);
+    let redirected = tmp.path().join("redirected");
+    let status = common::custody()
+        .args(["encrypt", "--raw-aes-key", &raw, "-o", "/dev/stdout", input])
+        .stdout(std::fs::File::create(&redirected).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(std::fs::symlink_metadata("/dev/stdout").unwrap().is_symlink(), "/dev/stdout was replaced");
+    for message in [piped.stdout, std::fs::read(&redirected).unwrap()] {
+        let enc = tmp.path().join("via-stdout");
+        std::fs::write(&enc, &message).unwrap();
+        let o = run(&["decrypt", "--raw-aes-key", &raw, enc.to_str().unwrap()], None);
+        ok(&o);
+        assert!(o.stdout == plain);
+    }
+
     let message = through_fifo(&["encrypt", "--raw-aes-key", &raw, input]);
     let enc = tmp.path().join("enc");
     std::fs::write(&enc, &message).unwrap();

@@ -54,6 +54,50 @@ pub fn write_file(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io::R
     file.commit()
 }
 
+/// What an output path names, for a writer that would stage a file and rename it onto the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputTarget {
+    /// Nothing yet, or a regular file (or a link to one): staged and renamed into place.
+    File,
+    /// This process's file descriptor N (`/dev/stdout`, `/dev/fd/N`, `/proc/self/fd/N`, or a link
+    /// to one): written to that descriptor, never replaced.
+    Descriptor(u32),
+    /// Something else that exists (a device such as `/dev/null`, a pipe, a directory): written
+    /// in place if at all, never replaced.
+    Special,
+}
+
+/// What `dest` names (see [`OutputTarget`]).
+pub fn output_target(dest: &std::path::Path) -> OutputTarget {
+    fn descriptor(p: &std::path::Path) -> Option<u32> {
+        let s = p.to_str()?;
+        match s {
+            "/dev/stdin" => Some(0),
+            "/dev/stdout" => Some(1),
+            "/dev/stderr" => Some(2),
+            _ => ["/dev/fd/", "/proc/self/fd/", "/proc/thread-self/fd/"]
+                .iter()
+                .find_map(|prefix| s.strip_prefix(prefix))
+                .and_then(|n| n.parse().ok()),
+        }
+    }
+    // The path itself, then each link it is (a link to /dev/stdout, say), a few hops at most.
+    let mut hop = dest.to_path_buf();
+    for _ in 0..8 {
+        if let Some(n) = descriptor(&hop) {
+            return OutputTarget::Descriptor(n);
+        }
+        match std::fs::read_link(&hop) {
+            Ok(target) => hop = hop.parent().map_or(target.clone(), |parent| parent.join(&target)),
+            Err(_) => break,
+        }
+    }
+    match std::fs::metadata(dest) {
+        Ok(meta) if !meta.is_file() => OutputTarget::Special,
+        _ => OutputTarget::File,
+    }
+}
+
 /// A file written under a temporary name beside its destination (created new, never an existing
 /// file), and renamed onto the destination by [`AtomicFile::commit`] after an fsync: a reader
 /// sees the old file or the whole new one. Dropped before the commit, the temporary file is
@@ -67,21 +111,19 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     /// Starts writing `dest`. With `mode`, the file has those permissions before any byte is
-    /// written; without, the process's default (umask) applies. A `dest` that is, or links to,
-    /// something other than a regular file (a device such as `/dev/null`, `/dev/stdout`, a pipe,
-    /// a directory) is refused: renaming onto it would replace it.
+    /// written; without, the process's default (umask) applies. A `dest` that is not an
+    /// [`OutputTarget::File`] (a device such as `/dev/null`, a pipe, a directory, a descriptor
+    /// such as `/dev/stdout`) is refused: renaming onto it would replace it.
     pub fn create(dest: &std::path::Path, mode: Option<u32>) -> std::io::Result<Self> {
         use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(dest) {
-            if !meta.is_file() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "{} is not a regular file (a device, pipe or directory) and is not replaced",
-                        dest.display()
-                    ),
-                ));
-            }
+        if output_target(dest) != OutputTarget::File {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is not a regular file (a device, a pipe, a directory or a descriptor such as /dev/stdout) and is not replaced",
+                    dest.display()
+                ),
+            ));
         }
         let name = dest.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         let tmp = dest
@@ -878,7 +920,14 @@ mod tests {
         assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
         let link = dir.path().join("link-to-pipe");
         std::os::unix::fs::symlink(&fifo, &link).unwrap();
-        for special in [fifo.as_path(), link.as_path(), dir.path(), std::path::Path::new("/dev/null")] {
+        let to_stdout = dir.path().join("link-to-stdout");
+        std::os::unix::fs::symlink("/dev/stdout", &to_stdout).unwrap();
+        assert_eq!(super::output_target(&to_stdout), super::OutputTarget::Descriptor(1));
+        assert_eq!(super::output_target("/proc/self/fd/2".as_ref()), super::OutputTarget::Descriptor(2));
+        assert_eq!(super::output_target(&fifo), super::OutputTarget::Special);
+        assert_eq!(super::output_target(&dir.path().join("absent")), super::OutputTarget::File);
+        let paths = [fifo.as_path(), &link, &to_stdout, "/dev/stdout".as_ref(), dir.path(), "/dev/null".as_ref()];
+        for special in paths {
             let e = AtomicFile::create(special, None).unwrap_err();
             assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{}", special.display());
             assert!(e.to_string().contains("is not a regular file"), "{e}");
@@ -892,6 +941,8 @@ mod tests {
         staged.commit().unwrap();
         assert_eq!(std::fs::read(&file).unwrap(), b"new");
         assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3, "no temporary file left");
+        assert!(std::fs::symlink_metadata("/dev/stdout").unwrap().is_symlink(), "/dev/stdout was replaced");
+        assert_eq!(super::output_target(&file), super::OutputTarget::File);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 4, "no temporary file left");
     }
 }
