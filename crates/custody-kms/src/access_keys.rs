@@ -53,7 +53,21 @@ struct AccessKeyVerifier {
     principal: PrincipalName,
     active: bool,
     secret: SecretBytes,
-    signing: Mutex<Option<(String, Arc<sigv4::SigningKey>)>>,
+    signing: Mutex<Option<KeptSigningKey>>,
+}
+
+/// A signing key and the scope it was derived for.
+struct KeptSigningKey {
+    date: String,
+    region: String,
+    service: String,
+    key: Arc<sigv4::SigningKey>,
+}
+
+impl KeptSigningKey {
+    fn is_for(&self, scope: SigV4Scope<'_>) -> bool {
+        self.date == scope.date && self.region == scope.region && self.service == scope.service
+    }
 }
 
 impl AccessKeyVerifier {
@@ -69,15 +83,17 @@ impl AccessKeyVerifier {
 
     /// The signing key of `scope`: the one kept if it is that scope's, else derived and kept.
     fn signing_key(&self, scope: SigV4Scope<'_>) -> Arc<sigv4::SigningKey> {
-        let name = format!("{}/{}/{}", scope.date, scope.region, scope.service);
         let mut kept = self.signing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((n, key)) = kept.as_ref() {
-            if *n == name {
-                return key.clone();
-            }
+        if let Some(k) = kept.as_ref().filter(|k| k.is_for(scope)) {
+            return k.key.clone();
         }
         let key = Arc::new(sigv4::signing_key(&self.secret, scope.date, scope.region, scope.service));
-        *kept = Some((name, key.clone()));
+        *kept = Some(KeptSigningKey {
+            date: scope.date.into(),
+            region: scope.region.into(),
+            service: scope.service.into(),
+            key: key.clone(),
+        });
         key
     }
 }
