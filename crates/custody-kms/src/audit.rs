@@ -525,8 +525,8 @@ const SIGNING_KEY_ROW: &str = "audit-signing-key";
 
 #[derive(Serialize, Deserialize)]
 struct SigningKeyRecord {
-    /// PKCS#8, base64; only ever inside a sealed row.
-    pkcs8: String,
+    /// PKCS#8, base64; only ever inside a sealed row; wiped from memory when dropped.
+    pkcs8: zeroize::Zeroizing<String>,
     public_key: String,
 }
 
@@ -1038,14 +1038,16 @@ impl Kms {
     fn audit_signing_key(&self, u: &Unsealed) -> Result<AuditSigningKey, KmsError> {
         if let Some(row) = u.barrier.get::<SigningKeyRecord>(Table::Pki, SIGNING_KEY_ROW)? {
             let pkcs8 = SecretBytes::new(
-                STANDARD.decode(&row.value.pkcs8).map_err(|_| KmsError::Integrity("pki/audit-signing-key".into()))?,
+                STANDARD
+                    .decode(row.value.pkcs8.as_bytes())
+                    .map_err(|_| KmsError::Integrity("pki/audit-signing-key".into()))?,
             );
             return AuditSigningKey::from_pkcs8(&pkcs8)
                 .ok_or_else(|| KmsError::Integrity("pki/audit-signing-key".into()));
         }
         let (key, pkcs8) = AuditSigningKey::generate();
         let record = SigningKeyRecord {
-            pkcs8: STANDARD.encode(pkcs8.expose_secret()),
+            pkcs8: zeroize::Zeroizing::new(STANDARD.encode(pkcs8.expose_secret())),
             public_key: hex::encode(key.public_key()),
         };
         match u.barrier.apply(&[u.barrier.put(Table::Pki, SIGNING_KEY_ROW, &record, Expect::Absent)]) {

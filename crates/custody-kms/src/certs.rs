@@ -425,8 +425,10 @@ impl Kms {
                     .map_err(|e| KmsError::Internal(e.to_string()))?;
                 let record = CaRecord {
                     cert_pem: ca.cert_pem.clone(),
-                    key_pem: String::from_utf8(ca.key_pem.expose_secret().to_vec())
-                        .map_err(|_| KmsError::Internal("CA key is not UTF-8".into()))?,
+                    key_pem: zeroize::Zeroizing::new(
+                        String::from_utf8(ca.key_pem.expose_secret().to_vec())
+                            .map_err(|_| KmsError::Internal("CA key is not UTF-8".into()))?,
+                    ),
                     serial: ca.serial.clone(),
                     not_after: ca.not_after.unix_timestamp() * 1000,
                 };

@@ -313,8 +313,8 @@ pub struct TenantRecord {
 #[derive(Serialize, Deserialize)]
 pub(crate) struct CaRecord {
     pub cert_pem: String,
-    /// PKCS#8 PEM. Only ever stored inside a sealed row.
-    pub key_pem: String,
+    /// PKCS#8 PEM. Only ever stored inside a sealed row; wiped from memory when dropped.
+    pub key_pem: zeroize::Zeroizing<String>,
     pub serial: String,
     pub not_after: Millis,
 }

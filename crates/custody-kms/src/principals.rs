@@ -281,7 +281,7 @@ impl Kms {
         let ca = u.barrier.get::<CaRecord>(Table::Pki, "ca")?.ok_or_else(|| KmsError::Internal("no CA".into()))?.value;
         Ok(pki::IssuedCert {
             cert_pem: ca.cert_pem,
-            key_pem: custody_crypto::SecretBytes::new(ca.key_pem.into_bytes()),
+            key_pem: custody_crypto::SecretBytes::copy_from(ca.key_pem.as_bytes()),
             serial: ca.serial,
             not_after: time::OffsetDateTime::from_unix_timestamp(ca.not_after / 1000)
                 .map_err(|e| KmsError::Internal(e.to_string()))?,

@@ -210,17 +210,17 @@ impl Unsealed {
     }
 }
 
-/// A secret kept in a sealed row (base64 inside the sealed JSON).
+/// A secret kept in a sealed row (base64 inside the sealed JSON), wiped from memory when dropped.
 #[derive(Serialize, Deserialize)]
 struct StoredSecret {
-    key: String,
+    key: zeroize::Zeroizing<String>,
 }
 
 impl StoredSecret {
     fn decode(&self) -> Result<SecretBytes, KmsError> {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD
-            .decode(&self.key)
+            .decode(self.key.as_bytes())
             .map(SecretBytes::new)
             .map_err(|_| KmsError::Integrity(format!("pki/{AUDIT_HMAC_ROW}")))
     }
@@ -384,7 +384,9 @@ impl Kms {
         if u.barrier.get::<StoredSecret>(Table::Pki, AUDIT_HMAC_ROW)?.is_none() {
             use base64::Engine;
             let secret = u.roots.current().audit_hmac_secret();
-            let record = StoredSecret { key: base64::engine::general_purpose::STANDARD.encode(secret.expose_secret()) };
+            let record = StoredSecret {
+                key: zeroize::Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(secret.expose_secret())),
+            };
             writes.push(u.barrier.put(Table::Pki, AUDIT_HMAC_ROW, &record, Expect::Absent));
         }
         self.commit(&u, caller.into(), None, writes)?;
