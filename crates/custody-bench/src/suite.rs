@@ -624,7 +624,7 @@ pub fn print(report: &Report) {
     let m = &report.machine;
     println!("machine: {} cores, {}, Linux {}", m.cores, m.cpu, m.kernel);
     println!(
-        "{} connections (TLS 1.3, client certificates), {} rounds of {} s per phase; ops/s is the median round",
+        "{} connections (TLS 1.3; client certificates, but SigV4 for 'encrypt, SigV4'), {} rounds of {} s per phase; ops/s is the median round",
         report.connections, report.rounds, report.seconds_per_phase
     );
     println!();
