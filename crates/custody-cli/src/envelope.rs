@@ -4,8 +4,8 @@
 //! Output goes to a temporary file beside the destination, renamed into place only once the
 //! message is complete (and, decrypting, authenticated through its last frame and signature), so
 //! no partial output ever lands at the output path. To stdout (`-o -`), and to an output path
-//! that is a device or a pipe (`/dev/null`, a FIFO), the plaintext streams frame by frame; a
-//! caller that must not act on unverified plaintext writes to a file.
+//! that is a descriptor, a device or a pipe (`/dev/stdout`, `/dev/null`, a FIFO), the plaintext
+//! streams frame by frame; a caller that must not act on unverified plaintext writes to a file.
 
 use std::io::{BufReader, BufWriter, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -57,7 +57,8 @@ pub struct KeyArgs {
     #[arg(short = 'v', long)]
     pub verbose: bool,
     /// Write the output here (`-` for stdout). Only with a single input; default: stdout. A file
-    /// is written whole or not at all; a device or a pipe (`/dev/null`, a FIFO) is streamed to.
+    /// is written whole or not at all; a descriptor, a device or a pipe (`/dev/stdout`,
+    /// `/dev/null`, a FIFO) is streamed to.
     #[arg(short = 'o', long = "out", value_name = "OUT", conflicts_with = "out_dir")]
     pub out: Option<String>,
     /// Write one output per input into this directory (several inputs, or -r).
@@ -376,34 +377,29 @@ fn run_job(job: &Job, what: &str, buffered: bool, work: &Work<'_>) -> Result<Don
         Some((f, None)) => stream(&mut Counted { inner: f, n: &read }, out),
         None => stream(&mut Counted { inner: std::io::stdin().lock(), n: &read }, out),
     };
-    let (context, bytes_out) = match &job.output {
-        None => {
-            let stdout = std::io::stdout();
-            let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, stdout.lock()), n: 0 };
+    // A file is staged and renamed into place. Stdout, another descriptor (`/dev/stdout`), a
+    // device or a pipe (`/dev/null`, a FIFO) is written to as a stream: renaming a staged file
+    // onto it would replace it.
+    let target = job.output.as_deref().map_or(OutputTarget::Descriptor(1), custody_server::output_target);
+    let (context, bytes_out) = match (&job.output, target) {
+        (Some(dest), OutputTarget::File) => {
+            let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, stage(dest)?), n: 0 };
             let context = run(&mut out).map_err(|e| esdk_error(&job.input, e))?;
-            out.flush().map_err(|e| CliError::new(exit::FAILURE, format!("cannot write stdout: {e}")))?;
+            commit(out.inner, dest)?;
             (context, out.n)
         }
-        // A descriptor (`/dev/stdout`), a device or a pipe (`/dev/null`, a FIFO): written to as a
-        // stream, like stdout; renaming a staged file onto it would replace it.
-        Some(dest) if custody_server::output_target(dest) != OutputTarget::File => {
-            let fail =
-                |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot write {}: {e}", dest.display()));
-            let target: Box<dyn Write> = match custody_server::output_target(dest) {
-                OutputTarget::Descriptor(1) => Box::new(std::io::stdout().lock()),
-                OutputTarget::Descriptor(2) => Box::new(std::io::stderr().lock()),
+        (dest, target) => {
+            let shown = dest.as_ref().map_or("stdout".into(), |d| d.display().to_string());
+            let fail = |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot write {shown}: {e}"));
+            let target: Box<dyn Write> = match (dest, target) {
+                (None, _) | (_, OutputTarget::Descriptor(1)) => Box::new(std::io::stdout().lock()),
+                (_, OutputTarget::Descriptor(2)) => Box::new(std::io::stderr().lock()),
                 // Another descriptor, a device, a pipe (a directory fails here, saying so).
-                _ => Box::new(std::fs::OpenOptions::new().write(true).open(dest).map_err(fail)?),
+                (Some(dest), _) => Box::new(std::fs::OpenOptions::new().write(true).open(dest).map_err(fail)?),
             };
             let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, target), n: 0 };
             let context = run(&mut out).map_err(|e| esdk_error(&job.input, e))?;
             out.flush().map_err(fail)?;
-            (context, out.n)
-        }
-        Some(dest) => {
-            let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, stage(dest)?), n: 0 };
-            let context = run(&mut out).map_err(|e| esdk_error(&job.input, e))?;
-            commit(out.inner, dest)?;
             (context, out.n)
         }
     };
