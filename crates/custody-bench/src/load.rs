@@ -186,7 +186,9 @@ impl SigV4Credentials {
 
     /// From a shell file of `export NAME=VALUE` lines (what `custody dev` writes as `EnvFile`).
     pub fn from_env_file(path: &std::path::Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // It holds the secret access key: wiped once read.
+        let text =
+            zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?);
         let vars: BTreeMap<&str, &str> = text
             .lines()
             .filter_map(|l| l.trim().trim_start_matches("export ").split_once('='))
@@ -454,7 +456,7 @@ async fn worker(
 ) -> BTreeMap<Op, OpStats> {
     let mut stats: BTreeMap<Op, OpStats> = BTreeMap::new();
     let content_type = HeaderValue::from_static(JSON_1_1);
-    let host = target.endpoint.authority();
+    let host = shared.authority.to_str().expect("made from a string").to_string();
     let mut signer = SignerState::default();
     let targets: BTreeMap<Op, HeaderValue> =
         Op::ALL.iter().map(|op| (*op, HeaderValue::from_static(op.target()))).collect();

@@ -350,7 +350,7 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         .map(|op| Rounds { op: *op, rates: Vec::new(), ratios: Vec::new(), total: Default::default() })
         .collect();
     let (mut unaudited_rates, mut unaudited_total) = (Vec::new(), load::Outcome::default());
-    let (mut signed_rates, mut signed_ratios, mut signed_total) = (Vec::new(), Vec::new(), load::Outcome::default());
+    let (mut signed_rates, mut signed_total) = (Vec::new(), load::Outcome::default());
     // Each round's audited Encrypt rate divided by the unaudited one measured right after it.
     let mut audit_ratios = Vec::new();
     for round in 1..=settings.rounds {
@@ -408,7 +408,6 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
                     ),
                 );
                 signed_rates.push(s_rate);
-                signed_ratios.push(s_rate / b_rate);
                 signed_total.absorb(s);
             }
         }
@@ -435,18 +434,17 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     };
     let actions: Vec<Phase> = per_op.iter().map(|r| phase_of(Some(r.op), &r.rates, &r.ratios, &r.total)).collect();
     let encrypt_rate = actions[0].summary.ops_per_second;
-    let unaudited_phase = {
-        let to_baseline: Vec<f64> = unaudited_rates.iter().zip(&base_rounds).map(|(u, b)| u / b).collect();
-        let mut p = phase_of(Some(Op::Encrypt), &unaudited_rates, &to_baseline, &unaudited_total);
-        p.summary.action = "encrypt, no audit".into();
+    // An Encrypt phase beside the actions (another server, or another way to authenticate),
+    // each round against that round's baseline.
+    let encrypt_phase = |label: &str, rates: &[f64], total: &load::Outcome| {
+        let to_baseline: Vec<f64> = rates.iter().zip(&base_rounds).map(|(r, b)| r / b).collect();
+        let mut p = phase_of(Some(Op::Encrypt), rates, &to_baseline, total);
+        p.summary.action = label.into();
         p
     };
+    let unaudited_phase = encrypt_phase("encrypt, no audit", &unaudited_rates, &unaudited_total);
+    let signed_phase = encrypt_phase("encrypt, SigV4", &signed_rates, &signed_total);
     let audit_cost = 1.0 - median(&audit_ratios);
-    let signed_phase = {
-        let mut p = phase_of(Some(Op::Encrypt), &signed_rates, &signed_ratios, &signed_total);
-        p.summary.action = "encrypt, SigV4".into();
-        p
-    };
 
     let half = encrypt_rate / 2.0;
     say(settings, &format!("encrypt at half its peak: {half:.0} ops/s for {} s", 2 * settings.seconds));
