@@ -583,6 +583,7 @@ async fn server(a: ServerArgs) -> Result<()> {
         config.listen = l;
     }
     custody_server::process::harden(config.danger_allow_swap).map_err(|e| CliError::new(exit::FAILURE, e))?;
+    let shutdown = Shutdown::install()?;
     let server =
         custody_server::Server::start(config).await.map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
     let sealed = server.kms().status().map(|s| s.sealed).unwrap_or(true);
@@ -591,18 +592,36 @@ async fn server(a: ServerArgs) -> Result<()> {
         server.local_addr(),
         if sealed { " (sealed: run `custody unseal`)" } else { "" }
     );
-    wait_for_shutdown().await;
+    shutdown.wait().await;
     eprintln!("custody: shutting down");
     server.shutdown().await;
     Ok(())
 }
 
-/// Waits for Ctrl-C or SIGTERM.
-pub(crate) async fn wait_for_shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+/// Ctrl-C and SIGTERM, caught from the moment this is installed: install it before the server
+/// says it is ready, so a supervisor's (or a test's) SIGTERM right after the ready line still
+/// shuts down cleanly instead of killing the process with the default action.
+pub(crate) struct Shutdown {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    pub(crate) fn install() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let fail = |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot install signal handlers: {e}"));
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).map_err(fail)?,
+            terminate: signal(SignalKind::terminate()).map_err(fail)?,
+        })
+    }
+
+    /// Waits for either signal.
+    pub(crate) async fn wait(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
 }
 

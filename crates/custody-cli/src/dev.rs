@@ -58,6 +58,7 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
     // locked-memory limit does not stop development.
     config.danger_allow_swap = true;
     custody_server::process::harden(config.danger_allow_swap).map_err(fail)?;
+    let shutdown = crate::commands::Shutdown::install()?;
     let server = custody_server::Server::start(config).await.map_err(|e| fail(e.to_string()))?;
     let addr = server.local_addr();
     let host = match addr.ip() {
@@ -108,7 +109,7 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
             a.data.display()
         );
     }
-    crate::commands::wait_for_shutdown().await;
+    shutdown.wait().await;
     server.shutdown().await;
     Ok(())
 }
