@@ -25,6 +25,7 @@ use crate::commands::{connect, parse_pair, print_json};
 use crate::exit::{self, CliError};
 use crate::ConnArgs;
 use custody_crypto::BlobHeader;
+use custody_server::output::OutputFile;
 use custody_server::{AtomicFile, OutputTarget};
 
 type Result<T> = std::result::Result<T, CliError>;
@@ -312,10 +313,10 @@ fn stage(dest: &Path) -> Result<AtomicFile> {
     AtomicFile::create(dest, None).map_err(fail)
 }
 
-/// Finishes an output file: flushes the buffer, fsyncs, renames it into place.
-fn commit(out: BufWriter<AtomicFile>, dest: &Path) -> Result<()> {
+/// Finishes an output file: writes the rest, fsyncs, renames it into place.
+fn commit(out: OutputFile, dest: &Path) -> Result<()> {
     let fail = |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot write {}: {e}", dest.display()));
-    out.into_inner().map_err(|e| fail(e.into_error()))?.commit().map_err(fail)
+    out.commit().map_err(fail)
 }
 
 /// What one job did.
@@ -383,7 +384,9 @@ fn run_job(job: &Job, what: &str, buffered: bool, work: &Work<'_>) -> Result<Don
     let target = job.output.as_deref().map_or(OutputTarget::Descriptor(1), custody_server::output_target);
     let (context, bytes_out) = match (&job.output, target) {
         (Some(dest), OutputTarget::File) => {
-            let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, stage(dest)?), n: 0 };
+            // About as large as the input, whichever way.
+            let expected = file.as_ref().and_then(|(_, size)| *size);
+            let mut out = Counting { inner: OutputFile::new(stage(dest)?, expected), n: 0 };
             let context = run(&mut out).map_err(|e| esdk_error(&job.input, e))?;
             commit(out.inner, dest)?;
             (context, out.n)
@@ -779,7 +782,8 @@ fn rewrap_one(
     }
     let fail = |e: std::io::Error| CliError::new(exit::FAILURE, format!("{shown}: {e}"));
     let file = std::fs::File::open(path).map_err(fail)?;
-    let permissions = file.metadata().map_err(fail)?.permissions();
+    let meta = file.metadata().map_err(fail)?;
+    let permissions = meta.permissions();
     let mut input = BufReader::with_capacity(1 << 20, file);
     let header = esdk::read_header(&mut input, &esdk::DecryptOptions::default()).map_err(|e| esdk_error(shown, e))?;
     let done = targets.iter().all(|(arn, current)| {
@@ -799,7 +803,7 @@ fn rewrap_one(
     pace.take(ops);
     let staged = stage(path)?;
     staged.as_file().set_permissions(permissions).map_err(fail)?;
-    let mut out = BufWriter::with_capacity(1 << 20, staged);
+    let mut out = OutputFile::new(staged, Some(meta.len()));
     // Old data keys: the KMS keyring (discovery or --from), then raw keys.
     let old_rings: Vec<&dyn Keyring> =
         std::iter::once(kms as &dyn Keyring).chain(raw.iter().map(|r| r.as_ref())).collect();

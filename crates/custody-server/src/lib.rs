@@ -11,6 +11,7 @@ mod certificates;
 pub mod config;
 pub mod keyfile;
 pub mod metrics;
+pub mod output;
 pub mod process;
 pub mod protocol;
 pub mod sigv4;
