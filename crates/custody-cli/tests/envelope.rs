@@ -402,7 +402,7 @@ fn outputs_to_devices_and_pipes_are_streamed_in_place() {
     assert_eq!(through_fifo(&["decrypt", "--raw-aes-key", &raw, enc.to_str().unwrap()]), plain);
 }
 
-/// Large outputs (8 MiB and more) are written with direct I/O: the bytes go to the disk, not
+/// Large outputs (64 MiB and more) are written with direct I/O: the bytes go to the disk, not
 /// through the page cache (`fincore` shows at most the last chunk resident), and the files are
 /// exactly what a stream gives.
 #[test]
@@ -412,7 +412,7 @@ fn large_outputs_go_straight_to_the_disk_and_are_whole() {
     std::fs::write(&key, [5u8; 32]).unwrap();
     let raw = format!("t/k={}", key.display());
     // Not a multiple of anything: the frames (4000 bytes) and the writes' blocks never line up.
-    let plain: Vec<u8> = (0..(8 << 20) + 12_345u32).map(|i| (i % 253) as u8 ^ (i >> 13) as u8).collect();
+    let plain: Vec<u8> = (0..(64 << 20) + 12_345u32).map(|i| (i % 253) as u8 ^ (i >> 13) as u8).collect();
     let input = tmp.path().join("plain");
     std::fs::write(&input, &plain).unwrap();
     let (enc, dec) = (tmp.path().join("plain.encrypted"), tmp.path().join("plain.decrypted"));

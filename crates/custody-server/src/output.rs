@@ -23,8 +23,12 @@ use crate::AtomicFile;
 pub const ALIGN: usize = 4096;
 /// Bytes per direct write.
 pub const CHUNK: usize = 4 << 20;
-/// Outputs expected to be at least this large are written with direct I/O.
-pub const DIRECT_FROM: u64 = 8 << 20;
+/// Outputs expected to be at least this large are written with direct I/O. Smaller ones stay in
+/// the page cache, where the next reader (an upload, a rewrap, a decryption) finds them: a
+/// thousand 10 MiB files written directly and re-wrapped right after took 11.8 s instead of
+/// 8.1 s, read back from the disk (docs/BENCHMARKS.md, session 14). A larger file's copy in the
+/// cache costs more than it saves, and pushes out what other programs had there.
+pub const DIRECT_FROM: u64 = 64 << 20;
 
 /// A staged output file written in large blocks, with direct I/O when it is expected to be large
 /// and the file system allows it; [`OutputFile::commit`] writes the rest, flushes and renames it
