@@ -77,19 +77,21 @@ impl OutputFile {
             let chunk = &self.buf[self.start + done..self.start + self.filled];
             match self.staged.as_file().write(chunk) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => done += n,
+                Ok(n) => {
+                    done += n;
+                    // A short direct write leaves the file offset unaligned: the rest goes
+                    // through the page cache.
+                    if self.direct && done < self.filled {
+                        set_direct(self.staged.as_file(), false)?;
+                        self.direct = false;
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if self.direct && e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
                     set_direct(self.staged.as_file(), false)?;
                     self.direct = false;
                 }
                 Err(e) => return Err(e),
-            }
-            // A short direct write leaves the file offset unaligned: the rest goes through the
-            // page cache.
-            if self.direct && done < self.filled {
-                set_direct(self.staged.as_file(), false)?;
-                self.direct = false;
             }
         }
         self.filled = 0;
@@ -155,7 +157,7 @@ mod tests {
         (0..n).map(|i| (i * 31 + i / 4096) as u8).collect()
     }
 
-    /// Writes `data` in pieces of the given sizes, in turn, and commits.
+    /// Writes `data` in pieces of the given sizes, in turn.
     fn write_in_pieces(out: &mut OutputFile, data: &[u8], pieces: &[usize]) {
         let mut at = 0;
         for size in pieces.iter().cycle() {
