@@ -57,7 +57,13 @@ impl OutputFile {
     pub fn new(staged: AtomicFile, expected: Option<u64>) -> Self {
         let large = expected.is_some_and(|n| n >= DIRECT_FROM);
         let direct = large && set_direct(staged.as_file(), true).is_ok();
-        let capacity = if direct { CHUNK } else { 1 << 20 };
+        // Through the page cache, a buffer no larger than the file needs (it is zeroized, every
+        // byte of it, when dropped: a thousand small files do not each touch a MiB).
+        let capacity = match expected {
+            _ if direct => CHUNK,
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX).clamp(64 << 10, 1 << 20),
+            None => 1 << 20,
+        };
         let buf = Zeroizing::new(vec![0u8; capacity + ALIGN]);
         // Safe pointer arithmetic: where in the buffer the first ALIGN-aligned address is.
         let start = buf.as_ptr().align_offset(ALIGN);
