@@ -1042,6 +1042,7 @@ async fn audit(conn: &ConnArgs, cmd: AuditCommand, json: bool) -> Result<()> {
             drop(w);
             temp.as_file().sync_all().map_err(io)?;
             temp.persist(&path).map_err(|e| io(e.error))?;
+            custody_server::sync_parent(&path).map_err(io)?;
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }

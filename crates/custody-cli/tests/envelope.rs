@@ -458,6 +458,48 @@ fn large_outputs_go_straight_to_the_disk_and_are_whole() {
     assert!(streamed.stdout == plain);
 }
 
+/// A new output file survives a crash only if its directory entry does: after renaming the staged
+/// file onto the output path, custody fsyncs the directory (`strace` shows the calls), for an
+/// output named relative to the working directory and for one in another directory.
+#[test]
+fn the_directory_is_synced_after_an_output_is_renamed_into_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("key"), [3u8; 32]).unwrap();
+    std::fs::write(tmp.path().join("plain"), b"kept after a crash").unwrap();
+    let sub = tmp.path().join("sub");
+    for (out, dir) in [
+        ("plain.encrypted".to_string(), ".".to_string()),
+        (format!("{}/out", sub.display()), sub.display().to_string()),
+    ] {
+        let log = tmp.path().join("trace");
+        let status = std::process::Command::new("strace")
+            .current_dir(tmp.path())
+            .args(["-f", "-qq", "-e", "trace=openat,rename,renameat,renameat2,fsync", "-o"])
+            .arg(&log)
+            .arg(common::custody().get_program())
+            .args(["encrypt", "--raw-aes-key", "t/k=key", "-o", &out, "plain"])
+            .status()
+            .expect("strace (Debian package strace)");
+        assert!(status.success());
+        let trace = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = trace.lines().collect();
+        let renamed = lines
+            .iter()
+            .position(|l| l.contains("rename") && l.contains(&format!("\"{out}\"")) && l.ends_with("= 0"))
+            .unwrap_or_else(|| panic!("no rename onto {out}:\n{trace}"));
+        let after = &lines[renamed..];
+        let fd = after
+            .iter()
+            .find(|l| l.contains("openat(") && l.contains(&format!("\"{dir}\"")))
+            .and_then(|l| l.rsplit("= ").next()?.trim().parse::<u32>().ok())
+            .unwrap_or_else(|| panic!("{dir} not opened after the rename:\n{trace}"));
+        assert!(
+            after.iter().any(|l| l.contains(&format!("fsync({fd})")) && l.ends_with("= 0")),
+            "{dir} not fsynced after the rename:\n{trace}"
+        );
+    }
+}
+
 fn body_len(len: usize, frame: usize) -> usize {
     let full = if len > 0 && len.is_multiple_of(frame) { len / frame - 1 } else { len / frame };
     let last = len - full * frame;

@@ -14,7 +14,8 @@ pub fn write(path: &Path, root: &RootKey) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     let text = Zeroizing::new(format!("{HEADER}{}\n", hex::encode(root.expose_secret())));
     f.write_all(text.as_bytes())?;
-    f.sync_all()
+    f.sync_all()?;
+    crate::sync_parent(path)
 }
 
 /// Reads a key file. Refuses files that others can read, like ssh does with private keys.

@@ -55,6 +55,16 @@ pub fn write_file(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io::R
     file.commit()
 }
 
+/// Flushes the directory holding `path` to the disk, so that a file just created or renamed
+/// there is still found after a crash (a file's own fsync does not cover its directory entry).
+pub fn sync_parent(path: &std::path::Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// What an output path names, for a writer that would stage a file and rename it onto the path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputTarget {
@@ -142,14 +152,15 @@ impl AtomicFile {
         self.file.as_ref().expect("open until committed")
     }
 
-    /// Syncs the file and renames it onto the destination.
+    /// Syncs the file, renames it onto the destination and syncs the directory (the rename
+    /// itself survives a crash only once the directory is on the disk).
     pub fn commit(mut self) -> std::io::Result<()> {
         let file = self.file.take().expect("open until committed");
         file.sync_all()?;
         drop(file);
         std::fs::rename(&self.tmp, &self.dest)?;
         self.tmp = std::path::PathBuf::new();
-        Ok(())
+        sync_parent(&self.dest)
     }
 }
 
