@@ -353,9 +353,7 @@ async fn rewrap_moves_files_to_the_current_version_or_another_key() {
 fn outputs_to_devices_and_pipes_are_streamed_in_place() {
     use std::os::unix::fs::FileTypeExt;
     let tmp = tempfile::tempdir().unwrap();
-    let key = tmp.path().join("key");
-    std::fs::write(&key, [9u8; 32]).unwrap();
-    let raw = format!("t/k={}", key.display());
+    let raw = raw_key(tmp.path(), 9);
     let plain: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let input = tmp.path().join("plain");
     std::fs::write(&input, &plain).unwrap();
@@ -408,9 +406,7 @@ fn outputs_to_devices_and_pipes_are_streamed_in_place() {
 #[test]
 fn large_outputs_go_straight_to_the_disk_and_are_whole() {
     let tmp = tempfile::tempdir().unwrap();
-    let key = tmp.path().join("key");
-    std::fs::write(&key, [5u8; 32]).unwrap();
-    let raw = format!("t/k={}", key.display());
+    let raw = raw_key(tmp.path(), 5);
     // Not a multiple of anything: the frames (4000 bytes) and the writes' blocks never line up.
     let plain: Vec<u8> = (0..(64 << 20) + 12_345u32).map(|i| (i % 253) as u8 ^ (i >> 13) as u8).collect();
     let input = tmp.path().join("plain");
@@ -498,6 +494,13 @@ fn the_directory_is_synced_after_an_output_is_renamed_into_it() {
             "{dir} not fsynced after the rename:\n{trace}"
         );
     }
+}
+
+/// Writes a 32-byte raw AES key of `byte`s into `dir` and returns its `--raw-aes-key` spec.
+fn raw_key(dir: &Path, byte: u8) -> String {
+    let key = dir.join("key");
+    std::fs::write(&key, [byte; 32]).unwrap();
+    format!("t/k={}", key.display())
 }
 
 fn body_len(len: usize, frame: usize) -> usize {
