@@ -467,23 +467,28 @@ fn the_directory_is_synced_after_an_output_is_renamed_into_it() {
         ("plain.encrypted".to_string(), ".".to_string()),
         (format!("{}/out", sub.display()), sub.display().to_string()),
     ] {
-        let log = tmp.path().join("trace");
+        // One trace file per thread (`-ff`): the rename and the directory's sync happen on one
+        // thread, and no other thread's calls split its lines.
+        let traces = tempfile::tempdir().unwrap();
         let status = std::process::Command::new("strace")
             .current_dir(tmp.path())
-            .args(["-f", "-qq", "-e", "trace=openat,rename,renameat,renameat2,fsync", "-o"])
-            .arg(&log)
+            .args(["-ff", "-qq", "-e", "trace=openat,rename,renameat,renameat2,fsync", "-o"])
+            .arg(traces.path().join("t"))
             .arg(common::custody().get_program())
             .args(["encrypt", "--raw-aes-key", "t/k=key", "-o", &out, "plain"])
             .status()
             .expect("strace (Debian package strace)");
         assert!(status.success());
-        let trace = std::fs::read_to_string(&log).unwrap();
-        let lines: Vec<&str> = trace.lines().collect();
-        let renamed = lines
+        let threads: Vec<String> = std::fs::read_dir(traces.path())
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect();
+        let is_rename = |l: &&str| l.contains("rename") && l.contains(&format!("\"{out}\"")) && l.ends_with("= 0");
+        let trace = threads
             .iter()
-            .position(|l| l.contains("rename") && l.contains(&format!("\"{out}\"")) && l.ends_with("= 0"))
-            .unwrap_or_else(|| panic!("no rename onto {out}:\n{trace}"));
-        let after = &lines[renamed..];
+            .find(|t| t.lines().any(|l| is_rename(&l)))
+            .unwrap_or_else(|| panic!("no rename onto {out}:\n{threads:#?}"));
+        let after: Vec<&str> = trace.lines().skip_while(|l| !is_rename(l)).collect();
         let fd = after
             .iter()
             .find(|l| l.contains("openat(") && l.contains(&format!("\"{dir}\"")))
