@@ -40,8 +40,6 @@ pub struct OutputFile {
     start: usize,
     /// Bytes waiting in `buf[start..]`.
     filled: usize,
-    /// The buffer's usable size.
-    capacity: usize,
     direct: bool,
 }
 
@@ -67,7 +65,12 @@ impl OutputFile {
         let buf = Zeroizing::new(vec![0u8; capacity + ALIGN]);
         // Safe pointer arithmetic: where in the buffer the first ALIGN-aligned address is.
         let start = buf.as_ptr().align_offset(ALIGN);
-        Self { staged, buf, start, filled: 0, capacity, direct }
+        Self { staged, buf, start, filled: 0, direct }
+    }
+
+    /// The buffer's usable size (it holds [`ALIGN`] bytes more, to start at an aligned address).
+    fn capacity(&self) -> usize {
+        self.buf.len() - ALIGN
     }
 
     /// Whether blocks still go to the device directly.
@@ -120,10 +123,11 @@ impl OutputFile {
 
 impl Write for OutputFile {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        if self.filled == self.capacity {
+        let capacity = self.capacity();
+        if self.filled == capacity {
             self.write_buffer()?;
         }
-        let n = bytes.len().min(self.capacity - self.filled);
+        let n = bytes.len().min(capacity - self.filled);
         let at = self.start + self.filled;
         self.buf[at..at + n].copy_from_slice(&bytes[..n]);
         self.filled += n;
