@@ -9,6 +9,7 @@ use base64::Engine;
 use clap::{Args, Subcommand};
 use custody_client::{Client, Profile};
 use custody_kms::{PrincipalName, TenantId};
+use custody_server::OutputTarget;
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
@@ -1020,14 +1021,19 @@ async fn audit(conn: &ConnArgs, cmd: AuditCommand, json: bool) -> Result<()> {
             let since = since.as_deref().map(parse_since).transpose()?;
             let mut c = connect(conn).await?;
             let io = export_write_error;
-            let Some(path) = out else {
-                let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
-                export_trail(&mut c, since, &mut stdout, None).await?;
-                return stdout.flush().map_err(io);
+            // A file is staged (0600) and renamed over the path once complete; stdout, a
+            // descriptor, a device or a pipe is written as a stream (renaming would replace it).
+            let target = out.as_deref().map_or(OutputTarget::Descriptor(1), custody_server::output_target);
+            let path = match out {
+                Some(path) if target == OutputTarget::File => path,
+                dest => {
+                    let mut w =
+                        std::io::BufWriter::new(crate::envelope::stream_output(dest.as_deref(), target).map_err(io)?);
+                    export_trail(&mut c, since, &mut w, None).await?;
+                    return w.flush().map_err(io);
+                }
             };
-            // A temporary file beside the target (0600), renamed over it once complete.
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let temp = tempfile::Builder::new().prefix(".custody-audit-export").tempfile_in(dir).map_err(io)?;
+            let mut staged = custody_server::AtomicFile::create(&path, Some(0o600)).map_err(io)?;
             let bar = std::io::stderr().is_terminal().then(|| {
                 let bar = indicatif::ProgressBar::new_spinner();
                 bar.set_style(
@@ -1036,13 +1042,11 @@ async fn audit(conn: &ConnArgs, cmd: AuditCommand, json: bool) -> Result<()> {
                 );
                 bar
             });
-            let mut w = std::io::BufWriter::new(temp.as_file());
+            let mut w = std::io::BufWriter::new(&mut staged);
             let counts = export_trail(&mut c, since, &mut w, bar.as_ref()).await?;
             w.flush().map_err(io)?;
             drop(w);
-            temp.as_file().sync_all().map_err(io)?;
-            temp.persist(&path).map_err(|e| io(e.error))?;
-            custody_server::sync_parent(&path).map_err(io)?;
+            staged.commit().map_err(io)?;
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }

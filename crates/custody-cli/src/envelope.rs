@@ -319,6 +319,16 @@ fn commit(out: OutputFile, dest: &Path) -> Result<()> {
     out.commit().map_err(fail)
 }
 
+/// Where an output that is not staged goes: stdout (no path, or `/dev/stdout`), stderr, or the
+/// path opened in place (another descriptor, a device, a pipe; a directory fails, saying so).
+pub(crate) fn stream_output(dest: Option<&Path>, target: OutputTarget) -> std::io::Result<Box<dyn Write>> {
+    Ok(match (dest, target) {
+        (None, _) | (_, OutputTarget::Descriptor(1)) => Box::new(std::io::stdout().lock()),
+        (_, OutputTarget::Descriptor(2)) => Box::new(std::io::stderr().lock()),
+        (Some(dest), _) => Box::new(std::fs::OpenOptions::new().write(true).open(dest)?),
+    })
+}
+
 /// What one job did.
 struct Done {
     input: String,
@@ -394,12 +404,7 @@ fn run_job(job: &Job, what: &str, buffered: bool, work: &Work<'_>) -> Result<Don
         (dest, target) => {
             let shown = dest.as_ref().map_or("stdout".into(), |d| d.display().to_string());
             let fail = |e: std::io::Error| CliError::new(exit::FAILURE, format!("cannot write {shown}: {e}"));
-            let target: Box<dyn Write> = match (dest, target) {
-                (None, _) | (_, OutputTarget::Descriptor(1)) => Box::new(std::io::stdout().lock()),
-                (_, OutputTarget::Descriptor(2)) => Box::new(std::io::stderr().lock()),
-                // Another descriptor, a device, a pipe (a directory fails here, saying so).
-                (Some(dest), _) => Box::new(std::fs::OpenOptions::new().write(true).open(dest).map_err(fail)?),
-            };
+            let target = stream_output(dest.as_deref(), target).map_err(fail)?;
             let mut out = Counting { inner: BufWriter::with_capacity(1 << 20, target), n: 0 };
             let context = run(&mut out).map_err(|e| esdk_error(&job.input, e))?;
             out.flush().map_err(fail)?;

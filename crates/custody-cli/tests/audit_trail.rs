@@ -178,6 +178,23 @@ async fn verify_export_and_hash_through_the_cli() {
     assert_eq!(code, Some(0), "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["checkpoints"].as_u64().unwrap() >= 2, "{v}");
+    // To a pipe: written into it as a stream, the pipe left in place (renaming a staged file
+    // onto it would replace it).
+    let fifo = dir.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
+    };
+    let (code, _, err) = run(&["audit", "export", "--out", fifo.to_str().unwrap()]);
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO was replaced");
+    assert_eq!(code, Some(0), "{err}");
+    let piped = reader.join().unwrap();
+    assert!(
+        piped.lines().count() >= text.lines().count() && piped.starts_with(text.lines().next().unwrap()),
+        "{piped}"
+    );
 
     // --since: from the checkpoint before that time (anchor first), to stdout; verifies alone.
     let (code, out, _) = run(&["--json", "audit", "export", "--since", "1h"]);
