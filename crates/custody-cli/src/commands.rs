@@ -312,7 +312,8 @@ Examples:
 With --since the export starts right after the newest signed checkpoint made before that time,
 so it can be verified on its own; it may begin with a few older records.")]
     Export {
-        /// Output file, written completely before it replaces anything (default: stdout).
+        /// Output file, written completely before it replaces anything (default: stdout); a
+        /// pipe, device or /dev/stdout is written to as a stream, never replaced.
         #[arg(long, short = 'o')]
         out: Option<PathBuf>,
         /// Only records from this long ago (30m, 1h, 2d) or since an RFC 3339 time.
