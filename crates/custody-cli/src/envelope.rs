@@ -25,7 +25,7 @@ use crate::commands::{connect, parse_pair, print_json};
 use crate::exit::{self, CliError};
 use crate::ConnArgs;
 use custody_crypto::BlobHeader;
-use custody_server::output::OutputFile;
+use custody_server::output::{widen_pipe, OutputFile};
 use custody_server::{AtomicFile, OutputTarget};
 
 type Result<T> = std::result::Result<T, CliError>;
@@ -323,9 +323,16 @@ fn commit(out: OutputFile, dest: &Path) -> Result<()> {
 /// path opened in place (another descriptor, a device, a pipe; a directory fails, saying so).
 pub(crate) fn stream_output(dest: Option<&Path>, target: OutputTarget) -> std::io::Result<Box<dyn Write>> {
     Ok(match (dest, target) {
-        (None, _) | (_, OutputTarget::Descriptor(1)) => Box::new(std::io::stdout().lock()),
+        (None, _) | (_, OutputTarget::Descriptor(1)) => {
+            widen_pipe(std::io::stdout());
+            Box::new(std::io::stdout().lock())
+        }
         (_, OutputTarget::Descriptor(2)) => Box::new(std::io::stderr().lock()),
-        (Some(dest), _) => Box::new(std::fs::OpenOptions::new().write(true).open(dest)?),
+        (Some(dest), _) => {
+            let f = std::fs::OpenOptions::new().write(true).open(dest)?;
+            widen_pipe(&f);
+            Box::new(f)
+        }
     })
 }
 
@@ -385,8 +392,14 @@ fn run_job(job: &Job, what: &str, buffered: bool, work: &Work<'_>) -> Result<Don
     };
     let run = |out: &mut dyn Write| match &file {
         Some((f, Some(len))) => work(Source::File(&CountedFile { inner: f, n: &read, bar: bar.clone() }, *len), out),
-        Some((f, None)) => stream(&mut Counted { inner: f, n: &read }, out),
-        None => stream(&mut Counted { inner: std::io::stdin().lock(), n: &read }, out),
+        Some((f, None)) => {
+            widen_pipe(f);
+            stream(&mut Counted { inner: f, n: &read }, out)
+        }
+        None => {
+            widen_pipe(std::io::stdin());
+            stream(&mut Counted { inner: std::io::stdin().lock(), n: &read }, out)
+        }
     };
     // A file is staged and renamed into place. Stdout, another descriptor (`/dev/stdout`), a
     // device or a pipe (`/dev/null`, a FIFO) is written to as a stream: renaming a staged file

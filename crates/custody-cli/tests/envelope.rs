@@ -400,6 +400,44 @@ fn outputs_to_devices_and_pipes_are_streamed_in_place() {
     assert_eq!(through_fifo(&["decrypt", "--raw-aes-key", &raw, enc.to_str().unwrap()]), plain);
 }
 
+/// A pipe on stdin or stdout is widened to a MiB (Linux makes it 64 KiB), so that streams move
+/// a MiB per system call; what goes through is exactly the message and its plaintext.
+#[test]
+fn pipes_on_stdin_and_stdout_are_widened() {
+    use custody_server::output::{pipe_size, PIPE_SIZE};
+    use std::io::{Read, Write};
+    let max: usize = std::fs::read_to_string("/proc/sys/fs/pipe-max-size").unwrap().trim().parse().unwrap();
+    assert!(max >= PIPE_SIZE, "this test needs pipe-max-size of at least {PIPE_SIZE} (it is {max})");
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = raw_key(tmp.path(), 5);
+    let plain: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+
+    // A pipe's size, seen from this process's end of it, while custody runs with the other end.
+    let through = |args: &[&str], input: &[u8]| -> (Vec<u8>, usize, usize) {
+        let (in_r, mut in_w) = std::io::pipe().unwrap();
+        let (mut out_r, out_w) = std::io::pipe().unwrap();
+        // Read ends: holding one does not keep custody from seeing the end of its input.
+        let (in_seen, out_seen) = (in_r.try_clone().unwrap(), out_r.try_clone().unwrap());
+        assert_eq!(pipe_size(&in_seen), Some(64 << 10), "a new pipe holds 64 KiB");
+        let mut child = common::custody().args(args).stdin(in_r).stdout(out_w).spawn().unwrap();
+        let input = input.to_vec();
+        let feeder = std::thread::spawn(move || {
+            in_w.write_all(&input).unwrap();
+        });
+        let mut output = Vec::new();
+        out_r.read_to_end(&mut output).unwrap();
+        let (in_size, out_size) = (pipe_size(&in_seen).unwrap(), pipe_size(&out_seen).unwrap());
+        feeder.join().unwrap();
+        assert!(child.wait().unwrap().success());
+        (output, in_size, out_size)
+    };
+    let (message, in_size, out_size) = through(&["encrypt", "--raw-aes-key", &raw, "-"], &plain);
+    assert_eq!((in_size, out_size), (PIPE_SIZE, PIPE_SIZE), "stdin and stdout widened (encrypt)");
+    let (back, in_size, out_size) = through(&["decrypt", "--raw-aes-key", &raw, "-"], &message);
+    assert_eq!((in_size, out_size), (PIPE_SIZE, PIPE_SIZE), "stdin and stdout widened (decrypt)");
+    assert!(back == plain, "the plaintext came back whole");
+}
+
 /// Large outputs (64 MiB and more) are written with direct I/O: the bytes go to the disk, not
 /// through the page cache (`fincore` shows at most the last chunk resident), and the files are
 /// exactly what a stream gives.

@@ -141,6 +141,44 @@ impl Write for OutputFile {
     }
 }
 
+/// Pipe buffer asked for by [`widen_pipe`]: Linux's default limit for an unprivileged process
+/// (`/proc/sys/fs/pipe-max-size`).
+pub const PIPE_SIZE: usize = 1 << 20;
+
+/// If `fd` is a pipe, asks for a buffer of [`PIPE_SIZE`] (or the largest half of it the system
+/// allows) instead of Linux's 64 KiB: a stream written or read in MiB blocks then moves a block
+/// per system call, instead of blocking sixteen times on the program at the other end
+/// (docs/BENCHMARKS.md, session 15: `custody decrypt | cat` 2.5x faster). Best effort: not a pipe,
+/// a pipe already as large, or a limit below 128 KiB leaves it as it is.
+pub fn widen_pipe(fd: impl std::os::fd::AsFd) {
+    #[cfg(target_os = "linux")]
+    if let Some(now) = pipe_size(&fd) {
+        let mut size = PIPE_SIZE;
+        // EPERM above `pipe-max-size` or past the user's pipe budget; EBUSY if it holds more.
+        while size > now && rustix::pipe::fcntl_setpipe_size(&fd, size).is_err() {
+            size /= 2;
+        }
+    }
+}
+
+/// The buffer size of `fd` if it is a pipe.
+pub fn pipe_size(fd: impl std::os::fd::AsFd) -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::fs::{fstat, FileType};
+        let st = fstat(&fd).ok()?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::Fifo {
+            return None;
+        }
+        rustix::pipe::fcntl_getpipe_size(&fd).ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = fd;
+        None
+    }
+}
+
 /// Switches direct I/O on or off for `file`.
 #[cfg(target_os = "linux")]
 fn set_direct(file: &std::fs::File, on: bool) -> std::io::Result<()> {
@@ -253,5 +291,22 @@ mod tests {
         assert_eq!(std::fs::read(&dest).unwrap(), b"the old file");
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["kept"], "no staged file left behind");
+    }
+
+    #[test]
+    fn pipes_are_widened_and_nothing_else_is_touched() {
+        let (r, w) = std::io::pipe().unwrap();
+        assert_eq!(pipe_size(&r), Some(64 << 10), "Linux's default");
+        widen_pipe(&w);
+        assert_eq!(pipe_size(&r), Some(PIPE_SIZE), "one pipe, either end");
+        // Never shrunk.
+        rustix::pipe::fcntl_setpipe_size(&r, 2 * PIPE_SIZE).ok();
+        let before = pipe_size(&r);
+        widen_pipe(&r);
+        assert_eq!(pipe_size(&r), before);
+        // A file is not a pipe.
+        let file = tempfile::tempfile().unwrap();
+        assert_eq!(pipe_size(&file), None);
+        widen_pipe(&file);
     }
 }
