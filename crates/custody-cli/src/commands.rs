@@ -486,6 +486,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Rewrap(args) => crate::envelope::rewrap(&cli.conn, args, json).await,
         Command::Agent(args) => crate::pki::agent(&cli.conn, args, json).await,
         Command::Check => check(&cli.conn, json).await,
+        Command::Top(args) => crate::top::run(args, json).await,
         Command::Backup(cmd) => crate::backup::backup(&cli.conn, cmd, json).await,
         Command::Seal(cmd) => crate::seal::seal(cmd, json),
     }

@@ -74,7 +74,8 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
     let (key_id, secret) = aws_credentials(&a.data, &profile).await?;
     let env_file = a.data.join("env");
     let region = "us-east-1";
-    let env = format!(
+    let metrics = server.metrics_addr().map(|a| format!("http://{a}/metrics"));
+    let mut env = format!(
         "export CUSTODY_ENDPOINT={endpoint}\nexport CUSTODY_PROFILE={profile}\nexport CUSTODY_CA_FILE={ca}\n\
          export AWS_ENDPOINT_URL_KMS={endpoint}\nexport AWS_CA_BUNDLE={ca}\nexport AWS_ACCESS_KEY_ID={key_id}\n\
          export AWS_SECRET_ACCESS_KEY={secret}\nexport AWS_DEFAULT_REGION={region}\n",
@@ -82,9 +83,11 @@ pub async fn run(a: DevArgs, json: bool) -> Result<(), CliError> {
         ca = ca.display(),
         secret = secret.as_str(),
     );
+    if let Some(url) = &metrics {
+        env.push_str(&format!("export CUSTODY_METRICS_URL={url}\n"));
+    }
     // It holds a secret access key: private to the user.
     bootstrap::write_file(&env_file, env.as_bytes(), 0o600).map_err(fail)?;
-    let metrics = server.metrics_addr().map(|a| format!("http://{a}/metrics"));
     if json {
         crate::commands::print_json(&json!({
             "Endpoint": endpoint, "Profile": profile, "CaFile": ca, "EnvFile": abs(env_file), "FirstRun": first_run,

@@ -12,6 +12,7 @@ pub mod exit;
 mod pki;
 mod root;
 mod seal;
+mod top;
 
 /// The process's allocator. glibc's malloc serialized the server's threads on its arena locks
 /// (perf: futex waits under malloc/free, from buffers allocated on one thread and freed on
@@ -151,6 +152,19 @@ With -k, only data keys of those keys are tried (strict); without any key, every
 you may use is (discovery). A file output appears only once the whole message, its last frame
 and its signature are verified.")]
     Decrypt(envelope::DecryptArgs),
+    /// Watch a running server: requests per second, errors and latency by action, the audit's
+    /// group commits, seal state, keys, caches and certificates, refreshed in place (from its
+    /// metrics listener).
+    #[command(after_help = "\
+Examples:
+  custody top                                         http://127.0.0.1:9464/metrics, every 2 s
+  custody top --metrics http://127.0.0.1:9500/metrics -i 5
+  custody top --once --json                           one view over one interval, as JSON
+  custody top --json > top.jsonl                      a JSON line per interval, for a file
+
+The server serves its metrics only with metrics_listen (custody dev: CUSTODY_METRICS_LISTEN),
+on a loopback address; `custody dev` writes CUSTODY_METRICS_URL to .custody-dev/env.")]
+    Top(top::TopArgs),
     /// Re-wrap the data keys of encrypted files under a key's current version (or another key),
     /// in place: only the header changes, every body byte stays; resumable.
     #[command(after_help = "\

@@ -112,3 +112,63 @@ fn dev_serves_metrics_when_asked_and_says_where() {
     assert!(text.lines().any(|l| l == "custody_sealed 0"), "{text}");
     stop(dev);
 }
+
+/// `custody top` reads the metrics listener that `custody dev` reports (and writes to its env
+/// file): the interval's requests by action, errors among them, the audit's commits, seal state,
+/// keys and certificates; an unreachable or malformed URL is a clear error.
+#[test]
+fn top_shows_the_interval_s_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("devdata");
+    let dev = start_dev_with(dir.path(), &data, &[("CUSTODY_METRICS_LISTEN", "127.0.0.1:0")]);
+    let url = dev.info["Metrics"].as_str().unwrap().to_string();
+    let env = std::fs::read_to_string(data.join("env")).unwrap();
+    assert!(env.contains(&format!("export CUSTODY_METRICS_URL={url}\n")), "{env}");
+    let profile = dev.info["Profile"].as_str().unwrap().to_string();
+    let cli = |args: &[&str]| custody().env("CUSTODY_PROFILE", &profile).args(args).output().unwrap();
+    assert!(cli(&["key", "create", "--alias", "alias/top"]).status.success());
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, "x").unwrap();
+    let plain = plain.to_str().unwrap();
+
+    // One view over 8 s; the requests below are made well inside it.
+    let top = custody()
+        .env("CUSTODY_METRICS_URL", &url)
+        .args(["--json", "top", "--once", "--interval", "8"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    for _ in 0..4 {
+        assert!(cli(&["encrypt-blob", "-k", "alias/top", plain]).status.success());
+    }
+    assert!(!cli(&["encrypt-blob", "-k", "alias/missing", plain]).status.success());
+    let out = top.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let secs = v["interval_seconds"].as_f64().unwrap();
+    assert!((7.5..12.0).contains(&secs), "{v}");
+    let encrypt = v["actions"].as_array().unwrap().iter().find(|a| a["action"] == "TrentService.Encrypt").unwrap();
+    let counted = |field: &str| (encrypt[field].as_f64().unwrap() * secs).round();
+    assert_eq!(counted("requests_per_second"), 5.0, "{v}");
+    assert_eq!(counted("errors_per_second"), 1.0, "{v}");
+    assert_eq!(encrypt["total"], 5);
+    assert!(encrypt["p99_ms"].as_f64().unwrap() > 0.0);
+    assert!(v["audit"]["commits_per_second"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(v["audit"]["failing"], false);
+    assert_eq!(v["sealed"], false);
+    // Counted by the scheduler's passes: the new key may not be in yet, the states are.
+    assert!(v["keys"]["Enabled"].is_u64() && v["keys"]["PendingDeletion"].is_u64(), "{v}");
+    assert!(v["certificate_expiry_seconds"]["server"].as_f64().unwrap() > 29.0 * 86_400.0);
+
+    let text = custody().args(["top", "--once", "-i", "0.2", "--metrics", &url]).output().unwrap();
+    let shown = String::from_utf8(text.stdout).unwrap();
+    assert!(text.status.success() && shown.contains("custody top") && shown.contains("unsealed"), "{shown}");
+
+    let refused = custody().args(["top", "--once", "--metrics", "http://127.0.0.1:1/metrics"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(3), "unreachable");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("metrics_listen"), "says how to turn them on");
+    let tls = custody().args(["top", "--once", "--metrics", "https://127.0.0.1:1/metrics"]).output().unwrap();
+    assert_eq!(tls.status.code(), Some(2), "only http:// (the listener is loopback, plain HTTP)");
+    stop(dev);
+}
