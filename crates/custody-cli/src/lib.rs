@@ -152,19 +152,6 @@ With -k, only data keys of those keys are tried (strict); without any key, every
 you may use is (discovery). A file output appears only once the whole message, its last frame
 and its signature are verified.")]
     Decrypt(envelope::DecryptArgs),
-    /// Watch a running server: requests per second, errors and latency by action, the audit's
-    /// group commits, seal state, keys, caches and certificates, refreshed in place (from its
-    /// metrics listener).
-    #[command(after_help = "\
-Examples:
-  custody top                                         http://127.0.0.1:9464/metrics, every 2 s
-  custody top --metrics http://127.0.0.1:9500/metrics -i 5
-  custody top --once --json                           one view over one interval, as JSON
-  custody top --json > top.jsonl                      a JSON line per interval, for a file
-
-The server serves its metrics only with metrics_listen (custody dev: CUSTODY_METRICS_LISTEN),
-on a loopback address; `custody dev` writes CUSTODY_METRICS_URL to .custody-dev/env.")]
-    Top(top::TopArgs),
     /// Re-wrap the data keys of encrypted files under a key's current version (or another key),
     /// in place: only the header changes, every body byte stays; resumable.
     #[command(after_help = "\
@@ -179,6 +166,19 @@ committed-signed) cannot be re-wrapped: their signature covers the header.")]
     /// Read the audit trail.
     #[command(subcommand)]
     Audit(commands::AuditCommand),
+    /// Watch a running server: requests per second, errors and latency by action, the audit's
+    /// group commits, seal state, keys, caches and certificates, refreshed in place (from its
+    /// metrics listener).
+    #[command(after_help = "\
+Examples:
+  custody top                                         http://127.0.0.1:9464/metrics, every 2 s
+  custody top --metrics http://127.0.0.1:9500/metrics -i 5
+  custody top --once --json                           one view over one interval, as JSON
+  custody top --json > top.jsonl                      a JSON line per interval, for a file
+
+The server serves its metrics only with metrics_listen (custody dev: CUSTODY_METRICS_LISTEN),
+on a loopback address; `custody dev` writes CUSTODY_METRICS_URL to .custody-dev/env.")]
+    Top(top::TopArgs),
     /// SigV4 access keys, for the AWS SDKs and CLI.
     #[command(name = "access-key", subcommand)]
     AccessKey(commands::AccessKeyCommand),

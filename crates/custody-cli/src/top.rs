@@ -219,6 +219,14 @@ impl Scrape {
             .sum()
     }
 
+    /// Whether a counter (or a histogram's count, sum or bucket) is lower now than in `before`.
+    fn reset_since(&self, before: &Scrape) -> bool {
+        let counter = |n: &str| ["_total", "_count", "_sum", "_bucket"].iter().any(|s| n.ends_with(s));
+        before.samples.iter().filter(|s| counter(&s.name)).any(|old| {
+            self.samples.iter().any(|new| new.name == old.name && new.labels == old.labels && new.value < old.value)
+        })
+    }
+
     /// Histogram `name`'s cumulative buckets (upper bound, count) for the series with `labels`.
     fn buckets(&self, name: &str, labels: &[(&str, &str)]) -> Buckets {
         let bucket = format!("{name}_bucket");
@@ -324,6 +332,10 @@ const RECORDS: &str = "custody_audit_commit_records";
 impl View {
     pub(crate) fn between(before: &Scrape, now: &Scrape, metrics: &str) -> Self {
         let secs = now.at.duration_since(before.at).as_secs_f64().max(1e-3);
+        // A counter that went down: the server restarted in between, and every counter began
+        // again from zero (Prometheus' `rate` reads a reset the same way).
+        let restarted = Scrape { at: before.at, samples: Vec::new() };
+        let before = if now.reset_since(before) { &restarted } else { before };
         let rate =
             |name: &str, labels: &[(&str, &str)]| (now.sum(name, labels) - before.sum(name, labels)).max(0.0) / secs;
         let delta = |name: &str| (now.sum(name, &[]) - before.sum(name, &[])).max(0.0);
@@ -556,6 +568,17 @@ mod tests {
         assert_eq!(v.audit.records_per_commit, Some(5.25));
         assert!((v.audit.commit_mean_ms.unwrap() - 0.5).abs() < 1e-9);
         assert_eq!((v.sealed, v.audit.failing), (Some(false), Some(true)));
+        // The server restarted: the counters began again; the interval counts what they hold now.
+        let restarted = scrape(
+            4,
+            "custody_requests_total{action=\"TrentService.Encrypt\",outcome=\"success\"} 40\n\
+             custody_request_duration_seconds_bucket{le=\"0.001\",action=\"TrentService.Encrypt\"} 40\n\
+             custody_request_duration_seconds_bucket{le=\"+Inf\",action=\"TrentService.Encrypt\"} 40\n",
+        );
+        let r = View::between(&now, &restarted, "http://x/metrics");
+        assert_eq!(r.actions[0].requests_per_second, 20.0);
+        assert_eq!(r.actions[0].errors_per_second, 0.0);
+        assert!(r.actions[0].p99_ms.unwrap() <= 1.0);
         let text = v.render();
         assert!(text.contains("FAILING") && text.contains("Encrypt") && text.contains("105.0"), "{text}");
     }
