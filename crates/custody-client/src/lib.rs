@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 pub mod keyring;
+pub mod metrics;
 
 pub use keyring::{CacheLimits, CachingKeyring, Discovery, KmsKeyring};
 pub use profile::{Endpoint, Profile};
