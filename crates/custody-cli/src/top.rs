@@ -20,7 +20,7 @@ use crate::exit::{self, CliError};
 pub struct TopArgs {
     /// The server's metrics URL (its `metrics_listen`; `custody dev` prints it and writes it to
     /// `.custody-dev/env`).
-    #[arg(long, value_name = "URL", env = "CUSTODY_METRICS_URL", default_value = "http://127.0.0.1:9464/metrics")]
+    #[arg(long, value_name = "URL", env = "CUSTODY_METRICS_URL", default_value = DEFAULT_URL)]
     pub metrics: String,
     /// Seconds between refreshes (rates and latencies are over this interval).
     #[arg(long, short = 'i', value_name = "SECONDS", default_value_t = 2.0, value_parser = parse_interval)]

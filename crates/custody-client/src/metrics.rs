@@ -17,6 +17,13 @@ pub struct Sample {
     pub value: f64,
 }
 
+impl Sample {
+    /// Whether its labels include every `(name, value)` of `labels`.
+    pub fn has(&self, labels: &[(&str, &str)]) -> bool {
+        labels.iter().all(|(k, v)| self.labels.get(*k).map(String::as_str) == Some(*v))
+    }
+}
+
 /// One scrape: when it was taken, and every sample.
 #[derive(Debug, Clone)]
 pub struct Scrape {
@@ -137,17 +144,12 @@ impl Scrape {
 
     /// The value of `name`'s first sample whose labels include `labels`.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        self.get(name)
-            .find(|s| labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
-            .map(|s| s.value)
+        self.get(name).find(|s| s.has(labels)).map(|s| s.value)
     }
 
     /// The sum of `name`'s samples whose labels include `labels`.
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.get(name)
-            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
-            .map(|s| s.value)
-            .sum()
+        self.get(name).filter(|s| s.has(labels)).map(|s| s.value).sum()
     }
 
     /// Whether a counter (or a histogram's count, sum or bucket) is lower now than in `before`.
@@ -163,7 +165,7 @@ impl Scrape {
         let bucket = format!("{name}_bucket");
         let mut b: Vec<(f64, f64)> = self
             .get(&bucket)
-            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+            .filter(|s| s.has(labels))
             .filter_map(|s| Some((parse_le(s.labels.get("le")?)?, s.value)))
             .collect();
         b.sort_by(|x, y| x.0.total_cmp(&y.0));
