@@ -470,8 +470,10 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     let after = scrape().await?;
     served += half_run.answered() + half_run.failed();
     let half_rate = half_run.summary(Some(Op::Encrypt));
-    // The same requests as the server timed them (arrival to answer, the audit record durable):
-    // what the load generator adds beyond it is the connections, TLS and the shared cores.
+    // The same requests as the server timed them (arrival to answer, the audit record durable).
+    // The load generator's figure is higher by what happens outside that span: requests not yet
+    // read, or waiting behind a stalled commit, counted from when they were due (BENCHMARKS,
+    // session 15: the checkpoint's flushes and the run's first ~200 ms).
     let half_rate_server_p99_us = before.zip(after).and_then(|(b, a)| {
         let of = |s: &Scrape| s.buckets("custody_request_duration_seconds", &[("action", Op::Encrypt.target())]);
         quantile(0.99, &of(&b), &of(&a)).map(|secs| (secs * 1e6).round() as u64)
