@@ -359,7 +359,7 @@ type Work<'a> = dyn Fn(Source<'_>, &mut dyn Write) -> std::result::Result<Option
 fn run_job(job: &Job, what: &str, buffered: bool, work: &Work<'_>) -> Result<Done> {
     let started = Instant::now();
     let file = if job.input == "-" {
-        None
+        stdin_file().map(|(f, len)| (f, Some(len)))
     } else {
         let f = std::fs::File::open(&job.input)
             .map_err(|e| CliError::new(exit::FAILURE, format!("cannot read {}: {e}", job.input)))?;
@@ -427,6 +427,12 @@ fn run_job(job: &Job, what: &str, buffered: bool, work: &Work<'_>) -> Result<Don
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    if let (Some((f, Some(len))), "-") = (&file, job.input.as_str()) {
+        // Read at offsets, stdin's file was not moved: leave it where reading it through
+        // would have (a script may read on from the same descriptor).
+        use std::io::Seek;
+        let _ = (&*f).seek(std::io::SeekFrom::Start(*len));
+    }
     Ok(Done {
         input: job.input.clone(),
         output: job.output.as_ref().map_or("-".into(), |p| p.display().to_string()),
@@ -435,6 +441,18 @@ fn run_job(job: &Job, what: &str, buffered: bool, work: &Work<'_>) -> Result<Don
         seconds: started.elapsed().as_secs_f64(),
         context,
     })
+}
+
+/// Stdin, when it is a regular file read from its start (`custody encrypt < big.bin`), as a file
+/// of its length: then it is read at offsets by every core, as a file named on the command line
+/// is, instead of as a stream (0.13 s per GiB instead of 0.23 here, BENCHMARKS session 15).
+/// Elsewhere in the file (a script read part of it first) it stays a stream, read from there.
+fn stdin_file() -> Option<(std::fs::File, u64)> {
+    use std::io::Seek;
+    use std::os::fd::AsFd;
+    let file = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned().ok()?);
+    let meta = file.metadata().ok().filter(|m| m.is_file())?;
+    ((&file).stream_position().ok()? == 0).then_some((file, meta.len()))
 }
 
 /// A regular file being read at offsets, counting what is read (and moving the progress bar).

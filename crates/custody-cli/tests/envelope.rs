@@ -438,6 +438,56 @@ fn pipes_on_stdin_and_stdout_are_widened() {
     assert!(back == plain, "the plaintext came back whole");
 }
 
+/// Stdin redirected from a regular file (`custody encrypt < big`) is read at offsets, as a file
+/// named on the command line is, and left at its end, where reading it through would have left
+/// it; from elsewhere in the file it is a stream read from there.
+#[test]
+fn stdin_from_a_file_is_read_at_offsets_and_left_at_its_end() {
+    use std::io::{Seek, SeekFrom};
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = raw_key(tmp.path(), 4);
+    let plain: Vec<u8> = (0..3_000_000u32).map(|i| (i % 249) as u8).collect();
+    let input = tmp.path().join("plain");
+    std::fs::write(&input, &plain).unwrap();
+    // Runs custody (under strace, which lists its pread64 calls on `path`) with stdin at `at` in `path`;
+    // returns its output, where the shared offset was left, and whether it read at offsets.
+    let run_from = |args: &[&str], path: &std::path::Path, at: u64| {
+        let mut stdin = std::fs::File::open(path).unwrap();
+        stdin.seek(SeekFrom::Start(at)).unwrap();
+        let mut seen = stdin.try_clone().unwrap();
+        let trace = tmp.path().join("trace");
+        let out = std::process::Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=pread64", "-P"])
+            .arg(path) // only calls on the input file (not the loader's on libraries)
+            .arg("-o")
+            .arg(&trace)
+            .arg(common::custody().get_program())
+            .args(args)
+            .stdin(stdin)
+            .output()
+            .expect("strace (Debian package strace)");
+        ok(&out);
+        let pread = std::fs::read_to_string(&trace).unwrap().contains("pread64(");
+        (out.stdout, seen.stream_position().unwrap(), pread)
+    };
+    let (message, offset, pread) = run_from(&["encrypt", "--raw-aes-key", &raw], &input, 0);
+    assert!(pread, "read at offsets");
+    assert_eq!(offset, plain.len() as u64, "left at the end");
+    let enc = tmp.path().join("enc");
+    std::fs::write(&enc, &message).unwrap();
+    let (back, offset, pread) = run_from(&["decrypt", "--raw-aes-key", &raw], &enc, 0);
+    assert!(pread && back == plain, "decrypted at offsets, whole");
+    assert_eq!(offset, message.len() as u64);
+
+    // A script read the first 1,000 bytes itself: the rest is encrypted, as a stream.
+    let (message, offset, pread) = run_from(&["encrypt", "--raw-aes-key", &raw], &input, 1000);
+    assert!(!pread, "a stream from where the descriptor was");
+    assert_eq!(offset, plain.len() as u64);
+    std::fs::write(&enc, &message).unwrap();
+    let (back, _, _) = run_from(&["decrypt", "--raw-aes-key", &raw], &enc, 0);
+    assert!(back == plain[1000..], "the bytes after the first 1,000");
+}
+
 /// Large outputs (64 MiB and more) are written with direct I/O: the bytes go to the disk, not
 /// through the page cache (`fincore` shows at most the last chunk resident), and the files are
 /// exactly what a stream gives.
