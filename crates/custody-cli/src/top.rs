@@ -161,12 +161,12 @@ impl View {
             let n = now.sum(&count, labels) - before.sum(&count, labels);
             let total = now.sum(REQUESTS, labels);
             let (b, a) = hist.unwrap_or_else(|| (before.buckets(DURATION, labels), now.buckets(DURATION, labels)));
+            let requests = rate(REQUESTS, labels);
+            let successes = rate(REQUESTS, &[labels, &[("outcome", "success")]].concat());
             ActionView {
                 action: action.to_string(),
-                requests_per_second: rate(REQUESTS, labels),
-                errors_per_second: (rate(REQUESTS, labels)
-                    - rate(REQUESTS, &[labels, &[("outcome", "success")]].concat()))
-                .max(0.0),
+                requests_per_second: requests,
+                errors_per_second: (requests - successes).max(0.0),
                 p50_ms: quantile(0.5, &b, &a).map(ms),
                 p99_ms: quantile(0.99, &b, &a).map(ms),
                 mean_ms: (n > 0.0).then(|| ms((now.sum(&sum, labels) - before.sum(&sum, labels)) / n)),

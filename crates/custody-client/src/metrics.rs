@@ -108,11 +108,7 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
             }
         }
         let value = rest.split_whitespace().next().ok_or_else(|| bad("no value"))?;
-        let value = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            v => v.parse().map_err(|_| bad("the value is not a number"))?,
-        };
+        let value = number(value).ok_or_else(|| bad("the value is not a number"))?;
         samples.push(Sample { name: name.to_string(), labels, value });
     }
     Ok(samples)
@@ -166,7 +162,7 @@ impl Scrape {
         let mut b: Vec<(f64, f64)> = self
             .get(&bucket)
             .filter(|s| s.has(labels))
-            .filter_map(|s| Some((parse_le(s.labels.get("le")?)?, s.value)))
+            .filter_map(|s| Some((number(s.labels.get("le")?)?, s.value)))
             .collect();
         b.sort_by(|x, y| x.0.total_cmp(&y.0));
         b
@@ -176,11 +172,12 @@ impl Scrape {
 /// A histogram's cumulative buckets: (upper bound, observations at or below it), ascending.
 pub type Buckets = Vec<(f64, f64)>;
 
-fn parse_le(s: &str) -> Option<f64> {
-    if s == "+Inf" {
-        Some(f64::INFINITY)
-    } else {
-        s.parse().ok()
+/// A sample's value or a bucket's bound: a float, `+Inf` or `-Inf`.
+fn number(s: &str) -> Option<f64> {
+    match s {
+        "+Inf" => Some(f64::INFINITY),
+        "-Inf" => Some(f64::NEG_INFINITY),
+        v => v.parse().ok(),
     }
 }
 
