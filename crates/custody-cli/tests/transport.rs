@@ -220,3 +220,111 @@ async fn the_seal_setting_follows_the_store_and_contradictions_are_refused() {
     let err = custody_server::Server::start(wrong).await.unwrap_err().to_string();
     assert!(err.contains("Shamir shares, not a key file"), "{err}");
 }
+
+/// A TLS 1.3 connection without a client certificate, as anyone on the network can open.
+async fn anonymous_tls(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(ca).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Reads until the server closes the connection (within 10 s); what it sent, and when it closed.
+async fn until_closed(mut r: impl tokio::io::AsyncRead + Unpin) -> (String, std::time::Instant) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), r.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into_owned(), std::time::Instant::now()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("still open after 10 s; the server sent {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+}
+
+/// Sends `bytes` one at a time, `gap` apart, until the server closes the connection.
+async fn trickle(mut w: impl tokio::io::AsyncWrite + Unpin, bytes: &[u8], gap: std::time::Duration) {
+    use tokio::io::AsyncWriteExt;
+    for b in bytes {
+        if w.write_all(&[*b]).await.is_err() || w.flush().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(gap).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_that_do_not_deliver_a_whole_request_in_time_are_closed() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const TIMEOUT: Duration = Duration::from_millis(1000);
+    let (dir, layout) = common::keyfile_dir();
+    let (server, _) = common::start(dir.path(), &layout, |c| {
+        c.request_read_timeout_ms = TIMEOUT.as_millis() as u64;
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let (addr, ca) = (server.local_addr(), layout.ca_cert());
+    let metrics = format!("http://{}/metrics", server.metrics_addr().unwrap()).parse().unwrap();
+    let timeouts = || async {
+        let scrape = custody_client::metrics::Scrape::fetch(&metrics, Duration::from_secs(5)).await.unwrap();
+        scrape.value("custody_request_read_timeouts_total", &[]).unwrap()
+    };
+    assert_eq!(timeouts().await, 0.0);
+    let gap = Duration::from_millis(100);
+    let body_follows = "POST / HTTP/1.1\r\nHost: localhost\r\nX-Amz-Target: TrentService.ListKeys\r\n\
+                        Content-Type: application/x-amz-json-1.1\r\nContent-Length: 100\r\n\r\n";
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("an idle connection", Vec::new()),
+        ("headers a byte at a time", body_follows.as_bytes().to_vec()),
+        ("a body a byte at a time", [body_follows.as_bytes(), &[b' '; 99]].concat()),
+    ];
+    for (case, bytes) in cases {
+        let (r, w) = tokio::io::split(anonymous_tls(addr, &ca).await);
+        let opened = Instant::now();
+        // The head arrives whole at once in the body case, then the body a byte at a time.
+        let (head, rest) = bytes.split_at(if case.contains("body") { body_follows.len() } else { 0 });
+        let mut w = w;
+        w.write_all(head).await.unwrap();
+        w.flush().await.unwrap();
+        let (sent, closed) = tokio::select! {
+            closed = until_closed(r) => closed,
+            () = trickle(w, rest, gap) => unreachable!("trickle waits 30 s after its last byte"),
+        };
+        assert_eq!(sent, "", "{case}: closed without an answer");
+        let after = closed - opened;
+        assert!(after >= TIMEOUT - Duration::from_millis(20) && after < TIMEOUT * 4, "{case}: closed after {after:?}");
+    }
+    assert_eq!(timeouts().await, 3.0);
+
+    // A connection that keeps asking is kept however long it lives: each answer restarts its clock.
+    let mut tls = anonymous_tls(addr, &ca).await;
+    let opened = Instant::now();
+    while opened.elapsed() < TIMEOUT * 3 {
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !answer.ends_with(b"}") {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {:?} although it kept asking", opened.elapsed());
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+        tokio::time::sleep(TIMEOUT * 2 / 5).await;
+    }
+    assert_eq!(timeouts().await, 3.0);
+    server.shutdown().await;
+}

@@ -16,6 +16,7 @@ pub mod process;
 pub mod protocol;
 pub mod sigv4;
 pub mod tls;
+mod watchdog;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -336,6 +337,7 @@ impl Server {
             kms: kms.clone(),
             node: config.node_name(),
             max_request_bytes: config.max_request_bytes,
+            request_read_timeout: Duration::from_millis(config.request_read_timeout_ms),
             metrics: metrics.clone(),
         });
         let every = Duration::from_millis(config.scheduler_interval_ms);
@@ -472,6 +474,8 @@ struct State {
     kms: Arc<Kms>,
     node: String,
     max_request_bytes: usize,
+    /// See `watchdog`.
+    request_read_timeout: Duration,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -536,18 +540,24 @@ async fn connection(
         None => Identity::Anonymous,
     };
     let identity = Arc::new(identity);
-    let service = hyper::service::service_fn(move |req| {
-        let state = state.clone();
-        let identity = identity.clone();
-        async move { Ok::<_, Infallible>(handle(state, identity, peer, req).await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .serve_connection(TokioIo::new(tls), service);
+    let progress = Arc::new(watchdog::Progress::new());
+    let service = {
+        let (state, progress) = (state.clone(), progress.clone());
+        hyper::service::service_fn(move |req| {
+            let (state, identity, progress) = (state.clone(), identity.clone(), progress.clone());
+            async move { Ok::<_, Infallible>(handle(state, identity, &progress, peer, req).await) }
+        })
+    };
+    // No hyper timer: the watchdog below bounds the whole request, body included.
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
+        () = watchdog::watchdog(&progress, state.request_read_timeout) => {
+            // Dropping the connection closes it, with whatever request it had begun.
+            tracing::info!(%peer, "closed a connection that did not deliver a request within request_read_timeout_ms");
+            state.metrics.request_read_timed_out();
+        }
         _ = shutdown.changed() => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
@@ -574,6 +584,7 @@ impl Drop for OpenConnection {
 async fn handle(
     state: Arc<State>,
     identity: Arc<Identity>,
+    progress: &watchdog::Progress,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -582,7 +593,9 @@ async fn handle(
     // From aws-lc's generator, as every other random value here: `new_v4` asks the kernel
     // (a getrandom system call per request, 2 % of the server's CPU on Encrypt).
     let request_id = uuid::Builder::from_random_bytes(custody_crypto::random::array()).into_uuid().to_string();
-    let (base, dispatched) = route(&state, &identity, peer, &request_id, req).await;
+    let (base, dispatched) = route(&state, &identity, progress, peer, &request_id, req).await;
+    // Received (also when it was refused before its body was read): from here on it is served.
+    progress.serving();
     let action = base.action.clone();
     let protocol::Dispatched { result, principal: auth_principal, access_key_id, recorded, hints } = dispatched;
     // A state change already committed its record with it.
@@ -646,6 +659,7 @@ async fn handle(
     };
     let access_key_id = access_key_id.as_deref().unwrap_or("-");
     let took = started.elapsed();
+    progress.answered(started + took);
     state.metrics.request(label, outcome_of(code), took);
     let ms = took.as_millis() as u64;
     // Every request is in the audit trail already; the log repeats only those that failed (at
@@ -677,6 +691,7 @@ async fn handle(
 async fn route(
     state: &Arc<State>,
     identity: &Arc<Identity>,
+    progress: &watchdog::Progress,
     peer: SocketAddr,
     request_id: &str,
     req: Request<Incoming>,
@@ -709,7 +724,10 @@ async fn route(
     }
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, state.max_request_bytes).collect().await {
-        Ok(b) => b.to_bytes(),
+        Ok(b) => {
+            progress.serving();
+            b.to_bytes()
+        }
         Err(_) => {
             let msg = format!("the request body is larger than {} bytes or was cut off", state.max_request_bytes);
             return (base(&target), protocol::Dispatched::refused(ApiError::new(413, "ValidationException", msg)));

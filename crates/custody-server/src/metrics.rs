@@ -102,6 +102,7 @@ pub struct Metrics {
     cache: Family<CacheLabels, Counter>,
     connections: Gauge,
     handshake_failures: Counter<u64, AtomicU64>,
+    request_read_timeouts: Counter<u64, AtomicU64>,
 }
 
 impl Metrics {
@@ -185,6 +186,13 @@ impl Metrics {
                 None,
                 Counter::default(),
             ),
+            request_read_timeouts: add(
+                &mut r,
+                "request_read_timeouts",
+                "Connections closed because a whole request did not arrive within request_read_timeout_ms",
+                None,
+                Counter::default(),
+            ),
             registry: r,
         })
     }
@@ -227,6 +235,11 @@ impl Metrics {
     /// A handshake that failed.
     pub fn handshake_failed(&self) {
         self.handshake_failures.inc();
+    }
+
+    /// A connection closed by its watchdog.
+    pub fn request_read_timed_out(&self) {
+        self.request_read_timeouts.inc();
     }
 
     /// The text exposition (OpenMetrics), with the gauges read from the service now.
