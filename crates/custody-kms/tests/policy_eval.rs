@@ -236,6 +236,17 @@ fn deny_wins_and_default_deny() {
             Deny("D"),
         ),
         ("deny alone: deny", doc(vec![deny("kms:*")]), req("Encrypt"), Deny("D")),
+        (
+            // A `*` in the value is a character like any other: the pattern's `*` still matches
+            // across it (it used to be taken as a literal match there, and the deny was escaped).
+            "a StringLike deny holds for a value with a * in it",
+            doc(vec![
+                allow_all.clone(),
+                json!({"Sid": "D", "Effect": "Deny", "Principal": "*", "Action": "kms:Encrypt", "Resource": "*", "Condition": {"StringLike": {"kms:EncryptionContext:path": "secret/*"}}}),
+            ]),
+            req("Encrypt").ctx(&[("path", "secret/*x")]),
+            Deny("D"),
+        ),
     ];
     check(cases);
 }
