@@ -633,8 +633,19 @@ fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     (bits <= max).then_some((ip, bits))
 }
 
+/// An IPv4-mapped IPv6 network (`::ffff:a.b.c.d/n`, n >= 96) as the IPv4 network it is.
+fn canonical_net(net: IpAddr, bits: u8) -> (IpAddr, u8) {
+    match net {
+        IpAddr::V6(v6) if bits >= 96 => v6.to_ipv4_mapped().map_or((net, bits), |v4| (IpAddr::V4(v4), bits - 96)),
+        _ => (net, bits),
+    }
+}
+
 fn ip_in(cidr: &str, value: &str) -> bool {
     let (Some((net, bits)), Ok(ip)) = (parse_cidr(cidr), value.parse::<IpAddr>()) else { return false };
+    // A dual-stack listener sees an IPv4 client as ::ffff:a.b.c.d: it is that IPv4 address (as
+    // an IPv6 CIDR does not cover IPv4 addresses, nor an IPv4 one IPv6 addresses, as in AWS).
+    let ((net, bits), ip) = (canonical_net(net, bits), ip.to_canonical());
     let mask = |len: u32, total: u32| if len == 0 { 0u128 } else { u128::MAX << (total - len) };
     match (net, ip) {
         (IpAddr::V4(n), IpAddr::V4(i)) => {

@@ -509,6 +509,26 @@ fn set_operators_bool_null_and_ip() {
             Allow("S"),
         ),
         (
+            // A dual-stack listener ([::]:PORT) sees IPv4 clients as IPv4-mapped IPv6 addresses:
+            // they are the IPv4 address, for IpAddress and NotIpAddress alike.
+            "IpAddress: an IPv4-mapped IPv6 source is its IPv4 address",
+            cond(json!({"IpAddress": {"aws:SourceIp": "10.0.0.0/8"}})),
+            req("Decrypt").ip("::ffff:10.1.2.3"),
+            Allow("S"),
+        ),
+        (
+            "NotIpAddress: an IPv4-mapped IPv6 source is its IPv4 address",
+            cond(json!({"NotIpAddress": {"aws:SourceIp": "10.0.0.0/8"}})),
+            req("Decrypt").ip("::ffff:10.1.2.3"),
+            NoMatch,
+        ),
+        (
+            "IpAddress: an IPv4-mapped CIDR matches IPv4 sources",
+            cond(json!({"IpAddress": {"aws:SourceIp": "::ffff:10.0.0.0/104"}})),
+            req("Decrypt").ip("10.1.2.3"),
+            Allow("S"),
+        ),
+        (
             "IpAddress: unknown source is false",
             cond(json!({"IpAddress": {"aws:SourceIp": "0.0.0.0/0"}})),
             req("Decrypt"),
