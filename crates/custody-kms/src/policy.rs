@@ -262,10 +262,14 @@ impl ConditionKey {
     /// The request's values for this key (`None`: absent).
     fn values(&self, r: &RequestFacts<'_>) -> Option<Vec<String>> {
         match self {
-            Self::EncryptionContext(k) => r
-                .context
-                .and_then(|c| c.iter().find(|(name, _)| name.eq_ignore_ascii_case(k)))
-                .map(|(_, v)| vec![v.clone()]),
+            // Condition key names ignore case, context keys do not: a context may hold `App` and
+            // `app`, and then both are this key's values (see `Condition::holds`).
+            Self::EncryptionContext(k) => {
+                let c = r.context?;
+                let vs: Vec<String> =
+                    c.iter().filter(|(name, _)| name.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone()).collect();
+                (!vs.is_empty()).then_some(vs)
+            }
             Self::EncryptionContextKeys => {
                 let keys: Vec<String> = r.context.map(|c| c.keys().cloned().collect()).unwrap_or_default();
                 (!keys.is_empty()).then_some(keys)
@@ -290,7 +294,8 @@ struct Condition {
 }
 
 impl Condition {
-    fn holds(&self, r: &RequestFacts<'_>) -> bool {
+    /// Whether the condition holds for a statement of `effect`.
+    fn holds(&self, r: &RequestFacts<'_>, effect: Effect) -> bool {
         let request = self.key.values(r);
         if self.op == Op::Null {
             let want_absent = self.values.iter().any(|v| v.eq_ignore_ascii_case("true"));
@@ -306,6 +311,14 @@ impl Condition {
             (SetOp::ForAnyValue, None) => false,
             (SetOp::ForAnyValue, Some(vs)) => vs.iter().any(|v| test(v)),
             (SetOp::Single, None) => self.if_exists || self.op.negated(),
+            // One context key under several spellings of case is ambiguous, and the ambiguity
+            // goes against the caller: a Deny applies if any of them meets it, an Allow only if
+            // all do (else `{"App": "x", "app": "secret"}` would escape a deny on app=secret).
+            (SetOp::Single, Some(vs))
+                if effect == Effect::Allow && matches!(self.key, ConditionKey::EncryptionContext(_)) =>
+            {
+                vs.iter().all(|v| test(v))
+            }
             (SetOp::Single, Some(vs)) => vs.iter().any(|v| test(v)),
         }
     }
@@ -568,7 +581,7 @@ impl Statement {
         self.principals.iter().any(|p| p.matches(&r.subject, r.key_tenant))
             && self.actions.matches(action)
             && self.resources.matches(r.resource)
-            && self.conditions.iter().all(|c| c.holds(r))
+            && self.conditions.iter().all(|c| c.holds(r, self.effect))
     }
 }
 

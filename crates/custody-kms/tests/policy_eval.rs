@@ -237,6 +237,25 @@ fn deny_wins_and_default_deny() {
         ),
         ("deny alone: deny", doc(vec![deny("kms:*")]), req("Encrypt"), Deny("D")),
         (
+            // Context keys are case-sensitive, condition key names are not: both spellings count,
+            // and the ambiguity goes against the caller.
+            "a deny on a context key holds when any spelling of the key meets it",
+            doc(vec![
+                allow_all.clone(),
+                json!({"Sid": "D", "Effect": "Deny", "Principal": "*", "Action": "kms:Decrypt", "Resource": "*", "Condition": {"StringEquals": {"kms:EncryptionContext:app": "secret"}}}),
+            ]),
+            req("Decrypt").ctx(&[("App", "x"), ("app", "secret")]),
+            Deny("D"),
+        ),
+        (
+            "an allow on a context key needs every spelling of the key to meet it",
+            doc(vec![
+                json!({"Sid": "S", "Effect": "Allow", "Principal": alice(), "Action": "kms:Decrypt", "Resource": "*", "Condition": {"StringEquals": {"kms:EncryptionContext:app": "billing"}}}),
+            ]),
+            req("Decrypt").ctx(&[("App", "billing"), ("app", "other")]),
+            NoMatch,
+        ),
+        (
             // A `*` in the value is a character like any other: the pattern's `*` still matches
             // across it (it used to be taken as a literal match there, and the deny was escaped).
             "a StringLike deny holds for a value with a * in it",
