@@ -328,3 +328,54 @@ async fn connections_that_do_not_deliver_a_whole_request_in_time_are_closed() {
     assert_eq!(timeouts().await, 3.0);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_max_connections_are_refused_until_one_closes() {
+    use std::time::Duration;
+    let (dir, layout) = common::keyfile_dir();
+    let (server, profile) = common::start(dir.path(), &layout, |c| {
+        c.max_connections = 2;
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let (addr, ca) = (server.local_addr(), layout.ca_cert());
+    let metrics = format!("http://{}/metrics", server.metrics_addr().unwrap()).parse().unwrap();
+    let refused = || async {
+        let scrape = custody_client::metrics::Scrape::fetch(&metrics, Duration::from_secs(5)).await.unwrap();
+        scrape.value("custody_connections_refused_total", &[]).unwrap()
+    };
+    let first = anonymous_tls(addr, &ca).await;
+    let mut second = custody_client::Client::connect(&profile).await.unwrap();
+    second.call("Custody.WhoAmI", json!({})).await.unwrap();
+    // A third: accepted by the kernel, closed by custody before its handshake completes.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(&ca).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let third = tokio::time::timeout(
+        Duration::from_secs(10),
+        connector.connect(ServerName::try_from("localhost").unwrap(), tcp),
+    )
+    .await
+    .expect("refused at once, not left hanging");
+    assert!(third.is_err(), "a third connection must be refused while two are open");
+    assert_eq!(refused().await, 1.0);
+    // The open ones keep working; when one closes, its place is free again.
+    second.call("Custody.WhoAmI", json!({})).await.unwrap();
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        if connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the closed connection's place never came free");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.shutdown().await;
+}

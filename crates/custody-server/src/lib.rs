@@ -338,6 +338,7 @@ impl Server {
             node: config.node_name(),
             max_request_bytes: config.max_request_bytes,
             request_read_timeout: Duration::from_millis(config.request_read_timeout_ms),
+            max_connections: config.max_connections,
             metrics: metrics.clone(),
         });
         let every = Duration::from_millis(config.scheduler_interval_ms);
@@ -476,6 +477,8 @@ struct State {
     max_request_bytes: usize,
     /// See `watchdog`.
     request_read_timeout: Duration,
+    /// Connections (handshakes included) open at once, at most.
+    max_connections: usize,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -486,9 +489,20 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
+    let mut warned: Option<Instant> = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) if connections.len() >= state.max_connections => {
+                    // Closed at once: a client sees a refused connection instead of a handshake
+                    // that never finishes, and memory stays bounded whoever opens connections.
+                    drop(tcp);
+                    state.metrics.connection_refused();
+                    if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        warned = Some(Instant::now());
+                        tracing::warn!(%peer, max_connections = state.max_connections, "connection refused: max_connections are open (counted in custody_connections_refused_total; logged at most every 10 s)");
+                    }
+                }
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
                     connections.spawn(connection(tcp, peer, acceptor.clone(), state.clone(), shutdown.clone()));

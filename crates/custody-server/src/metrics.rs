@@ -103,6 +103,7 @@ pub struct Metrics {
     connections: Gauge,
     handshake_failures: Counter<u64, AtomicU64>,
     request_read_timeouts: Counter<u64, AtomicU64>,
+    connections_refused: Counter<u64, AtomicU64>,
 }
 
 impl Metrics {
@@ -186,6 +187,13 @@ impl Metrics {
                 None,
                 Counter::default(),
             ),
+            connections_refused: add(
+                &mut r,
+                "connections_refused",
+                "Connections closed on accept because max_connections were open",
+                None,
+                Counter::default(),
+            ),
             request_read_timeouts: add(
                 &mut r,
                 "request_read_timeouts",
@@ -235,6 +243,11 @@ impl Metrics {
     /// A handshake that failed.
     pub fn handshake_failed(&self) {
         self.handshake_failures.inc();
+    }
+
+    /// A connection refused because `max_connections` were open.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     /// A connection closed by its watchdog.
