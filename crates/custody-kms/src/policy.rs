@@ -155,14 +155,51 @@ struct Statement {
 #[derive(Debug, Clone)]
 struct Patterns {
     not: bool,
-    patterns: Vec<String>,
+    patterns: Vec<Pattern>,
 }
 
 impl Patterns {
     /// Action patterns compare case-insensitively: they are kept in lower case, and the value is
     /// lowered by the caller.
     fn matches(&self, value: &str) -> bool {
-        self.patterns.iter().any(|p| glob(p, value)) != self.not
+        self.patterns.iter().any(|p| p.matches(value)) != self.not
+    }
+}
+
+/// One `Action` or `Resource` pattern, with its shape found once, when the policy is parsed
+/// (Encrypt compares ~25 of them: the default policy lists every action).
+#[derive(Debug, Clone)]
+struct Pattern {
+    text: String,
+    shape: Shape,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// No wildcard.
+    Exact,
+    /// One `*`, at the end.
+    Prefix,
+    /// Anything else.
+    Glob,
+}
+
+impl Pattern {
+    fn new(text: String) -> Self {
+        let shape = match text.bytes().position(|b| b == b'*' || b == b'?') {
+            None => Shape::Exact,
+            Some(i) if i + 1 == text.len() && text.ends_with('*') => Shape::Prefix,
+            Some(_) => Shape::Glob,
+        };
+        Self { text, shape }
+    }
+
+    fn matches(&self, value: &str) -> bool {
+        match self.shape {
+            Shape::Exact => self.text == value,
+            Shape::Prefix => value.starts_with(&self.text[..self.text.len() - 1]),
+            Shape::Glob => glob(&self.text, value),
+        }
     }
 }
 
@@ -516,22 +553,24 @@ impl Statement {
             }
             _ => return bad(format!("{label}: a key policy statement needs a Principal (\"*\" or {{\"AWS\": ...}})")),
         };
-        let pair = |yes: &str, no: &str| -> Result<Patterns> {
+        let pair = |yes: &str, no: &str| -> Result<(bool, Vec<String>)> {
             match (o.get(yes), o.get(no)) {
-                (Some(v), None) => Ok(Patterns { not: false, patterns: strings(v, &format!("{label}: {yes}"))? }),
-                (None, Some(v)) => Ok(Patterns { not: true, patterns: strings(v, &format!("{label}: {no}"))? }),
+                (Some(v), None) => Ok((false, strings(v, &format!("{label}: {yes}"))?)),
+                (None, Some(v)) => Ok((true, strings(v, &format!("{label}: {no}"))?)),
                 (Some(_), Some(_)) => bad(format!("{label}: give {yes} or {no}, not both")),
                 (None, None) => bad(format!("{label}: needs {yes} (or {no})")),
             }
         };
-        let mut actions = pair("Action", "NotAction")?;
-        actions.patterns.iter_mut().for_each(|a| a.make_ascii_lowercase());
-        for a in &actions.patterns {
+        let (not, mut names) = pair("Action", "NotAction")?;
+        names.iter_mut().for_each(|a| a.make_ascii_lowercase());
+        for a in &names {
             if a != "*" && !a.contains(':') {
                 return bad(format!("{label}: action {a:?} needs a service prefix, as in kms:Decrypt"));
             }
         }
-        let resources = pair("Resource", "NotResource")?;
+        let actions = Patterns { not, patterns: names.into_iter().map(Pattern::new).collect() };
+        let (not, names) = pair("Resource", "NotResource")?;
+        let resources = Patterns { not, patterns: names.into_iter().map(Pattern::new).collect() };
         let mut conditions = Vec::new();
         match o.get("Condition") {
             None => {}
@@ -708,6 +747,17 @@ mod tests {
             for v in &values {
                 let vc: Vec<char> = v.chars().collect();
                 assert_eq!(glob(p, v), reference(&pc, &vc), "glob({p:?}, {v:?})");
+            }
+        }
+    }
+
+    #[test]
+    fn a_parsed_pattern_matches_as_glob_does() {
+        let all = strings(&['a', 'b', '*', '?', 'é'], 4);
+        for p in &all {
+            let parsed = super::Pattern::new(p.clone());
+            for v in &all {
+                assert_eq!(parsed.matches(v), glob(p, v), "Pattern({p:?}) against {v:?}");
             }
         }
     }
