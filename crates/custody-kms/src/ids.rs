@@ -78,6 +78,13 @@ impl KeyId {
     }
 }
 
+impl KeyId {
+    /// The id's text (lower-case hyphenated UUID) in `buf`, without `fmt`'s machinery.
+    pub fn hyphenated<'b>(&self, buf: &'b mut [u8; uuid::fmt::Hyphenated::LENGTH]) -> &'b str {
+        self.0.hyphenated().encode_lower(buf)
+    }
+}
+
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.hyphenated().fmt(f)
@@ -203,7 +210,14 @@ impl KeyRef {
 
 /// `arn:aws:kms:<region>:<account>:key/<id>`
 pub fn key_arn(region: &str, tenant: &TenantId, id: KeyId) -> String {
-    format!("arn:aws:kms:{region}:{tenant}:key/{id}")
+    // Built by hand: every key operation makes it (for the policy and the answer), and
+    // `format!` through `Display` cost ~1.5 % of an Encrypt's instructions.
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = id.hyphenated(&mut buf);
+    let parts = ["arn:aws:kms:", region, ":", tenant.as_str(), ":key/", id];
+    let mut arn = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    parts.iter().for_each(|p| arn.push_str(p));
+    arn
 }
 
 /// `arn:aws:kms:<region>:<account>:alias/name`
@@ -232,6 +246,19 @@ mod tests {
             assert!(matches!(KeyRef::parse(bad, "KeyId"), Err(KmsError::NotFound(_))), "{bad}");
         }
         assert!(matches!(KeyRef::parse("", "KeyId"), Err(KmsError::Validation { .. })));
+    }
+
+    #[test]
+    fn arns_and_version_rows_are_the_text_they_always_were() {
+        // Built by hand for speed; stored rows and clients depend on the exact text.
+        let t = TenantId::parse("111122223333").unwrap();
+        for _ in 0..100 {
+            let id = KeyId::random();
+            assert_eq!(key_arn("eu-west-3", &t, id), format!("arn:aws:kms:eu-west-3:{t}:key/{id}"));
+            for v in [0, 1, 7, 42, 1_000_000, 999_999_999, u32::MAX] {
+                assert_eq!(crate::model::version_row(id, v), format!("{id}/{v:010}"));
+            }
+        }
     }
 
     #[test]
