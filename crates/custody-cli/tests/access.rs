@@ -209,6 +209,22 @@ async fn each_role_over_mtls_and_sigv4() {
     let (mtls, sigv4) = both(&w, &mut keyadmin, "Encrypt", encrypt.clone()).await;
     assert_eq!((mtls.as_str(), sigv4.as_str()), ("AccessDeniedException", "AccessDeniedException"));
 
+    // aws:SourceIp is the TCP peer's address (here 127.0.0.1): a deny on its range applies, a
+    // deny on another range does not.
+    for (range, want) in [("127.0.0.0/8", "AccessDeniedException"), ("10.0.0.0/8", "OK")] {
+        let mut with_deny: Value = serde_json::from_str(&policy).unwrap();
+        with_deny["Statement"].as_array_mut().unwrap().push(json!({
+            "Sid": "NotFromHere", "Effect": "Deny", "Principal": "*", "Action": "kms:Encrypt", "Resource": "*",
+            "Condition": { "IpAddress": { "aws:SourceIp": range } }
+        }));
+        let put = json!({ "KeyId": key, "PolicyName": "default", "Policy": with_deny.to_string() });
+        keyadmin.0.call("TrentService.PutKeyPolicy", put).await.unwrap();
+        let (mtls, sigv4) = both(&w, &mut app, "Encrypt", encrypt.clone()).await;
+        assert_eq!((mtls.as_str(), sigv4.as_str()), (want, want), "a deny on {range}");
+    }
+    let put = json!({ "KeyId": key, "PolicyName": "default", "Policy": policy });
+    keyadmin.0.call("TrentService.PutKeyPolicy", put).await.unwrap();
+
     // Denied requests are in the trail, readable by the auditor.
     let denied =
         auditor.0.call("Custody.ListAuditRecords", json!({ "Outcome": "denied", "Limit": 1000 })).await.unwrap();

@@ -553,13 +553,12 @@ async fn connection(
         },
         None => Identity::Anonymous,
     };
-    let identity = Arc::new(identity);
-    let progress = Arc::new(watchdog::Progress::new());
+    let client = Arc::new(Client { peer, peer_text: peer.to_string(), identity, progress: watchdog::Progress::new() });
     let service = {
-        let (state, progress) = (state.clone(), progress.clone());
+        let (state, client) = (state.clone(), client.clone());
         hyper::service::service_fn(move |req| {
-            let (state, identity, progress) = (state.clone(), identity.clone(), progress.clone());
-            async move { Ok::<_, Infallible>(handle(state, identity, &progress, peer, req).await) }
+            let (state, client) = (state.clone(), client.clone());
+            async move { Ok::<_, Infallible>(handle(state, client, req).await) }
         })
     };
     // No hyper timer: the watchdog below bounds the whole request, body included.
@@ -567,7 +566,7 @@ async fn connection(
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
-        () = watchdog::watchdog(&progress, state.request_read_timeout) => {
+        () = watchdog::watchdog(&client.progress, state.request_read_timeout) => {
             // Dropping the connection closes it, with whatever request it had begun.
             tracing::info!(%peer, "closed a connection that did not deliver a request within request_read_timeout_ms");
             state.metrics.request_read_timed_out();
@@ -577,6 +576,15 @@ async fn connection(
             let _ = conn.await;
         }
     }
+}
+
+/// What a request knows of its connection, made once per connection.
+struct Client {
+    peer: SocketAddr,
+    /// `peer` as the audit records it (formatting it per request cost ~1.5k instructions).
+    peer_text: String,
+    identity: Identity,
+    progress: watchdog::Progress,
 }
 
 /// One open TLS connection, for `custody_connections_open`.
@@ -595,19 +603,14 @@ impl Drop for OpenConnection {
     }
 }
 
-async fn handle(
-    state: Arc<State>,
-    identity: Arc<Identity>,
-    progress: &watchdog::Progress,
-    peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+async fn handle(state: Arc<State>, client: Arc<Client>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (identity, progress, peer) = (&client.identity, &client.progress, client.peer);
     let started = Instant::now();
     let arrival = state.kms.audit_arrival();
     // From aws-lc's generator, as every other random value here: `new_v4` asks the kernel
     // (a getrandom system call per request, 2 % of the server's CPU on Encrypt).
     let request_id = uuid::Builder::from_random_bytes(custody_crypto::random::array()).into_uuid().to_string();
-    let (base, dispatched) = route(&state, &identity, progress, peer, &request_id, req).await;
+    let (base, dispatched) = route(&state, &client, &request_id, req).await;
     // Received (also when it was refused before its body was read): from here on it is served.
     progress.serving();
     let action = base.action.clone();
@@ -665,7 +668,7 @@ async fn handle(
             (e.status, e.body())
         }
     };
-    let principal = match (&auth_principal, &*identity) {
+    let principal = match (&auth_principal, identity) {
         (Some(arn), _) => arn.as_str(),
         (None, Identity::Certificate { uri, .. }) => uri.as_str(),
         (None, Identity::CertificateWithoutIdentity) => "<certificate without identity>",
@@ -692,7 +695,7 @@ async fn handle(
     }
     // A connection whose client certificate was revoked is closed after this answer: its
     // requests are refused anyway, and a client that has a renewed certificate reconnects with it.
-    if let Identity::Certificate { serial, .. } = &*identity {
+    if let Identity::Certificate { serial, .. } = identity {
         if state.kms.is_revoked(serial) {
             headers.insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -704,13 +707,11 @@ async fn handle(
 /// what dispatch produced.
 async fn route(
     state: &Arc<State>,
-    identity: &Arc<Identity>,
-    progress: &watchdog::Progress,
-    peer: SocketAddr,
+    client: &Arc<Client>,
     request_id: &str,
     req: Request<Incoming>,
 ) -> (custody_kms::AuditEvent, protocol::Dispatched) {
-    let base = |action: &str| base_event(request_id, peer, identity, action, &state.node);
+    let base = |action: &str| base_event(request_id, &client.peer_text, &client.identity, action, &state.node);
     if req.uri().path() == "/healthz" && req.method() == Method::GET {
         return (base("healthz"), protocol::Dispatched::answered(health(&state.kms)));
     }
@@ -739,7 +740,7 @@ async fn route(
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, state.max_request_bytes).collect().await {
         Ok(b) => {
-            progress.serving();
+            client.progress.serving();
             b.to_bytes()
         }
         Err(_) => {
@@ -748,7 +749,7 @@ async fn route(
         }
     };
     let event = base(&target);
-    let (kms, identity, audit) = (state.kms.clone(), identity.clone(), event.clone());
+    let (kms, client, audit) = (state.kms.clone(), client.clone(), event.clone());
     let run = move || {
         let req = sigv4::RequestParts {
             method: parts.method.as_str(),
@@ -757,7 +758,7 @@ async fn route(
             headers: &parts.headers,
             body: &body,
         };
-        protocol::dispatch(&kms, &identity, &req, &audit.action.clone(), audit)
+        protocol::dispatch(&kms, &client.identity, &req, &audit.action.clone(), audit, client.peer.ip())
     };
     if protocol::runs_inline(&target) {
         return (event, run());
@@ -774,13 +775,7 @@ async fn route(
 
 /// What is known of a request before it runs. A state change commits with this (completed by
 /// the service); otherwise [`finish_event`] completes it after the answer is known.
-fn base_event(
-    request_id: &str,
-    peer: SocketAddr,
-    identity: &Identity,
-    action: &str,
-    node: &str,
-) -> custody_kms::AuditEvent {
+fn base_event(request_id: &str, peer: &str, identity: &Identity, action: &str, node: &str) -> custody_kms::AuditEvent {
     custody_kms::AuditEvent {
         time: custody_kms::model::now_ms(),
         request_id: request_id.to_string(),

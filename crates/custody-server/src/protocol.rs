@@ -236,9 +236,16 @@ pub fn runs_inline(target: &str) -> bool {
 
 /// Runs one action. May block on a commit unless [`runs_inline`] says the action never commits. `audit` is the request's
 /// audit event so far; a state change the action makes commits together with it.
-pub fn dispatch(kms: &Kms, identity: &Identity, req: &RequestParts<'_>, target: &str, audit: AuditEvent) -> Dispatched {
-    let mut auth =
-        Auth { source_ip: audit.source.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()), ..Auth::default() };
+/// `source_ip` is the TCP peer's (also in `audit.source`, with its port).
+pub fn dispatch(
+    kms: &Kms,
+    identity: &Identity,
+    req: &RequestParts<'_>,
+    target: &str,
+    audit: AuditEvent,
+    source_ip: std::net::IpAddr,
+) -> Dispatched {
+    let mut auth = Auth { source_ip: Some(source_ip), ..Auth::default() };
     let mut hints = AuditHints::default();
     let result = Fields::parse(req.body).and_then(|fields| {
         hints = fields.audit_hints();
