@@ -723,11 +723,7 @@ async fn route(
         );
         return (base("-"), protocol::Dispatched::refused(e));
     }
-    let target = req
-        .headers()
-        .get("x-amz-target")
-        .and_then(|v| v.to_str().ok())
-        .map(|t| t.chars().take(128).collect::<String>());
+    let target = req.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).map(|t| protocol::first_chars(t, 128));
     let Some(target) = target else {
         let e = ApiError::new(400, "UnknownOperationException", "missing X-Amz-Target header");
         return (base("-"), protocol::Dispatched::refused(e));

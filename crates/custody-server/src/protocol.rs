@@ -106,10 +106,22 @@ impl std::fmt::Debug for AuditHints {
     }
 }
 
+/// At most the first `max` characters of `s` (bounded fields of audit records and logs). Copies
+/// `s` whole when its bytes already fit, without walking its characters.
+pub fn first_chars(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    match s.char_indices().nth(max) {
+        Some((end, _)) => s[..end].to_string(),
+        None => s.to_string(),
+    }
+}
+
 fn key_hint(m: &Map<String, Value>) -> Option<String> {
     for field in ["KeyId", "TargetKeyId", "DestinationKeyId", "SourceKeyId"] {
         if let Some(Value::String(s)) = m.get(field) {
-            return Some(s.chars().take(2048).collect());
+            return Some(first_chars(s, 2048));
         }
     }
     // 28 base64 characters decode to 21 bytes: exactly the blob header.
@@ -908,7 +920,7 @@ impl Fields {
                 Some(
                     c.iter()
                         .take(64)
-                        .filter_map(|(k, v)| Some((k.chars().take(256).collect(), v.as_str()?.to_string())))
+                        .filter_map(|(k, v)| Some((first_chars(k, 256), v.as_str()?.to_string())))
                         .collect(),
                 )
             });
@@ -1083,6 +1095,14 @@ fn lower_first(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn first_chars_keeps_at_most_max_characters() {
+        for (s, max) in [("", 3), ("abc", 3), ("abcd", 3), ("ééé", 2), ("ééé", 3), ("aé", 5), ("日本語テキスト", 4)]
+        {
+            assert_eq!(first_chars(s, max), s.chars().take(max).collect::<String>(), "{s:?} {max}");
+        }
+    }
+
     #[test]
     fn only_failures_and_the_sealed_actions_go_unrecorded_while_sealed() {
         use super::unrecorded_while_sealed;

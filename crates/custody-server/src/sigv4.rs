@@ -117,7 +117,7 @@ pub fn authenticate(
     failed_key: &mut Option<String>,
 ) -> Result<Caller, ApiError> {
     let auth = parse_authorization(header)?;
-    *failed_key = Some(auth.access_key_id.chars().take(128).collect());
+    *failed_key = Some(crate::protocol::first_chars(&auth.access_key_id, 128));
     if !auth.signed_headers.iter().any(|h| h == "host") {
         return Err(incomplete("the host header must be signed"));
     }
