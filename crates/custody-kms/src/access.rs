@@ -69,6 +69,40 @@ pub struct Explanation {
     pub grant_id: Option<String>,
 }
 
+/// How [`Kms::decide`] decided, before it is put in words.
+enum Verdict {
+    PolicyDenies(String),
+    RoleMissing,
+    PolicyAllows(String),
+    GrantAllows(String),
+    NothingAllows,
+}
+
+impl Verdict {
+    fn allows(&self) -> bool {
+        matches!(self, Self::PolicyAllows(_) | Self::GrantAllows(_))
+    }
+
+    fn explain(self, roles: &[Role], action: Action) -> Explanation {
+        let (allowed, reason, statement, grant_id) = match self {
+            Self::PolicyDenies(sid) => {
+                (false, format!("the key policy denies it explicitly (statement {sid:?})"), Some(sid), None)
+            }
+            Self::RoleMissing => {
+                let needed: Vec<&str> = authz::roles_for(action).iter().map(|r| r.as_str()).collect();
+                let held: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+                let why =
+                    format!("kms:{} needs one of the roles {needed:?}; the principal has {held:?}", action.name());
+                (false, why, None, None)
+            }
+            Self::PolicyAllows(sid) => (true, format!("the key policy allows it (statement {sid:?})"), Some(sid), None),
+            Self::GrantAllows(id) => (true, format!("grant {id} allows it"), None, Some(id)),
+            Self::NothingAllows => (false, "no statement of the key policy and no grant allows it".into(), None, None),
+        };
+        Explanation { allowed, reason, statement, grant_id }
+    }
+}
+
 /// One way a principal can take an action on a key.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
@@ -137,8 +171,10 @@ impl Kms {
     pub(crate) fn key_policy(&self, key: &KeyRecord) -> Result<std::sync::Arc<Policy>, KmsError> {
         let text = match &key.policy {
             Some(p) => std::borrow::Cow::Borrowed(p.as_str()),
-            // The default policy depends only on the tenant (and the server's setting).
-            None => std::borrow::Cow::Owned(format!("default:{}", key.tenant)),
+            // The default policy depends only on the tenant (and the server's setting), so it is
+            // kept under the tenant id: twelve digits, which no stored policy can be (a policy
+            // is a JSON object).
+            None => std::borrow::Cow::Borrowed(key.tenant.as_str()),
         };
         if let Some(p) = self.policies.lock().unwrap_or_else(|p| p.into_inner()).get(text.as_ref()) {
             self.policy_cache.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -194,6 +230,22 @@ impl Kms {
         source_ip: Option<std::net::IpAddr>,
         grants: &std::cell::OnceCell<Vec<GrantRecord>>,
     ) -> Result<Explanation, KmsError> {
+        Ok(self.verdict(u, who, roles, action, key, context, source_ip, grants)?.explain(roles, action))
+    }
+
+    /// [`Kms::decide`] without the sentences: every request is decided, few are explained.
+    #[allow(clippy::too_many_arguments)]
+    fn verdict(
+        &self,
+        u: &Unsealed,
+        who: Subject<'_>,
+        roles: &[Role],
+        action: Action,
+        key: &KeyRecord,
+        context: Option<&BTreeMap<String, String>>,
+        source_ip: Option<std::net::IpAddr>,
+        grants: &std::cell::OnceCell<Vec<GrantRecord>>,
+    ) -> Result<Verdict, KmsError> {
         let arn = self.key_arn(key);
         let facts = RequestFacts {
             subject: who,
@@ -203,31 +255,15 @@ impl Kms {
             context,
             source_ip,
         };
-        let deny = |reason: String, statement: Option<String>| Explanation {
-            allowed: false,
-            reason,
-            statement,
-            grant_id: None,
-        };
         let decision = self.key_policy(key)?.evaluate(&facts);
-        if let Decision::Deny(sid) = &decision {
-            return Ok(deny(format!("the key policy denies it explicitly (statement {sid:?})"), Some(sid.clone())));
+        if let Decision::Deny(sid) = decision {
+            return Ok(Verdict::PolicyDenies(sid));
         }
         if !role_permits(roles, action) {
-            let needed: Vec<&str> = authz::roles_for(action).iter().map(|r| r.as_str()).collect();
-            let held: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
-            return Ok(deny(
-                format!("kms:{} needs one of the roles {needed:?}; the principal has {held:?}", action.name()),
-                None,
-            ));
+            return Ok(Verdict::RoleMissing);
         }
         if let Decision::Allow(sid) = decision {
-            return Ok(Explanation {
-                allowed: true,
-                reason: format!("the key policy allows it (statement {sid:?})"),
-                statement: Some(sid),
-                grant_id: None,
-            });
+            return Ok(Verdict::PolicyAllows(sid));
         }
         if let Some(op) = grant_operation(action) {
             for g in self.grants_cached(u, key.id, grants)? {
@@ -235,16 +271,11 @@ impl Kms {
                 let matches = grantee.is_some_and(|p| p.matches(&who, &key.tenant));
                 if matches && g.operations.iter().any(|o| o == op) && constraints_hold(g.constraints.as_ref(), context)
                 {
-                    return Ok(Explanation {
-                        allowed: true,
-                        reason: format!("grant {} allows it", g.id),
-                        statement: None,
-                        grant_id: Some(g.id.clone()),
-                    });
+                    return Ok(Verdict::GrantAllows(g.id.clone()));
                 }
             }
         }
-        Ok(deny("no statement of the key policy and no grant allows it".into(), None))
+        Ok(Verdict::NothingAllows)
     }
 
     /// Authorizes `caller` for `A` on `key`. A key of another tenant that the caller may not use
@@ -257,10 +288,11 @@ impl Kms {
         context: Option<&BTreeMap<String, String>>,
     ) -> Result<Authorized<A>, KmsError> {
         let grants = std::cell::OnceCell::new();
-        let e = self.decide(u, caller.subject(), &caller.roles, A::ACTION, key, context, caller.source_ip, &grants)?;
-        if e.allowed {
+        let v = self.verdict(u, caller.subject(), &caller.roles, A::ACTION, key, context, caller.source_ip, &grants)?;
+        if v.allows() {
             return Ok(authz::allowed());
         }
+        let e = v.explain(&caller.roles, A::ACTION);
         if key.tenant != caller.tenant {
             return Err(KmsError::NotFound(format!("{} is not found.", self.key_arn(key))));
         }

@@ -460,7 +460,10 @@ impl Policy {
 
     /// Evaluates the policy for one request.
     pub fn evaluate(&self, r: &RequestFacts<'_>) -> Decision {
-        let action = format!("kms:{}", r.action).to_ascii_lowercase();
+        let mut action = String::with_capacity(4 + r.action.len());
+        action.push_str("kms:");
+        action.push_str(r.action);
+        action.make_ascii_lowercase();
         let mut allow = None;
         for s in &self.statements {
             if !s.applies(r, &action) {
