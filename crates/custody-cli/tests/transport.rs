@@ -226,18 +226,8 @@ async fn anonymous_tls(
     addr: std::net::SocketAddr,
     ca: &std::path::Path,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_file(ca).unwrap()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap()
+    common::anonymous_connector(ca).connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap()
 }
 
 /// Reads until the server closes the connection (within 10 s); what it sent, and when it closed.
@@ -348,14 +338,7 @@ async fn connections_beyond_max_connections_are_refused_until_one_closes() {
     let mut second = custody_client::Client::connect(&profile).await.unwrap();
     second.call("Custody.WhoAmI", json!({})).await.unwrap();
     // A third: accepted by the kernel, closed by custody before its handshake completes.
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_file(&ca).unwrap()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = common::anonymous_connector(&ca);
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let third = tokio::time::timeout(
         Duration::from_secs(10),

@@ -70,7 +70,7 @@ pub struct Explanation {
 }
 
 /// How [`Kms::decide`] decided, before it is put in words.
-enum Verdict {
+pub(crate) enum Verdict {
     PolicyDenies(String),
     RoleMissing,
     PolicyAllows(String),
@@ -83,7 +83,7 @@ impl Verdict {
         matches!(self, Self::PolicyAllows(_) | Self::GrantAllows(_))
     }
 
-    fn explain(self, roles: &[Role], action: Action) -> Explanation {
+    pub(crate) fn explain(self, roles: &[Role], action: Action) -> Explanation {
         let (allowed, reason, statement, grant_id) = match self {
             Self::PolicyDenies(sid) => {
                 (false, format!("the key policy denies it explicitly (statement {sid:?})"), Some(sid), None)
@@ -217,25 +217,10 @@ impl Kms {
     /// The decision for `who` (holding `roles`) taking `action` on `key`: roles, then the key
     /// policy (an explicit deny wins), then grants. `grants` holds the key's grants once read
     /// (only when the policy alone does not decide), so deciding for many principals reads them
-    /// once.
+    /// once. The verdict is put into words ([`Verdict::explain`]) only when someone asks: every request
+    /// is decided, few are explained.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn decide(
-        &self,
-        u: &Unsealed,
-        who: Subject<'_>,
-        roles: &[Role],
-        action: Action,
-        key: &KeyRecord,
-        context: Option<&BTreeMap<String, String>>,
-        source_ip: Option<std::net::IpAddr>,
-        grants: &std::cell::OnceCell<Vec<GrantRecord>>,
-    ) -> Result<Explanation, KmsError> {
-        Ok(self.verdict(u, who, roles, action, key, context, source_ip, grants)?.explain(roles, action))
-    }
-
-    /// [`Kms::decide`] without the sentences: every request is decided, few are explained.
-    #[allow(clippy::too_many_arguments)]
-    fn verdict(
         &self,
         u: &Unsealed,
         who: Subject<'_>,
@@ -288,7 +273,7 @@ impl Kms {
         context: Option<&BTreeMap<String, String>>,
     ) -> Result<Authorized<A>, KmsError> {
         let grants = std::cell::OnceCell::new();
-        let v = self.verdict(u, caller.subject(), &caller.roles, A::ACTION, key, context, caller.source_ip, &grants)?;
+        let v = self.decide(u, caller.subject(), &caller.roles, A::ACTION, key, context, caller.source_ip, &grants)?;
         if v.allows() {
             return Ok(authz::allowed());
         }
@@ -336,7 +321,10 @@ impl Kms {
             });
         }
         let who = Subject { tenant: &tenant, name: &name };
-        self.decide(&u, who, &record.value.roles, action, &key, context, None, &std::cell::OnceCell::new())
+        let roles = &record.value.roles;
+        Ok(self
+            .decide(&u, who, roles, action, &key, context, None, &std::cell::OnceCell::new())?
+            .explain(roles, action))
     }
 
     /// `custody access who-can`: every principal that can take `action` on the key (given the
@@ -396,7 +384,7 @@ impl Kms {
             let p = p.value;
             if p.enabled {
                 let who = Subject { tenant: &p.tenant, name: &p.name };
-                let e = self.decide(&u, who, &p.roles, action, &key, context, None, &grants)?;
+                let e = self.decide(&u, who, &p.roles, action, &key, context, None, &grants)?.explain(&p.roles, action);
                 if e.allowed {
                     out.push(AccessEntry {
                         principal: PrincipalPattern::Named(p.tenant.clone(), p.name.clone()).to_string(),

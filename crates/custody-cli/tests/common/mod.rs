@@ -184,6 +184,19 @@ pub struct Signer {
     pub region: String,
 }
 
+/// TLS 1.3 trusting `ca`, without a client certificate (as the AWS SDKs connect, and as anyone
+/// on the network can).
+pub fn anonymous_connector(ca: &Path) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(ca).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
 /// Sends `TrentService.<action>` signed with SigV4 at time `when`, with `tweak` applied to the
 /// headers after signing. Returns (status, body).
 pub async fn send(
@@ -228,18 +241,8 @@ pub async fn send(
     headers.insert("authorization", auth.parse().unwrap());
     tweak(&mut headers);
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_file(ca).unwrap()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .unwrap();
+    let tls = anonymous_connector(ca).connect(ServerName::try_from("127.0.0.1").unwrap(), tcp).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
     tokio::spawn(conn);
     let mut request = hyper::Request::post("/").body(Full::new(Bytes::from(body))).unwrap();
