@@ -460,8 +460,13 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
 
     let half = encrypt_rate / 2.0;
     say(settings, &format!("encrypt at half its peak: {half:.0} ops/s for {} s", 2 * settings.seconds));
-    let mut plan = closed(&prepared, Op::Encrypt, Stop::After(2 * phase));
-    plan.rate = Some(half);
+    // Open loop at `half` for twice a phase, the same plan for both servers.
+    let at_half = |prepared: &[Prepared]| {
+        let mut plan = closed(prepared, Op::Encrypt, Stop::After(2 * phase));
+        plan.rate = Some(half);
+        plan
+    };
+    let plan = at_half(&prepared);
     let scrape = || async {
         match &metrics {
             Some(url) => Scrape::fetch(url, Duration::from_secs(5)).await.map(Some),
@@ -482,9 +487,7 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         quantile(0.99, &of(&b), &of(&a)).map(|secs| (secs * 1e6).round() as u64)
     });
     say(settings, &format!("encrypt at {half:.0} ops/s for {} s without the audit", 2 * settings.seconds));
-    let mut unaudited_plan = closed(&unaudited_prepared, Op::Encrypt, Stop::After(2 * phase));
-    unaudited_plan.rate = Some(half);
-    let half_rate_unaudited = load::run(&unaudited, &unaudited_plan).await?.summary(Some(Op::Encrypt));
+    let half_rate_unaudited = load::run(&unaudited, &at_half(&unaudited_prepared)).await?.summary(Some(Op::Encrypt));
 
     say(settings, &format!("cold `custody encrypt` of 1 KiB, {} runs", settings.cold_runs));
     let cold = cold_encrypt(settings, dir.path(), &profile_path, &key)?;

@@ -345,7 +345,6 @@ async fn rewrap_moves_files_to_the_current_version_or_another_key() {
     server.shutdown().await;
 }
 
-/// Bytes of a framed body (and nothing after it) for `len` plaintext bytes in frames of `frame`.
 /// An output path that is a device, a pipe or a descriptor is streamed to, never replaced:
 /// `/dev/null` stays the null device, `/dev/stdout` a link whose output reaches the process's
 /// stdout (a pipe or a file), and a FIFO's reader gets the whole message (and the plaintext).

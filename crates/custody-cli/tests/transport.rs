@@ -230,6 +230,13 @@ async fn anonymous_tls(
     common::anonymous_connector(ca).connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap()
 }
 
+/// A counter of the server's metrics listener, now.
+async fn counter(server: &custody_server::Server, name: &str) -> f64 {
+    let url = format!("http://{}/metrics", server.metrics_addr().expect("metrics_listen is set")).parse().unwrap();
+    let scrape = custody_client::metrics::Scrape::fetch(&url, std::time::Duration::from_secs(5)).await.unwrap();
+    scrape.value(name, &[]).unwrap_or_else(|| panic!("no {name} in the scrape"))
+}
+
 /// Reads until the server closes the connection (within 10 s); what it sent, and when it closed.
 async fn until_closed(mut r: impl tokio::io::AsyncRead + Unpin) -> (String, std::time::Instant) {
     use tokio::io::AsyncReadExt;
@@ -268,11 +275,7 @@ async fn connections_that_do_not_deliver_a_whole_request_in_time_are_closed() {
     })
     .await;
     let (addr, ca) = (server.local_addr(), layout.ca_cert());
-    let metrics = format!("http://{}/metrics", server.metrics_addr().unwrap()).parse().unwrap();
-    let timeouts = || async {
-        let scrape = custody_client::metrics::Scrape::fetch(&metrics, Duration::from_secs(5)).await.unwrap();
-        scrape.value("custody_request_read_timeouts_total", &[]).unwrap()
-    };
+    let timeouts = || counter(&server, "custody_request_read_timeouts_total");
     assert_eq!(timeouts().await, 0.0);
     let gap = Duration::from_millis(100);
     let body_follows = "POST / HTTP/1.1\r\nHost: localhost\r\nX-Amz-Target: TrentService.ListKeys\r\n\
@@ -329,11 +332,7 @@ async fn connections_beyond_max_connections_are_refused_until_one_closes() {
     })
     .await;
     let (addr, ca) = (server.local_addr(), layout.ca_cert());
-    let metrics = format!("http://{}/metrics", server.metrics_addr().unwrap()).parse().unwrap();
-    let refused = || async {
-        let scrape = custody_client::metrics::Scrape::fetch(&metrics, Duration::from_secs(5)).await.unwrap();
-        scrape.value("custody_connections_refused_total", &[]).unwrap()
-    };
+    let refused = || counter(&server, "custody_connections_refused_total");
     let first = anonymous_tls(addr, &ca).await;
     let mut second = custody_client::Client::connect(&profile).await.unwrap();
     second.call("Custody.WhoAmI", json!({})).await.unwrap();

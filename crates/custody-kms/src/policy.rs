@@ -186,19 +186,38 @@ enum Shape {
 
 impl Pattern {
     fn new(text: String) -> Self {
-        let shape = match text.bytes().position(|b| b == b'*' || b == b'?') {
-            None => Shape::Exact,
-            Some(i) if i + 1 == text.len() && text.ends_with('*') => Shape::Prefix,
-            Some(_) => Shape::Glob,
-        };
-        Self { text, shape }
+        Self { shape: Shape::of(&text), text }
     }
 
     fn matches(&self, value: &str) -> bool {
-        match self.shape {
-            Shape::Exact => self.text == value,
-            Shape::Prefix => value.starts_with(&self.text[..self.text.len() - 1]),
-            Shape::Glob => glob(&self.text, value),
+        self.shape.matches(&self.text, value)
+    }
+}
+
+impl Shape {
+    /// Both wildcards are ASCII, so a byte search finds them in any UTF-8 text
+    /// (`str::contains([char; 2])` decoded every character).
+    fn of(pattern: &str) -> Self {
+        match pattern.bytes().position(|b| b == b'*' || b == b'?') {
+            None => Self::Exact,
+            Some(i) if i + 1 == pattern.len() && pattern.ends_with('*') => Self::Prefix,
+            Some(_) => Self::Glob,
+        }
+    }
+
+    /// Whether `pattern`, of this shape, matches `value`.
+    fn matches(self, pattern: &str, value: &str) -> bool {
+        match self {
+            Self::Exact => pattern == value,
+            // `*`, `kms:*`, `kms:GenerateDataKey*`, `arn:…:key/*`: IAM's usual wildcard.
+            Self::Prefix => value.starts_with(&pattern[..pattern.len() - 1]),
+            // Every pattern matches itself (`*` the run "*", `?` the character "?").
+            Self::Glob if pattern == value => true,
+            Self::Glob if pattern.is_ascii() && value.is_ascii() => glob_in(pattern.as_bytes(), value.as_bytes()),
+            Self::Glob => {
+                let (p, v): (Vec<char>, Vec<char>) = (pattern.chars().collect(), value.chars().collect());
+                glob_in(&p, &v)
+            }
         }
     }
 }
@@ -629,27 +648,7 @@ impl Statement {
 
 /// IAM wildcards: `*` any run of characters, `?` one character.
 pub fn glob(pattern: &str, value: &str) -> bool {
-    // Every pattern matches itself (`*` the run "*", `?` the character "?"); most patterns have
-    // no wildcard or one at the end. Both wildcards are ASCII, so a byte search finds them in any
-    // UTF-8 text (`str::contains([char; 2])` decoded every character, and `*` walked the whole
-    // value: 25 calls per Encrypt made glob 5 % of the request's instructions).
-    if pattern == value {
-        return true;
-    }
-    match pattern.bytes().position(|b| b == b'*' || b == b'?') {
-        None => return false,
-        // `*`, `kms:*`, `kms:GenerateDataKey*`, `arn:…:key/*`: IAM's usual wildcard is one
-        // trailing `*`, a prefix test.
-        Some(i) if i + 1 == pattern.len() && pattern.ends_with('*') => {
-            return value.as_bytes().starts_with(&pattern.as_bytes()[..i]);
-        }
-        Some(_) => {}
-    }
-    if pattern.is_ascii() && value.is_ascii() {
-        return glob_in(pattern.as_bytes(), value.as_bytes());
-    }
-    let (p, v): (Vec<char>, Vec<char>) = (pattern.chars().collect(), value.chars().collect());
-    glob_in(&p, &v)
+    Shape::of(pattern).matches(pattern, value)
 }
 
 fn glob_in<T: Copy + PartialEq + From<u8>>(p: &[T], v: &[T]) -> bool {

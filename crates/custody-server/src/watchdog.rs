@@ -55,12 +55,6 @@ impl Progress {
     }
 }
 
-impl Default for Progress {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// Returns when the connection has waited longer than `timeout` for a request (never while it
 /// serves one). Sleeps on one timer, moved forward when it fires early.
 pub async fn watchdog(progress: &Progress, timeout: Duration) {
