@@ -1161,8 +1161,21 @@ fn print_audit_line(rec: &Value) {
         if rec["alert"] == true { " !" } else { "  " },
         rec["action"].as_str().unwrap_or("-"),
         who,
-        rec["key_id"].as_str().unwrap_or("-")
+        audit_keys(rec)
     );
+}
+
+/// The key a record names, with its version (`KEY v3`); a ReEncrypt's as `SOURCE v1 -> KEY v3`.
+fn audit_keys(rec: &Value) -> String {
+    let key = |id: &str, version: &str| match (rec[id].as_str(), rec[version].as_u64()) {
+        (Some(k), Some(v)) => format!("{k} v{v}"),
+        (Some(k), None) => k.to_string(),
+        (None, _) => "-".to_string(),
+    };
+    match rec["source_key_id"].as_str() {
+        Some(_) => format!("{} -> {}", key("source_key_id", "source_key_version"), key("key_id", "key_version")),
+        None => key("key_id", "key_version"),
+    }
 }
 
 fn export_write_error(e: std::io::Error) -> CliError {

@@ -81,6 +81,102 @@ async fn one_record_per_request_and_nothing_secret_in_it() {
     server.shutdown().await;
 }
 
+/// A record names the key version the request used, and a ReEncrypt's record both of its keys,
+/// versions and contexts; a query for either key finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_name_the_key_version_used_and_both_keys_of_a_reencrypt() {
+    let (dir, layout) = common::keyfile_dir();
+    let (server, profile) = common::start(dir.path(), &layout, |_| {}).await;
+    let mut c = common::admin_client(&profile).await;
+    let a = common::create_key(&mut c, "Arn").await;
+    let b = common::create_key(&mut c, "Arn").await;
+    let encrypt = |key: &str, ctx: serde_json::Value| json!({ "KeyId": key, "Plaintext": B64.encode("versioned"), "EncryptionContext": ctx });
+    let v1 = c.call("TrentService.Encrypt", encrypt(&a, json!({ "app": "one" }))).await.unwrap();
+    c.call("TrentService.RotateKeyOnDemand", json!({ "KeyId": a })).await.unwrap();
+    let v2 = c.call("TrentService.Encrypt", encrypt(&a, json!({ "app": "two" }))).await.unwrap();
+    let v1_blob = v1["CiphertextBlob"].as_str().unwrap();
+    c.call("TrentService.Decrypt", json!({ "CiphertextBlob": v1_blob, "EncryptionContext": { "app": "one" } }))
+        .await
+        .unwrap();
+    let dk = c.call("TrentService.GenerateDataKey", json!({ "KeyId": a, "KeySpec": "AES_256" })).await.unwrap();
+    let moved = c
+        .call(
+            "TrentService.ReEncrypt",
+            json!({
+                "CiphertextBlob": v1_blob,
+                "SourceEncryptionContext": { "app": "one" },
+                "DestinationKeyId": b,
+                "DestinationEncryptionContext": { "app": "moved" },
+            }),
+        )
+        .await
+        .unwrap();
+    // Failures: the record still says which version the ciphertext named.
+    let wrong = json!({ "CiphertextBlob": v2["CiphertextBlob"], "EncryptionContext": { "app": "one" } });
+    assert!(c.call("TrentService.Decrypt", wrong).await.is_err());
+    let wrong_source = json!({
+        "CiphertextBlob": v2["CiphertextBlob"],
+        "SourceEncryptionContext": { "app": "wrong" },
+        "DestinationKeyId": b,
+    });
+    assert!(c.call("TrentService.ReEncrypt", wrong_source).await.is_err());
+
+    let records = server.kms().audit_records(0, 100).unwrap();
+    let by_action = |action: &str| -> Vec<&custody_kms::AuditEvent> {
+        records.iter().map(|r| &r.event).filter(|e| e.action == format!("TrentService.{action}")).collect()
+    };
+    let versions = |es: &[&custody_kms::AuditEvent]| es.iter().map(|e| e.key_version).collect::<Vec<_>>();
+    assert_eq!(versions(&by_action("Encrypt")), [Some(1), Some(2)], "the primary version at the time");
+    assert_eq!(versions(&by_action("Decrypt")), [Some(1), Some(2)], "the version the ciphertext names");
+    assert_eq!(versions(&by_action("GenerateDataKey")), [Some(2)]);
+    let decrypts = by_action("Decrypt");
+    assert_eq!(
+        (decrypts[1].outcome, decrypts[1].key_id.as_deref().is_some_and(|k| a.ends_with(k))),
+        (Outcome::Failed, true)
+    );
+    let mut tokens = std::collections::HashMap::new();
+    for v in ["moved", "one", "wrong"] {
+        let r = c.call("Custody.AuditHash", json!({ "Value": v })).await.unwrap();
+        tokens.insert(v, r["Hash"].as_str().unwrap().to_string());
+    }
+    let token = |v: &str| tokens[v].clone();
+    let reencrypts = by_action("ReEncrypt");
+    let ok = reencrypts[0];
+    assert_eq!(ok.outcome, Outcome::Success);
+    assert_eq!((ok.key_id.as_deref(), ok.key_version), (Some(b.as_str()), Some(1)), "the destination");
+    assert_eq!((ok.source_key_id.as_deref(), ok.source_key_version), (Some(a.as_str()), Some(1)), "the source");
+    assert_eq!(ok.encryption_context.as_ref().unwrap()["app"], token("moved"));
+    assert_eq!(ok.source_encryption_context.as_ref().unwrap()["app"], token("one"));
+    let failed = reencrypts[1];
+    assert_eq!(failed.error_code.as_deref(), Some("InvalidCiphertextException"));
+    assert!(failed.source_key_id.as_deref().is_some_and(|k| a.ends_with(k)), "{failed:?}");
+    assert_eq!(failed.source_key_version, Some(2));
+    assert_eq!(failed.source_encryption_context.as_ref().unwrap()["app"], token("wrong"));
+    assert_eq!(failed.key_id.as_deref(), Some(b.as_str()));
+    // Nothing of the values in the clear.
+    let text = serde_json::to_string(&records).unwrap();
+    for secret in
+        ["moved", "\"one\"", "wrong", dk["Plaintext"].as_str().unwrap(), moved["CiphertextBlob"].as_str().unwrap()]
+    {
+        assert!(!text.contains(secret), "{secret} reached the trail");
+    }
+
+    // A query for the source key finds the ReEncrypts too; the table shows versions and both keys.
+    let q = c.call("Custody.ListAuditRecords", json!({ "KeyId": a, "Action": "ReEncrypt" })).await.unwrap();
+    assert_eq!(q["Records"].as_array().unwrap().len(), 2, "{q}");
+    let q = c.call("Custody.ListAuditRecords", json!({ "KeyId": b, "Action": "ReEncrypt" })).await.unwrap();
+    assert_eq!(q["Records"].as_array().unwrap().len(), 2, "{q}");
+    let out = common::custody()
+        .arg("--profile")
+        .arg(layout.admin_profile())
+        .args(["audit", "query", "--action", "ReEncrypt"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains(&format!("{a} v1 -> {b} v1")), "{table}");
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn when_the_audit_cannot_be_written_nothing_is_answered() {
     let (dir, layout) = common::keyfile_dir();

@@ -63,10 +63,24 @@ pub struct AuditEvent {
     pub action: String,
     /// The key concerned, as named or resolved.
     pub key_id: Option<String>,
+    /// The version of that key whose material the request used (the primary version when it
+    /// encrypted, the ciphertext's when it decrypted), or that the ciphertext named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<u32>,
     /// Encryption context: keys as given, values as `hmac-sha256:<hex>` tokens (filled in by
     /// [`Kms::record_audit`]; whatever the caller puts here is replaced).
     #[serde(default)]
     pub encryption_context: Option<BTreeMap<String, String>>,
+    /// ReEncrypt: the key the ciphertext was decrypted with, as named or resolved (`key_id` is
+    /// the destination key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_key_id: Option<String>,
+    /// ReEncrypt: the source key's version, as the ciphertext names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_key_version: Option<u32>,
+    /// ReEncrypt: the source encryption context, hidden like `encryption_context`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_encryption_context: Option<BTreeMap<String, String>>,
     /// Outcome.
     pub outcome: Outcome,
     /// AWS error name returned, if any.
@@ -202,8 +216,8 @@ pub struct AuditQuery {
     pub after: u64,
     /// Most records returned.
     pub limit: usize,
-    /// Key id or ARN contains this; an alias (`alias/name` or its ARN) also matches the records
-    /// of the key it names now.
+    /// Key id or ARN contains this (ReEncrypt: its source or destination key); an alias
+    /// (`alias/name` or its ARN) also matches the records of the key it names now.
     pub key: Option<String>,
     /// Principal ARN or TLS identity contains this.
     pub principal: Option<String>,
@@ -454,6 +468,8 @@ pub struct AuditScope {
     recorded: Mutex<Option<u64>>,
     /// Set by the service when the request deserves an alert (a relaxed separation of duties).
     alert: Mutex<Option<String>>,
+    /// The version of the request's key whose material it used (ReEncrypt: the destination's).
+    key_version: std::sync::OnceLock<u32>,
 }
 
 impl std::fmt::Debug for AuditScope {
@@ -477,7 +493,19 @@ impl AuditScope {
             started: std::time::Instant::now(),
             recorded: Mutex::new(None),
             alert: Mutex::new(None),
+            key_version: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Notes the version of the request's key whose material is about to be used (the first
+    /// one noted stays: a request uses one version of its key).
+    pub(crate) fn use_version(&self, version: u32) {
+        let _ = self.key_version.set(version);
+    }
+
+    /// The version of the request's key whose material it used, if it got that far.
+    pub fn key_version(&self) -> Option<u32> {
+        self.key_version.get().copied()
     }
 
     /// Marks the request's record as an alert, with why (kept in the record's detail).
@@ -536,6 +564,29 @@ struct Hashed<'a> {
     seq: u64,
     written_at: Millis,
     event: &'a AuditEvent,
+}
+
+/// The encryption contexts a request named, as the caller sent them. The trail keeps only HMAC
+/// tokens of their values ([`Kms::submit_audit`] replaces them).
+#[derive(Clone, Copy, Default)]
+pub struct RequestContexts<'a> {
+    /// `EncryptionContext` (ReEncrypt: `DestinationEncryptionContext`).
+    pub context: Option<&'a BTreeMap<String, String>>,
+    /// ReEncrypt's `SourceEncryptionContext`.
+    pub source: Option<&'a BTreeMap<String, String>>,
+}
+
+impl std::fmt::Debug for RequestContexts<'_> {
+    /// Keys only: values reach the trail as HMAC tokens, never a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn keys(c: Option<&BTreeMap<String, String>>) -> Option<Vec<&String>> {
+            c.map(|c| c.keys().collect())
+        }
+        f.debug_struct("RequestContexts")
+            .field("context_keys", &keys(self.context))
+            .field("source_keys", &keys(self.source))
+            .finish()
+    }
 }
 
 /// An encryption context as the trail keeps it: keys as given, values as HMAC tokens.
@@ -686,7 +737,8 @@ impl Kms {
         // their slot to be filled.
         let slot = std::sync::Arc::new(Slot::default());
         let filled = slot.clone();
-        self.enqueue_audit(&u, event, context, Box::new(move |r| filled.fill(r)), false);
+        let contexts = RequestContexts { context, source: None };
+        self.enqueue_audit(&u, event, contexts, Box::new(move |r| filled.fill(r)), false);
         loop {
             if let Some(done) = slot.take() {
                 return done.map_err(KmsError::Internal);
@@ -723,7 +775,7 @@ impl Kms {
         self: &std::sync::Arc<Self>,
         mut arrival: AuditArrival,
         event: AuditEvent,
-        context: Option<&BTreeMap<String, String>>,
+        contexts: RequestContexts<'_>,
         done: Completion,
     ) {
         let u = match self.unsealed() {
@@ -741,7 +793,7 @@ impl Kms {
                 .expect("the audit thread can be spawned")
         });
         let counted = arrival.kms.take().is_some();
-        if self.enqueue_audit(&u, event, context, done, counted) {
+        if self.enqueue_audit(&u, event, contexts, done, counted) {
             self.audit_seq.work.notify_one();
         }
     }
@@ -750,11 +802,12 @@ impl Kms {
         &self,
         u: &Unsealed,
         mut event: AuditEvent,
-        context: Option<&BTreeMap<String, String>>,
+        contexts: RequestContexts<'_>,
         done: Completion,
         counted: bool,
     ) -> bool {
-        event.encryption_context = hidden_context(u, context);
+        event.encryption_context = hidden_context(u, contexts.context);
+        event.source_encryption_context = hidden_context(u, contexts.source);
         let pending = PendingRecord::new(&event);
         drop(event);
         let mut queue = self.audit_seq.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -842,6 +895,7 @@ impl Kms {
                     if key_id.is_some() {
                         event.key_id = key_id;
                     }
+                    event.key_version = event.key_version.or(scope.key_version());
                     if let Some(why) = scope.alert() {
                         event.alert = true;
                         event.detail = Some(why);
@@ -860,7 +914,11 @@ impl Kms {
                     access_key_id: None,
                     action: action.into(),
                     key_id,
+                    key_version: None,
                     encryption_context: None,
+                    source_key_id: None,
+                    source_key_version: None,
+                    source_encryption_context: None,
                     outcome: Outcome::Success,
                     error_code: None,
                     detail: None,
@@ -1085,17 +1143,21 @@ impl Kms {
         // Records name the key a request resolved to (its ARN; a Decrypt that failed, the key id
         // in the blob), not the alias the caller typed; only a request that failed before
         // resolving names the alias itself. So an alias matches its own text, and the ARN or id
-        // of the key it names now (if it still exists).
+        // of the key it names now (if it still exists); a key's ARN also matches the records that
+        // name only its id.
         let aliased = match q.key.as_deref().map(|k| KeyRef::parse(k, "keyId")) {
             Some(Ok(r @ (KeyRef::Alias(_) | KeyRef::AliasArn { .. }))) => {
                 self.resolve(&u, caller, &r).ok().map(|k| (self.key_arn(&k.value), k.value.id.to_string()))
             }
+            Some(Ok(KeyRef::KeyArn { id, .. })) => q.key.clone().map(|arn| (arn, id.to_string())),
             _ => None,
         };
-        let key_matches = |field: &Option<String>| {
+        let named = |field: &Option<String>| {
             contains(field, &q.key)
                 || aliased.as_ref().is_some_and(|(arn, id)| field.as_deref().is_some_and(|f| f == arn || f == id))
         };
+        // A ReEncrypt used two keys: its record is a use of either.
+        let key_matches = |e: &AuditEvent| q.key.is_none() || named(&e.key_id) || named(&e.source_key_id);
         let mut out = Vec::new();
         // Every record up to the newest checkpoint signed before `since` is older than it: start
         // there instead of reading the whole trail.
@@ -1111,7 +1173,7 @@ impl Kms {
                 after = r.seq;
                 let e = &r.event;
                 let matches = of_account(e, caller.tenant())
-                    && key_matches(&e.key_id)
+                    && key_matches(e)
                     && (contains(&e.principal, &q.principal) || contains(&e.tls_identity, &q.principal))
                     && q.action.as_deref().is_none_or(|a| e.action.ends_with(a))
                     && q.outcome.is_none_or(|o| o == e.outcome)
@@ -1430,7 +1492,11 @@ mod tests {
             access_key_id: None,
             action: "TrentService.Encrypt".into(),
             key_id: Some(tricky.into()),
-            encryption_context: context,
+            key_version: alert.then_some(7),
+            encryption_context: context.clone(),
+            source_key_id: alert.then(|| format!("source {tricky}")),
+            source_key_version: alert.then_some(u32::MAX),
+            source_encryption_context: context.filter(|_| alert),
             outcome: if alert { Outcome::Denied } else { Outcome::Success },
             error_code: alert.then(|| "AccessDeniedException".into()),
             detail: None,
@@ -1464,6 +1530,11 @@ mod tests {
             };
             assert_eq!(String::from_utf8(stored.clone()).unwrap(), serde_json::to_string(&record).unwrap());
             assert_eq!(serde_json::from_slice::<AuditRecord>(&stored).unwrap(), record);
+            // Fields added after the first records were written are left out when empty, so
+            // those records serialize (and hash) as they were written.
+            let text = String::from_utf8(stored).unwrap();
+            assert_eq!(text.contains("key_version"), e.key_version.is_some(), "{text}");
+            assert_eq!(text.contains("source_"), e.source_key_id.is_some(), "{text}");
         }
     }
 }

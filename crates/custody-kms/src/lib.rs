@@ -34,7 +34,7 @@ pub use access::{default_policy, parse_action, AccessEntry, DefaultKeyPolicy, Ex
 pub use access_keys::{AccessKeyInfo, NewAccessKey, SigV4Scope};
 pub use audit::{
     AuditArrival, AuditCheckpoint, AuditEvent, AuditHealth, AuditQuery, AuditRecord, AuditScope, AuditSink,
-    AuditVerification, ElidedRecord, ExportFrom, ExportLine, ExportPage, Outcome, TrailRecord,
+    AuditVerification, ElidedRecord, ExportFrom, ExportLine, ExportPage, Outcome, RequestContexts, TrailRecord,
 };
 pub use authz::{Action, Caller};
 pub use backup::{Backup, BackupHeader, Destroyed};
@@ -262,13 +262,19 @@ impl Kms {
     /// Unwraps one version's material. Requires proof of an action that may use it. The
     /// material is remembered with the version row's sealed bytes (ARCHITECTURE "Opened rows"):
     /// unwrapped once, not on every request, and dropped (wiped) with the memo entry.
+    /// The request's audit record notes the version (ReEncrypt's: the destination key's; the
+    /// source's is the one its ciphertext names).
     fn material<A: UsesMaterial>(
         &self,
         u: &Unsealed,
+        caller: &Caller,
         key: &KeyRecord,
         version: u32,
         _proof: &Authorized<A>,
     ) -> Result<Arc<KeyMaterial>, KmsError> {
+        if let Some(scope) = caller.audit.as_ref().filter(|_| A::ACTION != Action::ReEncryptFrom) {
+            scope.use_version(version);
+        }
         let unwrap = |row: &VersionRecord| {
             let aad = WrapAad { tenant: key.tenant.as_str(), key_id: &key.id.to_string(), version };
             u.roots.unwrap_version(row, &aad).map_err(|_| {

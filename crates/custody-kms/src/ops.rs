@@ -554,7 +554,7 @@ impl Kms {
             ));
         }
         let (u, key, proof) = self.prepare_in::<act::Encrypt>(caller, r, Some(context))?;
-        let blob = self.seal_blob(&u, &key.value, context, plaintext.expose_secret(), &proof)?;
+        let blob = self.seal_blob(&u, caller, &key.value, context, plaintext.expose_secret(), &proof)?;
         Ok(Encrypted {
             ciphertext_blob: blob,
             key_arn: self.key_arn(&key.value),
@@ -572,7 +572,7 @@ impl Kms {
         key: Option<&KeyRef>,
     ) -> Result<Decrypted, KmsError> {
         let (u, key, proof) = self.prepare_blob::<act::Decrypt>(caller, ciphertext, key, context)?;
-        let plaintext = self.open_blob(&u, &key.value, ciphertext, context, &proof)?;
+        let plaintext = self.open_blob(&u, caller, &key.value, ciphertext, context, &proof)?;
         Ok(Decrypted { plaintext, key_arn: self.key_arn(&key.value) })
     }
 
@@ -591,8 +591,9 @@ impl Kms {
             self.prepare_blob::<act::ReEncryptFrom>(caller, ciphertext, source_key, source_context)?;
         let (_, dst, dst_proof) =
             self.prepare_in::<act::ReEncryptTo>(caller, destination_key, Some(destination_context))?;
-        let plaintext = self.open_blob(&u, &src.value, ciphertext, source_context, &src_proof)?;
-        let blob = self.seal_blob(&u, &dst.value, destination_context, plaintext.expose_secret(), &dst_proof)?;
+        let plaintext = self.open_blob(&u, caller, &src.value, ciphertext, source_context, &src_proof)?;
+        let blob =
+            self.seal_blob(&u, caller, &dst.value, destination_context, plaintext.expose_secret(), &dst_proof)?;
         Ok(Encrypted {
             ciphertext_blob: blob,
             key_arn: self.key_arn(&dst.value),
@@ -619,10 +620,10 @@ impl Kms {
         let data_key = random::secret(len);
         let (blob, key) = if with_plaintext {
             let (u, key, proof) = self.prepare_in::<act::GenerateDataKey>(caller, r, Some(context))?;
-            (self.seal_blob(&u, &key.value, context, data_key.expose_secret(), &proof)?, key)
+            (self.seal_blob(&u, caller, &key.value, context, data_key.expose_secret(), &proof)?, key)
         } else {
             let (u, key, proof) = self.prepare_in::<act::GenerateDataKeyWithoutPlaintext>(caller, r, Some(context))?;
-            (self.seal_blob(&u, &key.value, context, data_key.expose_secret(), &proof)?, key)
+            (self.seal_blob(&u, caller, &key.value, context, data_key.expose_secret(), &proof)?, key)
         };
         Ok(Encrypted {
             ciphertext_blob: blob,
@@ -643,7 +644,7 @@ impl Kms {
         validate_message(message)?;
         let (u, key, proof) = self.prepare::<act::GenerateMac>(caller, r)?;
         let alg = mac_algorithm_for(&key.value, algorithm)?;
-        let material = self.material(&u, &key.value, key.value.primary_version, &proof)?;
+        let material = self.material(&u, caller, &key.value, key.value.primary_version, &proof)?;
         Ok((custody_crypto::mac::sign(alg, &material, message), self.key_arn(&key.value)))
     }
 
@@ -659,7 +660,7 @@ impl Kms {
         validate_message(message)?;
         let (u, key, proof) = self.prepare::<act::VerifyMac>(caller, r)?;
         let alg = mac_algorithm_for(&key.value, algorithm)?;
-        let material = self.material(&u, &key.value, key.value.primary_version, &proof)?;
+        let material = self.material(&u, caller, &key.value, key.value.primary_version, &proof)?;
         if custody_crypto::mac::verify(alg, &material, message, mac) {
             Ok(self.key_arn(&key.value))
         } else {
@@ -683,13 +684,14 @@ impl Kms {
     fn seal_blob<A: authz::UsesMaterial>(
         &self,
         u: &Unsealed,
+        caller: &Caller,
         key: &KeyRecord,
         context: &EncryptionContext,
         plaintext: &[u8],
         proof: &Authorized<A>,
     ) -> Result<Vec<u8>, KmsError> {
         let version = key.primary_version;
-        let material = self.material(u, key, version, proof)?;
+        let material = self.material(u, caller, key, version, proof)?;
         let blob = blob::encrypt(&material, BlobHeader { key_id: key.id.to_bytes(), version }, context, plaintext);
         *self.usage.lock().unwrap_or_else(|p| p.into_inner()).entry((key.id, version)).or_default() += 1;
         Ok(blob)
@@ -698,6 +700,7 @@ impl Kms {
     fn open_blob<A: authz::UsesMaterial>(
         &self,
         u: &Unsealed,
+        caller: &Caller,
         key: &KeyRecord,
         ciphertext: &[u8],
         context: &EncryptionContext,
@@ -707,7 +710,7 @@ impl Kms {
         if header.version == 0 || header.version > key.primary_version {
             return Err(KmsError::InvalidCiphertext);
         }
-        let material = self.material(u, key, header.version, proof)?;
+        let material = self.material(u, caller, key, header.version, proof)?;
         blob::decrypt(&material, ciphertext, context).map_err(|_| KmsError::InvalidCiphertext)
     }
 

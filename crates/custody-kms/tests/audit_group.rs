@@ -31,7 +31,7 @@ fn service(store: &common::Store, wait: Duration) -> (Arc<Kms>, Arc<Mutex<Vec<us
 /// Submits request `i`'s record; the receiver gets its sequence number once it is durable.
 fn submit(kms: &Arc<Kms>, arrival: custody_kms::AuditArrival, i: u64) -> mpsc::Receiver<Result<u64, String>> {
     let (tx, rx) = mpsc::channel();
-    kms.submit_audit(arrival, event(i), None, Box::new(move |r| drop(tx.send(r))));
+    kms.submit_audit(arrival, event(i), Default::default(), Box::new(move |r| drop(tx.send(r))));
     rx
 }
 

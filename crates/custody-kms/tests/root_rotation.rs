@@ -241,7 +241,7 @@ fn records_queued_when_a_node_seals_itself_fail_instead_of_waiting_for_an_unseal
     }
     let (queued, still_served) = (node.audit_arrival(), node.audit_arrival());
     let (tx, rx) = std::sync::mpsc::channel();
-    node.submit_audit(queued, common::event(1), None, Box::new(move |r| drop(tx.send(r))));
+    node.submit_audit(queued, common::event(1), Default::default(), Box::new(move |r| drop(tx.send(r))));
     std::thread::sleep(Duration::from_millis(100));
     assert!(rx.try_recv().is_err(), "the record waits for its group");
 

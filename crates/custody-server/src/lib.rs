@@ -620,11 +620,11 @@ async fn handle(state: Arc<State>, client: Arc<Client>, req: Request<Incoming>) 
         drop(arrival);
         Ok(())
     } else {
-        let event = finish_event(base, hints.key, &result, auth_principal.clone(), access_key_id.clone(), started);
+        let event = finish_event(base, &hints, &result, auth_principal.clone(), access_key_id.clone(), started);
         let kms = state.kms.clone();
         // Wait for the audit thread to make the record durable, without holding a thread.
         let (tx, rx) = tokio::sync::oneshot::channel();
-        kms.submit_audit(arrival, event, hints.context.as_ref(), Box::new(move |r| drop(tx.send(r))));
+        kms.submit_audit(arrival, event, hints.contexts(), Box::new(move |r| drop(tx.send(r))));
         match rx.await {
             Ok(Ok(_)) => Ok(()),
             // While sealed only status and unseal are answered, and only the log can record them.
@@ -786,7 +786,11 @@ fn base_event(request_id: &str, peer: &str, identity: &Identity, action: &str, n
         access_key_id: None,
         action: action.to_string(),
         key_id: None,
+        key_version: None,
         encryption_context: None,
+        source_key_id: None,
+        source_key_version: None,
+        source_encryption_context: None,
         outcome: custody_kms::Outcome::Success,
         error_code: None,
         detail: None,
@@ -795,29 +799,32 @@ fn base_event(request_id: &str, peer: &str, identity: &Identity, action: &str, n
     }
 }
 
-/// Completes a request's event with how it ended.
+/// Completes a request's event with how it ended and the keys it named or used.
 fn finish_event(
     base: custody_kms::AuditEvent,
-    key_hint: Option<String>,
+    hints: &protocol::AuditHints,
     result: &Result<serde_json::Value, ApiError>,
     principal: Option<String>,
     access_key_id: Option<String>,
     started: Instant,
 ) -> custody_kms::AuditEvent {
     use custody_kms::Outcome;
-    let (outcome, error_code, detail, key_id) = match result {
+    let (outcome, error_code, detail, resolved, resolved_source) = match result {
         Ok(v) => {
-            // Prefer the key the service resolved (an ARN) over what the caller typed.
-            let resolved =
-                v.get("KeyId").or_else(|| v.get("KeyMetadata").and_then(|m| m.get("Arn"))).and_then(|k| k.as_str());
-            (Outcome::Success, None, None, resolved.map(str::to_string).or(key_hint))
+            // Prefer the keys the service resolved (ARNs) over what the caller typed.
+            let arn = |v: Option<&serde_json::Value>| v.and_then(|k| k.as_str()).map(str::to_string);
+            let key = arn(v.get("KeyId").or_else(|| v.get("KeyMetadata").and_then(|m| m.get("Arn"))));
+            (Outcome::Success, None, None, key, arn(v.get("SourceKeyId")))
         }
-        Err(e) => (outcome_of(Some(e.code)), Some(e.code.to_string()), e.detail.clone(), key_hint),
+        Err(e) => (outcome_of(Some(e.code)), Some(e.code.to_string()), e.detail.clone(), None, None),
     };
     custody_kms::AuditEvent {
         principal,
         access_key_id,
-        key_id,
+        key_id: resolved.or_else(|| hints.key.clone()),
+        key_version: hints.key_version,
+        source_key_id: resolved_source.or_else(|| hints.source_key.clone()),
+        source_key_version: hints.source_key_version,
         alert: is_alert(&base.action, outcome, error_code.as_deref()),
         outcome,
         error_code,

@@ -14,7 +14,7 @@ use custody_kms::{
     AliasName, AuditQuery, Caller, CreateGrantRequest, CreateKeyRequest, KeyRef, Kms, KmsError, Outcome, Page,
     PrincipalName,
 };
-use custody_kms::{AuditEvent, AuditScope, ExportFrom};
+use custody_kms::{AuditEvent, AuditScope, ExportFrom, RequestContexts};
 
 use crate::sigv4::{self, RequestParts};
 use serde_json::{json, Map, Value};
@@ -88,21 +88,42 @@ impl From<KmsError> for ApiError {
     }
 }
 
-/// What the audit record says about a request's body: the key it names and its encryption
-/// context (values are turned into HMAC tokens before they are stored).
+/// What the audit record says about a request's body: the keys it names, with the version a
+/// ciphertext names, and its encryption contexts (values are turned into HMAC tokens before they
+/// are stored). What the service resolved replaces them where it got that far.
 #[derive(Default)]
 pub struct AuditHints {
-    /// The key named.
+    /// The key named (ReEncrypt: the destination key).
     pub key: Option<String>,
+    /// Its version: the one the service used, else the one the ciphertext names.
+    pub key_version: Option<u32>,
+    /// ReEncrypt: the source key (`SourceKeyId`, else the one the ciphertext names).
+    pub source_key: Option<String>,
+    /// ReEncrypt: the version the ciphertext names.
+    pub source_key_version: Option<u32>,
     /// The encryption context (Encrypt, Decrypt, GenerateDataKey*, ReEncrypt's destination).
     pub context: Option<BTreeMap<String, String>>,
+    /// ReEncrypt's source encryption context.
+    pub source_context: Option<BTreeMap<String, String>>,
+}
+
+impl AuditHints {
+    /// The contexts, for [`Kms::submit_audit`].
+    pub fn contexts(&self) -> RequestContexts<'_> {
+        RequestContexts { context: self.context.as_ref(), source: self.source_context.as_ref() }
+    }
 }
 
 impl std::fmt::Debug for AuditHints {
     /// Context keys only: their values end up in the audit trail as HMAC tokens, not in logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let keys: Option<Vec<&String>> = self.context.as_ref().map(|c| c.keys().collect());
-        f.debug_struct("AuditHints").field("key", &self.key).field("context_keys", &keys).finish()
+        f.debug_struct("AuditHints")
+            .field("key", &self.key)
+            .field("key_version", &self.key_version)
+            .field("source_key", &self.source_key)
+            .field("source_key_version", &self.source_key_version)
+            .field("contexts", &self.contexts())
+            .finish()
     }
 }
 
@@ -118,19 +139,32 @@ pub fn first_chars(s: &str, max: usize) -> String {
     }
 }
 
-fn key_hint(m: &Map<String, Value>) -> Option<String> {
-    for field in ["KeyId", "TargetKeyId", "DestinationKeyId", "SourceKeyId"] {
-        if let Some(Value::String(s)) = m.get(field) {
-            return Some(first_chars(s, 2048));
-        }
-    }
+/// The first of `fields` that is a string, bounded.
+fn named_key(m: &Map<String, Value>, fields: &[&str]) -> Option<String> {
+    fields.iter().find_map(|f| match m.get(*f) {
+        Some(Value::String(s)) => Some(first_chars(s, 2048)),
+        _ => None,
+    })
+}
+
+/// The key id and version a `CiphertextBlob`'s header names (read, not checked: the record
+/// says what the caller sent).
+fn blob_key(m: &Map<String, Value>) -> Option<(String, u32)> {
     // 28 base64 characters decode to 21 bytes: exactly the blob header.
     let bytes = B64.decode(m.get("CiphertextBlob")?.as_str()?.get(..28)?).ok()?;
     if bytes.first() != Some(&custody_crypto::blob::FORMAT_V1) {
         return None;
     }
     let id: [u8; 16] = bytes.get(1..17)?.try_into().ok()?;
-    Some(custody_kms::KeyId::from_bytes(id).to_string())
+    let version = u32::from_be_bytes(bytes.get(17..21)?.try_into().ok()?);
+    Some((custody_kms::KeyId::from_bytes(id).to_string(), version))
+}
+
+/// An encryption context field, bounded (64 pairs, keys of 256 characters; values that are not
+/// strings left out).
+fn context_hint(m: &Map<String, Value>, field: &str) -> Option<BTreeMap<String, String>> {
+    let Value::Object(c) = m.get(field)? else { return None };
+    Some(c.iter().take(64).filter_map(|(k, v)| Some((first_chars(k, 256), v.as_str()?.to_string()))).collect())
 }
 
 /// Who is calling, as far as the transport could tell.
@@ -260,12 +294,22 @@ pub fn dispatch(
     let mut auth = Auth { source_ip: Some(source_ip), ..Auth::default() };
     let mut hints = AuditHints::default();
     let result = Fields::parse(req.body).and_then(|fields| {
-        hints = fields.audit_hints();
-        let scope = AuditScope::new(AuditEvent { key_id: hints.key.clone(), ..audit }, hints.context.clone());
-        auth.scope = Some(scope);
+        hints = fields.audit_hints(target);
+        let event = AuditEvent {
+            key_id: hints.key.clone(),
+            key_version: hints.key_version,
+            source_key_id: hints.source_key.clone(),
+            source_key_version: hints.source_key_version,
+            ..audit
+        };
+        auth.scope = Some(AuditScope::new(event, hints.context.clone()));
         run(kms, identity, req, target, &fields, &mut auth)
     });
     let recorded = auth.scope.as_ref().and_then(|s| s.recorded());
+    // The version the service used wins over what a ciphertext claimed.
+    if let Some(v) = auth.scope.as_ref().and_then(|s| s.key_version()) {
+        hints.key_version = Some(v);
+    }
     Dispatched { result, principal: auth.principal, access_key_id: auth.access_key_id, recorded, hints }
 }
 
@@ -910,21 +954,40 @@ impl Fields {
         }
     }
 
-    /// What the audit record says about this body: the key it names and its encryption context
-    /// (bounded; never the plaintext or the blob itself).
-    pub fn audit_hints(&self) -> AuditHints {
+    /// What the audit record says about this body, sent to `target`: the keys it names, the
+    /// version a ciphertext names and the encryption contexts (bounded; never the plaintext or
+    /// the blob itself).
+    pub fn audit_hints(&self, target: &str) -> AuditHints {
         let m = &self.0;
-        let context =
-            ["EncryptionContext", "DestinationEncryptionContext", "SourceEncryptionContext"].iter().find_map(|f| {
-                let Value::Object(c) = m.get(*f)? else { return None };
-                Some(
-                    c.iter()
-                        .take(64)
-                        .filter_map(|(k, v)| Some((first_chars(k, 256), v.as_str()?.to_string())))
-                        .collect(),
-                )
-            });
-        AuditHints { key: key_hint(m), context }
+        let blob = blob_key(m);
+        if target == "TrentService.ReEncrypt" {
+            let (source_key, source_key_version) = match (named_key(m, &["SourceKeyId"]), blob) {
+                (Some(named), blob) => (Some(named), blob.map(|(_, v)| v)),
+                (None, Some((id, v))) => (Some(id), Some(v)),
+                (None, None) => (None, None),
+            };
+            return AuditHints {
+                key: named_key(m, &["DestinationKeyId"]),
+                key_version: None,
+                source_key,
+                source_key_version,
+                context: context_hint(m, "DestinationEncryptionContext"),
+                source_context: context_hint(m, "SourceEncryptionContext"),
+            };
+        }
+        let (key, key_version) = match (named_key(m, &["KeyId", "TargetKeyId"]), blob) {
+            (Some(named), blob) => (Some(named), blob.map(|(_, v)| v)),
+            (None, Some((id, v))) => (Some(id), Some(v)),
+            (None, None) => (None, None),
+        };
+        AuditHints {
+            key,
+            key_version,
+            source_key: None,
+            source_key_version: None,
+            context: context_hint(m, "EncryptionContext"),
+            source_context: None,
+        }
     }
 
     fn get(&self, name: &str) -> Option<&Value> {

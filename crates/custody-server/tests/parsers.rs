@@ -15,15 +15,17 @@ proptest! {
     #[test]
     fn request_bodies(body in proptest::collection::vec(any::<u8>(), 0..400)) {
         if let Ok(fields) = custody_server::protocol::Fields::parse(&body) {
-            let _ = fields.audit_hints();
+            let _ = fields.audit_hints("TrentService.Decrypt");
+            let _ = fields.audit_hints("TrentService.ReEncrypt");
         }
     }
 
     #[test]
-    fn json_shaped_bodies(key in "(KeyId|CiphertextBlob|EncryptionContext|Plaintext|Limit)", value in ".{0,60}") {
+    fn json_shaped_bodies(key in "(KeyId|SourceKeyId|DestinationKeyId|CiphertextBlob|EncryptionContext|SourceEncryptionContext|Plaintext|Limit)", value in ".{0,60}") {
         let body = format!("{{\"{key}\": {value}}}");
         if let Ok(fields) = custody_server::protocol::Fields::parse(body.as_bytes()) {
-            let _ = fields.audit_hints();
+            let _ = fields.audit_hints("TrentService.Encrypt");
+            let _ = fields.audit_hints("TrentService.ReEncrypt");
         }
     }
 }
