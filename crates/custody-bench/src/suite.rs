@@ -14,6 +14,7 @@ use custody_client::metrics::{quantile, Scrape};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::disk::{self, Flushes};
 use crate::load::{self, Op, Plan, Prepared, Stop, Summary, Target};
 
 /// What the suite runs.
@@ -166,6 +167,9 @@ pub struct Report {
     /// The same rate against the custody without the audit, right after: how much of the
     /// half-rate tail is the audit's (the rest is TLS, HTTP, the request and the machine).
     pub half_rate_unaudited: Summary,
+    /// The disk under the stores, before the load: serial 4 KiB writes, each made durable (the
+    /// floor under one audit group commit).
+    pub disk_flush: Flushes,
     /// Cold `custody encrypt` of 1 KiB, wall milliseconds: median, 90th percentile, slowest.
     pub cold_encrypt_ms: [f64; 3],
     /// The soak, if run.
@@ -285,6 +289,10 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         ));
     }
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    // The disk the stores are on, while nothing else of the run writes to it.
+    say(settings, "the disk under the stores: 4 KiB writes, each made durable");
+    let flushes = disk::probe(dir.path(), Duration::from_secs(settings.seconds.clamp(1, 3)))
+        .map_err(|e| format!("cannot measure the disk under {}: {e}", dir.path().display()))?;
     // custody as `custody dev` runs it: TLS 1.3 with client certificates, every request
     // authorized against the key's policy and durably audited before it is answered.
     // Its metrics listener shows the latency the server itself measures (the half-rate check).
@@ -515,13 +523,16 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         Check {
             target: "p99 latency at half of the peak Encrypt rate < 2 ms".into(),
             measured: format!(
-                "{} at {half:.0} ops/s{}; without the audit at the same rate: {}",
+                "{} at {half:.0} ops/s{}; without the audit at the same rate: {}; one durable write of \
+                 this disk: p99 {}, p99.9 {}",
                 load::micros(half_rate.p99_us),
                 half_rate_server_p99_us.map_or(String::new(), |us| format!(
                     " (the server's own histogram: p99 ~{}, arrival to answer)",
                     load::micros(us)
                 )),
-                load::micros(half_rate_unaudited.p99_us)
+                load::micros(half_rate_unaudited.p99_us),
+                load::micros(flushes.p99_us),
+                load::micros(flushes.p999_us)
             ),
             met: half_rate.p99_us < 2000 && half_rate.errors == 0,
         },
@@ -529,9 +540,11 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     checks.push(Check {
         target: "the audit costs at most 20% of Encrypt throughput".into(),
         measured: format!(
-            "{:.1}% (median of the rounds' pairs; {encrypt_rate:.0} ops/s audited, {:.0} with danger_disable_audit)",
+            "{:.1}% (median of the rounds' pairs; {encrypt_rate:.0} ops/s audited, {:.0} with danger_disable_audit; \
+             this disk makes {:.0} serial durable writes/s)",
             100.0 * audit_cost,
-            unaudited_phase.summary.ops_per_second
+            unaudited_phase.summary.ops_per_second,
+            flushes.writes_per_second
         ),
         met: audit_cost <= 0.20,
     });
@@ -578,6 +591,7 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         half_rate_target_per_second: half,
         half_rate_server_p99_us,
         half_rate_unaudited,
+        disk_flush: flushes,
         cold_encrypt_ms: cold,
         soak,
         server_rss_bytes: rss,
@@ -695,6 +709,15 @@ pub fn print(report: &Report) {
     }
     println!("the same rate against the custody without the audit:");
     println!("{}", report.half_rate_unaudited.line());
+    let d = &report.disk_flush;
+    println!(
+        "the disk under the stores, before the load: {:.0} durable 4 KiB writes/s one after another, p50 {}, p99 {}, p99.9 {}, max {}",
+        d.writes_per_second,
+        load::micros(d.p50_us),
+        load::micros(d.p99_us),
+        load::micros(d.p999_us),
+        load::micros(d.max_us)
+    );
     if let Some(s) = &report.soak {
         println!();
         println!("soak:");
