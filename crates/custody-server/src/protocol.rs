@@ -959,34 +959,39 @@ impl Fields {
     /// the blob itself).
     pub fn audit_hints(&self, target: &str) -> AuditHints {
         let m = &self.0;
-        let blob = blob_key(m);
-        if target == "TrentService.ReEncrypt" {
-            let (source_key, source_key_version) = match (named_key(m, &["SourceKeyId"]), blob) {
-                (Some(named), blob) => (Some(named), blob.map(|(_, v)| v)),
-                (None, Some((id, v))) => (Some(id), Some(v)),
-                (None, None) => (None, None),
-            };
-            return AuditHints {
-                key: named_key(m, &["DestinationKeyId"]),
-                key_version: None,
-                source_key,
-                source_key_version,
-                context: context_hint(m, "DestinationEncryptionContext"),
-                source_context: context_hint(m, "SourceEncryptionContext"),
-            };
-        }
-        let (key, key_version) = match (named_key(m, &["KeyId", "TargetKeyId"]), blob) {
-            (Some(named), blob) => (Some(named), blob.map(|(_, v)| v)),
+        let reencrypt = target == "TrentService.ReEncrypt";
+        // The key the body names, else the ciphertext's (a ReEncrypt's source); the version the
+        // ciphertext names, if it is that key's (the service notes the version it uses, which
+        // replaces this).
+        let named = if reencrypt { named_key(m, &["SourceKeyId"]) } else { named_key(m, &["KeyId", "TargetKeyId"]) };
+        let (key, version) = match (named, blob_key(m)) {
+            (Some(named), Some((id, v)))
+                if named == id || named.strip_suffix(&id).is_some_and(|n| n.ends_with(":key/")) =>
+            {
+                (Some(named), Some(v))
+            }
+            (Some(named), _) => (Some(named), None),
             (None, Some((id, v))) => (Some(id), Some(v)),
             (None, None) => (None, None),
         };
-        AuditHints {
-            key,
-            key_version,
-            source_key: None,
-            source_key_version: None,
-            context: context_hint(m, "EncryptionContext"),
-            source_context: None,
+        if reencrypt {
+            AuditHints {
+                key: named_key(m, &["DestinationKeyId"]),
+                key_version: None,
+                source_key: key,
+                source_key_version: version,
+                context: context_hint(m, "DestinationEncryptionContext"),
+                source_context: context_hint(m, "SourceEncryptionContext"),
+            }
+        } else {
+            AuditHints {
+                key,
+                key_version: version,
+                source_key: None,
+                source_key_version: None,
+                context: context_hint(m, "EncryptionContext"),
+                source_context: None,
+            }
         }
     }
 
@@ -1178,6 +1183,63 @@ mod tests {
     }
 
     use super::*;
+
+    /// A blob's header as base64 (the hints read only its first 21 bytes), with a tail.
+    fn blob(id: [u8; 16], version: u32) -> String {
+        let mut b = vec![custody_crypto::blob::FORMAT_V1];
+        b.extend_from_slice(&id);
+        b.extend_from_slice(&version.to_be_bytes());
+        b.extend_from_slice(&[0u8; 48]);
+        B64.encode(b)
+    }
+
+    #[test]
+    fn audit_hints_name_the_keys_and_the_version_a_ciphertext_names() {
+        let (id, other) = ([7u8; 16], [9u8; 16]);
+        let (text, other_text) =
+            (custody_kms::KeyId::from_bytes(id).to_string(), custody_kms::KeyId::from_bytes(other).to_string());
+        let arn = format!("arn:aws:kms:us-east-1:111122223333:key/{text}");
+        let hints = |target: &str, body: Value| Fields::parse(body.to_string().as_bytes()).unwrap().audit_hints(target);
+
+        // Decrypt: the blob's key and version; a KeyId naming that key (id or ARN) keeps the
+        // version; one naming another key or an alias does not claim it.
+        let h =
+            hints("TrentService.Decrypt", json!({ "CiphertextBlob": blob(id, 3), "EncryptionContext": { "a": "b" } }));
+        assert_eq!((h.key.as_deref(), h.key_version), (Some(text.as_str()), Some(3)));
+        assert_eq!(h.context.unwrap()["a"], "b");
+        for (named, version) in
+            [(text.as_str(), Some(3)), (arn.as_str(), Some(3)), (other_text.as_str(), None), ("alias/x", None)]
+        {
+            let h = hints("TrentService.Decrypt", json!({ "CiphertextBlob": blob(id, 3), "KeyId": named }));
+            assert_eq!((h.key.as_deref(), h.key_version), (Some(named), version), "{named}");
+        }
+        // Encrypt: the key named; the version is the one the service uses (not in the body).
+        let h = hints("TrentService.Encrypt", json!({ "KeyId": "alias/x", "Plaintext": "eA==" }));
+        assert_eq!((h.key.as_deref(), h.key_version, h.source_key), (Some("alias/x"), None, None));
+
+        // ReEncrypt: the destination is the key; the source is the blob's, with its version and
+        // context, or the SourceKeyId named.
+        let body = json!({
+            "CiphertextBlob": blob(other, 2),
+            "SourceEncryptionContext": { "s": "1" },
+            "DestinationKeyId": arn,
+            "DestinationEncryptionContext": { "d": "2" },
+        });
+        let h = hints("TrentService.ReEncrypt", body.clone());
+        assert_eq!((h.key.as_deref(), h.key_version), (Some(arn.as_str()), None));
+        assert_eq!((h.source_key.as_deref(), h.source_key_version), (Some(other_text.as_str()), Some(2)));
+        assert_eq!((h.context.unwrap()["d"].as_str(), h.source_context.unwrap()["s"].as_str()), ("2", "1"));
+        let mut named = body;
+        named["SourceKeyId"] = json!("alias/source");
+        let h = hints("TrentService.ReEncrypt", named);
+        assert_eq!((h.source_key.as_deref(), h.source_key_version), (Some("alias/source"), None));
+        // Another action's body with ReEncrypt's fields does not pass for one.
+        let h = hints(
+            "TrentService.Encrypt",
+            json!({ "KeyId": "k", "DestinationKeyId": "d", "SourceEncryptionContext": {} }),
+        );
+        assert_eq!((h.key.as_deref(), h.source_key, h.source_context), (Some("k"), None, None));
+    }
 
     #[test]
     fn every_service_error_has_one_aws_name() {
