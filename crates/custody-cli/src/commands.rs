@@ -260,12 +260,15 @@ pub enum RotationCommand {
 /// `custody audit ...`
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Audit records of your account, oldest first, filtered.
+    /// Audit records of your account, oldest first, filtered. The table's last columns are the
+    /// key with the version used (`KEY v2`; a ReEncrypt's `SOURCE v1 -> KEY v3`) and, for a
+    /// refusal or failure, the AWS error code.
     #[command(
         after_help = "Examples:\n  custody audit query --action Decrypt --outcome failed --since 1h\n  custody audit query --key alias/payments --principal admin --json"
     )]
     Query {
-        /// Key id, ARN or alias (records whose key contains this; an alias also matches the key it names now).
+        /// Key id, ARN or alias (records whose key contains this, a ReEncrypt's source key too;
+        /// an alias also matches the key it names now).
         #[arg(long)]
         key: Option<String>,
         /// Principal (ARN or certificate identity contains this).
