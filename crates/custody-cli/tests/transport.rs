@@ -361,3 +361,52 @@ async fn connections_beyond_max_connections_are_refused_until_one_closes() {
     }
     server.shutdown().await;
 }
+
+/// One address may hold at most `max_connections_per_ip` connections; another address is not
+/// affected, and a closed connection frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_per_ip_are_refused_for_that_address_only() {
+    use std::time::Duration;
+    let (dir, layout) = common::keyfile_dir();
+    let (server, profile) = common::start(dir.path(), &layout, |c| {
+        c.max_connections_per_ip = 2;
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let (addr, ca) = (server.local_addr(), layout.ca_cert());
+    let connector = common::anonymous_connector(&ca);
+    // A TLS connection from `source` (any 127/8 address reaches the loopback listener).
+    let from = |source: &'static str| {
+        let connector = connector.clone();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+            let tcp = socket.connect(addr).await.unwrap();
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                connector.connect(ServerName::try_from("localhost").unwrap(), tcp),
+            )
+            .await
+            .expect("answered or refused at once, not left hanging")
+        }
+    };
+    let refused = || counter(&server, "custody_connections_refused_per_ip_total");
+    let first = from("127.0.0.1").await.expect("first connection");
+    let mut second = custody_client::Client::connect(&profile).await.unwrap();
+    second.call("Custody.WhoAmI", json!({})).await.unwrap();
+    assert!(from("127.0.0.1").await.is_err(), "a third connection from 127.0.0.1 must be refused");
+    assert_eq!(refused().await, 1.0);
+    assert_eq!(counter(&server, "custody_connections_refused_total").await, 0.0, "not the global limit");
+    // Another address is served, and the open ones keep working.
+    let other = from("127.0.0.2").await.expect("another address is not limited by 127.0.0.1's connections");
+    drop(other);
+    second.call("Custody.WhoAmI", json!({})).await.unwrap();
+    // When one of 127.0.0.1's connections closes, its place is free again.
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while from("127.0.0.1").await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the closed connection's place never came free");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.shutdown().await;
+}

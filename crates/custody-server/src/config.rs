@@ -50,6 +50,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "scheduler_interval_ms", env: "CUSTODY_SCHEDULER_INTERVAL_MS", kind: Kind::Integer, default: "60000", doc: "How often the scheduler looks for due rotations and deletions." },
     Setting { name: "max_request_bytes", env: "CUSTODY_MAX_REQUEST_BYTES", kind: Kind::Integer, default: "65536", doc: "Largest request body accepted; larger requests get 413." },
     Setting { name: "max_connections", env: "CUSTODY_MAX_CONNECTIONS", kind: Kind::Integer, default: "4096", doc: "Most TLS connections open at once (handshakes included); a connection beyond it is closed as soon as it is accepted and counted in `custody_connections_refused_total`. Each open connection holds about 36 KB of locked memory. At least 1." },
+    Setting { name: "max_connections_per_ip", env: "CUSTODY_MAX_CONNECTIONS_PER_IP", kind: Kind::Integer, default: "1024", doc: "Most connections open at once from one IP address (IPv4-mapped IPv6 counted as IPv4), so one client cannot take all of `max_connections`; more from it are closed on accept and counted in `custody_connections_refused_per_ip_total`. Behind a load balancer or proxy every client has its address: raise it to `max_connections`. At least 1." },
     Setting { name: "request_read_timeout_ms", env: "CUSTODY_REQUEST_READ_TIMEOUT_MS", kind: Kind::Integer, default: "30000", doc: "A connection must deliver each whole request (headers and body) within this many milliseconds of being opened or of its previous answer, or it is closed: idle keep-alive connections, slow headers and slow bodies alike. Behind a load balancer, set it above the balancer's idle timeout. At least 1000." },
         Setting {
         name: "audit_checkpoint_every",
@@ -125,6 +126,9 @@ pub struct ServerConfig {
     /// See [`SETTINGS`].
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// See [`SETTINGS`].
+    #[serde(default = "defaults::max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
     /// See [`SETTINGS`].
     #[serde(default = "defaults::request_read_timeout_ms")]
     pub request_read_timeout_ms: u64,
@@ -263,6 +267,9 @@ mod defaults {
     pub fn max_connections() -> usize {
         4096
     }
+    pub fn max_connections_per_ip() -> usize {
+        1024
+    }
     pub fn request_read_timeout_ms() -> u64 {
         30_000
     }
@@ -399,6 +406,9 @@ impl ServerConfig {
         if self.max_connections == 0 {
             return Err(ConfigError("max_connections must be at least 1".into()));
         }
+        if self.max_connections_per_ip == 0 {
+            return Err(ConfigError("max_connections_per_ip must be at least 1".into()));
+        }
         if self.request_read_timeout_ms < 1000 {
             return Err(ConfigError("request_read_timeout_ms must be at least 1000".into()));
         }
@@ -501,6 +511,7 @@ mod tests {
                 "max_request_bytes" => c.max_request_bytes.to_string(),
                 "request_read_timeout_ms" => c.request_read_timeout_ms.to_string(),
                 "max_connections" => c.max_connections.to_string(),
+                "max_connections_per_ip" => c.max_connections_per_ip.to_string(),
                 "log_format" => c.log_format.clone(),
                 "audit_checkpoint_every" => c.audit_checkpoint_every.to_string(),
                 "audit_retain_days" => c.audit_retain_days.to_string(),
@@ -553,6 +564,7 @@ mod tests {
         assert!(err("audit_group_wait_us = 10001").contains("at most 10000"));
         assert!(err("request_read_timeout_ms = 999").contains("request_read_timeout_ms must be at least 1000"));
         assert!(err("max_connections = 0").contains("max_connections must be at least 1"));
+        assert!(err("max_connections_per_ip = 0").contains("max_connections_per_ip must be at least 1"));
         assert_eq!(
             ServerConfig::from_toml_and_env("audit_group_wait_us = 250", |_| None).unwrap().audit_group_wait_us,
             250

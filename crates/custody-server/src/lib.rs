@@ -18,8 +18,9 @@ pub mod sigv4;
 pub mod tls;
 mod watchdog;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -339,6 +340,7 @@ impl Server {
             max_request_bytes: config.max_request_bytes,
             request_read_timeout: Duration::from_millis(config.request_read_timeout_ms),
             max_connections: config.max_connections,
+            max_connections_per_ip: config.max_connections_per_ip,
             metrics: metrics.clone(),
         });
         let every = Duration::from_millis(config.scheduler_interval_ms);
@@ -479,6 +481,8 @@ struct State {
     request_read_timeout: Duration,
     /// Connections (handshakes included) open at once, at most.
     max_connections: usize,
+    /// Of those, from one IP address.
+    max_connections_per_ip: usize,
     metrics: Arc<metrics::Metrics>,
 }
 
@@ -489,30 +493,58 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
+    // Open connections per address, and each connection's task's address (to count it out
+    // however the task ends).
+    let mut per_ip: HashMap<IpAddr, usize> = HashMap::new();
+    let mut task_ip: HashMap<tokio::task::Id, IpAddr> = HashMap::new();
     let mut warned: Option<Instant> = None;
+    let mut warn = |peer: SocketAddr, why: &str| {
+        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            warned = Some(Instant::now());
+            tracing::warn!(%peer, "connection refused: {why} (logged at most every 10 s)");
+        }
+    };
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                // Closed at once: a client sees a refused connection instead of a handshake that
+                // never finishes, and memory stays bounded whoever opens connections.
                 Ok((tcp, peer)) if connections.len() >= state.max_connections => {
-                    // Closed at once: a client sees a refused connection instead of a handshake
-                    // that never finishes, and memory stays bounded whoever opens connections.
                     drop(tcp);
                     state.metrics.connection_refused();
-                    if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                        warned = Some(Instant::now());
-                        tracing::warn!(%peer, max_connections = state.max_connections, "connection refused: max_connections are open (counted in custody_connections_refused_total; logged at most every 10 s)");
-                    }
+                    warn(peer, "max_connections are open (custody_connections_refused_total)");
+                }
+                Ok((tcp, peer)) if per_ip.get(&peer.ip().to_canonical()).is_some_and(|n| *n >= state.max_connections_per_ip) => {
+                    drop(tcp);
+                    state.metrics.connection_refused_per_ip();
+                    warn(peer, "max_connections_per_ip are open from this address (custody_connections_refused_per_ip_total)");
                 }
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
-                    connections.spawn(connection(tcp, peer, acceptor.clone(), state.clone(), shutdown.clone()));
+                    let ip = peer.ip().to_canonical();
+                    *per_ip.entry(ip).or_default() += 1;
+                    let task = connections.spawn(connection(tcp, peer, acceptor.clone(), state.clone(), shutdown.clone()));
+                    task_ip.insert(task.id(), ip);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(ended) = connections.join_next_with_id(), if !connections.is_empty() => {
+                let id = match ended {
+                    Ok((id, ())) => id,
+                    Err(e) => e.id(),
+                };
+                if let Some(ip) = task_ip.remove(&id) {
+                    if let std::collections::hash_map::Entry::Occupied(mut open) = per_ip.entry(ip) {
+                        *open.get_mut() -= 1;
+                        if *open.get() == 0 {
+                            open.remove();
+                        }
+                    }
+                }
+            }
             _ = shutdown.changed() => break,
         }
     }

@@ -104,6 +104,7 @@ pub struct Metrics {
     handshake_failures: Counter<u64, AtomicU64>,
     request_read_timeouts: Counter<u64, AtomicU64>,
     connections_refused: Counter<u64, AtomicU64>,
+    connections_refused_per_ip: Counter<u64, AtomicU64>,
 }
 
 impl Metrics {
@@ -194,6 +195,13 @@ impl Metrics {
                 None,
                 Counter::default(),
             ),
+            connections_refused_per_ip: add(
+                &mut r,
+                "connections_refused_per_ip",
+                "Connections closed on accept because max_connections_per_ip were open from their address",
+                None,
+                Counter::default(),
+            ),
             request_read_timeouts: add(
                 &mut r,
                 "request_read_timeouts",
@@ -248,6 +256,11 @@ impl Metrics {
     /// A connection refused because `max_connections` were open.
     pub fn connection_refused(&self) {
         self.connections_refused.inc();
+    }
+
+    /// A connection refused because `max_connections_per_ip` were open from its address.
+    pub fn connection_refused_per_ip(&self) {
+        self.connections_refused_per_ip.inc();
     }
 
     /// A connection closed by its watchdog.
