@@ -53,12 +53,22 @@ pub enum BlobError {
 impl BlobHeader {
     /// Reads the header, without authenticating anything yet.
     pub fn parse(blob: &[u8]) -> Result<Self, BlobError> {
-        if blob.len() < MIN_LEN || blob[0] != FORMAT_V1 {
+        if blob.len() < MIN_LEN {
+            return Err(BlobError::Malformed);
+        }
+        Self::peek(blob)
+    }
+
+    /// Reads the header from a blob's first [`HEADER_LEN`] bytes, whatever follows them (the
+    /// audit trail names the key of a blob it only glanced at). [`BlobHeader::parse`] also
+    /// checks the blob is long enough to be one.
+    pub fn peek(prefix: &[u8]) -> Result<Self, BlobError> {
+        if prefix.len() < HEADER_LEN || prefix[0] != FORMAT_V1 {
             return Err(BlobError::Malformed);
         }
         let mut key_id = [0u8; 16];
-        key_id.copy_from_slice(&blob[1..17]);
-        let version = u32::from_be_bytes(blob[17..21].try_into().expect("4 bytes"));
+        key_id.copy_from_slice(&prefix[1..17]);
+        let version = u32::from_be_bytes(prefix[17..21].try_into().expect("4 bytes"));
         Ok(Self { key_id, version })
     }
 
@@ -149,5 +159,10 @@ mod tests {
         assert_eq!(BlobHeader::parse(&[]).unwrap_err(), BlobError::Malformed);
         assert_eq!(BlobHeader::parse(&[0x02; 100]).unwrap_err(), BlobError::Malformed);
         assert_eq!(BlobHeader::parse(&[0x01; MIN_LEN - 1]).unwrap_err(), BlobError::Malformed);
+        assert_eq!(BlobHeader::peek(&[0x01; HEADER_LEN - 1]).unwrap_err(), BlobError::Malformed);
+        assert_eq!(
+            BlobHeader::peek(&[0x01; HEADER_LEN]).unwrap(),
+            BlobHeader { key_id: [1; 16], version: 0x0101_0101 }
+        );
     }
 }

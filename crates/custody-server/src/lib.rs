@@ -850,19 +850,18 @@ fn finish_event(
         }
         Err(e) => (outcome_of(Some(e.code)), Some(e.code.to_string()), e.detail.clone(), None, None),
     };
+    let named = hints.name_keys(base);
     custody_kms::AuditEvent {
         principal,
         access_key_id,
-        key_id: resolved.or_else(|| hints.key.clone()),
-        key_version: hints.key_version,
-        source_key_id: resolved_source.or_else(|| hints.source_key.clone()),
-        source_key_version: hints.source_key_version,
-        alert: is_alert(&base.action, outcome, error_code.as_deref()),
+        key_id: resolved.or(named.key_id),
+        source_key_id: resolved_source.or(named.source_key_id),
+        alert: is_alert(&named.action, outcome, error_code.as_deref()),
         outcome,
         error_code,
         detail,
         duration_ms: started.elapsed().as_millis() as u64,
-        ..base
+        ..named
     }
 }
 

@@ -108,6 +108,17 @@ pub struct AuditHints {
 }
 
 impl AuditHints {
+    /// `event` naming the keys and versions these hints hold.
+    pub fn name_keys(&self, event: AuditEvent) -> AuditEvent {
+        AuditEvent {
+            key_id: self.key.clone(),
+            key_version: self.key_version,
+            source_key_id: self.source_key.clone(),
+            source_key_version: self.source_key_version,
+            ..event
+        }
+    }
+
     /// The contexts, for [`Kms::submit_audit`].
     pub fn contexts(&self) -> RequestContexts<'_> {
         RequestContexts { context: self.context.as_ref(), source: self.source_context.as_ref() }
@@ -152,12 +163,8 @@ fn named_key(m: &Map<String, Value>, fields: &[&str]) -> Option<String> {
 fn blob_key(m: &Map<String, Value>) -> Option<(String, u32)> {
     // 28 base64 characters decode to 21 bytes: exactly the blob header.
     let bytes = B64.decode(m.get("CiphertextBlob")?.as_str()?.get(..28)?).ok()?;
-    if bytes.first() != Some(&custody_crypto::blob::FORMAT_V1) {
-        return None;
-    }
-    let id: [u8; 16] = bytes.get(1..17)?.try_into().ok()?;
-    let version = u32::from_be_bytes(bytes.get(17..21)?.try_into().ok()?);
-    Some((custody_kms::KeyId::from_bytes(id).to_string(), version))
+    let header = custody_crypto::blob::BlobHeader::peek(&bytes).ok()?;
+    Some((custody_kms::KeyId::from_bytes(header.key_id).to_string(), header.version))
 }
 
 /// An encryption context field, bounded (64 pairs, keys of 256 characters; values that are not
@@ -295,14 +302,7 @@ pub fn dispatch(
     let mut hints = AuditHints::default();
     let result = Fields::parse(req.body).and_then(|fields| {
         hints = fields.audit_hints(target);
-        let event = AuditEvent {
-            key_id: hints.key.clone(),
-            key_version: hints.key_version,
-            source_key_id: hints.source_key.clone(),
-            source_key_version: hints.source_key_version,
-            ..audit
-        };
-        auth.scope = Some(AuditScope::new(event, hints.context.clone()));
+        auth.scope = Some(AuditScope::new(hints.name_keys(audit), hints.context.clone()));
         run(kms, identity, req, target, &fields, &mut auth)
     });
     let recorded = auth.scope.as_ref().and_then(|s| s.recorded());
