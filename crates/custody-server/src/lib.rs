@@ -689,7 +689,7 @@ async fn handle(state: Arc<State>, client: Arc<Client>, req: Request<Incoming>) 
                 "ServiceUnavailableException",
                 "The audit trail cannot be written, so the request was not answered; retry later.",
             );
-            (e.status, e.body())
+            (e.status, protocol::Answer::new(e.body()))
         }
         (Ok(()), Ok(v)) => (200, v),
         (Ok(()), Err(e)) => {
@@ -697,7 +697,7 @@ async fn handle(state: Arc<State>, client: Arc<Client>, req: Request<Incoming>) 
                 let detail = e.detail.as_deref().unwrap_or("");
                 tracing::error!(%request_id, action = %action, code = e.code, detail, "request failed");
             }
-            (e.status, e.body())
+            (e.status, protocol::Answer::new(e.body()))
         }
     };
     let principal = match (&auth_principal, identity) {
@@ -718,7 +718,7 @@ async fn handle(state: Arc<State>, client: Arc<Client>, req: Request<Incoming>) 
     } else {
         tracing::info!(%request_id, %peer, principal, access_key_id, action = %action, status, ms, "request");
     }
-    let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).expect("JSON values serialize"))));
+    let mut resp = Response::new(Full::new(body.into_bytes()));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = resp.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(AMZ_JSON));
@@ -835,14 +835,15 @@ fn base_event(request_id: &str, peer: &str, identity: &Identity, action: &str, n
 fn finish_event(
     base: custody_kms::AuditEvent,
     hints: &protocol::AuditHints,
-    result: &Result<serde_json::Value, ApiError>,
+    result: &Result<protocol::Answer, ApiError>,
     principal: Option<String>,
     access_key_id: Option<String>,
     started: Instant,
 ) -> custody_kms::AuditEvent {
     use custody_kms::Outcome;
     let (outcome, error_code, detail, resolved, resolved_source) = match result {
-        Ok(v) => {
+        Ok(answer) => {
+            let v = answer.value();
             // Prefer the keys the service resolved (ARNs) over what the caller typed.
             let arn = |v: Option<&serde_json::Value>| v.and_then(|k| k.as_str()).map(str::to_string);
             let key = arn(v.get("KeyId").or_else(|| v.get("KeyMetadata").and_then(|m| m.get("Arn"))));

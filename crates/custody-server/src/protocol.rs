@@ -17,7 +17,93 @@ use custody_kms::{
 use custody_kms::{AuditEvent, AuditScope, ExportFrom, RequestContexts};
 
 use crate::sigv4::{self, RequestParts};
+use bytes::Bytes;
 use serde_json::{json, Map, Value};
+use zeroize::{Zeroize, Zeroizing};
+
+/// An answer's JSON body. Answers carry secrets in their strings (Decrypt's plaintext, a data
+/// key, random bytes, an issued certificate's private key, a new secret access key, unseal
+/// shares), so every string in it is wiped when it is dropped, answered or not, and
+/// [`Answer::into_bytes`] serializes it into memory that is wiped when hyper drops the body, once
+/// it is sent. No copy of the body is left in freed memory by custody (hyper queues the body's
+/// bytes without copying them over a TLS stream, and rustls encrypts them in place).
+pub struct Answer(Value);
+
+impl Answer {
+    /// Wraps a body; its strings are wiped when the answer is dropped.
+    pub fn new(body: Value) -> Self {
+        Self(body)
+    }
+
+    /// The body (to read the key a service call resolved).
+    pub fn value(&self) -> &Value {
+        &self.0
+    }
+
+    /// The body serialized once, into a buffer sized first so that it is never reallocated
+    /// (a reallocation would leave a copy behind), and wiped when the returned bytes are dropped.
+    pub fn into_bytes(self) -> Bytes {
+        let mut count = Count(0);
+        serde_json::to_writer(&mut count, &self.0).expect("JSON values serialize");
+        let mut out = Zeroizing::new(Vec::with_capacity(count.0));
+        let capacity = out.capacity();
+        serde_json::to_writer(&mut *out, &self.0).expect("JSON values serialize");
+        assert_eq!(out.capacity(), capacity, "the body was serialized into the room sized for it");
+        Bytes::from_owner(WipedOnDrop(out))
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        wipe_strings(&mut self.0);
+    }
+}
+
+impl From<Value> for Answer {
+    fn from(body: Value) -> Self {
+        Self::new(body)
+    }
+}
+
+impl std::fmt::Debug for Answer {
+    /// Never the body: it may hold plaintext or a data key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Answer(..)")
+    }
+}
+
+/// Counts what a serializer writes.
+struct Count(usize);
+
+impl std::io::Write for Count {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A serialized body, zeroized when hyper drops it.
+struct WipedOnDrop(Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for WipedOnDrop {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Zeroizes every string in `v` (object keys are field names, not secrets).
+pub fn wipe_strings(v: &mut Value) {
+    match v {
+        Value::String(s) => s.zeroize(),
+        Value::Array(items) => items.iter_mut().for_each(wipe_strings),
+        Value::Object(fields) => fields.values_mut().for_each(wipe_strings),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
 
 /// An error as the client sees it: HTTP status, AWS `__type`, message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,7 +301,7 @@ const UNSUPPORTED_AWS_ACTIONS: &[&str] = &[
 /// What a dispatched request produced, and who it turned out to be from (for the audit record).
 pub struct Dispatched {
     /// The answer.
-    pub result: Result<Value, ApiError>,
+    pub result: Result<Answer, ApiError>,
     /// ARN of the authenticated principal.
     pub principal: Option<String>,
     /// SigV4 access key id presented (even if it was refused).
@@ -229,6 +315,7 @@ pub struct Dispatched {
 impl Dispatched {
     /// An answer made without the service's dispatch (health, refusals before it).
     pub fn answered(result: Result<Value, ApiError>) -> Self {
+        let result = result.map(Answer::new);
         Self { result, principal: None, access_key_id: None, recorded: None, hints: AuditHints::default() }
     }
 
@@ -303,7 +390,7 @@ pub fn dispatch(
     let result = Fields::parse(req.body).and_then(|fields| {
         hints = fields.audit_hints(target);
         auth.scope = Some(AuditScope::new(hints.name_keys(audit), hints.context.clone()));
-        run(kms, identity, req, target, &fields, &mut auth)
+        run(kms, identity, req, target, &fields, &mut auth).map(Answer::new)
     });
     let recorded = auth.scope.as_ref().and_then(|s| s.recorded());
     // The version the service used wins over what a ciphertext claimed.
@@ -600,7 +687,10 @@ fn access_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result
                 .transpose()?;
             let admin = principal_name(f, "AdminName")?;
             let (tenant, cert) = kms.create_tenant(caller, id, f.optional_str("Name")?.unwrap_or("tenant"), &admin)?;
-            json!({ "Tenant": tenant, "Admin": admin.as_str(), "AdminCertificate": issued_cert_json(&cert) })
+            let mut v = json!({ "Tenant": tenant, "Admin": admin.as_str() });
+            // Moved in: `json!` would clone the certificate's private key and drop it unwiped.
+            v["AdminCertificate"] = issued_cert_json(&cert);
+            v
         }
         "ListTenants" => json!({ "Tenants": kms.list_tenants(caller)? }),
         "CreatePrincipal" => {
@@ -800,7 +890,10 @@ fn kms_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Va
             let blob = f.blob("CiphertextBlob")?;
             let key = f.optional_str("KeyId")?.map(|s| KeyRef::parse(s, "keyId")).transpose()?;
             let out = kms.decrypt(caller, &blob, &f.context("EncryptionContext")?, key.as_ref())?;
-            json!({ "KeyId": out.key_arn, "Plaintext": B64.encode(out.plaintext.expose_secret()), "EncryptionAlgorithm": "SYMMETRIC_DEFAULT" })
+            let mut v = json!({ "KeyId": out.key_arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT" });
+            // Moved in, not copied: `json!` would clone a string and drop the original unwiped.
+            v["Plaintext"] = Value::String(B64.encode(out.plaintext.expose_secret()));
+            v
         }
         "ReEncrypt" => {
             f.symmetric_only("SourceEncryptionAlgorithm")?;
@@ -850,7 +943,9 @@ fn kms_action(kms: &Kms, caller: &Caller, action: &str, f: &Fields) -> Result<Va
             let n = f
                 .optional_u32("NumberOfBytes")?
                 .ok_or_else(|| KmsError::validation("numberOfBytes", "Member must not be null"))?;
-            json!({ "Plaintext": B64.encode(kms.generate_random(caller, n as usize)?.expose_secret()) })
+            let mut v = json!({});
+            v["Plaintext"] = Value::String(B64.encode(kms.generate_random(caller, n as usize)?.expose_secret()));
+            v
         }
         "GenerateMac" => {
             let alg = f.required_str("MacAlgorithm")?;
@@ -933,6 +1028,13 @@ fn page_json<T>(name: &str, page: Page<T>, item: impl Fn(T) -> Value) -> Value {
 /// A request body's fields, with typed accessors whose errors name the field as AWS does.
 pub struct Fields(Map<String, Value>);
 
+impl Drop for Fields {
+    /// A request's strings hold plaintext (Encrypt), unseal shares and other secrets.
+    fn drop(&mut self) {
+        self.0.values_mut().for_each(wipe_strings);
+    }
+}
+
 impl std::fmt::Debug for Fields {
     /// Field names only: a body may carry plaintext.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -949,7 +1051,10 @@ impl Fields {
         }
         match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(m)) => Ok(Self(m)),
-            Ok(_) => Err(ApiError::serialization("the request body must be a JSON object")),
+            Ok(mut other) => {
+                wipe_strings(&mut other);
+                Err(ApiError::serialization("the request body must be a JSON object"))
+            }
             Err(e) => Err(ApiError::serialization(format!("the request body is not valid JSON: {e}"))),
         }
     }
