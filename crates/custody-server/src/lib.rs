@@ -594,7 +594,12 @@ async fn connection(
         })
     };
     // No hyper timer: the watchdog below bounds the whole request, body included.
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service);
+    let io = TokioIo::new(tls);
+    // An answer's body is wiped when hyper drops it (protocol::Answer); that leaves no copy only
+    // because hyper queues the body's bytes for a stream that writes vectored, where it would
+    // otherwise copy them into its own buffer (SECURITY.md "Memory"). Every test request checks it.
+    debug_assert!(hyper::rt::Write::is_write_vectored(&io), "hyper would copy answers into its own buffer");
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
