@@ -35,9 +35,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Start custody (`custody dev`), the same custody without audit, and the baseline, each in
-    /// its own process, run every phase against them with the same connections, and check the
-    /// targets.
+    /// Start custody (`custody dev`), the same custody without audit, the same custody with its
+    /// store in /dev/shm (the audit's cost without the disk), and the baseline, each in its own
+    /// process, run every phase against them with the same connections, and check the targets.
     Suite {
         /// The custody binary (default: `custody` beside this program).
         #[arg(long, value_name = "PATH")]

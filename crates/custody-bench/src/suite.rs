@@ -157,6 +157,13 @@ pub struct Report {
     pub sigv4_encrypt: Phase,
     /// What the audit costs: 1 - the median over rounds of audited / unaudited Encrypt rates.
     pub audit_cost: f64,
+    /// Encrypt against the same audited custody with its store in memory (`/dev/shm`, where a
+    /// flush costs nothing; its own process), each round right after the unaudited Encrypt.
+    /// `None` where there is no `/dev/shm`.
+    pub in_memory_encrypt: Option<Phase>,
+    /// What the audit costs without the disk: 1 - the median over rounds of in-memory audited /
+    /// unaudited Encrypt rates. The rest of `audit_cost` is the disk's flushes.
+    pub audit_cost_in_memory: Option<f64>,
     /// Encrypt at half its peak rate (open loop).
     pub half_rate: Summary,
     /// The rate of the half-rate run.
@@ -314,6 +321,18 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     let u_key = create_key(&mut unaudited_client).await?;
     // Only its Encrypt phases run (ReEncrypt's destination is never used: the key itself).
     let (unaudited_prepared, _) = prepare(&mut unaudited_client, &u_key, &u_key).await?;
+    // The same audited custody with its store in memory, where a flush costs nothing: how much
+    // of the audit's cost is custody's own work rather than the disk's (where /dev/shm exists).
+    let memory_dir = tempfile::Builder::new().prefix("custody-bench-").tempdir_in("/dev/shm").ok();
+    let mut in_memory = None;
+    if let Some(d) = &memory_dir {
+        let Started { proc, profile: path, .. } = start_custody(settings, d.path(), "data-in-memory", &[])?;
+        let profile = custody_client::Profile::load(&path).map_err(|e| e.to_string())?;
+        let mut client = custody_client::Client::connect(&profile).await.map_err(|e| e.to_string())?;
+        let key = create_key(&mut client).await?;
+        let (prepared, _) = prepare(&mut client, &key, &key).await?;
+        in_memory = Some((proc, Target::from_profile(&profile).map_err(|e| e.to_string())?, prepared));
+    }
     let body_file = dir.path().join("baseline-body.json");
     std::fs::write(&body_file, serde_json::to_vec(&answer).expect("JSON serializes")).map_err(|e| e.to_string())?;
     let ca = profile.ca_file().map_err(|e| e.to_string())?;
@@ -361,6 +380,9 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     served +=
         load::run(&target, &closed(&prepared, Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?.answered();
     load::run(&unaudited, &closed(&unaudited_prepared, Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?;
+    if let Some((_, target, prepared)) = &in_memory {
+        load::run(target, &closed(prepared, Op::Encrypt, Stop::After(Duration::from_secs(2)))).await?;
+    }
 
     let phase = Duration::from_secs(settings.seconds);
     let mut base_rounds = Vec::new();
@@ -373,6 +395,8 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     let (mut signed_rates, mut signed_total) = (Vec::new(), load::Outcome::default());
     // Each round's audited Encrypt rate divided by the unaudited one measured right after it.
     let mut audit_ratios = Vec::new();
+    let (mut in_memory_rates, mut in_memory_total, mut in_memory_ratios) =
+        (Vec::new(), load::Outcome::default(), Vec::new());
     for round in 1..=settings.rounds {
         // The machine's speed drifts within a round: each round starts its actions one later, so
         // no action always runs last, and actions are compared within their round (below).
@@ -414,6 +438,23 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
                 unaudited_rates.push(u_rate);
                 audit_ratios.push(rate / u_rate);
                 unaudited_total.absorb(u);
+                if let Some((_, target, prepared)) = &in_memory {
+                    let m = load::run(target, &closed(prepared, Op::Encrypt, Stop::After(phase))).await?;
+                    let m_rate = m.ok_per_second();
+                    say(
+                        settings,
+                        &format!(
+                            "round {round}/{}: {:<18} {m_rate:.0} ops/s ({:.2}x; the audit costs {:.1} % without the disk)",
+                            settings.rounds,
+                            "encrypt, in memory",
+                            m_rate / b_rate,
+                            100.0 * (1.0 - m_rate / u_rate)
+                        ),
+                    );
+                    in_memory_rates.push(m_rate);
+                    in_memory_ratios.push(m_rate / u_rate);
+                    in_memory_total.absorb(m);
+                }
                 let s = load::run(&signed, &closed(&prepared, Op::Encrypt, Stop::After(phase))).await?;
                 let s_rate = s.ok_per_second();
                 served += s.answered() + s.failed();
@@ -465,6 +506,9 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     let unaudited_phase = encrypt_phase("encrypt, no audit", &unaudited_rates, &unaudited_total);
     let signed_phase = encrypt_phase("encrypt, SigV4", &signed_rates, &signed_total);
     let audit_cost = 1.0 - median(&audit_ratios);
+    let in_memory_phase =
+        in_memory.as_ref().map(|_| encrypt_phase("encrypt, in memory", &in_memory_rates, &in_memory_total));
+    let audit_cost_in_memory = in_memory.as_ref().map(|_| 1.0 - median(&in_memory_ratios));
 
     let half = encrypt_rate / 2.0;
     say(settings, &format!("encrypt at half its peak: {half:.0} ops/s for {} s", 2 * settings.seconds));
@@ -541,10 +585,14 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         target: "the audit costs at most 20% of Encrypt throughput".into(),
         measured: format!(
             "{:.1}% (median of the rounds' pairs; {encrypt_rate:.0} ops/s audited, {:.0} with danger_disable_audit; \
-             this disk makes {:.0} serial durable writes/s)",
+             this disk makes {:.0} serial durable writes/s{})",
             100.0 * audit_cost,
             unaudited_phase.summary.ops_per_second,
-            flushes.writes_per_second
+            flushes.writes_per_second,
+            audit_cost_in_memory.map_or(String::new(), |c| format!(
+                "; with the store in memory, where a flush costs nothing: {:.1}%",
+                100.0 * c
+            ))
         ),
         met: audit_cost <= 0.20,
     });
@@ -587,6 +635,8 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         unaudited_encrypt: unaudited_phase,
         sigv4_encrypt: signed_phase,
         audit_cost,
+        in_memory_encrypt: in_memory_phase,
+        audit_cost_in_memory,
         half_rate,
         half_rate_target_per_second: half,
         half_rate_server_p99_us,
@@ -696,6 +746,14 @@ pub fn print(report: &Report) {
         u.ratio_to_baseline,
         100.0 * report.audit_cost
     );
+    if let (Some(m), Some(cost)) = (&report.in_memory_encrypt, report.audit_cost_in_memory) {
+        println!(
+            "{}  {:.2}x baseline  (store in /dev/shm: the audit costs {:.1} % without the disk)",
+            m.summary.line(),
+            m.ratio_to_baseline,
+            100.0 * cost
+        );
+    }
     let s = &report.sigv4_encrypt;
     println!("{}  {:.2}x baseline  {:.2}x encrypt", s.summary.line(), s.ratio_to_baseline, s.ratio_to_encrypt);
     println!();

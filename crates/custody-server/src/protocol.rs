@@ -59,12 +59,6 @@ impl Drop for Answer {
     }
 }
 
-impl From<Value> for Answer {
-    fn from(body: Value) -> Self {
-        Self::new(body)
-    }
-}
-
 impl std::fmt::Debug for Answer {
     /// Never the body: it may hold plaintext or a data key.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -96,7 +90,7 @@ impl AsRef<[u8]> for WipedOnDrop {
 }
 
 /// Zeroizes every string in `v` (object keys are field names, not secrets).
-pub fn wipe_strings(v: &mut Value) {
+fn wipe_strings(v: &mut Value) {
     match v {
         Value::String(s) => s.zeroize(),
         Value::Array(items) => items.iter_mut().for_each(wipe_strings),
