@@ -14,6 +14,7 @@ use base64::Engine;
 use custody_crypto::esdk::{
     DataKey, EncryptedDataKey, EncryptionContext, EncryptionMaterials, EsdkError, Keyring, Suite,
 };
+use custody_crypto::secret_json::SecretJson;
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
@@ -69,9 +70,12 @@ impl KmsKeyring {
             .ok_or_else(|| crate::ClientError::Protocol("DescribeKey returned no ARN".into()))
     }
 
-    fn call(&self, target: &str, body: Value) -> Result<Value, EsdkError> {
+    /// The answer's strings (a data key, in GenerateDataKey's and Decrypt's) are wiped when it
+    /// is dropped.
+    fn call(&self, target: &str, body: Value) -> Result<SecretJson, EsdkError> {
         let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        self.runtime.block_on(client.call(target, body)).map_err(|e| EsdkError::Keyring(format!("{target}: {e}")))
+        let answer = self.runtime.block_on(client.call(target, body));
+        answer.map(SecretJson::new).map_err(|e| EsdkError::Keyring(format!("{target}: {e}")))
     }
 
     fn allowed(&self, arn: &str) -> bool {
@@ -107,11 +111,12 @@ impl Keyring for KmsKeyring {
                         "TrentService.GenerateDataKey",
                         json!({ "KeyId": key, "NumberOfBytes": 32, "EncryptionContext": m.context }),
                     )?;
-                    let plain = Zeroizing::new(blob(&r, "Plaintext")?);
+                    let r = r.value();
+                    let plain = Zeroizing::new(blob(r, "Plaintext")?);
                     m.data_key = Some(DataKey::from_slice(&plain).ok_or_else(|| {
                         EsdkError::Keyring("GenerateDataKey returned a key that is not 32 bytes".into())
                     })?);
-                    (arn_of(&r)?, blob(&r, "CiphertextBlob")?)
+                    (arn_of(r)?, blob(r, "CiphertextBlob")?)
                 }
                 None => return Err(EsdkError::Keyring("no data key to wrap".into())),
                 Some(dk) => {
@@ -120,7 +125,7 @@ impl Keyring for KmsKeyring {
                         "TrentService.Encrypt",
                         json!({ "KeyId": key, "Plaintext": &*plain, "EncryptionContext": m.context }),
                     )?;
-                    (arn_of(&r)?, blob(&r, "CiphertextBlob")?)
+                    (arn_of(r.value())?, blob(r.value(), "CiphertextBlob")?)
                 }
             };
             m.encrypted_data_keys.push(EncryptedDataKey {
@@ -148,12 +153,13 @@ impl Keyring for KmsKeyring {
                 json!({ "KeyId": arn, "CiphertextBlob": B64.encode(&edk.ciphertext), "EncryptionContext": context });
             match self.call("TrentService.Decrypt", body) {
                 Ok(r) => {
+                    let r = r.value();
                     // The SDKs check that the key that decrypted is the one the message names.
                     if r["KeyId"].as_str() != Some(arn) {
                         errors.push(format!("{arn}: decrypted by another key"));
                         continue;
                     }
-                    let plain = Zeroizing::new(blob(&r, "Plaintext")?);
+                    let plain = Zeroizing::new(blob(r, "Plaintext")?);
                     return DataKey::from_slice(&plain)
                         .map(Some)
                         .ok_or_else(|| EsdkError::Keyring("Decrypt returned a data key that is not 32 bytes".into()));

@@ -16,6 +16,7 @@ mod profile;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use custody_crypto::secret_json::SecretJson;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper::Request;
@@ -172,18 +173,24 @@ impl Client {
         self.send(req).await
     }
 
-    /// Calls `target` (`TrentService.Encrypt`, `Custody.GetStatus`, ...) with a JSON body.
+    /// Calls `target` (`TrentService.Encrypt`, `Custody.GetStatus`, ...) with a JSON body. The
+    /// body may carry a plaintext or a data key: its strings are wiped, and it is sent from memory
+    /// wiped once sent ([`SecretJson`]).
     pub async fn call(&mut self, target: &str, body: Value) -> Result<Value, ClientError> {
-        self.call_bytes(target, serde_json::to_vec(&body).expect("JSON values serialize")).await
+        self.send_body(target, SecretJson::new(body).into_bytes()).await
     }
 
     /// Like [`Client::call`], with the request body as raw bytes (sent as-is).
     pub async fn call_bytes(&mut self, target: &str, body: Vec<u8>) -> Result<Value, ClientError> {
+        self.send_body(target, Bytes::from(body)).await
+    }
+
+    async fn send_body(&mut self, target: &str, body: Bytes) -> Result<Value, ClientError> {
         let req = Request::post("/")
             .header("host", self.endpoint.authority())
             .header("content-type", "application/x-amz-json-1.1")
             .header("x-amz-target", target)
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.send(req).await
     }

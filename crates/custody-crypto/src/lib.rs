@@ -23,6 +23,7 @@ pub mod pki;
 pub mod random;
 pub mod seal;
 pub mod secret;
+pub mod secret_json;
 pub mod shamir;
 pub mod sigv4;
 

@@ -17,87 +17,16 @@ use custody_kms::{
 use custody_kms::{AuditEvent, AuditScope, ExportFrom, RequestContexts};
 
 use crate::sigv4::{self, RequestParts};
-use bytes::Bytes;
+use custody_crypto::secret_json::{wipe_strings, SecretJson};
 use serde_json::{json, Map, Value};
-use zeroize::{Zeroize, Zeroizing};
 
 /// An answer's JSON body. Answers carry secrets in their strings (Decrypt's plaintext, a data
 /// key, random bytes, an issued certificate's private key, a new secret access key, unseal
-/// shares), so every string in it is wiped when it is dropped, answered or not, and
-/// [`Answer::into_bytes`] serializes it into memory that is wiped when hyper drops the body, once
-/// it is sent. No copy of the body is left in freed memory by custody (hyper queues the body's
-/// bytes without copying them over a TLS stream, and rustls encrypts them in place).
-pub struct Answer(Value);
-
-impl Answer {
-    /// Wraps a body; its strings are wiped when the answer is dropped.
-    pub fn new(body: Value) -> Self {
-        Self(body)
-    }
-
-    /// The body (to read the key a service call resolved).
-    pub fn value(&self) -> &Value {
-        &self.0
-    }
-
-    /// The body serialized once, into a buffer sized first so that it is never reallocated
-    /// (a reallocation would leave a copy behind), and wiped when the returned bytes are dropped.
-    pub fn into_bytes(self) -> Bytes {
-        let mut count = Count(0);
-        serde_json::to_writer(&mut count, &self.0).expect("JSON values serialize");
-        let mut out = Zeroizing::new(Vec::with_capacity(count.0));
-        let capacity = out.capacity();
-        serde_json::to_writer(&mut *out, &self.0).expect("JSON values serialize");
-        assert_eq!(out.capacity(), capacity, "the body was serialized into the room sized for it");
-        Bytes::from_owner(WipedOnDrop(out))
-    }
-}
-
-impl Drop for Answer {
-    fn drop(&mut self) {
-        wipe_strings(&mut self.0);
-    }
-}
-
-impl std::fmt::Debug for Answer {
-    /// Never the body: it may hold plaintext or a data key.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Answer(..)")
-    }
-}
-
-/// Counts what a serializer writes.
-struct Count(usize);
-
-impl std::io::Write for Count {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// A serialized body, zeroized when hyper drops it.
-struct WipedOnDrop(Zeroizing<Vec<u8>>);
-
-impl AsRef<[u8]> for WipedOnDrop {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-/// Zeroizes every string in `v` (object keys are field names, not secrets).
-fn wipe_strings(v: &mut Value) {
-    match v {
-        Value::String(s) => s.zeroize(),
-        Value::Array(items) => items.iter_mut().for_each(wipe_strings),
-        Value::Object(fields) => fields.values_mut().for_each(wipe_strings),
-        Value::Null | Value::Bool(_) | Value::Number(_) => {}
-    }
-}
+/// shares): every string is wiped when the answer is dropped, answered or not, and
+/// [`SecretJson::into_bytes`] serializes it into memory wiped when hyper drops the body after
+/// sending it. No copy is left in freed memory by custody (hyper queues a body's bytes without
+/// copying them over a TLS stream, and rustls encrypts them in place).
+pub type Answer = SecretJson;
 
 /// An error as the client sees it: HTTP status, AWS `__type`, message.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,109 @@
+//! JSON documents that carry secrets in their strings (a plaintext, a data key, a private key):
+//! serialized without leaving a copy behind, and wiped when dropped.
+//!
+//! The server answers with them and the client sends them; both would otherwise leave base64
+//! secrets in freed memory: a `String` dropped unwiped, a `Vec` reallocated as it grows (the old
+//! buffer freed with what was written so far), a body freed after it was sent.
+
+use bytes::Bytes;
+use serde_json::Value;
+use zeroize::{Zeroize, Zeroizing};
+
+/// A JSON value whose strings are zeroized when it is dropped.
+pub struct SecretJson(Value);
+
+impl SecretJson {
+    /// Wraps a value; its strings are wiped when it is dropped. Build it by moving secrets in
+    /// (`v["Plaintext"] = Value::String(text)`): `serde_json::json!` clones an expression's string
+    /// and drops the original unwiped.
+    pub fn new(value: Value) -> Self {
+        Self(value)
+    }
+
+    /// The value.
+    pub fn value(&self) -> &Value {
+        &self.0
+    }
+
+    /// The value serialized once, into a buffer sized by a first counting pass so that it is
+    /// never reallocated (a reallocation would leave a copy behind), and zeroized when the
+    /// returned bytes are dropped. Given to hyper as a body over TLS, no other copy is made:
+    /// hyper queues the bytes for a stream that writes vectored, and rustls encrypts in place.
+    pub fn into_bytes(self) -> Bytes {
+        let mut count = Count(0);
+        serde_json::to_writer(&mut count, &self.0).expect("JSON values serialize");
+        let mut out = Zeroizing::new(Vec::with_capacity(count.0));
+        let capacity = out.capacity();
+        serde_json::to_writer(&mut *out, &self.0).expect("JSON values serialize");
+        assert_eq!(out.capacity(), capacity, "the value was serialized into the room sized for it");
+        Bytes::from_owner(WipedOnDrop(out))
+    }
+}
+
+impl Drop for SecretJson {
+    fn drop(&mut self) {
+        wipe_strings(&mut self.0);
+    }
+}
+
+impl std::fmt::Debug for SecretJson {
+    /// Never the value: it holds secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretJson(..)")
+    }
+}
+
+/// Zeroizes every string in `v` (object keys are field names, not secrets).
+pub fn wipe_strings(v: &mut Value) {
+    match v {
+        Value::String(s) => s.zeroize(),
+        Value::Array(items) => items.iter_mut().for_each(wipe_strings),
+        Value::Object(fields) => fields.values_mut().for_each(wipe_strings),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+/// Counts what a serializer writes.
+struct Count(usize);
+
+impl std::io::Write for Count {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serialized bytes, zeroized when their last user drops them.
+struct WipedOnDrop(Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for WipedOnDrop {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn serializes_as_serde_json_does_and_wipes_every_string() {
+        let v = json!({ "KeyId": "k", "Plaintext": "c2VjcmV0", "List": ["a", { "b": "c" }], "N": 3, "T": true });
+        let expected = serde_json::to_vec(&v).unwrap();
+        assert_eq!(SecretJson::new(v.clone()).into_bytes().as_ref(), expected.as_slice());
+
+        let mut w = v;
+        wipe_strings(&mut w);
+        assert_eq!(w, json!({ "KeyId": "", "Plaintext": "", "List": ["", { "b": "" }], "N": 3, "T": true }));
+    }
+
+    #[test]
+    fn debug_shows_no_value() {
+        assert_eq!(format!("{:?}", SecretJson::new(json!({ "Plaintext": "c2VjcmV0" }))), "SecretJson(..)");
+    }
+}
