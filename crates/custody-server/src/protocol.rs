@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use custody_crypto::secret_json::{wipe_strings, SecretJson};
 use custody_crypto::{EncryptionContext, SecretBytes};
 use custody_kms::model::KeySpec;
 use custody_kms::{
@@ -17,7 +18,6 @@ use custody_kms::{
 use custody_kms::{AuditEvent, AuditScope, ExportFrom, RequestContexts};
 
 use crate::sigv4::{self, RequestParts};
-use custody_crypto::secret_json::{wipe_strings, SecretJson};
 use serde_json::{json, Map, Value};
 
 /// An answer's JSON body. Answers carry secrets in their strings (Decrypt's plaintext, a data
