@@ -208,6 +208,14 @@ fn say(settings: &Settings, line: &str) {
     }
 }
 
+/// One phase's line of a round: its rate, against the round's baseline, and `note`.
+fn say_round(settings: &Settings, round: usize, label: &str, rate: f64, baseline: f64, note: &str) {
+    say(
+        settings,
+        &format!("round {round}/{}: {label:<18} {rate:.0} ops/s ({:.2}x{note})", settings.rounds, rate / baseline),
+    );
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -410,47 +418,23 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
             let o = load::run(&target, &closed(&prepared, *op, Stop::After(phase))).await?;
             let rate = o.ok_per_second();
             served += o.answered() + o.failed();
-            say(
-                settings,
-                &format!(
-                    "round {round}/{}: {:<18} {rate:.0} ops/s ({:.2}x)",
-                    settings.rounds,
-                    op.name(),
-                    rate / b_rate
-                ),
-            );
+            say_round(settings, round, op.name(), rate, b_rate, "");
             rates.push(rate);
             ratios.push(rate / b_rate);
             total.absorb(o);
             if *op == Op::Encrypt {
                 let u = load::run(&unaudited, &closed(&unaudited_prepared, Op::Encrypt, Stop::After(phase))).await?;
                 let u_rate = u.ok_per_second();
-                say(
-                    settings,
-                    &format!(
-                        "round {round}/{}: {:<18} {u_rate:.0} ops/s ({:.2}x; the audit costs {:.1} %)",
-                        settings.rounds,
-                        "encrypt, no audit",
-                        u_rate / b_rate,
-                        100.0 * (1.0 - rate / u_rate)
-                    ),
-                );
+                let note = format!("; the audit costs {:.1} %", 100.0 * (1.0 - rate / u_rate));
+                say_round(settings, round, "encrypt, no audit", u_rate, b_rate, &note);
                 unaudited_rates.push(u_rate);
                 audit_ratios.push(rate / u_rate);
                 unaudited_total.absorb(u);
                 if let Some((_, target, prepared)) = &in_memory {
                     let m = load::run(target, &closed(prepared, Op::Encrypt, Stop::After(phase))).await?;
                     let m_rate = m.ok_per_second();
-                    say(
-                        settings,
-                        &format!(
-                            "round {round}/{}: {:<18} {m_rate:.0} ops/s ({:.2}x; the audit costs {:.1} % without the disk)",
-                            settings.rounds,
-                            "encrypt, in memory",
-                            m_rate / b_rate,
-                            100.0 * (1.0 - m_rate / u_rate)
-                        ),
-                    );
+                    let note = format!("; the audit costs {:.1} % without the disk", 100.0 * (1.0 - m_rate / u_rate));
+                    say_round(settings, round, "encrypt, in memory", m_rate, b_rate, &note);
                     in_memory_rates.push(m_rate);
                     in_memory_ratios.push(m_rate / u_rate);
                     in_memory_total.absorb(m);
@@ -458,16 +442,8 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
                 let s = load::run(&signed, &closed(&prepared, Op::Encrypt, Stop::After(phase))).await?;
                 let s_rate = s.ok_per_second();
                 served += s.answered() + s.failed();
-                say(
-                    settings,
-                    &format!(
-                        "round {round}/{}: {:<18} {s_rate:.0} ops/s ({:.2}x; {:.2}x with a client certificate)",
-                        settings.rounds,
-                        "encrypt, SigV4",
-                        s_rate / b_rate,
-                        s_rate / rate
-                    ),
-                );
+                let note = format!("; {:.2}x with a client certificate", s_rate / rate);
+                say_round(settings, round, "encrypt, SigV4", s_rate, b_rate, &note);
                 signed_rates.push(s_rate);
                 signed_total.absorb(s);
             }
