@@ -25,18 +25,14 @@ impl SecretJson {
         &self.0
     }
 
-    /// The value serialized once, into a buffer sized by a first counting pass so that it is
-    /// never reallocated (a reallocation would leave a copy behind), and zeroized when the
-    /// returned bytes are dropped. Given to hyper as a body over TLS, no other copy is made:
-    /// hyper queues the bytes for a stream that writes vectored, and rustls encrypts in place.
+    /// The value serialized once, into a buffer that wipes what it leaves behind when it grows,
+    /// and zeroized when the returned bytes are dropped. Given to hyper as a body over TLS, no
+    /// other copy is made: hyper queues the bytes for a stream that writes vectored, and rustls
+    /// encrypts in place.
     pub fn into_bytes(self) -> Bytes {
-        let mut count = Count(0);
-        serde_json::to_writer(&mut count, &self.0).expect("JSON values serialize");
-        let mut out = Zeroizing::new(Vec::with_capacity(count.0));
-        let capacity = out.capacity();
-        serde_json::to_writer(&mut *out, &self.0).expect("JSON values serialize");
-        assert_eq!(out.capacity(), capacity, "the value was serialized into the room sized for it");
-        Bytes::from_owner(WipedOnDrop(out))
+        let mut out = WipingBuf(Zeroizing::new(Vec::with_capacity(512)));
+        serde_json::to_writer(&mut out, &self.0).expect("JSON values serialize");
+        Bytes::from_owner(WipedOnDrop(out.0))
     }
 }
 
@@ -63,12 +59,20 @@ pub fn wipe_strings(v: &mut Value) {
     }
 }
 
-/// Counts what a serializer writes.
-struct Count(usize);
+/// A buffer that never leaves a copy of its bytes in freed memory: to grow, it moves them into a
+/// larger buffer and zeroizes the old one (a `Vec` would free it as it was).
+struct WipingBuf(Zeroizing<Vec<u8>>);
 
-impl std::io::Write for Count {
+impl std::io::Write for WipingBuf {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
+        let needed = self.0.len() + buf.len();
+        if needed > self.0.capacity() {
+            let mut grown = Zeroizing::new(Vec::with_capacity(needed.max(2 * self.0.capacity())));
+            grown.extend_from_slice(&self.0);
+            // The old buffer is zeroized as it is dropped here.
+            self.0 = grown;
+        }
+        self.0.extend_from_slice(buf);
         Ok(buf.len())
     }
 

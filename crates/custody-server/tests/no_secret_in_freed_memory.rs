@@ -141,6 +141,16 @@ fn secrets_of_answers_and_requests_are_wiped_when_dropped() {
     drop(response);
     assert!(!memory.holds(&sent), "an answer's secret is left in freed memory after it was sent");
 
+    // An answer whose buffer grows after the secret is in it (a long field serializes after
+    // `Plaintext`): the buffer it outgrew is wiped, not freed as it was.
+    let (text, grown) = Secret::new();
+    let mut v = decrypt_answer(text);
+    v["Zz"] = Value::String("z".repeat(4000));
+    let bytes = Answer::new(v).into_bytes();
+    assert!(grown.is_in(&bytes));
+    drop(bytes);
+    assert!(!memory.holds(&grown), "an answer's secret is left in the buffer it outgrew");
+
     // An answer never sent (its audit record failed: 503 instead).
     let (text, unsent) = Secret::new();
     drop(Answer::new(decrypt_answer(text)));
