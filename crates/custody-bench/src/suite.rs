@@ -399,12 +399,10 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         .iter()
         .map(|op| Rounds { op: *op, rates: Vec::new(), ratios: Vec::new(), total: Default::default() })
         .collect();
-    let (mut unaudited_rates, mut unaudited_total) = (Vec::new(), load::Outcome::default());
-    let (mut signed_rates, mut signed_total) = (Vec::new(), load::Outcome::default());
-    // Each round's audited Encrypt rate divided by the unaudited one measured right after it.
-    let mut audit_ratios = Vec::new();
-    let (mut in_memory_rates, mut in_memory_total, mut in_memory_ratios) =
-        (Vec::new(), load::Outcome::default(), Vec::new());
+    // Encrypt phases run each round right after the audited Encrypt, against another server or
+    // with another way to authenticate.
+    let (mut unaudited_runs, mut in_memory_runs, mut signed_runs) =
+        (Beside::default(), Beside::default(), Beside::default());
     for round in 1..=settings.rounds {
         // The machine's speed drifts within a round: each round starts its actions one later, so
         // no action always runs last, and actions are compared within their round (below).
@@ -424,28 +422,20 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
             total.absorb(o);
             if *op == Op::Encrypt {
                 let u = load::run(&unaudited, &closed(&unaudited_prepared, Op::Encrypt, Stop::After(phase))).await?;
-                let u_rate = u.ok_per_second();
+                let u_rate = unaudited_runs.record(u);
                 let note = format!("; the audit costs {:.1} %", 100.0 * (1.0 - rate / u_rate));
                 say_round(settings, round, "encrypt, no audit", u_rate, b_rate, &note);
-                unaudited_rates.push(u_rate);
-                audit_ratios.push(rate / u_rate);
-                unaudited_total.absorb(u);
                 if let Some((_, target, prepared)) = &in_memory {
                     let m = load::run(target, &closed(prepared, Op::Encrypt, Stop::After(phase))).await?;
-                    let m_rate = m.ok_per_second();
+                    let m_rate = in_memory_runs.record(m);
                     let note = format!("; the audit costs {:.1} % without the disk", 100.0 * (1.0 - m_rate / u_rate));
                     say_round(settings, round, "encrypt, in memory", m_rate, b_rate, &note);
-                    in_memory_rates.push(m_rate);
-                    in_memory_ratios.push(m_rate / u_rate);
-                    in_memory_total.absorb(m);
                 }
                 let s = load::run(&signed, &closed(&prepared, Op::Encrypt, Stop::After(phase))).await?;
-                let s_rate = s.ok_per_second();
                 served += s.answered() + s.failed();
+                let s_rate = signed_runs.record(s);
                 let note = format!("; {:.2}x with a client certificate", s_rate / rate);
                 say_round(settings, round, "encrypt, SigV4", s_rate, b_rate, &note);
-                signed_rates.push(s_rate);
-                signed_total.absorb(s);
             }
         }
     }
@@ -455,7 +445,7 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         let mut summary = total.summary(name);
         // The median round's rate, not the mean over all rounds (a slow round is the machine's).
         summary.ops_per_second = median(rates);
-        let to_encrypt: Vec<f64> = rates.iter().zip(&encrypt_rates).map(|(r, e)| r / e).collect();
+        let to_encrypt = per_round(rates, &encrypt_rates);
         Phase {
             summary,
             rounds_ops_per_second: rates.to_vec(),
@@ -473,18 +463,18 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     let encrypt_rate = actions[0].summary.ops_per_second;
     // An Encrypt phase beside the actions (another server, or another way to authenticate),
     // each round against that round's baseline.
-    let encrypt_phase = |label: &str, rates: &[f64], total: &load::Outcome| {
-        let to_baseline: Vec<f64> = rates.iter().zip(&base_rounds).map(|(r, b)| r / b).collect();
-        let mut p = phase_of(Some(Op::Encrypt), rates, &to_baseline, total);
+    let encrypt_phase = |label: &str, runs: &Beside| {
+        let mut p = phase_of(Some(Op::Encrypt), &runs.rates, &per_round(&runs.rates, &base_rounds), &runs.total);
         p.summary.action = label.into();
         p
     };
-    let unaudited_phase = encrypt_phase("encrypt, no audit", &unaudited_rates, &unaudited_total);
-    let signed_phase = encrypt_phase("encrypt, SigV4", &signed_rates, &signed_total);
-    let audit_cost = 1.0 - median(&audit_ratios);
-    let in_memory_phase =
-        in_memory.as_ref().map(|_| encrypt_phase("encrypt, in memory", &in_memory_rates, &in_memory_total));
-    let audit_cost_in_memory = in_memory.as_ref().map(|_| 1.0 - median(&in_memory_ratios));
+    let unaudited_phase = encrypt_phase("encrypt, no audit", &unaudited_runs);
+    let signed_phase = encrypt_phase("encrypt, SigV4", &signed_runs);
+    // Each round's audited rate against the unaudited one measured right after it.
+    let audit_cost = 1.0 - median(&per_round(&encrypt_rates, &unaudited_runs.rates));
+    let in_memory_phase = in_memory.as_ref().map(|_| encrypt_phase("encrypt, in memory", &in_memory_runs));
+    let audit_cost_in_memory =
+        in_memory.as_ref().map(|_| 1.0 - median(&per_round(&in_memory_runs.rates, &unaudited_runs.rates)));
 
     let half = encrypt_rate / 2.0;
     say(settings, &format!("encrypt at half its peak: {half:.0} ops/s for {} s", 2 * settings.seconds));
@@ -625,6 +615,28 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         server_requests: served,
         checks,
     })
+}
+
+/// An Encrypt phase run each round beside the audited one: each round's rate, everything measured.
+#[derive(Default)]
+struct Beside {
+    rates: Vec<f64>,
+    total: load::Outcome,
+}
+
+impl Beside {
+    /// Keeps a round's run; returns its rate.
+    fn record(&mut self, run: load::Outcome) -> f64 {
+        let rate = run.ok_per_second();
+        self.rates.push(rate);
+        self.total.absorb(run);
+        rate
+    }
+}
+
+/// Each round's `a` divided by that round's `b`.
+fn per_round(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(a, b)| a / b).collect()
 }
 
 /// One action's rounds: requests per second, ratio to the baseline, everything measured.
