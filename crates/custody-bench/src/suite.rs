@@ -174,6 +174,10 @@ pub struct Report {
     /// The same rate against the custody without the audit, right after: how much of the
     /// half-rate tail is the audit's (the rest is TLS, HTTP, the request and the machine).
     pub half_rate_unaudited: Summary,
+    /// The same rate against the audited custody with its store in memory, right after: how much
+    /// of the half-rate tail is the disk's flushes (the rest is custody's own audit work).
+    /// `None` where there is no `/dev/shm`.
+    pub half_rate_in_memory: Option<Summary>,
     /// The disk under the stores, before the load: serial 4 KiB writes, each made durable (the
     /// floor under one audit group commit).
     pub disk_flush: Flushes,
@@ -506,6 +510,16 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
     });
     say(settings, &format!("encrypt at {half:.0} ops/s for {} s without the audit", 2 * settings.seconds));
     let half_rate_unaudited = load::run(&unaudited, &at_half(&unaudited_prepared)).await?.summary(Some(Op::Encrypt));
+    let half_rate_in_memory = match &in_memory {
+        Some((_, target, prepared)) => {
+            say(
+                settings,
+                &format!("encrypt at {half:.0} ops/s for {} s with the store in memory", 2 * settings.seconds),
+            );
+            Some(load::run(target, &at_half(prepared)).await?.summary(Some(Op::Encrypt)))
+        }
+        None => None,
+    };
 
     say(settings, &format!("cold `custody encrypt` of 1 KiB, {} runs", settings.cold_runs));
     let cold = cold_encrypt(settings, dir.path(), &profile_path, &key)?;
@@ -533,7 +547,7 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         Check {
             target: "p99 latency at half of the peak Encrypt rate < 2 ms".into(),
             measured: format!(
-                "{} at {half:.0} ops/s{}; without the audit at the same rate: {}; one durable write of \
+                "{} at {half:.0} ops/s{}; without the audit at the same rate: {}{}; one durable write of \
                  this disk: p99 {}, p99.9 {}",
                 load::micros(half_rate.p99_us),
                 half_rate_server_p99_us.map_or(String::new(), |us| format!(
@@ -541,6 +555,10 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
                     load::micros(us)
                 )),
                 load::micros(half_rate_unaudited.p99_us),
+                half_rate_in_memory.as_ref().map_or(String::new(), |m| format!(
+                    "; audited with the store in memory: {}",
+                    load::micros(m.p99_us)
+                )),
                 load::micros(flushes.p99_us),
                 load::micros(flushes.p999_us)
             ),
@@ -607,6 +625,7 @@ pub async fn run(settings: &Settings) -> Result<Report, String> {
         half_rate_target_per_second: half,
         half_rate_server_p99_us,
         half_rate_unaudited,
+        half_rate_in_memory,
         disk_flush: flushes,
         cold_encrypt_ms: cold,
         soak,
@@ -755,6 +774,10 @@ pub fn print(report: &Report) {
     }
     println!("the same rate against the custody without the audit:");
     println!("{}", report.half_rate_unaudited.line());
+    if let Some(m) = &report.half_rate_in_memory {
+        println!("the same rate against the audited custody with its store in /dev/shm:");
+        println!("{}", m.line());
+    }
     let d = &report.disk_flush;
     println!(
         "the disk under the stores, before the load: {:.0} durable 4 KiB writes/s one after another, p50 {}, p99 {}, p99.9 {}, max {}",
