@@ -51,12 +51,12 @@ fn tampering_is_found_and_located() {
         "{ok:?}"
     );
 
-    let edited = verify_after(&t, &format!("UPDATE rows SET value = CAST(substr(value, 1, 60) || CASE WHEN substr(value, 61, 1) = X'00' THEN X'01' ELSE X'00' END || substr(value, 62) AS BLOB) WHERE tbl='audit' AND key={}", key(500)));
+    let edited = verify_after(&t, &format!("UPDATE audit_rows SET value = CAST(substr(value, 1, 60) || CASE WHEN substr(value, 61, 1) = X'00' THEN X'01' ELSE X'00' END || substr(value, 62) AS BLOB) WHERE seq = {}", 500));
     let p = edited.problem.unwrap();
     assert_eq!(p.seq, 500, "{p:?}");
     assert!(p.what.contains("changed"), "{p:?}");
 
-    let deleted = verify_after(&t, &format!("DELETE FROM rows WHERE tbl='audit' AND key={}", key(321)));
+    let deleted = verify_after(&t, &format!("DELETE FROM audit_rows WHERE seq = {}", 321));
     let p = deleted.problem.unwrap();
     assert_eq!(p.seq, 321, "{p:?}");
     assert!(p.what.contains("missing"), "{p:?}");
@@ -64,16 +64,16 @@ fn tampering_is_found_and_located() {
     let swapped = verify_after(
         &t,
         &format!(
-            "UPDATE rows SET key='tmp' WHERE tbl='audit' AND key={a};
-             UPDATE rows SET key={a} WHERE tbl='audit' AND key={b};
-             UPDATE rows SET key={b} WHERE tbl='audit' AND key='tmp';",
-            a = key(700),
-            b = key(701)
+            "UPDATE audit_rows SET seq = -1 WHERE seq = {a};
+             UPDATE audit_rows SET seq = {a} WHERE seq = {b};
+             UPDATE audit_rows SET seq = {b} WHERE seq = -1;",
+            a = 700,
+            b = 701
         ),
     );
     assert_eq!(swapped.problem.unwrap().seq, 700);
 
-    let truncated = verify_after(&t, &format!("DELETE FROM rows WHERE tbl='audit' AND key > {}", key(850)));
+    let truncated = verify_after(&t, &format!("DELETE FROM audit_rows WHERE seq > {}", 850));
     let p = truncated.problem.unwrap();
     assert_eq!(p.seq, 851, "{p:?}");
     assert!(p.what.contains("truncated"), "{p:?}");
@@ -81,9 +81,8 @@ fn tampering_is_found_and_located() {
     let inserted = verify_after(
         &t,
         &format!(
-            "INSERT INTO rows (tbl, key, rev, value) SELECT tbl, {}, rev, value FROM rows WHERE tbl='audit' AND key={}",
-            key(1001),
-            key(10)
+            "INSERT INTO audit_rows (seq, rev, value) SELECT {}, rev, value FROM audit_rows WHERE seq = {}",
+            1001, 10
         ),
     );
     assert_eq!(inserted.problem.unwrap().seq, 1001);
@@ -309,7 +308,7 @@ fn retention_prunes_at_a_checkpoint_and_the_rest_still_verifies() {
     // Removing more than retention did, without an anchor, is detected.
     drop(kms);
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch(&format!("DELETE FROM rows WHERE tbl='audit' AND key <= {}", key(610))).unwrap();
+    conn.execute_batch(&format!("DELETE FROM audit_rows WHERE seq <= {}", 610)).unwrap();
     let (kms, caller) =
         common::open_at(Arc::new(SqliteBackend::open(&path).unwrap()), &t.root, &t.identity, KmsConfig::development());
     let p = kms.verify_audit(&caller).unwrap().problem.unwrap();
@@ -426,11 +425,11 @@ fn grouped_rows_verify_tampering_is_located_and_old_single_record_rows_still_rea
         .find(|(p, g)| g - p > 1)
         .expect("a group of several records");
     let t = common::Store { ..store };
-    let edited = verify_after(&t, &format!("UPDATE rows SET value = CAST(substr(value, 1, 60) || CASE WHEN substr(value, 61, 1) = X'00' THEN X'01' ELSE X'00' END || substr(value, 62) AS BLOB) WHERE tbl='audit' AND key={}", key(group)));
+    let edited = verify_after(&t, &format!("UPDATE audit_rows SET value = CAST(substr(value, 1, 60) || CASE WHEN substr(value, 61, 1) = X'00' THEN X'01' ELSE X'00' END || substr(value, 62) AS BLOB) WHERE seq = {}", group));
     let p = edited.problem.unwrap();
     assert_eq!(p.seq, prev + 1, "{p:?}");
     assert!(p.what.contains("changed"), "{p:?}");
-    let deleted = verify_after(&t, &format!("DELETE FROM rows WHERE tbl='audit' AND key={}", key(group)));
+    let deleted = verify_after(&t, &format!("DELETE FROM audit_rows WHERE seq = {}", group));
     let p = deleted.problem.unwrap();
     assert_eq!(p.seq, prev + 1, "{p:?}");
     assert!(p.what.contains(&format!("records {} to {group} are missing", prev + 1)), "{p:?}");

@@ -45,7 +45,9 @@ pub enum Table {
     Tenants,
     /// Internal CA and issued certificates.
     Pki,
-    /// Audit records, by sequence number (20 digits, so key order is sequence order).
+    /// Audit records, by sequence number (20 digits, so key order is sequence order). Its keys
+    /// are always such numbers: a backend may store them as numbers and refuse other keys
+    /// (SQLite keeps these rows in a table of their own, keyed by the number).
     Audit,
     /// SigV4 access keys, by access key id.
     AccessKeys,

@@ -240,7 +240,7 @@ fn concurrent_writers_never_both_win(f: &dyn Fixture) {
             let h = if t % 2 == 0 { a.clone() } else { b.clone() };
             s.spawn(move || {
                 for i in 0..25 {
-                    h.apply(&[put(Table::Audit, &format!("{t}-{i:03}"), b"x", Expect::Absent)]).unwrap();
+                    h.apply(&[put(Table::Audit, &format!("{:020}", t * 1000 + i), b"x", Expect::Absent)]).unwrap();
                 }
             });
         }
