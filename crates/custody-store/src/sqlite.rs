@@ -379,25 +379,18 @@ impl SqliteBackend {
 
 impl SqliteBackend {
     /// [`Backend::scan`] of the audit trail's rows, whose keys are all 20 digits: those starting
-    /// with `prefix` are a range of numbers, and a key sorts after `after` exactly when its number
-    /// is greater than the smallest 20-digit key that does.
+    /// with `prefix` are a range of numbers, and those after `after` the numbers from the first
+    /// 20-digit key above it.
     fn scan_audit(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<Row>, StoreError> {
         if prefix.len() > 20 || !prefix.bytes().all(|b| b.is_ascii_digit()) {
             return Ok(Vec::new());
         }
-        let bound = |fill: char| {
-            let mut k = prefix.to_string();
-            k.extend(std::iter::repeat_n(fill, 20 - prefix.len()));
-            k.parse::<i64>().unwrap_or(i64::MAX)
-        };
-        let (mut low, high) = (bound('0'), bound('9'));
-        if let Some(a) = after {
-            // The first 20-digit key above `a` (in byte order), as a number.
-            low = low.max(match audit_seq(a) {
-                Ok(n) => n.saturating_add(1),
-                Err(_) => first_key_above(a),
-            });
+        let low = padded(prefix, '0').max(after.map_or(0, first_key_above));
+        let high = padded(prefix, '9').min(i128::from(i64::MAX));
+        if low > high {
+            return Ok(Vec::new());
         }
+        let (low, high) = (low as i64, high as i64);
         let conn = self.reader();
         let mut stmt = conn
             .prepare_cached(
@@ -409,32 +402,23 @@ impl SqliteBackend {
     }
 }
 
-/// The smallest number whose 20-digit key sorts after `a` (which is not such a key itself).
-fn first_key_above(a: &str) -> i64 {
-    // The longest run of leading digits decides: keys sharing it sort after `a` if `a` ends
-    // there (a prefix sorts first) or continues with a byte below '0'.
+/// `head` (at most 20 digits) filled up to 20 with `fill` (a digit), as a number.
+fn padded(head: &str, fill: char) -> i128 {
+    let mut k = head.to_string();
+    k.extend(std::iter::repeat_n(fill, 20 - head.len()));
+    k.parse().expect("20 digits fit in an i128")
+}
+
+/// The smallest number whose 20-digit key sorts after `a` in byte order.
+fn first_key_above(a: &str) -> i128 {
+    // Keys that start with `a`'s leading digits sort after `a` when `a` ends before their 20th
+    // digit, or continues with a byte below '0'; otherwise all of them sort before it.
     let digits = a.bytes().take_while(u8::is_ascii_digit).count().min(20);
     let head = &a[..digits];
-    let rest = a.as_bytes().get(digits);
-    let fill = |c: char| {
-        let mut k = head.to_string();
-        k.extend(std::iter::repeat_n(c, 20 - digits));
-        k.parse::<i64>().unwrap_or(i64::MAX)
-    };
-    match rest {
-        // `a` is a prefix of these keys (or, at 20 digits, is followed by more: all keys with
-        // this head sort before it).
-        None => fill('0'),
-        Some(_) if digits == 20 => fill('9').saturating_add(1),
-        Some(b) if *b < b'0' => fill('0'),
-        // A byte above '9' at this position: every key with this head sorts before `a`.
-        Some(_) => {
-            if digits == 0 {
-                i64::MAX
-            } else {
-                fill('9').saturating_add(1)
-            }
-        }
+    match a.as_bytes().get(digits) {
+        None if digits < 20 => padded(head, '0'),
+        Some(b) if digits < 20 && *b < b'0' => padded(head, '0'),
+        _ => padded(head, '9') + 1,
     }
 }
 
@@ -685,7 +669,7 @@ mod tests {
     fn audit_rows_scan_in_key_order() {
         let dir = tempfile::tempdir().unwrap();
         let b = SqliteBackend::open(&dir.path().join("s.db")).unwrap();
-        let seqs = [0u64, 1, 2, 9, 10, 11, 99, 100, 101, 1000, 123_456, 9_000_000_000_000_000_000];
+        let seqs = [0u64, 1, 2, 9, 10, 11, 99, 100, 101, 1000, 123_456, 9_000_000_000_000_000_000, i64::MAX as u64];
         let keys: Vec<String> = seqs.iter().map(|n| format!("{n:020}")).collect();
         b.apply(&keys.iter().map(|k| put(Table::Audit, k, k.as_bytes(), Expect::Absent)).collect::<Vec<_>>()).unwrap();
         let mut probes: Vec<String> = keys.clone();
@@ -696,7 +680,10 @@ mod tests {
         probes.extend(
             ["0000000000000000001:", "000000000000000000099", "9", "a", "/", "00000000000000000100"].map(String::from),
         );
-        let prefixes = ["", "0", "000000000000000000", "0000000000000000001", "00000000000000000100", "9", "x", "1"];
+        probes
+            .extend(["99999999999999999999", "099999999999999999999", "09223372036854775806x", "1"].map(String::from));
+        let prefixes =
+            ["", "0", "000000000000000000", "0000000000000000001", "00000000000000000100", "9", "x", "1", "09", "0922"];
         for prefix in prefixes {
             for after in probes.iter().map(|a| Some(a.as_str())).chain([None]) {
                 for limit in [1, 3, 100] {
