@@ -375,9 +375,7 @@ impl SqliteBackend {
         .optional()
         .map_err(db)
     }
-}
 
-impl SqliteBackend {
     /// [`Backend::scan`] of the audit trail's rows, whose keys are all 20 digits: those starting
     /// with `prefix` are a range of numbers, and those after `after` the numbers from the first
     /// 20-digit key above it.
