@@ -18,7 +18,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use custody_crypto::audit::{self as crypto, AuditSigningKey, GENESIS};
 use custody_crypto::SecretBytes;
-use custody_store::{Expect, StoreError, Table, Write};
+use custody_store::{sequence_key, Expect, StoreError, Table, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::authz::{act, authorize, Caller};
@@ -594,10 +594,6 @@ fn hidden_context(u: &Unsealed, context: Option<&BTreeMap<String, String>>) -> O
     context.map(|c| c.iter().map(|(k, v)| (k.clone(), u.audit_hmac.token(v))).collect())
 }
 
-fn row_key(seq: u64) -> String {
-    format!("{seq:020}")
-}
-
 /// The records of one stored row: a group (a JSON array; the row is keyed by its last record),
 /// or a single record (an object: rows written before records were grouped).
 fn open_records(u: &Unsealed, row: &custody_store::Row) -> Result<Vec<AuditRecord>, StoreError> {
@@ -620,7 +616,7 @@ fn rows_after(
 ) -> impl Iterator<Item = Result<custody_store::Row, StoreError>> + '_ {
     const PAGE: usize = 128;
     let (mut buffer, mut from, mut exhausted) =
-        (std::collections::VecDeque::new(), (after > 0).then(|| row_key(after)), false);
+        (std::collections::VecDeque::new(), (after > 0).then(|| sequence_key(after)), false);
     std::iter::from_fn(move || loop {
         if let Some(row) = buffer.pop_front() {
             return Some(Ok(row));
@@ -688,7 +684,7 @@ fn checkpoint_before(u: &Unsealed, since: Millis) -> Result<Option<u64>, KmsErro
 fn newest_checkpoint(u: &Unsealed, early: impl Fn(&AuditCheckpoint) -> bool) -> Result<Option<u64>, KmsError> {
     // The first checkpoint after record `seq`, if `early` holds for it.
     let early_after = |seq: u64| -> Result<Option<u64>, KmsError> {
-        let from = (seq > 0).then(|| row_key(seq));
+        let from = (seq > 0).then(|| sequence_key(seq));
         Ok(match u.barrier.scan::<AuditCheckpoint>(Table::AuditCheckpoints, "", from.as_deref(), 1)?.pop() {
             Some(cp) if early(&cp.value) => Some(cp.value.seq),
             _ => None,
@@ -999,7 +995,7 @@ impl Kms {
                 let checkpoint = seq.is_multiple_of(self.config.audit_checkpoint_every.max(1));
                 if checkpoint || i + 1 == events.len() {
                     row.push(b']');
-                    writes.push(u.barrier.put_plain(Table::Audit, &row_key(seq), &row, Expect::Absent));
+                    writes.push(u.barrier.put_plain(Table::Audit, &sequence_key(seq), &row, Expect::Absent));
                     row.clear();
                 }
                 if checkpoint {
@@ -1060,7 +1056,7 @@ impl Kms {
             return Ok(None);
         }
         if let Some(cp) = u.barrier.backend().last(Table::AuditCheckpoints)? {
-            if cp.key == row_key(last) {
+            if cp.key == sequence_key(last) {
                 return Ok(None);
             }
         }
@@ -1073,7 +1069,7 @@ impl Kms {
         let time = now_ms();
         let signature = hex::encode(key.sign(&crypto::checkpoint_message(seq, hash, time)));
         let cp = AuditCheckpoint { seq, hash: hex::encode(hash), time, signature };
-        Ok(u.barrier.put(Table::AuditCheckpoints, &row_key(seq), &cp, Expect::Any))
+        Ok(u.barrier.put(Table::AuditCheckpoints, &sequence_key(seq), &cp, Expect::Any))
     }
 
     /// Next sequence number and last hash, from the newest record in the store.
@@ -1232,7 +1228,7 @@ impl Kms {
                 break;
             }
             writes.push(u.barrier.delete(Table::Audit, &row.key, Expect::Rev(row.rev)));
-            let at_checkpoint = || backend.get(Table::AuditCheckpoints, &row_key(seq)).map(|r| r.is_some());
+            let at_checkpoint = || backend.get(Table::AuditCheckpoints, &sequence_key(seq)).map(|r| r.is_some());
             if seq == anchor || (writes.len() >= PRUNE_ROWS && at_checkpoint()?) {
                 self.prune_to(&u, seq, std::mem::take(&mut writes))?;
                 pruned_to = seq;
@@ -1253,7 +1249,7 @@ impl Kms {
     fn prune_to(&self, u: &Unsealed, anchor: u64, mut writes: Vec<Write>) -> Result<(), KmsError> {
         for cp in rows_after(u, Table::AuditCheckpoints, 0) {
             let cp = cp?;
-            if cp.key >= row_key(anchor) {
+            if cp.key >= sequence_key(anchor) {
                 break;
             }
             writes.push(u.barrier.delete(Table::AuditCheckpoints, &cp.key, Expect::Rev(cp.rev)));

@@ -26,6 +26,12 @@ pub use barrier::{generation_of, Barrier, Versioned, GENERATION_TAG};
 pub use postgres::{PostgresBackend, PostgresOptions};
 pub use sqlite::SqliteBackend;
 
+/// The key of an audit row or checkpoint ([`Table::Audit`], [`Table::AuditCheckpoints`]): its
+/// sequence number in 20 digits, so that key order is sequence order.
+pub fn sequence_key(seq: u64) -> String {
+    format!("{seq:020}")
+}
+
 /// The tables custody keeps. Row keys are chosen so that a prefix scan lists what belongs
 /// together (for example `<tenant>/` in [`Table::Aliases`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

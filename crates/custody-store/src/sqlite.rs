@@ -72,11 +72,6 @@ fn audit_seq(key: &str) -> Result<i64, StoreError> {
     }
 }
 
-/// The key of audit row `seq`.
-fn audit_key(seq: i64) -> String {
-    format!("{seq:020}")
-}
-
 /// Read connections kept open beside the writer. WAL lets them read the last committed state
 /// while the writer commits (and waits for its fsync), so a request's key lookup never queues
 /// behind an audit group commit.
@@ -421,7 +416,7 @@ fn first_key_above(a: &str) -> i128 {
 }
 
 fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    Ok(Row { key: audit_key(r.get(0)?), rev: r.get::<_, i64>(1)? as u64, value: r.get(2)? })
+    Ok(Row { key: crate::sequence_key(r.get::<_, i64>(0)? as u64), rev: r.get::<_, i64>(1)? as u64, value: r.get(2)? })
 }
 
 impl Backend for SqliteBackend {
